@@ -1,0 +1,81 @@
+"""LlmmConfig: every setting of the method, validated on construction."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from llmm_tune.quant import BITS, METHODS
+
+INITS = ("loftq", "zero")
+
+
+@dataclass(frozen=True)
+class LlmmConfig:
+    """Settings of a quantised distributional-LoRA fine-tune.
+
+    The baselines come from the same config: `K=0` is plain LoRA on the LoftQ initialisation
+    (LoftQ), `init="zero"` with 4-bit normal_float is QLoRA, `bits=None` is full-precision LoRA.
+    """
+
+    rank: int = 16
+    scale: float = 600.0  # noise scale s: eps ~ N(0, I_K / s)
+    K: int = 1  # number of moment directions per factor
+    bits: int | None = 4  # None keeps the base weights in full precision
+    quant_method: str = "normal_float"
+    loftq_iters: int = 5
+    alpha: float = 16.0  # LoRA output scaling is alpha / rank
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] | None = None  # None: the architecture's defaults
+    init: str | None = None  # "loftq" or "zero"; None: loftq when quantised, zero otherwise
+    head_modules: tuple[str, ...] = ("classifier", "score", "pooler")  # trained in full
+
+    def __post_init__(self) -> None:
+        def check(ok: bool, field: str, need: str) -> None:
+            if not ok:
+                raise ValueError(f"LlmmConfig.{field} must be {need}, got {getattr(self, field)!r}")
+
+        check(_is_int(self.rank) and self.rank >= 1, "rank", "an integer >= 1")
+        check(_is_int(self.K) and self.K >= 0, "K", "an integer >= 0")
+        check(_is_number(self.scale) and self.scale > 0, "scale", "a number > 0")
+        check(self.bits is None or self.bits in BITS, "bits", f"one of {BITS} or None")
+        check(self.quant_method in METHODS, "quant_method", f"one of {METHODS}")
+        check(_is_int(self.loftq_iters) and self.loftq_iters >= 1, "loftq_iters", "an integer >= 1")
+        check(_is_number(self.alpha) and self.alpha > 0, "alpha", "a number > 0")
+        check(_is_number(self.dropout) and 0 <= self.dropout < 1, "dropout", "in [0, 1)")
+        check(self.init is None or self.init in INITS, "init", f"one of {INITS} or None")
+        check(not (self.init == "loftq" and self.bits is None), "init",
+              "'zero' or None when bits is None (LoftQ needs a quantised base)")
+        for field in ("target_modules", "head_modules"):
+            value = getattr(self, field)
+            if value is not None:
+                check(not isinstance(value, str) and all(isinstance(v, str) for v in value),
+                      field, "a list of module-name suffixes")
+                object.__setattr__(self, field, tuple(value))
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+    @property
+    def resolved_init(self) -> str:
+        return self.init or ("loftq" if self.bits is not None else "zero")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> LlmmConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown LlmmConfig fields {unknown}; known fields are {sorted(known)}")
+        return cls(**values)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

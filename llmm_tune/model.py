@@ -1,0 +1,185 @@
+"""Wrap any Hugging Face model with Llmm: inject, save, load, merge, predict, measure."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from llmm_tune.config import LlmmConfig
+from llmm_tune.files import atomic_path
+from llmm_tune.layer import LlmmLinear
+from llmm_tune.quant import dense_weight, loftq, quantized_linear, weight_bytes
+
+# LoftQ and MeMoTune adapt every linear layer of the transformer blocks; peft's defaults (query
+# and value only) are the fallback for other architectures.
+_LLAMA = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+DEFAULT_TARGETS = {
+    "bert": ("query", "key", "value", "intermediate.dense", "output.dense"),
+    "deberta-v2": ("query_proj", "key_proj", "value_proj", "intermediate.dense", "output.dense"),
+    "llama": _LLAMA,
+    "mistral": _LLAMA,
+    "t5": ("q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo"),
+}
+ADAPTER_FILE = "adapter.safetensors"
+
+
+def default_target_modules(model: nn.Module) -> tuple[str, ...]:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    targets = DEFAULT_TARGETS.get(model_type) or TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(
+        model_type
+    )
+    if not targets:
+        raise ValueError(
+            f"no default target modules for model type {model_type!r}; "
+            "set LlmmConfig.target_modules to the names of the linear layers to adapt"
+        )
+    return tuple(targets)
+
+
+def _matches(name: str, suffixes: tuple[str, ...]) -> bool:
+    return any(name == s or name.endswith("." + s) for s in suffixes)
+
+
+def _in_head(name: str, heads: tuple[str, ...]) -> bool:
+    return any(part in heads for part in name.split("."))
+
+
+def _build_layer(linear: nn.Linear, config: LlmmConfig, init_device: str | None) -> LlmmLinear:
+    weight, bias = linear.weight, linear.bias
+    device = init_device or weight.device
+    if config.resolved_init == "loftq":
+        init = loftq(weight.to(device), config.rank, config.bits, config.quant_method,
+                     config.loftq_iters, config.scaling)
+        base = quantized_linear(init.to_quantize.to(weight.device), bias, config.bits,
+                                config.quant_method)
+        A, B = init.A.to(weight.device), init.B.to(weight.device)
+    else:  # plain LoRA init (QLoRA, LoRA): A as peft's kaiming-uniform default, B = 0
+        base = linear if config.bits is None else quantized_linear(weight, bias, config.bits,
+                                                                   config.quant_method)
+        A = nn.init.kaiming_uniform_(weight.new_empty(config.rank, weight.shape[1]), a=math.sqrt(5))
+        B = weight.new_zeros(weight.shape[0], config.rank)
+    return LlmmLinear(base.requires_grad_(False), A, B, config.K, config.scale, config.scaling,
+                      config.dropout)
+
+
+def apply_llmm(model: nn.Module, config: LlmmConfig, init_device: str | None = None) -> nn.Module:
+    """Replace every target linear layer by a quantised base plus a distributional adapter.
+
+    Only adapter parameters and the modules named in `config.head_modules` stay trainable.
+    `init_device` (e.g. "cuda") runs LoftQ's SVDs there while the model stays where it is.
+    """
+    targets = config.target_modules or default_target_modules(model)
+    model.requires_grad_(False)
+    chosen = [
+        name for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and _matches(name, targets)
+        and not _in_head(name, config.head_modules)
+    ]
+    if not chosen:
+        raise ValueError(
+            f"LlmmConfig.target_modules {list(targets)} match no linear layer of "
+            f"{type(model).__name__}; pass suffixes of names listed by model.named_modules()"
+        )
+    for name in chosen:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, _build_layer(getattr(parent, child), config, init_device))
+    for name, module in model.named_modules():
+        if name.rpartition(".")[2] in config.head_modules:
+            module.requires_grad_(True)
+    model.llmm_config = config
+    return model
+
+
+def llmm_layers(model: nn.Module) -> dict[str, LlmmLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LlmmLinear)}
+
+
+def trainable_state(model: nn.Module) -> dict[str, Tensor]:
+    """The adapter and head tensors: what training changes and an adapter file holds."""
+    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def save_adapter(model: nn.Module, directory: str | Path) -> Path:
+    """Write the trainable tensors and the LlmmConfig to `directory/adapter.safetensors`."""
+    config: LlmmConfig = model.llmm_config
+    tensors = {name: t.contiguous().cpu() for name, t in trainable_state(model).items()}
+    path = Path(directory) / ADAPTER_FILE
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"llmm_config": json.dumps(config.to_dict())})
+    return path
+
+
+def read_adapter_config(directory: str | Path) -> LlmmConfig:
+    with safe_open(str(Path(directory) / ADAPTER_FILE), framework="pt") as f:
+        return LlmmConfig.from_dict(json.loads(f.metadata()["llmm_config"]))
+
+
+def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
+    """Copy a saved adapter into a model already wrapped with the same LlmmConfig."""
+    saved = read_adapter_config(directory)
+    if getattr(model, "llmm_config", None) != saved:
+        raise ValueError(f"adapter in {directory} was saved with {saved}, the model has "
+                         f"{getattr(model, 'llmm_config', None)}; wrap it with load_llmm instead")
+    params = dict(model.named_parameters())
+    with safe_open(str(Path(directory) / ADAPTER_FILE), framework="pt") as f:
+        keys = set(f.keys())
+        expected = set(trainable_state(model))
+        if keys != expected:
+            raise ValueError(f"adapter in {directory} does not fit the model: missing "
+                             f"{sorted(expected - keys)[:3]}, unexpected {sorted(keys - expected)[:3]}")
+        with torch.no_grad():
+            for key in keys:
+                params[key].copy_(f.get_tensor(key))
+    return model
+
+
+def load_llmm(model: nn.Module, directory: str | Path, init_device: str | None = None) -> nn.Module:
+    """Wrap a freshly loaded pretrained model with the saved config, then load the adapter."""
+    apply_llmm(model, read_adapter_config(directory), init_device)
+    return load_adapter(model, directory)
+
+
+@torch.no_grad()
+def merge_llmm(model: nn.Module) -> nn.Module:
+    """Replace each Llmm layer by a plain nn.Linear with W = dequant(Q) + scaling B_mean A_mean."""
+    for name, layer in llmm_layers(model).items():
+        weight = dense_weight(layer.base) + layer.scaling * layer.B_mean @ layer.A_mean
+        bias = layer.base.bias
+        merged = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None,
+                           device=weight.device)
+        merged.weight.copy_(weight)
+        if bias is not None:
+            merged.bias.copy_(bias)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, merged.requires_grad_(False))
+    del model.llmm_config
+    return model
+
+
+@torch.no_grad()
+def predict_mc(model: nn.Module, draws: int, **inputs) -> Tensor:
+    """Monte-Carlo prediction: the mean of the logits over `draws` samples of every adapter."""
+    layers = llmm_layers(model).values()
+    for layer in layers:
+        layer.sample_in_eval = True
+    try:
+        return torch.stack([model(**inputs).logits for _ in range(draws)]).mean(dim=0)
+    finally:
+        for layer in layers:
+            layer.sample_in_eval = False
+
+
+def bytes_per_base_parameter(model: nn.Module) -> float:
+    """Bytes the adapted layers' frozen base weights take per weight element (scales included)."""
+    layers = llmm_layers(model).values()
+    size = sum(weight_bytes(layer.base) for layer in layers)
+    count = sum(layer.A_mean.shape[1] * layer.B_mean.shape[0] for layer in layers)
+    return size / count

@@ -1,0 +1,183 @@
+"""Block-wise low-bit quantisers, LoftQ initialisation and low-bit storage of frozen base weights.
+
+METHOD.md section 1. Weights are quantised in blocks of 64 with one absmax scale per block;
+`normal_float` uses QLoRA's NF levels (0 exactly representable), `uniform` evenly spaced levels.
+4-bit normal_float is stored and multiplied by bitsandbytes (`Linear4bit`); every other
+(bits, method) pair is stored as packed integer codes and dequantised on the fly, because
+bitsandbytes has no 2-bit or 8-bit NF / uniform block format.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import bitsandbytes as bnb
+import bitsandbytes.functional as bnbf
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+BLOCK = 64
+BITS = (2, 4, 8)
+METHODS = ("normal_float", "uniform")
+NF_OFFSET = 0.9677083  # QLoRA / bitsandbytes offset (METHOD.md rounds it to 0.9677)
+
+
+@functools.cache
+def levels(bits: int, method: str) -> Tensor:
+    """The 2**bits sorted quantisation levels in [-1, 1] (float32, CPU)."""
+    n = 2**bits
+    if method == "uniform":
+        return torch.linspace(-1.0, 1.0, n)
+    normal = torch.distributions.Normal(torch.tensor(0.0, dtype=torch.float64), 1.0)
+    positive = normal.icdf(torch.linspace(NF_OFFSET, 0.5, n // 2 + 1, dtype=torch.float64)[:-1])
+    negative = -normal.icdf(torch.linspace(NF_OFFSET, 0.5, n // 2, dtype=torch.float64)[:-1])
+    values = torch.cat([negative, torch.zeros(1, dtype=torch.float64), positive]).sort().values
+    return (values / values.abs().max()).float()
+
+
+def _blocks(weight: Tensor) -> Tensor:
+    flat = weight.detach().reshape(-1).float()
+    return F.pad(flat, (0, -flat.numel() % BLOCK)).view(-1, BLOCK)
+
+
+def quantize(weight: Tensor, bits: int, method: str) -> tuple[Tensor, Tensor]:
+    """Codes (uint8, one per element, padded to whole blocks) and per-block absmax (float32)."""
+    blocks = _blocks(weight)
+    absmax = blocks.abs().amax(dim=1)
+    lv = levels(bits, method).to(blocks.device)
+    normalised = blocks / absmax.clamp_min(torch.finfo(torch.float32).tiny)[:, None]
+    codes = torch.bucketize(normalised, (lv[1:] + lv[:-1]) / 2)  # nearest level
+    return codes.to(torch.uint8), absmax
+
+
+def dequantize(codes: Tensor, absmax: Tensor, bits: int, method: str, shape: torch.Size) -> Tensor:
+    lv = levels(bits, method).to(absmax.device)
+    values = lv[codes.view(-1, BLOCK).long()] * absmax[:, None]
+    return values.view(-1)[: math.prod(shape)].view(shape)
+
+
+def fake_quantize(weight: Tensor, bits: int, method: str) -> Tensor:
+    """dequant(quant(weight)) in float32."""
+    return dequantize(*quantize(weight, bits, method), bits, method, weight.shape)
+
+
+def pack(codes: Tensor, bits: int) -> Tensor:
+    """Pack uint8 codes of `bits` bits into bytes, 8 // bits per byte."""
+    per_byte = 8 // bits
+    grouped = codes.view(-1, per_byte).to(torch.int32)
+    shifts = torch.arange(per_byte, device=codes.device, dtype=torch.int32) * bits
+    return (grouped << shifts).sum(dim=1).to(torch.uint8)
+
+
+def unpack(packed: Tensor, bits: int) -> Tensor:
+    per_byte = 8 // bits
+    shifts = torch.arange(per_byte, device=packed.device, dtype=torch.int32) * bits
+    return ((packed.to(torch.int32)[:, None] >> shifts) & (2**bits - 1)).view(-1).to(torch.uint8)
+
+
+@dataclass
+class LoftQResult:
+    """The residual to quantise for storage, LoRA factors (already divided by sqrt(scaling)), and
+    the error ||W - (Q + scaling B A)||_F of the kept iterate after each iteration."""
+
+    to_quantize: Tensor
+    A: Tensor
+    B: Tensor
+    errors: list[float]
+
+
+def loftq(weight: Tensor, rank: int, bits: int, method: str, iters: int, scaling: float) -> LoftQResult:
+    """LoftQ: alternate block quantisation of W - scaling B A and a rank-r SVD of W - Q.
+
+    Absmax requantisation is not an exact projection, so the raw error can rise after a few
+    iterations (seen at 2 bits); the best iterate is kept, so the returned error never increases.
+    """
+    W = weight.detach().float()
+    A = W.new_zeros(rank, W.shape[1])
+    B = W.new_zeros(W.shape[0], rank)
+    best = LoftQResult(W, A, B, [])
+    for _ in range(iters):
+        residual = W - scaling * B @ A
+        Q = fake_quantize(residual, bits, method)
+        U, S, Vh = torch.linalg.svd(W - Q, full_matrices=False)
+        root = S[:rank].sqrt() / math.sqrt(scaling)  # W - Q ~ scaling * B A
+        B, A = U[:, :rank] * root, root[:, None] * Vh[:rank]
+        error = torch.linalg.norm(W - Q - scaling * B @ A).item()
+        if not best.errors or error < best.errors[-1]:
+            best = LoftQResult(residual, A, B, best.errors + [error])
+        else:
+            best.errors.append(best.errors[-1])
+    return best
+
+
+class PackedLinear(nn.Module):
+    """Frozen linear layer whose weight is stored as packed `bits`-bit codes plus per-block absmax."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, bits: int, method: str):
+        super().__init__()
+        self.bits, self.method = bits, method
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        codes, absmax = quantize(weight, bits, method)
+        self.register_buffer("packed", pack(codes, bits))
+        self.register_buffer("absmax", absmax)
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    def dense_weight(self) -> Tensor:
+        codes = unpack(self.packed, self.bits)
+        shape = torch.Size((self.out_features, self.in_features))
+        return dequantize(codes, self.absmax, self.bits, self.method, shape)
+
+    def forward(self, x: Tensor) -> Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.dense_weight().to(x.dtype), bias)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, bits={self.bits}, method={self.method}"
+
+
+def nf4_linear(weight: Tensor, bias: Tensor | None) -> bnb.nn.Linear4bit:
+    """bitsandbytes NF4 layer (block 64, plain float32 absmax so it matches `quantize` exactly)."""
+    data, state = bnbf.quantize_4bit(
+        weight.detach().float().contiguous(), blocksize=BLOCK, quant_type="nf4", compress_statistics=False
+    )
+    layer = bnb.nn.Linear4bit(
+        weight.shape[1], weight.shape[0], bias=bias is not None,
+        compute_dtype=torch.float32, quant_type="nf4", device=weight.device,
+    )
+    layer.weight = bnb.nn.Params4bit(
+        data, requires_grad=False, quant_state=state, blocksize=BLOCK, quant_type="nf4",
+        compress_statistics=False, bnb_quantized=True, module=layer,
+    )
+    if bias is not None:
+        layer.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+    return layer
+
+
+def quantized_linear(weight: Tensor, bias: Tensor | None, bits: int, method: str) -> nn.Module:
+    """A frozen base layer holding `weight` at `bits` bits."""
+    if bits == 4 and method == "normal_float":
+        return nf4_linear(weight, bias)
+    return PackedLinear(weight, bias, bits, method)
+
+
+def dense_weight(layer: nn.Module) -> Tensor:
+    """The dequantised float32 weight of a base layer made by `quantized_linear`."""
+    if isinstance(layer, bnb.nn.Linear4bit):
+        return bnbf.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+    if isinstance(layer, PackedLinear):
+        return layer.dense_weight()
+    return layer.weight.detach().float()
+
+
+def weight_bytes(layer: nn.Module) -> int:
+    """Bytes the base layer spends on its weight (codes plus scales; bias excluded)."""
+    if isinstance(layer, bnb.nn.Linear4bit):
+        state = layer.weight.quant_state
+        nested = state.state2.absmax.nbytes + state.state2.code.nbytes if state.nested else 0
+        return layer.weight.data.nbytes + state.absmax.nbytes + nested
+    if isinstance(layer, PackedLinear):
+        return layer.packed.nbytes + layer.absmax.nbytes
+    return layer.weight.nbytes

@@ -1,0 +1,155 @@
+import copy
+
+import bitsandbytes as bnb
+import pytest
+import torch
+from torch import nn
+
+from llmm_tune import (
+    LlmmConfig,
+    apply_llmm,
+    bytes_per_base_parameter,
+    load_llmm,
+    merge_llmm,
+    predict_mc,
+    save_adapter,
+)
+from llmm_tune.model import llmm_layers, trainable_state
+from llmm_tune.quant import PackedLinear
+
+
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+
+
+def train_step(model, batch, lr=1e-2):
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    loss = model(**batch).loss
+    loss.backward()
+    optimizer.step()
+    return loss
+
+
+def cls_batch(n=4, length=16):
+    torch.manual_seed(1)
+    return {"input_ids": torch.randint(1000, 2000, (n, length)), "labels": torch.tensor([0, 1] * (n // 2))}
+
+
+def lm_batch(n=2, length=12):
+    torch.manual_seed(1)
+    ids = torch.randint(0, 128, (n, length))
+    return {"input_ids": ids, "labels": ids}
+
+
+def assert_only_adapter_changed(model, before):
+    after = snapshot(model)
+    trainable = set(trainable_state(model))
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and changed <= trainable
+    assert any(k.endswith("A_moments") for k in changed) or model.llmm_config.K == 0
+
+
+def test_minilm_end_to_end_nf4(minilm):
+    model = apply_llmm(minilm, LlmmConfig(rank=8, K=2, scale=100.0))
+    layers = llmm_layers(model)
+    assert len(layers) == 6 * 6  # q, k, v, attention output, intermediate, output in 6 blocks
+    assert all(isinstance(layer.base, bnb.nn.Linear4bit) for layer in layers.values())
+    assert {n.split(".")[0] for n in trainable_state(model) if "A_mean" not in n and "moments" not in n
+            and "B_mean" not in n} == {"bert", "classifier"}  # pooler and classifier heads
+    before = snapshot(model)
+    loss = train_step(model, cls_batch())
+    assert torch.isfinite(loss)
+    assert_only_adapter_changed(model, before)
+
+
+def test_small_llama_end_to_end_2bit_uniform(tiny_llama):
+    model = apply_llmm(tiny_llama, LlmmConfig(rank=4, K=2, bits=2, quant_method="uniform"))
+    assert len(llmm_layers(model)) == 2 * 7
+    assert all(isinstance(layer.base, PackedLinear) for layer in llmm_layers(model).values())
+    before = snapshot(model)
+    train_step(model, lm_batch())
+    assert_only_adapter_changed(model, before)
+    assert bytes_per_base_parameter(model) == pytest.approx(2 / 8 + 4 / 64)
+
+
+def test_eval_output_is_deterministic_and_equals_merged_model(minilm):
+    model = apply_llmm(minilm, LlmmConfig(rank=8, K=2, scale=50.0))
+    train_step(model, cls_batch())
+    train_step(model, cls_batch())
+    model.eval()
+    batch = {"input_ids": cls_batch()["input_ids"]}
+    with torch.no_grad():
+        first, second = model(**batch).logits, model(**batch).logits
+        merged = merge_llmm(copy.deepcopy(model)).eval()
+        assert not llmm_layers(merged)
+        merged_logits = merged(**batch).logits
+    assert torch.equal(first, second)
+    assert torch.allclose(first, merged_logits, atol=1e-4)  # float32 re-association only
+
+
+def test_monte_carlo_prediction_differs_from_mean_and_averages(minilm):
+    model = apply_llmm(minilm, LlmmConfig(rank=4, K=1, scale=1.0))
+    with torch.no_grad():
+        for layer in llmm_layers(model).values():
+            layer.A_moments.normal_(std=0.05)
+    model.eval()
+    batch = {"input_ids": cls_batch()["input_ids"]}
+    torch.manual_seed(0)
+    mc = predict_mc(model, 4, **batch)
+    with torch.no_grad():
+        mean = model(**batch).logits
+    assert mc.shape == mean.shape and not torch.allclose(mc, mean)
+    assert not any(layer.sample_in_eval for layer in llmm_layers(model).values())
+
+
+def test_save_load_roundtrip_is_bit_exact(minilm, tmp_path):
+    from llmm_tune.models import load_classifier
+
+    config = LlmmConfig(rank=8, K=2, bits=2, quant_method="normal_float")
+    model = apply_llmm(minilm, config)
+    train_step(model, cls_batch())
+    save_adapter(model, tmp_path)
+    torch.manual_seed(123)  # a different head init: loading must overwrite it
+    fresh = load_llmm(load_classifier("minilm", num_labels=2), tmp_path)
+    assert fresh.llmm_config == config
+    saved, loaded = trainable_state(model), trainable_state(fresh)
+    assert saved.keys() == loaded.keys()
+    assert all(torch.equal(saved[k], loaded[k]) for k in saved)
+    model.eval(), fresh.eval()
+    batch = {"input_ids": cls_batch()["input_ids"]}
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, fresh(**batch).logits)
+
+
+def test_baselines_come_from_the_same_config(tiny_llama):
+    reference = copy.deepcopy(tiny_llama).eval()
+    ids = lm_batch()["input_ids"]
+    lora = apply_llmm(copy.deepcopy(tiny_llama), LlmmConfig(rank=4, K=0, bits=None)).eval()
+    with torch.no_grad():  # full-precision LoRA starts as the pretrained model (B = 0)
+        assert torch.equal(lora(ids).logits, reference(ids).logits)
+    qlora = apply_llmm(copy.deepcopy(tiny_llama), LlmmConfig(rank=4, K=0, init="zero"))
+    qlora_layers = llmm_layers(qlora).values()
+    assert all(isinstance(x.base, bnb.nn.Linear4bit) and not x.B_mean.any() for x in qlora_layers)
+    loftq_model = apply_llmm(copy.deepcopy(tiny_llama), LlmmConfig(rank=4, K=0))
+    layer = next(iter(llmm_layers(loftq_model).values()))
+    assert layer.A_moments.shape[0] == 0 and layer.B_mean.any()
+
+
+@pytest.mark.parametrize("field,value", [
+    ("rank", 0), ("K", -1), ("scale", 0.0), ("scale", -5), ("bits", 3), ("quant_method", "int"),
+    ("loftq_iters", 0), ("dropout", 1.0), ("init", "gaussian"),
+])
+def test_bad_config_names_the_field(field, value):
+    with pytest.raises(ValueError, match=rf"LlmmConfig\.{field} must be"):
+        LlmmConfig(**{field: value})
+
+
+def test_loftq_init_without_quantisation_is_rejected():
+    with pytest.raises(ValueError, match="LlmmConfig.init"):
+        LlmmConfig(bits=None, init="loftq")
+
+
+def test_targets_matching_nothing_are_rejected(tiny_llama):
+    with pytest.raises(ValueError, match=r"target_modules \['query'\] match no linear layer"):
+        apply_llmm(tiny_llama, LlmmConfig(target_modules=["query"]))
