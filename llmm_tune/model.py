@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from llmm_tune.config import LlmmConfig
 from llmm_tune.files import atomic_path
 from llmm_tune.layer import LlmmLinear
-from llmm_tune.quant import dense_weight, loftq, quantized_linear, weight_bytes
+from llmm_tune.quant import cached_loftq, dense_weight, quantized_linear, weight_bytes
 
 # LoftQ and MeMoTune adapt every linear layer of the transformer blocks; peft's defaults (query
 # and value only) are the fallback for other architectures.
@@ -55,7 +55,7 @@ def _build_layer(linear: nn.Linear, config: LlmmConfig, init_device: str | None)
     weight, bias = linear.weight, linear.bias
     device = init_device or weight.device
     if config.resolved_init == "loftq":
-        init = loftq(weight.to(device), config.rank, config.bits, config.quant_method,
+        init = cached_loftq(weight.to(device), config.rank, config.bits, config.quant_method,
                      config.loftq_iters, config.scaling)
         base = quantized_linear(init.to_quantize.to(weight.device), bias, config.bits,
                                 config.quant_method)

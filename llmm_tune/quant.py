@@ -10,7 +10,10 @@ bitsandbytes has no 2-bit or 8-bit NF / uniform block format.
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
+import os
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import bitsandbytes as bnb
@@ -111,6 +114,26 @@ def loftq(weight: Tensor, rank: int, bits: int, method: str, iters: int, scaling
         else:
             best.errors.append(best.errors[-1])
     return best
+
+
+_CACHE: OrderedDict[tuple, LoftQResult] = OrderedDict()
+CACHE_BYTES = int(os.environ.get("LLMM_LOFTQ_CACHE_MB", "1024")) * 2**20
+
+
+def cached_loftq(weight: Tensor, rank: int, bits: int, method: str, iters: int, scaling: float) -> LoftQResult:
+    """`loftq`, memoised on the weight's content: the trials of a search that a worker runs one after
+    another share the pretrained weights, so each quantiser setting is initialised once per worker.
+    Least recently used entries are dropped beyond LLMM_LOFTQ_CACHE_MB (default 1024)."""
+    digest = hashlib.blake2b(weight.detach().float().cpu().numpy().tobytes(), digest_size=16).hexdigest()
+    key = (digest, tuple(weight.shape), rank, bits, method, iters, scaling, str(weight.device))
+    if key in _CACHE:
+        _CACHE.move_to_end(key)
+        return _CACHE[key]
+    result = loftq(weight, rank, bits, method, iters, scaling)
+    _CACHE[key] = result
+    while sum(r.to_quantize.nbytes + r.A.nbytes + r.B.nbytes for r in _CACHE.values()) > CACHE_BYTES:
+        _CACHE.popitem(last=False)
+    return result
 
 
 class PackedLinear(nn.Module):

@@ -1,0 +1,111 @@
+"""Orchestration overhead of a search: N trainings under Ray Tune vs the same N back to back.
+
+    python benchmarks/bench_search.py [--trials 4] [--data-dir ../shared/data]
+
+Both sides run the real GLUE recipe (`trainables.glue.train`) on the same tokenised CoLA data with
+the same configurations, one trial at a time with every CPU, so the difference is what Tune adds:
+worker start-up, passing the data through the object store, reporting, checkpoint syncing and the
+searcher and scheduler bookkeeping. Ray's own start-up (`ray.init`) is printed apart. Trial start
+latency is measured with an empty trainable: from Tune launching a trial to its first line of code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from llmm_tune.data import prepare, resolve_data_dir  # noqa: E402
+from llmm_tune.models import load_tokenizer  # noqa: E402
+from llmm_tune.progress import quiet_logs  # noqa: E402
+from llmm_tune.spaces import load_spec  # noqa: E402
+from llmm_tune.tasks import get_task  # noqa: E402
+from trainables.glue import glue_trainable, train  # noqa: E402
+
+
+def configs(trials: int, train_examples: int) -> list[dict]:
+    spec = load_spec("glue_cola", "cpu", "llmm")
+    base = {**spec.fixed, "task": "cola", "metric": "mcc", "epochs": 1, "evals_per_epoch": 2,
+            "max_train_examples": train_examples}
+    return [{**base, **spec.warm_start[i % len(spec.warm_start)], "seed": i} for i in range(trials)]
+
+
+def back_to_back(runs: list[dict], data) -> float:
+    started = time.perf_counter()
+    for config in runs:
+        train(config, data, lambda metrics, directory: None)
+    return time.perf_counter() - started
+
+
+def under_tune(runs: list[dict], data, cpus: int, storage: str) -> float:
+    from ray import tune
+    from ray.tune.search import BasicVariantGenerator
+
+    trainable = tune.with_resources(tune.with_parameters(glue_trainable, data=data), {"cpu": cpus})
+    tuner = tune.Tuner(trainable, param_space=runs[0],
+                       tune_config=tune.TuneConfig(search_alg=BasicVariantGenerator(points_to_evaluate=runs,
+                                                                                    max_concurrent=1),
+                                                   num_samples=len(runs), reuse_actors=True),
+                       run_config=tune.RunConfig(storage_path=storage, name="bench", verbose=0,
+                                                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
+    started = time.perf_counter()
+    results = tuner.fit()
+    elapsed = time.perf_counter() - started
+    assert not results.errors, results.errors
+    return elapsed
+
+
+def start_latency(trials: int, storage: str) -> list[float]:
+    """Seconds from the end of one empty trial (or fit()) to the start of the next."""
+    from ray import tune
+
+    def empty(config: dict) -> None:
+        tune.report({"entered": time.time()})
+
+    tuner = tune.Tuner(empty, tune_config=tune.TuneConfig(num_samples=trials, max_concurrent_trials=1),
+                       run_config=tune.RunConfig(storage_path=storage, name="latency", verbose=0))
+    launched = time.time()
+    entered = sorted(r.metrics["entered"] for r in tuner.fit())
+    return [b - a for a, b in zip([launched, *entered[:-1]], entered)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--trials", type=int, default=4)
+    parser.add_argument("--train-examples", type=int, default=1500, help="CoLA train examples per trial")
+    parser.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
+    args = parser.parse_args()
+    quiet_logs()
+    cpus = os.cpu_count() or 1
+    torch.set_num_threads(cpus)
+    runs = configs(args.trials, args.train_examples)
+    fixed = runs[0]
+    data = prepare(get_task("cola"), str(resolve_data_dir(args.data_dir)), load_tokenizer(fixed["model"]),
+                   fixed["max_length"], fixed["validation_size"], 0, args.train_examples)
+    baseline = back_to_back(runs, data)
+
+    import ray
+
+    started = time.perf_counter()
+    ray.init(include_dashboard=False, logging_level="ERROR", _node_ip_address="127.0.0.1")
+    ray_start = time.perf_counter() - started
+    with tempfile.TemporaryDirectory() as storage:
+        tuned = under_tune(runs, data, cpus, storage)
+        latency = start_latency(max(args.trials, 4), storage)
+    print(f"{args.trials} trials of CoLA ({args.train_examples} train examples, 1 epoch, 2 evaluations), "
+          f"{cpus} CPU(s), one at a time")
+    print(f"back to back in one process: {baseline:.1f} s | under Ray Tune: {tuned:.1f} s | "
+          f"ratio {tuned / baseline:.3f} (goal <= 1.10) | ray.init {ray_start:.1f} s (once per search)")
+    print(f"trial start latency: first {latency[0]:.2f} s, then median {statistics.median(latency[1:]):.2f} s")
+
+
+if __name__ == "__main__":
+    main()

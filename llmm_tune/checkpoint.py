@@ -1,0 +1,52 @@
+"""A trial's full training state in safetensors (tensors) plus JSON metadata (scalars): the adapter,
+the optimizer and scheduler, the random-number state and progress. Nothing is unpickled, so a
+results directory from elsewhere cannot run code when a run resumes or is exported."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from llmm_tune.files import atomic_path
+from llmm_tune.model import load_adapter, save_adapter
+
+STATE_FILE = "training_state.safetensors"
+
+
+def save_training_state(directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                        scheduler: torch.optim.lr_scheduler.LRScheduler, progress: dict) -> None:
+    save_adapter(model, directory)
+    optimizer_state = optimizer.state_dict()
+    tensors = {"rng.torch": torch.get_rng_state()}
+    for index, state in optimizer_state["state"].items():
+        for key, value in state.items():
+            tensors[f"optimizer.{index}.{key}"] = value.detach().cpu().contiguous()
+    metadata = {
+        "param_groups": json.dumps(optimizer_state["param_groups"]),
+        "scheduler": json.dumps(scheduler.state_dict()),
+        "progress": json.dumps(progress),
+    }
+    with atomic_path(Path(directory) / STATE_FILE) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+
+
+def load_training_state(directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                        scheduler: torch.optim.lr_scheduler.LRScheduler) -> dict:
+    """Restore everything `save_training_state` wrote; returns the progress record."""
+    load_adapter(model, directory)
+    state: dict[int, dict] = {}
+    with safe_open(str(Path(directory) / STATE_FILE), framework="pt") as f:
+        metadata = f.metadata()
+        for name in f.keys():
+            if name.startswith("optimizer."):
+                _, index, key = name.split(".", 2)
+                state.setdefault(int(index), {})[key] = f.get_tensor(name)
+        torch.set_rng_state(f.get_tensor("rng.torch"))
+    optimizer.load_state_dict({"state": state, "param_groups": json.loads(metadata["param_groups"])})
+    scheduler.load_state_dict(json.loads(metadata["scheduler"]))
+    return json.loads(metadata["progress"])

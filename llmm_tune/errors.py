@@ -1,0 +1,26 @@
+"""Errors a user can act on: bad input (exit code 2, one line) and trials that fail for a reason."""
+
+from __future__ import annotations
+
+import torch
+
+FAILURE_KEY = "failure"  # the result key of a trial that ended itself, with the reason
+
+
+class UsageError(Exception):
+    """Bad input: reported as one line naming the problem and the fix, exit code 2."""
+
+
+class TrialFailure(Exception):
+    """A trial that cannot go on (divergence, say): it ends itself and reports why."""
+
+
+def failure_reason(error: BaseException) -> str | None:
+    """Why a trial failed, for divergence and out of memory; None for errors that are bugs."""
+    if isinstance(error, TrialFailure):
+        return str(error)
+    # CUDA raises torch.OutOfMemoryError; the CPU allocator raises a plain RuntimeError
+    cpu_oom = isinstance(error, RuntimeError) and "can't allocate memory" in str(error)
+    if isinstance(error, (torch.OutOfMemoryError, MemoryError)) or cpu_oom:
+        return "out of memory: " + (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+    return None

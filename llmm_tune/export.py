@@ -1,0 +1,242 @@
+"""Export searches as reproducible tables: `python -m llmm_tune.export EXPERIMENT [EXPERIMENT ...]`.
+
+Writes to `results/<task>/`: every trial (trials.csv); per (method, quantiser, rank) the trial
+best on validation, scored once on the GLUE dev set (table.md, table.tex, configs/<row>.yaml);
+the best of those (best.yaml); Optuna's optimisation history and parameter importances (PNG).
+Several experiments of one task (say --method llmm and --method loftq) share one table.
+Works on finished and running experiments alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from llmm_tune.errors import UsageError
+from llmm_tune.experiment import METADATA_FILE, read_metadata
+from llmm_tune.files import atomic_path, write_text
+from llmm_tune.spaces import SETTINGS
+
+TABLE_KEYS = ("method", "quant_method", "bits", "rank", "task", "lr", "scale", "K")
+VERSION_KEYS = ("torch", "transformers", "peft", "bitsandbytes", "ray", "optuna")
+
+
+def collect(experiment: Path) -> tuple[dict, pd.DataFrame, dict]:
+    """(metadata, one row per trial, trial id -> best checkpoint path) of an experiment."""
+    from ray.tune import ExperimentAnalysis
+
+    if not (experiment / METADATA_FILE).is_file():
+        raise UsageError(f"{experiment} is not an llmm-tune experiment (no {METADATA_FILE}); pass a folder "
+                         "under the search's --storage")
+    meta = read_metadata(experiment)
+    metric = meta["metric"]
+    analysis = ExperimentAnalysis(str(experiment))
+    rows, checkpoints = [], {}
+    for trial in analysis.trials:
+        last = trial.last_result or {}
+        row = {"experiment": experiment.name, "trial": trial.trial_id, "number": _trial_number(trial),
+               "status": trial.status,
+               **{k: trial.config.get(k) for k in trial.config if k not in ("task", "metric")},
+               "method": meta["method"], "task": meta["task"], "evaluations": last.get("training_iteration", 0),
+               f"val_{metric}": last.get(f"best_val_{metric}"), "failure": last.get("failure"),
+               "seconds": last.get("time_total_s"), "git_commit": meta["git_commit"],
+               "versions": " ".join(f"{k}={meta['versions'].get(k)}" for k in VERSION_KEYS),
+               "search_command": meta["command"]}
+        rows.append(row)
+        checkpoint = analysis.get_best_checkpoint(trial, metric=f"val_{metric}", mode="max") \
+            if trial.last_result else None
+        if checkpoint is not None:
+            checkpoints[trial.trial_id] = checkpoint.path
+    return meta, pd.DataFrame(rows).sort_values("number", kind="stable"), checkpoints
+
+
+def _trial_number(trial) -> int:
+    """The order in which the searcher proposed the trial (Tune's tag starts with it: `3_K=1,...`)."""
+    head = trial.experiment_tag.split("_", 1)[0]
+    return int(head) if head.isdigit() else -1
+
+
+def score_dev(config: dict, checkpoint: str, meta: dict) -> dict[str, float]:
+    """The GLUE dev metrics of a checkpoint: only the export and `reproduce` ever read dev."""
+    import torch
+
+    from llmm_tune.data import prepare_dev
+    from llmm_tune.models import load_tokenizer
+    from llmm_tune.tasks import get_task
+    from trainables.glue import collator, evaluate, restore_model
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    task = get_task(config["task"])
+    trust = meta.get("trust_remote_code", False)
+    dev = prepare_dev(task, meta["data_source"], load_tokenizer(config["model"], trust_remote_code=trust),
+                      config["max_length"])
+    config = {**config, "trust_remote_code": trust}
+    model = restore_model(config, checkpoint, device)
+    scores = evaluate(model, dev, task, collator(config), config["batch_size"] * 2, device)
+    return {k: v for k, v in scores.items() if k != "loss"}
+
+
+def reproduction_record(best: pd.Series, meta: dict, dev: dict, path: Path) -> dict:
+    """Everything needed to re-train `best` and check its numbers, as written to `path`."""
+    config = {k: _plain(best[k]) for k in SETTINGS if k in best} | {"task": meta["task"], "metric": meta["metric"]}
+    return {
+        "task": meta["task"], "method": meta["method"], "experiment": best["experiment"], "trial": best["trial"],
+        "config": config,
+        "validation": {"metric": meta["metric"], "value": _plain(best[f"val_{meta['metric']}"]),
+                       "split": f"{config['validation_size']} of train, seed {meta['seed']}, no dev texts"},
+        "dev": dev,
+        "data": {"source": meta["data_source"], "validation_seed": meta["seed"]},
+        "seed": config["seed"], "trust_remote_code": meta.get("trust_remote_code", False),
+        "git_commit": meta["git_commit"], "versions": meta["versions"],
+        "search_command": meta["command"],
+        "reproduce": f"python -m llmm_tune.reproduce {_relative(path)} --seeds {config['seed']}",
+    }
+
+
+def _relative(path: Path) -> Path:
+    """`path` relative to the working directory when it lies below it, as a user would type it."""
+    try:
+        return path.resolve().relative_to(Path.cwd())
+    except ValueError:
+        return path
+
+
+def _plain(value):
+    """numpy scalars and NaN as plain YAML values."""
+    if hasattr(value, "item"):
+        value = value.item()
+    return None if isinstance(value, float) and value != value else value
+
+
+def latex(table: pd.DataFrame, records: list[dict], caption: str) -> str:
+    def cell(value) -> str:
+        return str(value).replace("_", r"\_").replace("%", r"\%")
+
+    lines = [r"\begin{table}[t]", r"\centering", r"\begin{tabular}{" + "l" * len(table.columns) + "}",
+             r"\toprule", " & ".join(cell(c) for c in table.columns) + r" \\", r"\midrule"]
+    for (_, row), record in zip(table.iterrows(), records):
+        lines.append(" & ".join(cell(v) for v in row) + r" \\")
+        lines.append(f"% reproduce: {record['reproduce']} | commit {record['git_commit']} | "
+                     + " ".join(f"{k}={record['versions'].get(k)}" for k in VERSION_KEYS))
+    lines += [r"\bottomrule", r"\end{tabular}", rf"\caption{{{cell(caption)}}}", r"\end{table}", ""]
+    return "\n".join(lines)
+
+
+def plots(trials: pd.DataFrame, metas: list[dict], out: Path) -> list[str]:
+    """Optuna's optimisation history and parameter importances, from a study rebuilt from the trials."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import optuna
+    from optuna.visualization import matplotlib as optuna_plots
+
+    from llmm_tune.spaces import load_spec
+
+    meta = metas[0]
+    spec = load_spec(meta["space_file"], meta["profile"], meta["method"], meta["num_samples"])
+    distributions = spec.distributions()
+    study = optuna.create_study(direction="maximize", study_name=f"{meta['task']} {meta['method']}")
+    value_column = f"val_{meta['metric']}"
+    for _, row in trials[trials["experiment"] == trials["experiment"].iloc[0]].iterrows():
+        if pd.isna(row[value_column]):
+            continue
+        params = {k: _plain(row[k]) for k in distributions}
+        study.add_trial(optuna.trial.create_trial(params=params, distributions=distributions,
+                                                  value=float(row[value_column])))
+    written = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        for name, draw in (("history.png", optuna_plots.plot_optimization_history),
+                           ("importance.png", optuna_plots.plot_param_importances)):
+            try:
+                axes = draw(study)
+            except (ValueError, RuntimeError) as error:  # e.g. importances need 2+ varied trials
+                print(f"skipped {name}: {error}")
+                continue
+            with atomic_path(out / name) as tmp:
+                axes.figure.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+            matplotlib.pyplot.close(axes.figure)
+            written.append(name)
+    return written
+
+
+def export(experiments: list[Path], results: Path) -> Path:
+    from llmm_tune.progress import quiet_logs
+
+    quiet_logs()
+    collected = [collect(Path(e).resolve()) for e in experiments]
+    metas = [m for m, _, _ in collected]
+    tasks = {m["task"] for m in metas}
+    if len(tasks) != 1:
+        raise UsageError(f"experiments mix tasks {sorted(tasks)}; export one task at a time")
+    task, metric = metas[0]["task"], metas[0]["metric"]
+    out = results / task
+    trials = pd.concat([df for _, df, _ in collected], ignore_index=True)
+    with atomic_path(out / "trials.csv") as tmp:
+        trials.to_csv(tmp, index=False)
+
+    value = f"val_{metric}"
+    chosen = []  # (validation score, best trial row, metadata, dev scores) per table row
+    for meta, df, checkpoints in collected:
+        scored = df[df[value].notna() & df["trial"].isin(checkpoints)]
+        for _, group in scored.fillna({"bits": -1, "quant_method": "-"}).groupby(["quant_method", "bits", "rank"]):
+            best = df.loc[group[value].idxmax()]
+            config = {k: _plain(best[k]) for k in SETTINGS if k in best} | {"task": task, "metric": metric}
+            chosen.append((best[value], best, meta, score_dev(config, checkpoints[best["trial"]], meta)))
+    if not chosen:
+        raise UsageError(f"no trial of {', '.join(str(e) for e in experiments)} has a checkpoint yet; "
+                         "export again once trials have reported")
+    chosen.sort(key=lambda item: -item[0])
+    rows, records = [], []
+    for _, best, meta, dev in chosen:
+        row_id = f"{meta['method']}-{best['quant_method'] or 'fp'}-{best['bits'] or 'fp'}-r{best['rank']}"
+        record = reproduction_record(best, meta, dev, out / "configs" / f"{row_id}.yaml")
+        write_text(out / "configs" / f"{row_id}.yaml", yaml.safe_dump(record, sort_keys=False))
+        records.append(record)
+        rows.append({**{k: _plain(best.get(k)) for k in TABLE_KEYS}, f"val {metric}": best[value],
+                     f"dev {metric}": dev[metric], "seed": best["seed"], "trial": best["trial"],
+                     "commit": meta["git_commit"][:12], "reproduce": record["reproduce"]})
+    _, best, meta, dev = chosen[0]
+    write_text(out / "best.yaml", yaml.safe_dump(reproduction_record(best, meta, dev, out / "best.yaml"),
+                                                 sort_keys=False))
+    table = pd.DataFrame(rows)
+    shown = table.assign(lr=table["lr"].map("{:.1e}".format), scale=table["scale"].map(_scale),
+                         **{c: table[c].map("{:.4f}".format) for c in (f"val {metric}", f"dev {metric}")})
+    versions = " ".join(f"{k}={metas[0]['versions'].get(k)}" for k in VERSION_KEYS)
+    write_text(out / "table.md", f"# {task}: best configuration per method, quantiser and rank\n\n"
+               f"Selected on validation ({value}, carved from train); dev scored once, here.\n\n"
+               + shown.to_markdown(index=False) + f"\n\nVersions: {versions}\n")
+    write_text(out / "table.tex", latex(shown.drop(columns=["reproduce"]), records,
+                                        f"{task}: best validation configuration per method, quantiser and "
+                                        f"rank; dev scored once. {versions}"))
+    written = plots(trials, metas, out)
+    print(f"exported {len(trials)} trials of {len(experiments)} experiment(s) to {out}: trials.csv, table.md, "
+          f"table.tex, best.yaml, configs/, {', '.join(written)}")
+    print(shown.drop(columns=["reproduce", "commit"]).to_string(index=False))
+    return out
+
+
+def _scale(value) -> str:
+    return "-" if value is None or value != value else f"{value:g}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m llmm_tune.export", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("experiments", nargs="+", help="experiment folders (under the search's --storage)")
+    parser.add_argument("--results", default="results", help="output root (default: results)")
+    args = parser.parse_args()
+    try:
+        export([Path(e) for e in args.experiments], Path(args.results))
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""Optuna's multivariate TPE behind Ray Tune, told about trials that failed for a reason.
+
+A trial that diverges or runs out of memory ends itself and reports `failure` (see
+`trainables.glue.glue_trainable`). Ray's `OptunaSearch` would tell Optuna such a trial was
+pruned (no metric) or, given a NaN, drop the report with a warning and leave the Optuna trial
+running forever. Here it is marked infeasible through an Optuna constraint instead: TPE then
+ranks it below every feasible trial and steers away from that region, and `study.best_trial`
+never picks it.
+"""
+
+from __future__ import annotations
+
+from optuna.samplers import TPESampler
+from optuna.trial import TrialState
+from ray.tune.search.optuna import OptunaSearch
+
+from llmm_tune.errors import FAILURE_KEY
+
+
+class FailureAwareOptunaSearch(OptunaSearch):
+    @property
+    def study(self):
+        return self._ot_study
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if FAILURE_KEY not in result:  # a failure report has no metric to record
+            super().on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        failure = (result or {}).get(FAILURE_KEY)
+        if failure is None or trial_id in self._completed_trials or trial_id not in self._ot_trials:
+            return super().on_trial_complete(trial_id, result, error)
+        ot_trial = self._ot_trials[trial_id]
+        ot_trial.set_user_attr(FAILURE_KEY, failure)
+        ot_trial.set_constraint(FAILURE_KEY, 1.0)
+        # infeasible trials are ranked by their violation, never by value: report the worst value
+        self._ot_study.tell(ot_trial, float("-inf") if self._mode == "max" else float("inf"),
+                            state=TrialState.COMPLETE)
+        self._completed_trials.add(trial_id)
+
+
+def make_searcher(distributions: dict, metric: str, warm_start: list[dict], num_samples: int,
+                  seed: int) -> FailureAwareOptunaSearch:
+    """Multivariate TPE, the warm-start points first; random start-up for a quarter of the budget."""
+    sampler = TPESampler(multivariate=True, seed=seed, n_startup_trials=min(10, max(2, num_samples // 4)))
+    return FailureAwareOptunaSearch(distributions, metric=metric, mode="max", sampler=sampler,
+                                    points_to_evaluate=warm_start or None)

@@ -1,0 +1,73 @@
+"""Small, real inputs for searches on CPU: a CoLA subset of the shared data and a 2-layer BERT built
+from config with the packaged MiniLM tokenizer (its weights are random; the pipeline is real)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = Path(os.environ.get("LLMM_DATA_DIR", ROOT.parent / "shared" / "data"))
+
+
+def subset_glue(out: Path, train_rows: int = 320, dev_rows: int = 160) -> Path:
+    """`out/glue/CoLA/{train,dev}.tsv` holding the first rows of the real files."""
+    folder = out / "glue" / "CoLA"
+    folder.mkdir(parents=True)
+    for name, rows in (("train.tsv", train_rows), ("dev.tsv", dev_rows)):
+        lines = (SHARED_DATA / "glue" / "CoLA" / name).read_text().splitlines(keepends=True)[:rows]
+        (folder / name).write_text("".join(lines))
+    return out
+
+
+def tiny_bert(out: Path) -> Path:
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from llmm_tune.models import load_tokenizer
+
+    tokenizer = load_tokenizer("minilm")
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64)
+    BertForSequenceClassification(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def tiny_space(out: Path, model: Path, name: str = "tiny_cola", searched: dict | None = None,
+               warm_start: list[dict] | None = None, **fixed) -> Path:
+    """A CoLA search space small enough for tests, with one warm-start point unless given others."""
+    space = {
+        "task": "cola", "metric": "mcc",
+        "space": {"lr": {"loguniform": [1e-3, 1e-2]}, "scale": {"loguniform": [10, 1000]},
+                  "rank": {"choice": [4, 8]}, "K": {"choice": [1, 2]}, "bits": {"choice": [4]},
+                  "quant_method": {"choice": ["normal_float", "uniform"]}},
+        "fixed": {"model": str(model), "epochs": 2, "batch_size": 16, "max_length": 32, "evals_per_epoch": 1,
+                  "loftq_iters": 1, "seed": 0, "validation_size": 64, **fixed},
+        "profiles": {"cpu": {"num_samples": 2}},
+        "warm_start": warm_start or [{"quant_method": "uniform", "bits": 4, "rank": 8, "lr": 5e-3, "scale": 100,
+                                      "K": 2}],
+    }
+    space["space"].update(searched or {})
+    path = out / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(space))
+    return path
+
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+
+
+def run_module(module: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=ENV, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def start_module(module: str, *args: str) -> subprocess.Popen:
+    """Run in its own process group (Ray's processes included), so a test can kill all of it."""
+    return subprocess.Popen([sys.executable, "-u", "-m", module, *args], cwd=ROOT, env=ENV, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)

@@ -1,0 +1,116 @@
+"""Bad input is rejected before Ray starts: one line naming the problem and the fix, exit code 2.
+
+The table below is the list of inputs tried (mirrored in the README's troubleshooting section).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import ray
+import yaml
+
+from llmm_tune import search
+from tests.search_fixtures import SHARED_DATA, run_module
+
+SPACE = yaml.safe_load((Path(search.__file__).parent.parent / "search_spaces" / "glue_cola.yaml").read_text())
+
+
+def space_file(tmp_path: Path, edit=None, text: str | None = None) -> str:
+    path = tmp_path / "space.yaml"
+    if text is None:
+        raw = yaml.safe_load(yaml.safe_dump(SPACE))
+        edit(raw)
+        text = yaml.safe_dump(raw)
+    path.write_text(text)
+    return str(path)
+
+
+def data_with_train_rows(tmp_path: Path, rows: str) -> str:
+    folder = tmp_path / "data" / "glue" / "CoLA"
+    folder.mkdir(parents=True)
+    (folder / "train.tsv").write_text(rows)
+    (folder / "dev.tsv").write_text((SHARED_DATA / "glue" / "CoLA" / "dev.tsv").read_text())
+    return str(tmp_path / "data")
+
+
+def data_with_train_bytes(tmp_path: Path) -> str:
+    """A train.tsv that is not UTF-8 text."""
+    folder = tmp_path / "data" / "glue" / "CoLA"
+    folder.mkdir(parents=True)
+    (folder / "train.tsv").write_bytes(b"gj04\t1\t\t\xff\xfe broken\n")
+    (folder / "dev.tsv").write_text((SHARED_DATA / "glue" / "CoLA" / "dev.tsv").read_text())
+    return str(tmp_path / "data")
+
+
+def missing_file(tmp_path: Path) -> str:
+    (tmp_path / "data" / "glue" / "CoLA").mkdir(parents=True)
+    return str(tmp_path / "data")
+
+
+GOOD_ROW = "gj04\t1\t\tThe book was read by Mary.\n"
+# (case, arguments given tmp_path, words the message must contain)
+BAD_INPUTS = [
+    ("unknown task", lambda t: ["glue_foo"], ["unknown task 'glue_foo'", "glue_cola"]),
+    ("malformed YAML", lambda t: [space_file(t, text="task: cola\nspace: {lr: [1\n")], ["malformed YAML"]),
+    ("unknown top-level key", lambda t: [space_file(t, lambda s: s.update(epochz=3))], ["unknown key(s) ['epochz']"]),
+    ("unknown setting", lambda t: [space_file(t, lambda s: s["fixed"].update(lr_decay=1))], ["['lr_decay']"]),
+    ("empty range", lambda t: [space_file(t, lambda s: s["space"].update(scale={"loguniform": [5, 5]}))],
+     ["empty or inverted range [5, 5]", "low < high"]),
+    ("inverted range", lambda t: [space_file(t, lambda s: s["space"].update(scale={"uniform": [9, 1]}))],
+     ["empty or inverted range [9, 1]"]),
+    ("rank 0", lambda t: [space_file(t, lambda s: s["space"].update(rank={"choice": [0, 8]}))],
+     ["rank must be an integer >= 1, got 0"]),
+    ("K negative", lambda t: [space_file(t, lambda s: s["space"].update(K={"choice": [-1]}))],
+     ["K must be an integer >= 0"]),
+    ("scale not positive", lambda t: [space_file(t, lambda s: s["space"].update(scale={"uniform": [-1, 5]}))],
+     ["scale must be a number > 0, got -1"]),
+    ("lr not positive", lambda t: [space_file(t, lambda s: s["space"].update(lr={"loguniform": [0, 1e-3]}))],
+     ["lr must be a number > 0, got 0"]),
+    ("bits 3", lambda t: [space_file(t, lambda s: s["space"].update(bits={"choice": [3, 4]}))],
+     ["bits must be one of [2, 4, 8]"]),
+    ("profile missing", lambda t: [space_file(t, lambda s: s["profiles"].pop("cpu"))], ["no 'cpu' profile"]),
+    ("num-samples 0", lambda t: ["glue_cola", "--num-samples", "0"], ["--num-samples must be >= 1"]),
+    ("data dir missing", lambda t: ["glue_cola", "--data-dir", str(t / "nowhere")],
+     ["does not exist", "--data-dir"]),
+    ("data file missing", lambda t: ["glue_cola", "--data-dir", missing_file(t)], ["train.tsv not found"]),
+    ("data file unreadable", lambda t: ["glue_cola", "--data-dir", data_with_train_bytes(t)],
+     ["cannot read", "train.tsv"]),
+    ("row with wrong columns", lambda t: ["glue_cola", "--data-dir",
+                                          data_with_train_rows(t, GOOD_ROW * 3 + "gj04\t1\tonly three\n")],
+     ["train.tsv:4: expected 4 tab-separated fields, found 3"]),
+    ("bad label", lambda t: ["glue_cola", "--data-dir", data_with_train_rows(t, GOOD_ROW + "gj04\t7\t\tx\n")],
+     ["train.tsv:2: bad label '7'"]),
+    ("no data, hub unreachable", lambda t: ["glue_cola"], ["hub is unreachable", "--data-dir"]),
+    ("resume of nothing", lambda t: ["glue_cola", "--resume", "--name", "never", "--storage", str(t)],
+     ["no experiment 'never'", "drop --resume"]),
+    ("results not writable", lambda t: ["glue_cola", "--data-dir", str(SHARED_DATA), "--results", "/dev/null/x"],
+     ["--results /dev/null/x is not writable"]),
+    ("more GPUs than the machine", lambda t: ["glue_cola", "--data-dir", str(SHARED_DATA), "--gpus-per-trial", "1"],
+     ["--gpus-per-trial 1", "exceeds the 0 GPU(s)"]),
+]
+
+
+@pytest.mark.parametrize("case, argv, words", BAD_INPUTS, ids=[c for c, _, _ in BAD_INPUTS])
+def test_bad_input_exits_2_with_one_line_before_ray(case, argv, words, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("LLMM_DATA_DIR", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    args = argv(tmp_path)
+    storage = [] if "--storage" in args else ["--storage", str(tmp_path / "runs")]
+    monkeypatch.setattr(sys, "argv", ["llmm_tune.search", *args, *storage])
+    with pytest.raises(SystemExit) as exit_info:
+        search.main()
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err.strip()
+    assert message.startswith("error: ") and "\n" not in message, message
+    for word in words:
+        assert word in message, message
+    assert not ray.is_initialized()
+
+
+def test_the_command_line_itself_exits_2():
+    run = run_module("llmm_tune.search", "glue_foo")
+    assert run.returncode == 2 and run.stderr.strip().splitlines() == [run.stderr.strip()]
+    assert "unknown task 'glue_foo'" in run.stderr

@@ -1,0 +1,172 @@
+"""Faults injected into real searches on CPU (tiny BERT, a CoLA subset): divergence, out of memory,
+a killed trial, a killed driver, a lost node. Each search must complete and lose no trial."""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from llmm_tune.data import prepare
+from llmm_tune.models import load_tokenizer
+from llmm_tune.searcher import FailureAwareOptunaSearch
+from llmm_tune.tasks import get_task
+from tests.search_fixtures import run_module, start_module, subset_glue, tiny_bert, tiny_space
+from trainables.glue import train
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("faults")
+    return {"root": root, "model": tiny_bert(root / "model"), "data": subset_glue(root / "data")}
+
+
+def search_args(assets: dict, space: Path, name: str, *extra: str) -> list[str]:
+    root = assets["root"]
+    return [str(space), "--profile", "cpu", "--data-dir", str(assets["data"]), "--storage", str(root / "runs"),
+            "--results", str(root / "results" / name), "--name", name, *extra]
+
+
+def exported_trials(assets: dict, name: str) -> list[dict]:
+    with open(assets["root"] / "results" / name / "cola" / "trials.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def study(assets: dict, name: str):
+    """The Optuna study as the searcher last saved it with the experiment."""
+    searcher = FailureAwareOptunaSearch()
+    searcher.restore(glob.glob(str(assets["root"] / "runs" / name / "searcher-state-*.pkl"))[0])
+    return searcher.study
+
+
+def wait_for(predicate, process, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        assert process.poll() is None, process.stdout.read()[-3000:]
+        assert time.time() < deadline, "timed out waiting for the search"
+        time.sleep(0.2)
+
+
+def checkpoints(experiment: Path) -> list[str]:
+    return glob.glob(str(experiment / "*" / "checkpoint_*"))
+
+
+def finish(process, timeout: float = 300) -> str:
+    output, _ = process.communicate(timeout=timeout)
+    assert process.returncode == 0, output[-3000:]
+    return output
+
+
+def test_divergence_and_out_of_memory_end_their_trials_and_the_searcher_avoids_them(assets):
+    point = {"quant_method": "uniform", "bits": 4, "lr": 5e-3, "K": 1}
+    space = tiny_space(assets["root"], assets["model"], "failing", init="zero",
+                       searched={"rank": {"choice": [4, 10_000_000_000]},  # 1.3 TB adapters: a real OOM
+                                 "scale": {"loguniform": [1e-30, 1000]}},
+                       warm_start=[{**point, "rank": 10_000_000_000, "scale": 100},
+                                   {**point, "rank": 4, "scale": 1e-30},  # noise std 1e15: NaN loss
+                                   {**point, "rank": 4, "scale": 100}])
+    run = run_module("llmm_tune.search", *search_args(assets, space, "failing", "--num-samples", "4",
+                                                      "--cpus-per-trial", "1"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = {r["trial"]: r for r in exported_trials(assets, "failing")}
+    assert len(rows) == 4 and {r["status"] for r in rows.values()} == {"TERMINATED"}
+    failures = sorted(r["failure"] for r in rows.values() if r["failure"])
+    assert failures[0].startswith("diverged: training loss nan") and "lower lr or raise scale" in failures[0]
+    assert failures[1].startswith("out of memory: ") and "can't allocate memory" in failures[1]
+    assert sum(r["val_mcc"] != "" for r in rows.values()) == 4 - len(failures)  # the others trained
+    trials = study(assets, "failing").trials
+    infeasible = [t for t in trials if t.constraints.get("failure", 0) > 0]
+    assert sorted(t.user_attrs["failure"][:8] for t in infeasible) == sorted(f[:8] for f in failures)
+    assert {t.params["rank"] for t in infeasible if "memory" in t.user_attrs["failure"]} == {10_000_000_000}
+    assert all(t.state.name == "COMPLETE" for t in trials)
+    assert "failed of 4" in run.stdout and f"{len(failures)} failed" in run.stdout
+
+
+def test_killed_trial_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted_run(assets):
+    space = tiny_space(assets["root"], assets["model"], epochs=24)
+    process = start_module("llmm_tune.search", *search_args(assets, space, "killed-trial", "--num-samples", "1",
+                                                            "--cpus-per-trial", "1", "--no-export"))
+    experiment = assets["root"] / "runs" / "killed-trial"
+    wait_for(lambda: len(checkpoints(experiment)) >= 1 and len(result_lines(experiment)) >= 3, process)
+    workers = [p for p in psutil.Process(process.pid).children(recursive=True)
+               if "ImplicitFunc" in " ".join(p.cmdline())]
+    assert workers, "no trial process found"
+    for worker in workers:
+        worker.send_signal(signal.SIGKILL)
+    finish(process)
+    results = result_lines(experiment)
+    assert results[-1]["training_iteration"] == 24
+    assert any(r["iterations_since_restore"] < r["training_iteration"] for r in results)  # resumed, not restarted
+    config = results[-1]["config"]
+    torch.set_num_threads(1)  # as the trial ran (--cpus-per-trial 1)
+    data = prepare(get_task("cola"), str(assets["data"]), load_tokenizer(config["model"]), config["max_length"],
+                   config["validation_size"], split_seed=0)
+    uninterrupted = []
+    train(config, data, lambda metrics, directory: uninterrupted.append(metrics))
+    # resuming restores adapter, optimizer, schedule, RNG and data position: same result to float noise
+    assert results[-1]["val_loss"] == pytest.approx(uninterrupted[-1]["val_loss"], abs=1e-5)
+    assert results[-1]["best_val_mcc"] == pytest.approx(uninterrupted[-1]["best_val_mcc"], abs=1e-6)
+
+
+def result_lines(experiment: Path) -> list[dict]:
+    files = glob.glob(str(experiment / "*" / "result.json"))
+    return [json.loads(line) for f in files for line in Path(f).read_text().splitlines() if line.strip()]
+
+
+def test_killed_search_resumes_without_rerunning_or_losing_trials(assets):
+    space = tiny_space(assets["root"], assets["model"], "resumed", epochs=6)
+    args = search_args(assets, space, "resumed", "--num-samples", "4", "--cpus-per-trial", "2")
+    process = start_module("llmm_tune.search", *args)
+    experiment = assets["root"] / "runs" / "resumed"
+    wait_for(lambda: len({r["trial_id"] for r in result_lines(experiment)}) >= 2, process)  # one finished
+    os.killpg(process.pid, signal.SIGKILL)  # the driver and every Ray process it started
+    process.wait()
+    before = {r["trial_id"]: r for r in result_lines(experiment) if r.get("done") or r["training_iteration"] == 6}
+    assert before, "no trial had finished before the kill"
+    killed_at = time.time()
+    finish(start_module("llmm_tune.search", *search_args(assets, space, "resumed", "--resume")))
+    results = result_lines(experiment)
+    for trial_id, last in before.items():  # finished trials were not run again
+        assert [r["training_iteration"] for r in results if r["trial_id"] == trial_id][-1] == last["training_iteration"]
+        assert all(r["timestamp"] < killed_at for r in results if r["trial_id"] == trial_id)
+    rows = exported_trials(assets, "resumed")
+    assert len(rows) == 4 == len({r["trial"] for r in rows}) and {r["status"] for r in rows} == {"TERMINATED"}
+    trials = study(assets, "resumed").trials
+    assert len(trials) == 4 and all(t.state.name == "COMPLETE" for t in trials)  # history kept, no repeats
+    assert trials[0].params["scale"] == pytest.approx(100)  # the warm start, from before the kill
+
+
+def test_lost_worker_node_reschedules_its_trials(assets):
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    worker = cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    try:
+        space = tiny_space(assets["root"], assets["model"], "lost-node", epochs=12)
+        process = start_module("llmm_tune.search", *search_args(
+            assets, space, "lost-node", "--num-samples", "3", "--cpus-per-trial", "1", "--max-concurrent", "2",
+            "--address", cluster.address))
+        experiment = assets["root"] / "runs" / "lost-node"
+        wait_for(lambda: len({r["trial_id"] for r in result_lines(experiment) if r["training_iteration"] >= 2}) >= 2,
+                 process)  # both nodes busy, each trial checkpointed
+        cluster.remove_node(worker)
+        output = finish(process)
+    finally:
+        cluster.shutdown()
+    rows = exported_trials(assets, "lost-node")
+    assert len(rows) == 3 and {r["status"] for r in rows} == {"TERMINATED"}, output[-2000:]
+    assert all(int(r["evaluations"]) >= 1 and r["val_mcc"] != "" for r in rows)
+    results = result_lines(assets["root"] / "runs" / "lost-node")
+    moved = [r for r in results if r["iterations_since_restore"] < r["training_iteration"]]
+    assert moved, "no trial was resumed after the node was removed"
+    assert all(r["pid"] != p["pid"] for r in moved for p in results
+               if p["trial_id"] == r["trial_id"] and p["iterations_since_restore"] == p["training_iteration"])

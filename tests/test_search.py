@@ -1,0 +1,113 @@
+"""A real search end to end on CPU (2 trials, tiny BERT, a CoLA subset), its export and reproduction;
+the honest validation split; the profile and search-space resolution."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import yaml
+
+from llmm_tune.data import carve_validation, load_splits
+from llmm_tune.spaces import load_spec
+from llmm_tune.tasks import get_task
+from tests.search_fixtures import SHARED_DATA, run_module, subset_glue, tiny_bert, tiny_space
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory):
+    """One finished 2-trial search with its export."""
+    root = tmp_path_factory.mktemp("search")
+    space = tiny_space(root, tiny_bert(root / "model"))
+    data = subset_glue(root / "data")
+    run = run_module("llmm_tune.search", str(space), "--profile", "cpu", "--data-dir", str(data),
+                     "--storage", str(root / "runs"), "--results", str(root / "results"), "--name", "tiny",
+                     "--cpus-per-trial", "1")
+    assert run.returncode == 0, run.stderr[-3000:]
+    return {"root": root, "space": space, "data": data, "experiment": root / "runs" / "tiny",
+            "out": root / "results" / "cola", "stdout": run.stdout}
+
+
+def trials(searched) -> list[dict]:
+    with open(searched["out"] / "trials.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_search_runs_both_trials_and_exports_every_artifact(searched):
+    rows = trials(searched)
+    assert len(rows) == 2 and {r["status"] for r in rows} == {"TERMINATED"}
+    assert all(r["val_mcc"] != "" and int(r["evaluations"]) >= 1 for r in rows)
+    for name in ("table.md", "table.tex", "best.yaml", "history.png"):
+        assert (searched["out"] / name).stat().st_size > 0, name
+    assert "trials: 0 running, 2 done, 0 failed of 2" in searched["stdout"]
+
+
+def test_warm_start_point_is_the_first_trial(searched):
+    first = min(trials(searched), key=lambda r: int(r["number"]))
+    published = yaml.safe_load(searched["space"].read_text())["warm_start"][0]
+    def plain(value):
+        return value if isinstance(value, str) and not value.replace(".", "").isdigit() else float(value)
+
+    assert {k: plain(first[k]) for k in published} == {k: plain(v) for k, v in published.items()}
+
+
+def test_export_records_everything_needed_to_reproduce(searched):
+    best = yaml.safe_load((searched["out"] / "best.yaml").read_text())
+    rows = trials(searched)
+    top_value = max(float(r["val_mcc"]) for r in rows)
+    top = next(r for r in rows if r["trial"] == best["trial"])
+    assert float(top["val_mcc"]) == top_value == pytest.approx(best["validation"]["value"])
+    assert set(best["dev"]) == {"mcc"} and -1 <= best["dev"]["mcc"] <= 1
+    assert best["config"]["seed"] == 0 and best["config"]["lr"] == pytest.approx(float(top["lr"]))
+    assert best["versions"]["torch"] and best["git_commit"] and "llmm_tune.search" in best["search_command"]
+    assert best["reproduce"].startswith("python -m llmm_tune.reproduce")
+    table = (searched["out"] / "table.md").read_text()
+    header = next(line for line in table.splitlines() if line.startswith("|"))
+    for column in ("quant_method", "bits", "rank", "task", "lr", "scale", "K", "val mcc", "dev mcc", "seed"):
+        assert f" {column} " in header, column
+    tex = (searched["out"] / "table.tex").read_text()
+    assert tex.count("% reproduce: python -m llmm_tune.reproduce") == table.count("llmm_tune.reproduce")
+    meta = json.loads((searched["experiment"] / "llmm_experiment.json").read_text())
+    assert meta["resources"]["cpus_per_trial"] == 1 and meta["data_source"] == str(searched["data"])
+
+
+def test_reproduce_same_seed_gives_the_recorded_validation_score(searched):
+    best = searched["out"] / "best.yaml"
+    run = run_module("llmm_tune.reproduce", str(best), "--seeds", "0", "--threads", "1")
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = yaml.safe_load(best.with_name("best.reproduced.yaml").read_text())
+    recorded = yaml.safe_load(best.read_text())
+    assert report["runs"][0]["val_mcc"] == pytest.approx(recorded["validation"]["value"], abs=1e-6)
+    assert report["runs"][0]["dev_mcc"] == pytest.approx(recorded["dev"]["mcc"], abs=1e-6)
+
+
+def test_existing_experiment_is_not_overwritten(searched):
+    run = run_module("llmm_tune.search", str(searched["space"]), "--profile", "cpu", "--data-dir",
+                     str(searched["data"]), "--storage", str(searched["root"] / "runs"), "--name", "tiny")
+    assert run.returncode == 2 and "already exists" in run.stderr and "--resume" in run.stderr
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "glue" / "CoLA").is_dir(), reason="needs ../shared/data")
+@pytest.mark.parametrize("task", ["cola", "stsb"])
+def test_validation_split_never_overlaps_dev_and_is_seeded(task):
+    train, dev = load_splits(get_task(task), str(SHARED_DATA))
+    def examples(split) -> list[tuple]:
+        return list(zip(*(split[c] for c in ("text_a", "text_b") if c in split.column_names)))
+
+    assert set(examples(train)) & set(examples(dev))  # the data does repeat dev examples in train
+    kept, validation = carve_validation(train, dev, 0.1, seed=3)
+    assert not set(examples(validation)) & set(examples(dev))
+    assert len(kept) + len(validation) == len(train) and len(validation) == round(0.1 * len(train))
+    assert examples(carve_validation(train, dev, 0.1, seed=3)[1]) == examples(validation)
+    assert examples(carve_validation(train, dev, 0.1, seed=4)[1]) != examples(validation)
+
+
+def test_baselines_share_the_space_and_fix_what_they_do_not_use():
+    llmm = load_spec("glue_cola", "cpu", "llmm")
+    qlora = load_spec("glue_cola", "cpu", "qlora")
+    lora = load_spec("glue_cola", "cpu", "lora")
+    assert {"lr", "rank", "scale", "K"} <= set(llmm.space)
+    assert set(qlora.space) == set(llmm.space) - {"scale", "K", "bits", "quant_method"}
+    assert (qlora.fixed["K"], qlora.fixed["init"], qlora.fixed["bits"]) == (0, "zero", 4)
+    assert lora.fixed["bits"] is None and lora.num_samples == llmm.num_samples
