@@ -199,14 +199,16 @@ def export(experiments: list[Path], results: Path) -> Path:
         write_text(out / "configs" / f"{row_id}.yaml", yaml.safe_dump(record, sort_keys=False))
         records.append(record)
         rows.append({**{k: _plain(best.get(k)) for k in TABLE_KEYS}, f"val {metric}": best[value],
-                     f"dev {metric}": dev[metric], "seed": best["seed"], "trial": best["trial"],
-                     "commit": meta["git_commit"][:12], "reproduce": record["reproduce"]})
+                     f"dev {metric}": dev[metric], **{f"dev {k}": v for k, v in dev.items() if k != metric},
+                     "seed": best["seed"], "trial": best["trial"],
+                     "commit": meta["git_commit"][:12] + ("-dirty" if meta["git_commit"].endswith("-dirty") else ""),
+                     "reproduce": record["reproduce"]})
     _, best, meta, dev = chosen[0]
     write_text(out / "best.yaml", yaml.safe_dump(reproduction_record(best, meta, dev, out / "best.yaml"),
                                                  sort_keys=False))
     table = pd.DataFrame(rows)
     shown = table.assign(lr=table["lr"].map("{:.1e}".format), scale=table["scale"].map(_scale),
-                         **{c: table[c].map("{:.4f}".format) for c in (f"val {metric}", f"dev {metric}")})
+                         **{c: table[c].map("{:.4f}".format) for c in table if c.startswith(("val ", "dev "))})
     versions = " ".join(f"{k}={metas[0]['versions'].get(k)}" for k in VERSION_KEYS)
     write_text(out / "table.md", f"# {task}: best configuration per method, quantiser and rank\n\n"
                f"Selected on validation ({value}, carved from train); dev scored once, here.\n\n"

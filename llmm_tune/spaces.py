@@ -63,8 +63,8 @@ SETTINGS: dict[str, tuple[Callable, str, object]] = {
 OPTIONAL = {k for k, (_, _, default) in SETTINGS.items() if default is not None} | {"init", "max_train_examples"}
 SAMPLERS = ("loguniform", "uniform", "int", "choice")
 TOP_KEYS = {"task", "metric", "space", "fixed", "early_stopping", "profiles", "warm_start"}
-PROFILE_KEYS = {"space", "fixed", "num_samples"}
-EARLY_STOPPING = {"metric": "val_loss", "mode": "min", "grace_period": 1, "reduction_factor": 2}
+PROFILE_KEYS = {"space", "fixed", "num_samples", "warm_start"}  # a profile's warm_start replaces the top one
+EARLY_STOPPING = {"metric": None, "mode": "max", "grace_period": 1, "reduction_factor": 2}  # None: val_<metric>
 # What --method fixes so the baselines share the space and budget of the method itself;
 # None marks a setting the baseline does not use (the noise scale without moments, say).
 METHOD_FIXED = {
@@ -209,6 +209,7 @@ def load_spec(task_or_path: str, profile: str, method: str, num_samples: int | N
     metric = raw.get("metric", TASKS[task].metric)
     stopping = {**EARLY_STOPPING, **_mapping(path, "early_stopping", raw.get("early_stopping"),
                                              set(EARLY_STOPPING))}
+    stopping["metric"] = stopping["metric"] or f"val_{metric}"
     if stopping["mode"] not in ("min", "max") or not isinstance(stopping["metric"], str):
         _fail(path, "early_stopping", "needs metric: a reported name (val_loss, val_<metric>) and mode: min or max")
     if not (_positive(stopping["grace_period"]) and _positive(stopping["reduction_factor"])
@@ -217,7 +218,7 @@ def load_spec(task_or_path: str, profile: str, method: str, num_samples: int | N
     samples = num_samples if num_samples is not None else chosen.get("num_samples", 10)
     if not _positive_int(samples):
         _fail(path, f"profiles.{profile}.num_samples", f"must be an integer >= 1, got {samples!r}")
-    warm, adjustments = _warm_start(path, raw.get("warm_start"), space)
+    warm, adjustments = _warm_start(path, chosen.get("warm_start", raw.get("warm_start")), space)
     return SearchSpec(path, task, metric, space, fixed, stopping, samples, warm, adjustments)
 
 
