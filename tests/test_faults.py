@@ -41,9 +41,9 @@ def exported_trials(assets: dict, name: str) -> list[dict]:
 
 
 def study(assets: dict, name: str):
-    """The Optuna study as the searcher last saved it with the experiment."""
+    """The Optuna study as the searcher last saved it (a resumed run leaves one state file per session)."""
     searcher = FailureAwareOptunaSearch()
-    searcher.restore(glob.glob(str(assets["root"] / "runs" / name / "searcher-state-*.pkl"))[0])
+    searcher.restore_from_dir(str(assets["root"] / "runs" / name))
     return searcher.study
 
 
