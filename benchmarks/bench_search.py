@@ -80,7 +80,7 @@ def start_latency(trials: int, storage: str) -> list[float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trials", type=int, default=4)
-    parser.add_argument("--train-examples", type=int, default=1500, help="CoLA train examples per trial")
+    parser.add_argument("--train-examples", type=int, default=4000, help="CoLA train examples per trial")
     parser.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
     args = parser.parse_args()
     quiet_logs()
