@@ -111,3 +111,12 @@ def test_baselines_share_the_space_and_fix_what_they_do_not_use():
     assert set(qlora.space) == set(llmm.space) - {"scale", "K", "bits", "quant_method"}
     assert (qlora.fixed["K"], qlora.fixed["init"], qlora.fixed["bits"]) == (0, "zero", 4)
     assert lora.fixed["bits"] is None and lora.num_samples == llmm.num_samples
+
+
+@pytest.mark.parametrize("task, metric", [("glue_cola", "mcc"), ("glue_stsb", "pearson")])
+def test_profiles_pick_their_warm_start_and_asha_watches_the_validation_metric(task, metric):
+    raw = yaml.safe_load(load_spec(task, "cpu", "llmm").path.read_text())
+    for profile, points in (("cpu", raw["profiles"]["cpu"]["warm_start"]), ("paper", raw["warm_start"])):
+        spec = load_spec(task, profile, "llmm")
+        assert spec.warm_start == [{k: p[k] for k in spec.space} for p in points], profile
+        assert (spec.early_stopping["metric"], spec.early_stopping["mode"]) == (f"val_{metric}", "max")
