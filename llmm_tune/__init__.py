@@ -1,8 +1,16 @@
 """llmm-tune: quantised distributional-LoRA (Llmm / MeMoTune) fine-tuning and its hyperparameter search."""
 
-from llmm_tune.config import LlmmConfig
-from llmm_tune.layer import LlmmLinear
-from llmm_tune.model import (
+import logging
+
+# On CPUs with AVX512-BF16, bitsandbytes warns at import that the optional `kernels` package is missing.
+# That package fetches a CPU inference kernel from the hub at run time, for the packed bf16 layout that
+# llmm-tune uses only on request (`quant.NF4Linear.fast_cpu_inference`): drop that one message, before
+# anything imports bitsandbytes.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(lambda record: "kernels" not in record.getMessage())
+
+from llmm_tune.config import LlmmConfig  # noqa: E402
+from llmm_tune.layer import LlmmLinear  # noqa: E402
+from llmm_tune.model import (  # noqa: E402
     apply_llmm,
     bytes_per_base_parameter,
     load_adapter,

@@ -9,6 +9,7 @@ bitsandbytes has no 2-bit or 8-bit NF / uniform block format.
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import math
@@ -161,34 +162,79 @@ class PackedLinear(nn.Module):
         return f"{self.in_features}, {self.out_features}, bits={self.bits}, method={self.method}"
 
 
-def nf4_linear(weight: Tensor, bias: Tensor | None) -> bnb.nn.Linear4bit:
-    """bitsandbytes NF4 layer (block 64, plain float32 absmax so it matches `quantize` exactly)."""
-    data, state = bnbf.quantize_4bit(
-        weight.detach().float().contiguous(), blocksize=BLOCK, quant_type="nf4", compress_statistics=False
-    )
-    layer = bnb.nn.Linear4bit(
-        weight.shape[1], weight.shape[0], bias=bias is not None,
-        compute_dtype=torch.float32, quant_type="nf4", device=weight.device,
-    )
-    layer.weight = bnb.nn.Params4bit(
-        data, requires_grad=False, quant_state=state, blocksize=BLOCK, quant_type="nf4",
-        compress_statistics=False, bnb_quantized=True, module=layer,
-    )
-    if bias is not None:
-        layer.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
-    return layer
+class NF4Linear(bnb.nn.Linear4bit):
+    """bitsandbytes' NF4 layer that can be trained after any number of evaluations, on every CPU.
+
+    On a CPU with AVX512-BF16, `Linear4bit` repacks its weight in eval mode into an inference-only
+    layout (bf16 compute, no backward), and its inverse leaves the per-block scales in bf16 and in the
+    wrong order: training after an evaluation crashes, and reading the weight gives wrong values.
+    Here the canonical layout is the default everywhere, so scores do not depend on the CPU that made
+    them; `fast_cpu_inference` opts in to the packed layout for inference, and whenever the canonical
+    layout is needed again (training, gradients, reading, saving, moving) the codes are unpacked and
+    the original scales put back exactly.
+    """
+
+    fast_cpu_inference = False
+    PACK_ROWS, PACK_COLS = 32, BLOCK  # shapes bitsandbytes' CPU repacking and kernel accept
+
+    def __init__(self, weight: Tensor, bias: Tensor | None):
+        super().__init__(weight.shape[1], weight.shape[0], bias=bias is not None, compute_dtype=torch.float32,
+                         quant_type="nf4", device=weight.device)
+        # block 64 with plain float32 absmax (no double quantisation), so it matches `quantize` exactly
+        data, state = bnbf.quantize_4bit(weight.detach().float().contiguous(), blocksize=BLOCK, quant_type="nf4",
+                                         compress_statistics=False)
+        self.weight = bnb.nn.Params4bit(data, requires_grad=False, quant_state=state, blocksize=BLOCK,
+                                        quant_type="nf4", compress_statistics=False, bnb_quantized=True, module=self)
+        if bias is not None:
+            self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.canonical_state = None  # the weight's quant state while the packed layout is in place
+
+    @property
+    def packed(self) -> bool:
+        return bool(getattr(self.weight.quant_state, "packing_format_for_cpu", False))
+
+    def canonical(self) -> None:
+        """Put the canonical layout back if bitsandbytes repacked the weight for CPU inference."""
+        if self.packed:
+            data, _ = bnbf._convert_weight_packed_for_cpu_inverse(self.weight.data, self.weight.quant_state)
+            self.weight.data = data
+            self.weight.quant_state = self.quant_state = self.canonical_state
+            self.canonical_state = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        fast = (self.fast_cpu_inference and not self.training and not x.requires_grad
+                and self.out_features % self.PACK_ROWS == 0 and self.in_features % self.PACK_COLS == 0)
+        if not fast:
+            self.canonical()
+        elif not self.packed:
+            self.canonical_state = copy.deepcopy(self.weight.quant_state)  # bitsandbytes edits it in place
+        cpu_bf16 = self.support_avx512bf16_for_cpu  # bitsandbytes packs in eval mode when this is set
+        self.support_avx512bf16_for_cpu = cpu_bf16 and fast
+        try:
+            return super().forward(x)
+        finally:
+            self.support_avx512bf16_for_cpu = cpu_bf16
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        self.canonical()
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _apply(self, fn, recurse=True):
+        self.canonical()
+        return super()._apply(fn, recurse)
 
 
 def quantized_linear(weight: Tensor, bias: Tensor | None, bits: int, method: str) -> nn.Module:
     """A frozen base layer holding `weight` at `bits` bits."""
     if bits == 4 and method == "normal_float":
-        return nf4_linear(weight, bias)
+        return NF4Linear(weight, bias)
     return PackedLinear(weight, bias, bits, method)
 
 
 def dense_weight(layer: nn.Module) -> Tensor:
     """The dequantised float32 weight of a base layer made by `quantized_linear`."""
-    if isinstance(layer, bnb.nn.Linear4bit):
+    if isinstance(layer, NF4Linear):
+        layer.canonical()
         return bnbf.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
     if isinstance(layer, PackedLinear):
         return layer.dense_weight()
@@ -197,7 +243,8 @@ def dense_weight(layer: nn.Module) -> Tensor:
 
 def weight_bytes(layer: nn.Module) -> int:
     """Bytes the base layer spends on its weight (codes plus scales; bias excluded)."""
-    if isinstance(layer, bnb.nn.Linear4bit):
+    if isinstance(layer, NF4Linear):
+        layer.canonical()
         state = layer.weight.quant_state
         nested = state.state2.absmax.nbytes + state.state2.code.nbytes if state.nested else 0
         return layer.weight.data.nbytes + state.absmax.nbytes + nested

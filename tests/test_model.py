@@ -3,6 +3,7 @@ import copy
 import bitsandbytes as bnb
 import pytest
 import torch
+from bitsandbytes.functional import has_avx512bf16
 from torch import nn
 
 from llmm_tune import (
@@ -15,7 +16,7 @@ from llmm_tune import (
     save_adapter,
 )
 from llmm_tune.model import llmm_layers, trainable_state
-from llmm_tune.quant import PackedLinear
+from llmm_tune.quant import PackedLinear, dense_weight
 
 
 def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -153,3 +154,53 @@ def test_loftq_init_without_quantisation_is_rejected():
 def test_targets_matching_nothing_are_rejected(tiny_llama):
     with pytest.raises(ValueError, match=r"target_modules \['query'\] match no linear layer"):
         apply_llmm(tiny_llama, LlmmConfig(target_modules=["query"]))
+
+
+@pytest.mark.parametrize("fast_cpu_inference", [False, True])
+def test_nf4_base_trains_after_evaluations_on_a_cpu_with_avx512_bf16(minilm, fast_cpu_inference):
+    """bitsandbytes repacks a 4-bit weight for inference in eval mode when `support_avx512bf16_for_cpu` is
+    set; forcing it makes this test take that path on every CPU."""
+    model = apply_llmm(minilm, LlmmConfig(rank=4, K=1, scale=100.0))
+    layers = llmm_layers(model).values()
+    weights = [dense_weight(layer.base).clone() for layer in layers]
+    saved = {k: v.clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    batch = cls_batch()
+    ids = {"input_ids": batch["input_ids"]}
+    model.eval()
+    with torch.no_grad():
+        canonical_eval = model(**ids).logits
+    for layer in layers:
+        layer.base.support_avx512bf16_for_cpu = True
+        layer.base.fast_cpu_inference = fast_cpu_inference
+
+    def train_forward():
+        model.train()
+        torch.manual_seed(5)  # the adapters' noise draw
+        return model(**batch)
+
+    before = train_forward().logits.detach()
+    for _ in range(3):  # train -> eval -> train cycles
+        model.eval()
+        with torch.no_grad():
+            logits = model(**ids).logits
+        assert [layer.base.packed for layer in layers] == [fast_cpu_inference] * len(layers)
+        if not fast_cpu_inference:
+            assert torch.equal(logits, canonical_eval)
+        elif has_avx512bf16():  # the packed kernel exists only there; it computes in bf16
+            assert torch.allclose(logits, canonical_eval, atol=2e-2)
+        model.zero_grad()
+        output = train_forward()
+        output.loss.backward()
+        assert torch.equal(output.logits, before)
+        for layer in layers:
+            for factor in (layer.A_mean, layer.B_mean, layer.A_moments, layer.B_moments):
+                assert factor.grad is not None and factor.grad.abs().sum() > 0
+    model.eval()
+    with torch.no_grad():
+        model(**ids)  # leave the last cycle in eval: reading, saving and merging must still see the true weight
+        assert all(torch.equal(dense_weight(layer.base), w) for layer, w in zip(layers, weights))
+        state = model.state_dict()
+        assert all(torch.equal(state[k], v) for k, v in saved.items())
+        model(**ids)
+        merged = merge_llmm(copy.deepcopy(model)).eval()(**ids).logits
+        assert torch.allclose(merged, canonical_eval, atol=1e-4)

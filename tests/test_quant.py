@@ -6,11 +6,11 @@ from llmm_tune.models import load_classifier
 from llmm_tune.quant import (
     BITS,
     METHODS,
+    NF4Linear,
     PackedLinear,
     fake_quantize,
     levels,
     loftq,
-    nf4_linear,
     pack,
     unpack,
 )
@@ -65,7 +65,7 @@ def test_nf4_bitsandbytes_agrees_with_our_normal_float():
     ours = fake_quantize(w, 4, "normal_float")
     assert torch.allclose(levels(4, "normal_float"), bnbf.get_4bit_type("nf4", device="cpu"), atol=2e-7)
     assert (theirs - ours).abs().max() <= 1e-6 * w.abs().max()
-    layer = nf4_linear(w, None)
+    layer = NF4Linear(w, None)
     x = torch.randn(5, 320)
     assert torch.allclose(layer(x), x @ ours.T, atol=1e-4)
 
