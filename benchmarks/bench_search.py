@@ -2,7 +2,8 @@
 
     python benchmarks/bench_search.py [--trials 4] [--data-dir ../shared/data]
 
-Both sides run the real GLUE recipe (`trainables.glue.train`) on the same tokenised CoLA data with
+Both sides run the real GLUE recipe (`trainables.glue.train`, under Tune through `llmm_tune.trial`)
+on the same tokenised CoLA data with
 the same configurations, one trial at a time with every CPU, so the difference is what Tune adds:
 worker start-up, passing the data through the object store, reporting, checkpoint syncing and the
 searcher and scheduler bookkeeping. Ray's own start-up (`ray.init`) is printed apart. Trial start
@@ -23,17 +24,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from llmm_tune.data import prepare, resolve_data_dir  # noqa: E402
-from llmm_tune.models import load_tokenizer  # noqa: E402
-from llmm_tune.progress import quiet_logs  # noqa: E402
+from llmm_tune.console import quiet_logs  # noqa: E402
+from llmm_tune.data import resolve_data_dir  # noqa: E402
 from llmm_tune.spaces import load_spec  # noqa: E402
-from llmm_tune.tasks import get_task  # noqa: E402
-from trainables.glue import glue_trainable, train  # noqa: E402
+from llmm_tune.trial import trainable  # noqa: E402
+from trainables.glue import prepare, train  # noqa: E402
 
 
 def configs(trials: int, train_examples: int) -> list[dict]:
     spec = load_spec("glue_cola", "cpu", "llmm")
-    base = {**spec.fixed, "task": "cola", "metric": "mcc", "epochs": 1, "evals_per_epoch": 2,
+    base = {**spec.fixed, "task": "cola", "metric": "mcc", "mode": "max", "epochs": 1, "evals_per_epoch": 2,
             "max_train_examples": train_examples}
     return [{**base, **spec.warm_start[i % len(spec.warm_start)], "seed": i} for i in range(trials)]
 
@@ -49,8 +49,9 @@ def under_tune(runs: list[dict], data, cpus: int, storage: str) -> float:
     from ray import tune
     from ray.tune.search import BasicVariantGenerator
 
-    trainable = tune.with_resources(tune.with_parameters(glue_trainable, data=data), {"cpu": cpus})
-    tuner = tune.Tuner(trainable, param_space=runs[0],
+    trial = tune.with_resources(tune.with_parameters(trainable, family="glue", data=data, experiment=storage),
+                                {"cpu": cpus})
+    tuner = tune.Tuner(trial, param_space=runs[0],
                        tune_config=tune.TuneConfig(search_alg=BasicVariantGenerator(points_to_evaluate=runs,
                                                                                     max_concurrent=1),
                                                    num_samples=len(runs), reuse_actors=True),
@@ -88,8 +89,7 @@ def main() -> None:
     torch.set_num_threads(cpus)
     runs = configs(args.trials, args.train_examples)
     fixed = runs[0]
-    data = prepare(get_task("cola"), str(resolve_data_dir(args.data_dir)), load_tokenizer(fixed["model"]),
-                   fixed["max_length"], fixed["validation_size"], 0, args.train_examples)
+    data = prepare(fixed, str(resolve_data_dir(args.data_dir)))
     baseline = back_to_back(runs, data)
 
     import ray

@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from llmm_tune.quant import BITS, METHODS
+from llmm_tune.settings import Setting, fraction, non_negative_int, positive, positive_int
 
 INITS = ("loftq", "zero")
 
@@ -79,3 +80,29 @@ def _is_int(value) -> bool:
 
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# The method's settings as a search space sees them (None: a setting a baseline does not use).
+METHOD_SETTINGS: dict[str, Setting] = {
+    "rank": Setting(positive_int, "an integer >= 1"),
+    "scale": Setting(positive, "a number > 0"),
+    "K": Setting(non_negative_int, "an integer >= 0"),
+    "bits": Setting(lambda v: v is None or v in BITS, f"one of {list(BITS)} (or null for no quantisation)"),
+    "quant_method": Setting(lambda v: v in METHODS, f"one of {list(METHODS)}"),
+    "loftq_iters": Setting(positive_int, "an integer >= 1", 5),
+    "alpha": Setting(positive, "a number > 0", 16.0),
+    "dropout": Setting(fraction, "a number in [0, 1)", 0.0),
+    "init": Setting(lambda v: v in (None, *INITS), "loftq, zero or null", None),
+}
+
+
+def llmm_config(config: dict, **overrides) -> LlmmConfig:
+    """The method's settings of a trial; None marks a setting its baseline does not use."""
+    defaults = LlmmConfig()
+    values = {
+        "rank": config["rank"], "K": config["K"], "bits": config["bits"], "alpha": config["alpha"],
+        "scale": config["scale"] if config["scale"] is not None else defaults.scale,
+        "quant_method": config["quant_method"] or defaults.quant_method,
+        "loftq_iters": config["loftq_iters"], "dropout": config["dropout"], "init": config["init"],
+    }
+    return LlmmConfig(**{**values, **overrides})

@@ -1,21 +1,21 @@
-"""GLUE data: from the hub where reachable, else from a data directory; a validation split carved
-from train for model selection; tokenised once per search and shared by every trial."""
+"""Data helpers every family shares: where data comes from (the hub or a data folder, recorded so a
+record works on another machine), validation splits carved from train, bad rows, length order."""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from collections.abc import Hashable, Sequence
 from pathlib import Path
 
 import numpy as np
-from datasets import Dataset, load_dataset
-from transformers import PreTrainedTokenizerBase
+from datasets import Dataset
 
 from llmm_tune.errors import UsageError
-from llmm_tune.tasks import GlueTask, read_local
+from llmm_tune.settings import count
 
-HUB_DATASET = "nyu-mll/glue"
 DATA_DIR_ENV = "LLMM_DATA_DIR"
+ROOT = Path(__file__).resolve().parent.parent
+BAD_ROW_POLICIES = ("error", "skip")
 
 
 def resolve_data_dir(option: str | None) -> Path | None:
@@ -26,81 +26,85 @@ def resolve_data_dir(option: str | None) -> Path | None:
     path = Path(value).expanduser().resolve()
     if not path.is_dir():
         raise UsageError(f"data directory {value} does not exist; pass --data-dir DIR or set {DATA_DIR_ENV} "
-                         "to a folder holding glue/<Task>/")
+                         "to the folder holding the data (e.g. ../shared/data)")
     return path
 
 
-def hub_reachable() -> bool:
+def hub_reachable(dataset: str) -> bool:
     """A quick probe: `load_dataset` itself retries for about half a minute before it gives up."""
     if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
         return False
     from huggingface_hub import HfApi
 
     try:
-        HfApi().dataset_info(HUB_DATASET, timeout=5)
+        HfApi().dataset_info(dataset, timeout=5)
         return True
     except Exception:
         return False
 
 
-def check_source(task: GlueTask, data_dir: Path | None) -> str:
-    """Where this task's data will come from ("hub" or the folder), or a UsageError saying how to fix it."""
-    if data_dir is not None:
-        folder = data_dir / "glue" / task.local.folder
-        for name in (task.local.train, task.local.dev):
-            if not (folder / name).is_file():
-                raise UsageError(f"{folder / name} not found; {task.name} needs glue/{task.local.folder}/"
-                                 f"{name} under --data-dir, or drop --data-dir to load it from the hub")
-        return str(data_dir)
-    if hub_reachable():
-        return "hub"
-    raise UsageError(f"no data for {task.name}: the Hugging Face hub is unreachable and no data directory is "
-                     f"set; pass --data-dir DIR (holding glue/{task.local.folder}/) or set {DATA_DIR_ENV}")
-
-
-def load_splits(task: GlueTask, source: str) -> tuple[Dataset, Dataset]:
-    """(train, dev) with columns text_a, [text_b,] label."""
+def portable_source(source: str, data_dir_option: str | None) -> str:
+    """How a record names its data so it resolves on another machine: "hub", "$LLMM_DATA_DIR" when the
+    folder came from that variable, else the folder relative to the project root when it lies inside
+    the project's parent (e.g. ../shared/data), else the absolute path."""
     if source == "hub":
-        glue = load_dataset(HUB_DATASET, task.name)
-        names = dict(zip(task.hub_columns, ["text_a", "text_b"]))
-        train, dev = (glue[s].rename_columns(names).select_columns([*names.values(), "label"])
-                      for s in ("train", task.hub_dev))
-        return train, dev
-    folder = Path(source) / "glue" / task.local.folder
-    return (Dataset.from_dict(read_local(task, folder / task.local.train)),
-            Dataset.from_dict(read_local(task, folder / task.local.dev)))
+        return "hub"
+    if not data_dir_option and os.environ.get(DATA_DIR_ENV):
+        return f"${DATA_DIR_ENV}"
+    path = Path(source).resolve()
+    if path.is_relative_to(ROOT.parent):
+        return os.path.relpath(path, ROOT)
+    return str(path)
 
 
-def _texts(split: Dataset) -> list[tuple[str, ...]]:
-    columns = [split[c] for c in ("text_a", "text_b") if c in split.column_names]
-    return list(zip(*columns))
+def locate_source(recorded: str, data_dir_option: str | None = None) -> Path | str:
+    """The data a record names, found on this machine: --data-dir or LLMM_DATA_DIR first, else the
+    recorded folder (relative to the project root), else "hub"."""
+    override = resolve_data_dir(data_dir_option)
+    if override is not None:
+        return override
+    if recorded == "hub":
+        return "hub"
+    if recorded == f"${DATA_DIR_ENV}":
+        raise UsageError(f"the record reads its data from ${DATA_DIR_ENV}, which is not set here; set it or pass "
+                         "--data-dir DIR")
+    path = (ROOT / recorded).resolve()
+    if not path.is_dir():
+        raise UsageError(f"the record's data folder {recorded} (relative to {ROOT}) does not exist here; pass "
+                         f"--data-dir DIR or set {DATA_DIR_ENV} to where the data is")
+    return path
 
 
-def carve_validation(train: Dataset, dev: Dataset, size: float, seed: int) -> tuple[Dataset, Dataset]:
-    """Split train into (train, validation) with a seeded draw: `size` < 1 is a fraction of train,
-    else a count. Examples whose text also occurs in dev never enter validation."""
-    count = round(size * len(train)) if size < 1 else int(size)
-    dev_texts = set(_texts(dev))
-    candidates = [i for i, text in enumerate(_texts(train)) if text not in dev_texts]
-    if not 0 < count < len(candidates):
-        raise UsageError(f"validation_size {size} gives {count} of {len(candidates)} eligible train examples; "
+class BadRows:
+    """A data row that lacks what its task needs either stops the run naming its file and line ("error")
+    or is skipped, and the skipped rows are counted on the console ("skip"): never silently."""
+
+    def __init__(self, policy: str):
+        self.policy, self.skipped = policy, []
+
+    def add(self, problem: str) -> None:
+        if self.policy == "error":
+            raise UsageError(f"{problem}; fix or remove that row, or pass --on-bad-row skip")
+        self.skipped.append(problem)
+
+    def done(self, path) -> None:
+        if self.skipped:
+            print(f"skipped {len(self.skipped)} bad row(s) of {path} (--on-bad-row skip); first: {self.skipped[0]}")
+        self.skipped = []
+
+
+def carve_validation(train: Dataset, keys: Sequence[Hashable], excluded: set, size: float,
+                     seed: int) -> tuple[Dataset, Dataset]:
+    """Split train into (train, validation) with a seeded draw: `size` < 1 is a fraction of train, else a
+    count. An example whose key (`keys[i]` for example i) is in `excluded` (texts of the held-out split)
+    never enters validation."""
+    wanted = count(size, len(train))
+    candidates = [i for i, key in enumerate(keys) if key not in excluded]
+    if not 0 < wanted < len(candidates):
+        raise UsageError(f"validation_size {size} gives {wanted} of {len(candidates)} eligible train examples; "
                          "use a fraction in (0, 1) or a smaller count")
-    chosen = np.random.default_rng(seed).choice(candidates, size=count, replace=False)
-    held_out = set(chosen.tolist())
-    kept = [i for i in range(len(train)) if i not in held_out]
-    return train.select(kept), train.select(sorted(held_out))
-
-
-def tokenize(split: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int) -> Dataset:
-    """Token ids and labels only (`labels`, as the models expect); padding happens per batch."""
-    pair = "text_b" in split.column_names
-
-    def encode(batch: dict) -> dict:
-        texts = (batch["text_a"], batch["text_b"]) if pair else (batch["text_a"],)
-        return tokenizer(*texts, truncation=True, max_length=max_length)
-
-    encoded = split.map(encode, batched=True, remove_columns=[c for c in split.column_names if c != "label"])
-    return encoded.rename_column("label", "labels")
+    held_out = set(np.random.default_rng(seed).choice(candidates, size=wanted, replace=False).tolist())
+    return (train.select([i for i in range(len(train)) if i not in held_out]), train.select(sorted(held_out)))
 
 
 def lengths(split: Dataset) -> list[int]:
@@ -110,27 +114,3 @@ def lengths(split: Dataset) -> list[int]:
 def by_length(split: Dataset) -> Dataset:
     """The split in order of token count, so evaluation batches carry little padding."""
     return split.select(np.argsort(lengths(split), kind="stable"))
-
-
-@dataclass
-class GlueData:
-    """Tokenised train and validation splits: what every trial of a search receives."""
-
-    train: Dataset
-    validation: Dataset
-    train_lengths: list[int]  # for length-grouped batches
-
-
-def prepare(task: GlueTask, source: str, tokenizer: PreTrainedTokenizerBase, max_length: int,
-            validation_size: float, split_seed: int, max_train_examples: int | None = None) -> GlueData:
-    train, dev = load_splits(task, source)
-    train, validation = carve_validation(train, dev, validation_size, split_seed)
-    if max_train_examples is not None and max_train_examples < len(train):
-        train = train.shuffle(seed=split_seed).select(range(max_train_examples))
-    train = tokenize(train, tokenizer, max_length)
-    return GlueData(train, by_length(tokenize(validation, tokenizer, max_length)), lengths(train))
-
-
-def prepare_dev(task: GlueTask, source: str, tokenizer: PreTrainedTokenizerBase, max_length: int) -> Dataset:
-    """The GLUE dev set, tokenised: scored once, for the final table only."""
-    return by_length(tokenize(load_splits(task, source)[1], tokenizer, max_length))

@@ -10,7 +10,7 @@ import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from llmm_tune.files import write_text
+from llmm_tune import storage
 
 METADATA_FILE = "llmm_experiment.json"
 PACKAGES = ("llmm-tune", "torch", "transformers", "peft", "bitsandbytes", "ray", "optuna", "datasets")
@@ -43,9 +43,20 @@ def command_line(module: str, args: list[str]) -> str:
     return shlex.join(["python", "-m", module, *args])
 
 
-def write_metadata(experiment_dir: Path, metadata: dict) -> None:
-    write_text(experiment_dir / METADATA_FILE, json.dumps(metadata, indent=2, default=str))
+def fresh_name(storage_dir: Path, base: str) -> str:
+    """`base`, or `base-2`, `base-3`, ... whichever is free: running the same search again starts a new one."""
+    taken = set(storage.list_names(str(storage_dir)))
+    number = 1
+    while (name := base if number == 1 else f"{base}-{number}") in taken:
+        number += 1
+    return name
 
 
-def read_metadata(experiment_dir: Path) -> dict:
-    return json.loads((experiment_dir / METADATA_FILE).read_text())
+def write_metadata(experiment: str, metadata: dict) -> None:
+    storage.write_text(storage.join(str(experiment), METADATA_FILE), json.dumps(metadata, indent=2, default=str))
+
+
+def read_metadata(experiment: str) -> dict | None:
+    """The experiment's metadata, or None when `experiment` is not an llmm-tune experiment."""
+    path = storage.join(str(experiment), METADATA_FILE)
+    return json.loads(storage.read_text(path)) if storage.exists(path) else None

@@ -1,10 +1,10 @@
 """Export searches as reproducible tables: `python -m llmm_tune.export EXPERIMENT [EXPERIMENT ...]`.
 
 Writes to `results/<task>/`: every trial (trials.csv); per (method, quantiser, rank) the trial
-best on validation, scored once on the GLUE dev set (table.md, table.tex, configs/<row>.yaml);
-the best of those (best.yaml); Optuna's optimisation history and parameter importances (PNG).
-Several experiments of one task (say --method llmm and --method loftq) share one table.
-Works on finished and running experiments alike.
+best on validation, scored once on the held-out split (GLUE dev, a test split) by its family
+(table.md, table.tex, configs/<row>.yaml); the best of those (best.yaml); Optuna's optimisation
+history and parameter importances (PNG). Several experiments of one task (say --method llmm and
+--method loftq) share one table. Works on finished and running experiments alike.
 """
 
 from __future__ import annotations
@@ -17,41 +17,43 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from llmm_tune import storage
+from llmm_tune.data import locate_source
 from llmm_tune.errors import UsageError
-from llmm_tune.experiment import METADATA_FILE, read_metadata
+from llmm_tune.experiment import read_metadata
+from llmm_tune.family import load_family
 from llmm_tune.files import atomic_path, write_text
-from llmm_tune.spaces import SETTINGS
 
 TABLE_KEYS = ("method", "quant_method", "bits", "rank", "task", "lr", "scale", "K")
 VERSION_KEYS = ("torch", "transformers", "peft", "bitsandbytes", "ray", "optuna")
 
 
-def collect(experiment: Path) -> tuple[dict, pd.DataFrame, dict]:
+def collect(experiment: str) -> tuple[dict, pd.DataFrame, dict]:
     """(metadata, one row per trial, trial id -> best checkpoint path) of an experiment."""
     from ray.tune import ExperimentAnalysis
 
-    if not (experiment / METADATA_FILE).is_file():
-        raise UsageError(f"{experiment} is not an llmm-tune experiment (no {METADATA_FILE}); pass a folder "
-                         "under the search's --storage")
     meta = read_metadata(experiment)
-    metric = meta["metric"]
-    analysis = ExperimentAnalysis(str(experiment))
+    if meta is None:
+        raise UsageError(f"{experiment} is not an llmm-tune experiment (no llmm_experiment.json); pass a folder "
+                         "under the search's --storage")
+    metric, mode = meta["metric"], meta["mode"]
+    analysis = ExperimentAnalysis(experiment)
     rows, checkpoints = [], {}
     for trial in analysis.trials:
         last = trial.last_result or {}
-        row = {"experiment": experiment.name, "trial": trial.trial_id, "number": _trial_number(trial),
+        row = {"experiment": meta["name"], "trial": trial.trial_id, "number": _trial_number(trial),
                "status": trial.status,
-               **{k: trial.config.get(k) for k in trial.config if k not in ("task", "metric")},
+               **{k: trial.config.get(k) for k in trial.config if k not in ("task", "metric", "mode")},
                "method": meta["method"], "task": meta["task"], "evaluations": last.get("training_iteration", 0),
                f"val_{metric}": last.get(f"best_val_{metric}"), "failure": last.get("failure"),
                "seconds": last.get("time_total_s"), "git_commit": meta["git_commit"],
                "versions": " ".join(f"{k}={meta['versions'].get(k)}" for k in VERSION_KEYS),
                "search_command": meta["command"]}
         rows.append(row)
-        checkpoint = analysis.get_best_checkpoint(trial, metric=f"val_{metric}", mode="max") \
+        checkpoint = analysis.get_best_checkpoint(trial, metric=f"val_{metric}", mode=mode) \
             if trial.last_result else None
         if checkpoint is not None:
-            checkpoints[trial.trial_id] = checkpoint.path
+            checkpoints[trial.trial_id] = checkpoint
     return meta, pd.DataFrame(rows).sort_values("number", kind="stable"), checkpoints
 
 
@@ -61,36 +63,37 @@ def _trial_number(trial) -> int:
     return int(head) if head.isdigit() else -1
 
 
-def score_dev(config: dict, checkpoint: str, meta: dict) -> dict[str, float]:
-    """The GLUE dev metrics of a checkpoint: only the export and `reproduce` ever read dev."""
-    import torch
-
-    from llmm_tune.data import prepare_dev
-    from llmm_tune.models import load_tokenizer
-    from llmm_tune.tasks import get_task
-    from trainables.glue import collator, evaluate, restore_model
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    task = get_task(config["task"])
-    trust = meta.get("trust_remote_code", False)
-    dev = prepare_dev(task, meta["data_source"], load_tokenizer(config["model"], trust_remote_code=trust),
-                      config["max_length"])
-    config = {**config, "trust_remote_code": trust}
-    model = restore_model(config, checkpoint, device)
-    scores = evaluate(model, dev, task, collator(config), config["batch_size"] * 2, device)
-    return {k: v for k, v in scores.items() if k != "loss"}
+def data_source(meta: dict) -> str:
+    """The search's data on this machine: its folder if still there, else as the record names it."""
+    if meta.get("data_dir") and Path(meta["data_dir"]).is_dir():
+        return meta["data_dir"]
+    return str(locate_source(meta["data"]))
 
 
-def reproduction_record(best: pd.Series, meta: dict, dev: dict, path: Path) -> dict:
+def score_held_out(config: dict, checkpoint, meta: dict) -> dict[str, float]:
+    """The held-out metrics of a checkpoint: only the export and `reproduce` ever read that split."""
+    with checkpoint.as_directory() as directory:
+        return load_family(meta["family"]).score({**config, "trust_remote_code": meta.get("trust_remote_code", False)},
+                                                  directory, data_source(meta))
+
+
+def trial_config(best: pd.Series, meta: dict) -> dict:
+    settings = load_family(meta["family"]).SETTINGS
+    return {k: _plain(best[k]) for k in settings if k in best} | {
+        "task": meta["task"], "metric": meta["metric"], "mode": meta["mode"]}
+
+
+def reproduction_record(best: pd.Series, meta: dict, held_out: dict, path: Path) -> dict:
     """Everything needed to re-train `best` and check its numbers, as written to `path`."""
-    config = {k: _plain(best[k]) for k in SETTINGS if k in best} | {"task": meta["task"], "metric": meta["metric"]}
+    config = trial_config(best, meta)
+    split = load_family(meta["family"]).HELD_OUT
     return {
-        "task": meta["task"], "method": meta["method"], "experiment": best["experiment"], "trial": best["trial"],
-        "config": config,
-        "validation": {"metric": meta["metric"], "value": _plain(best[f"val_{meta['metric']}"]),
-                       "split": f"{config['validation_size']} of train, seed {meta['seed']}, no dev texts"},
-        "dev": dev,
-        "data": {"source": meta["data_source"], "validation_seed": meta["seed"]},
+        "family": meta["family"], "task": meta["task"], "method": meta["method"], "experiment": best["experiment"],
+        "trial": best["trial"], "config": config,
+        "validation": {"metric": meta["metric"], "mode": meta["mode"], "value": _plain(best[f"val_{meta['metric']}"]),
+                       "split": f"{config['validation_size']} of train, seed {meta['seed']}, nothing of {split}"},
+        "held_out": {"split": split, "scores": held_out},
+        "data": {"source": meta["data"], "validation_seed": meta["seed"]},
         "seed": config["seed"], "trust_remote_code": meta.get("trust_remote_code", False),
         "git_commit": meta["git_commit"], "versions": meta["versions"],
         "search_command": meta["command"],
@@ -138,9 +141,10 @@ def plots(trials: pd.DataFrame, metas: list[dict], out: Path) -> list[str]:
     from llmm_tune.spaces import load_spec
 
     meta = metas[0]
-    spec = load_spec(meta["space_file"], meta["profile"], meta["method"], meta["num_samples"])
+    spec = load_spec(meta["space"], meta["profile"], meta["method"], meta["num_samples"], text=meta["space_yaml"])
     distributions = spec.distributions()
-    study = optuna.create_study(direction="maximize", study_name=f"{meta['task']} {meta['method']}")
+    study = optuna.create_study(direction="maximize" if meta["mode"] == "max" else "minimize",
+                                study_name=f"{meta['task']} {meta['method']}")
     value_column = f"val_{meta['metric']}"
     for _, row in trials[trials["experiment"] == trials["experiment"].iloc[0]].iterrows():
         if pd.isna(row[value_column]):
@@ -150,7 +154,7 @@ def plots(trials: pd.DataFrame, metas: list[dict], out: Path) -> list[str]:
                                                   value=float(row[value_column])))
     written = []
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        warnings.simplefilter("ignore")  # experimental-API and few-trials notices: the plots are still right
         for name, draw in (("history.png", optuna_plots.plot_optimization_history),
                            ("importance.png", optuna_plots.plot_param_importances)):
             try:
@@ -165,57 +169,61 @@ def plots(trials: pd.DataFrame, metas: list[dict], out: Path) -> list[str]:
     return written
 
 
-def export(experiments: list[Path], results: Path) -> Path:
-    from llmm_tune.progress import quiet_logs
+def export(experiments: list[str], results: Path) -> Path:
+    from llmm_tune.console import quiet_logs
 
     quiet_logs()
-    collected = [collect(Path(e).resolve()) for e in experiments]
+    collected = [collect(storage.resolve(e)) for e in experiments]
     metas = [m for m, _, _ in collected]
-    tasks = {m["task"] for m in metas}
+    tasks = {(m["family"], m["task"], m["metric"]) for m in metas}
     if len(tasks) != 1:
-        raise UsageError(f"experiments mix tasks {sorted(tasks)}; export one task at a time")
-    task, metric = metas[0]["task"], metas[0]["metric"]
+        raise UsageError(f"experiments mix tasks or selection metrics {sorted(tasks)}; export one at a time")
+    task, metric, mode = metas[0]["task"], metas[0]["metric"], metas[0]["mode"]
+    split = load_family(metas[0]["family"]).HELD_OUT
     out = results / task
     trials = pd.concat([df for _, df, _ in collected], ignore_index=True)
     with atomic_path(out / "trials.csv") as tmp:
         trials.to_csv(tmp, index=False)
 
     value = f"val_{metric}"
-    chosen = []  # (validation score, best trial row, metadata, dev scores) per table row
+    sign = 1 if mode == "max" else -1
+    chosen = []  # (validation score, best trial row, metadata, held-out scores) per table row
     for meta, df, checkpoints in collected:
         scored = df[df[value].notna() & df["trial"].isin(checkpoints)]
         for _, group in scored.fillna({"bits": -1, "quant_method": "-"}).groupby(["quant_method", "bits", "rank"]):
-            best = df.loc[group[value].idxmax()]
-            config = {k: _plain(best[k]) for k in SETTINGS if k in best} | {"task": task, "metric": metric}
-            chosen.append((best[value], best, meta, score_dev(config, checkpoints[best["trial"]], meta)))
+            best = df.loc[(sign * group[value]).idxmax()]
+            held_out = score_held_out(trial_config(best, meta), checkpoints[best["trial"]], meta)
+            chosen.append((best[value], best, meta, held_out))
     if not chosen:
         raise UsageError(f"no trial of {', '.join(str(e) for e in experiments)} has a checkpoint yet; "
                          "export again once trials have reported")
-    chosen.sort(key=lambda item: -item[0])
+    chosen.sort(key=lambda item: -sign * item[0])
     rows, records = [], []
-    for _, best, meta, dev in chosen:
+    for _, best, meta, held_out in chosen:
         row_id = f"{meta['method']}-{best['quant_method'] or 'fp'}-{best['bits'] or 'fp'}-r{best['rank']}"
-        record = reproduction_record(best, meta, dev, out / "configs" / f"{row_id}.yaml")
+        record = reproduction_record(best, meta, held_out, out / "configs" / f"{row_id}.yaml")
         write_text(out / "configs" / f"{row_id}.yaml", yaml.safe_dump(record, sort_keys=False))
         records.append(record)
+        first = [metric] if metric in held_out else []
         rows.append({**{k: _plain(best.get(k)) for k in TABLE_KEYS}, f"val {metric}": best[value],
-                     f"dev {metric}": dev[metric], **{f"dev {k}": v for k, v in dev.items() if k != metric},
+                     **{f"{split} {k}": held_out[k] for k in first + [k for k in held_out if k not in first]},
                      "seed": best["seed"], "trial": best["trial"],
                      "commit": meta["git_commit"][:12] + ("-dirty" if meta["git_commit"].endswith("-dirty") else ""),
                      "reproduce": record["reproduce"]})
-    _, best, meta, dev = chosen[0]
-    write_text(out / "best.yaml", yaml.safe_dump(reproduction_record(best, meta, dev, out / "best.yaml"),
+    _, best, meta, held_out = chosen[0]
+    write_text(out / "best.yaml", yaml.safe_dump(reproduction_record(best, meta, held_out, out / "best.yaml"),
                                                  sort_keys=False))
     table = pd.DataFrame(rows)
     shown = table.assign(lr=table["lr"].map("{:.1e}".format), scale=table["scale"].map(_scale),
-                         **{c: table[c].map("{:.4f}".format) for c in table if c.startswith(("val ", "dev "))})
+                         **{c: table[c].map("{:.4f}".format) for c in table if c.startswith(("val ", f"{split} "))})
     versions = " ".join(f"{k}={metas[0]['versions'].get(k)}" for k in VERSION_KEYS)
+    direction = "higher" if mode == "max" else "lower"
     write_text(out / "table.md", f"# {task}: best configuration per method, quantiser and rank\n\n"
-               f"Selected on validation ({value}, carved from train); dev scored once, here.\n\n"
-               + shown.to_markdown(index=False) + f"\n\nVersions: {versions}\n")
+               f"Selected on validation ({value}, {direction} is better, carved from train); {split} scored once, "
+               f"here.\n\n" + shown.to_markdown(index=False) + f"\n\nVersions: {versions}\n")
     write_text(out / "table.tex", latex(shown.drop(columns=["reproduce"]), records,
                                         f"{task}: best validation configuration per method, quantiser and "
-                                        f"rank; dev scored once. {versions}"))
+                                        f"rank; {split} scored once. {versions}"))
     written = plots(trials, metas, out)
     print(f"exported {len(trials)} trials of {len(experiments)} experiment(s) to {out}: trials.csv, table.md, "
           f"table.tex, best.yaml, configs/, {', '.join(written)}")
@@ -234,7 +242,7 @@ def main() -> None:
     parser.add_argument("--results", default="results", help="output root (default: results)")
     args = parser.parse_args()
     try:
-        export([Path(e) for e in args.experiments], Path(args.results))
+        export(args.experiments, Path(args.results))
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -2,7 +2,8 @@
 
 Ray Tune runs the trials (GPU fractions, clusters, checkpoints), Optuna's multivariate TPE picks
 them (published configurations first), ASHA stops weak ones early; the finished search is exported
-to `results/<task>/` (see `llmm_tune.export`). Every input is checked before Ray starts.
+to `results/<task>/` (see `llmm_tune.export`). Any task family works the same way: the search space
+names it. Every input is checked before Ray starts.
 """
 
 from __future__ import annotations
@@ -15,16 +16,18 @@ from pathlib import Path
 
 import torch
 
+from llmm_tune import storage
+from llmm_tune.data import BAD_ROW_POLICIES, portable_source, resolve_data_dir
 from llmm_tune.errors import UsageError
 from llmm_tune.experiment import (
-    METADATA_FILE,
     command_line,
+    fresh_name,
     git_commit,
     package_versions,
     read_metadata,
     write_metadata,
 )
-from llmm_tune.spaces import METHOD_CHOICES, PROFILES, SearchSpec, load_spec
+from llmm_tune.spaces import METHOD_CHOICES, PROFILES, SearchSpec, load_spec, space_name
 
 DEFAULT_STORAGE = "ray_results"
 
@@ -32,9 +35,9 @@ DEFAULT_STORAGE = "ray_results"
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m llmm_tune.search", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("task", help="a search space in search_spaces/ (glue_cola, ...) or a YAML path")
+    parser.add_argument("task", help="a search space in search_spaces/ (glue_cola, gsm8k, ...) or a YAML path")
     parser.add_argument("--profile", choices=("auto", *PROFILES), default="auto",
-                        help="paper: the published model and budget; cpu: packaged MiniLM, short runs; "
+                        help="paper: the published model and budget; cpu: packaged small models, short runs; "
                              "auto (default): paper if a GPU is present, else cpu")
     parser.add_argument("--method", choices=METHOD_CHOICES, default="llmm",
                         help="tune Llmm or one of its baselines with the same space and budget")
@@ -46,11 +49,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="GPUs per trial; fractions such as 0.25 pack several trials per GPU")
     parser.add_argument("--address", help="an existing Ray cluster (e.g. auto, or ray://host:10001)")
     parser.add_argument("--storage", default=DEFAULT_STORAGE, help="where experiments are kept")
-    parser.add_argument("--name", help="experiment name (default: <task>-<method>-<profile>)")
+    parser.add_argument("--name", help="experiment name (default: <task>-<method>-<profile>, numbered if taken)")
     parser.add_argument("--resume", action="store_true", help="continue the experiment --name")
     parser.add_argument("--seed", type=int, help="seed of the searcher and of every trial")
-    parser.add_argument("--data-dir", help="GLUE data folder, when the hub is unreachable "
-                                           "(default: $LLMM_DATA_DIR)")
+    parser.add_argument("--data-dir", help="data folder, when the hub is unreachable (default: $LLMM_DATA_DIR)")
+    parser.add_argument("--on-bad-row", choices=BAD_ROW_POLICIES,
+                        help="a data row without the expected fields: stop naming it (error, default) or skip it")
     parser.add_argument("--results", default="results", help="where the export writes tables")
     parser.add_argument("--no-export", action="store_true", help="skip the export at the end")
     parser.add_argument("--trust-remote-code", action="store_true",
@@ -90,7 +94,7 @@ def writable_dir(path: Path, flag: str) -> Path:
     return path
 
 
-def plan_resources(args: argparse.Namespace, profile: str) -> tuple[float, float, int]:
+def plan_resources(args: argparse.Namespace) -> tuple[float, float, int]:
     """(cpus per trial, gpus per trial, trials at once) for a local run, checked against this machine."""
     cpus = os.cpu_count() or 1
     gpus_here = torch.cuda.device_count()
@@ -120,127 +124,135 @@ def check_cluster(cpus: float, gpus: float) -> None:
 
 
 def start_ray(address: str | None) -> None:
-    """Join a cluster, or start a private local instance: loopback only, no dashboard."""
-    # A trial that ends itself (divergence, out of memory) reports its reason without metrics.
-    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
-    # Tune snapshots the experiment at every checkpoint (num_to_keep=1): that is what lets a killed
-    # search resume from its latest checkpoints, so its warning about the snapshot rate is noise here.
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    """Join a cluster, or start a private local instance: loopback only, no dashboard. Workers' output
+    stays in their trials' log files, not on this console."""
     import ray
 
     if address:
-        ray.init(address=address, logging_level="ERROR")
+        ray.init(address=address, logging_level="ERROR", log_to_driver=False)
     else:
-        ray.init(include_dashboard=False, logging_level="ERROR", _node_ip_address="127.0.0.1")
+        ray.init(include_dashboard=False, logging_level="ERROR", log_to_driver=False, _node_ip_address="127.0.0.1")
 
 
-def build_tuner(spec: SearchSpec, metadata: dict, data, experiment: Path, resume: bool, trainable=None):
-    """The Tuner of a new experiment, or of `experiment` resumed; `trainable` defaults to the GLUE one."""
+def build_tuner(spec: SearchSpec, metadata: dict, data, experiment: str, resume: bool):
+    """The Tuner of a new experiment, or of `experiment` resumed."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import ConcurrencyLimiter
 
-    from llmm_tune.progress import Progress
+    from llmm_tune.console import Progress
     from llmm_tune.searcher import make_searcher
-    from trainables.glue import glue_trainable
+    from llmm_tune.trial import trainable
 
     resources = metadata["resources"]
-    trainable = tune.with_resources(tune.with_parameters(trainable or glue_trainable, data=data),
-                                    {"cpu": resources["cpus_per_trial"], "gpu": resources["gpus_per_trial"]})
+    trainable = tune.with_resources(
+        tune.with_parameters(trainable, family=spec.family, data=data, experiment=experiment),
+        {"cpu": resources["cpus_per_trial"], "gpu": resources["gpus_per_trial"]})
     if resume:
-        return tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True, resume_errored=True)
+        return tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True)
     metric = f"best_val_{spec.metric}"
-    searcher = make_searcher(spec.distributions(), metric, spec.warm_start, spec.num_samples, spec.fixed["seed"])
+    searcher = make_searcher(spec.distributions(), metric, spec.mode, spec.warm_start, spec.num_samples,
+                             spec.fixed["seed"])
+    time_attr, budget = spec.recipe.clock(spec.fixed)
     stopping = spec.early_stopping
-    evaluations = spec.fixed["epochs"] * spec.fixed["evals_per_epoch"]
-    # rungs in epochs (grace_period 1: the first cut after one epoch), whatever evals_per_epoch is
-    scheduler = ASHAScheduler(time_attr="epoch", metric=stopping["metric"], mode=stopping["mode"],
-                              max_t=spec.fixed["epochs"], grace_period=stopping["grace_period"],
-                              reduction_factor=stopping["reduction_factor"])
+    scheduler = ASHAScheduler(time_attr=time_attr, metric=stopping["metric"], mode=stopping["mode"], max_t=budget,
+                              grace_period=stopping["grace_period"], reduction_factor=stopping["reduction_factor"])
+    parent, name = experiment.rstrip("/").rsplit("/", 1) if storage.is_uri(experiment) else \
+        (str(Path(experiment).parent), Path(experiment).name)
     return tune.Tuner(
         trainable,
-        param_space={**spec.fixed, "task": spec.task, "metric": spec.metric,
+        param_space={**spec.fixed, "task": spec.task, "metric": spec.metric, "mode": spec.mode,
                      "trust_remote_code": metadata["trust_remote_code"]},
         tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, resources["max_concurrent"]),
-                                    scheduler=scheduler, num_samples=spec.num_samples, reuse_actors=True),
+                                    scheduler=scheduler, num_samples=spec.num_samples, reuse_actors=True,
+                                    trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}"),
         run_config=tune.RunConfig(
-            name=experiment.name, storage_path=str(experiment.parent), verbose=0,
-            callbacks=[Progress(metric, spec.num_samples, evaluations)],
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_order="max",
+            name=name, storage_path=parent, verbose=0, log_to_file=True,
+            callbacks=[Progress(spec.metric, spec.mode, spec.num_samples, (time_attr, budget))],
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_order=spec.mode,
                                                     checkpoint_score_attribute=f"val_{spec.metric}"),
             failure_config=tune.FailureConfig(max_failures=2),
         ),
     )
 
 
-def prepare_data(spec: SearchSpec, source: str, trust_remote_code: bool):
-    from llmm_tune.data import prepare
-    from llmm_tune.models import load_tokenizer
-    from llmm_tune.tasks import get_task
-
-    fixed = spec.fixed
-    tokenizer = load_tokenizer(fixed["model"], trust_remote_code=trust_remote_code)
-    return prepare(get_task(spec.task), source, tokenizer, fixed["max_length"], fixed["validation_size"],
-                   split_seed=fixed["seed"], max_train_examples=fixed["max_train_examples"])
-
-
-def run(argv: list[str]) -> Path:
-    args = parse_args(argv)
-    from llmm_tune.progress import quiet_logs
-
-    quiet_logs()
-    from llmm_tune.data import check_source, resolve_data_dir
-    from llmm_tune.tasks import get_task
-
-    storage = writable_dir(Path(args.storage), "--storage")
-    if args.resume:
-        if not args.name:
-            raise UsageError("--resume needs --name of the experiment to continue (see --storage)")
-        experiment = storage / args.name
-        if not (experiment / METADATA_FILE).is_file():
-            raise UsageError(f"no experiment {args.name!r} under {storage} to resume; check --name and "
-                             "--storage, or drop --resume to start it")
-        metadata = read_metadata(experiment)
-        spec = load_spec(metadata["space_file"], metadata["profile"], metadata["method"],
-                         metadata["num_samples"])
-        spec.fixed["seed"] = metadata["seed"]
+def new_experiment(args: argparse.Namespace, argv: list[str], storage_dir: Path) -> tuple[SearchSpec, str, dict]:
+    profile = choose_profile(args.profile)
+    spec = load_spec(args.task, profile, args.method, args.num_samples)
+    if args.seed is not None:
+        spec.fixed["seed"] = args.seed
+    if args.on_bad_row:
+        spec.fixed["on_bad_row"] = args.on_bad_row
+    if args.name:
+        if (storage_dir / args.name).exists():
+            raise UsageError(f"experiment {args.name!r} already exists under {storage_dir}; pass --resume to "
+                             "continue it or another --name")
+        name = args.name
     else:
-        profile = choose_profile(args.profile)
-        spec = load_spec(args.task, profile, args.method, args.num_samples)
-        if args.seed is not None:
-            spec.fixed["seed"] = args.seed
-        name = args.name or f"{Path(args.task).stem}-{args.method}-{profile}"
-        experiment = storage / name
-        if experiment.exists():
-            raise UsageError(f"experiment {name!r} already exists under {storage}; pass --resume to continue "
-                             "it or --name to start a new one")
-        cpus, gpus, concurrent = plan_resources(args, profile)
-        metadata = {
-            "task": spec.task, "space_file": str(spec.path), "profile": profile, "method": args.method,
-            "metric": spec.metric, "seed": spec.fixed["seed"], "num_samples": spec.num_samples,
-            "resources": {"cpus_per_trial": cpus, "gpus_per_trial": gpus, "max_concurrent": concurrent},
-            "trust_remote_code": args.trust_remote_code,
-            "command": command_line("llmm_tune.search", argv), "git_commit": git_commit(),
-            "versions": package_versions(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-        }
+        name = fresh_name(storage_dir, f"{Path(args.task).stem}-{args.method}-{profile}")
+    cpus, gpus, concurrent = plan_resources(args)
+    metadata = {
+        "name": name, "family": spec.family, "task": spec.task, "space": space_name(spec.path), "space_yaml": spec.text,
+        "profile": profile, "method": args.method, "metric": spec.metric, "mode": spec.mode,
+        "seed": spec.fixed["seed"], "num_samples": spec.num_samples, "on_bad_row": spec.fixed["on_bad_row"],
+        "resources": {"cpus_per_trial": cpus, "gpus_per_trial": gpus, "max_concurrent": concurrent},
+        "trust_remote_code": args.trust_remote_code,
+        "command": command_line("llmm_tune.search", [*argv, *([] if args.name else ["--name", name])]),
+        "git_commit": git_commit(), "versions": package_versions(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    return spec, str(storage_dir / name), metadata
+
+
+def resumed_experiment(args: argparse.Namespace, storage_dir: Path) -> tuple[SearchSpec, str, dict]:
+    if not args.name:
+        raise UsageError("--resume needs --name of the experiment to continue (see --storage)")
+    experiment = str(storage_dir / args.name)
+    metadata = read_metadata(experiment)
+    if metadata is None:
+        raise UsageError(f"no experiment {args.name!r} under {storage_dir} to resume; check --name and --storage, "
+                         "or drop --resume to start it")
+    spec = load_spec(metadata["space"], metadata["profile"], metadata["method"], metadata["num_samples"],
+                     text=metadata["space_yaml"])
+    spec.fixed.update(seed=metadata["seed"], on_bad_row=metadata["on_bad_row"])
+    return spec, experiment, metadata
+
+
+def run(argv: list[str]) -> str:
+    args = parse_args(argv)
+    from llmm_tune.console import log_to_file, quiet_logs, quiet_ray
+
+    quiet_ray()
+    quiet_logs()
+    storage_dir = writable_dir(Path(args.storage), "--storage")
+    spec, experiment, metadata = (resumed_experiment(args, storage_dir) if args.resume
+                                  else new_experiment(args, argv, storage_dir))
+    recipe = spec.recipe
     data_dir = resolve_data_dir(args.data_dir or metadata.get("data_dir"))
-    metadata["data_source"] = check_source(get_task(spec.task), data_dir)
-    metadata["data_dir"] = str(data_dir) if data_dir else None
+    source = recipe.check_data(spec.task, data_dir)
+    metadata["data_dir"] = str(data_dir) if data_dir else None  # this machine's, to resume here
+    metadata["data"] = portable_source(source, args.data_dir)  # what records carry
     results = writable_dir(Path(args.results), "--results") if not args.no_export else None
     for note in spec.adjustments:
         print(note)
 
-    data = prepare_data(spec, metadata["data_source"], metadata["trust_remote_code"])  # bad rows fail here
-    start_ray(args.address)
+    data = recipe.prepare({**spec.fixed, "task": spec.task, "trust_remote_code": metadata["trust_remote_code"]},
+                          source)  # bad rows and models fail here, before Ray
     resources = metadata["resources"]
+    Path(experiment).mkdir(parents=True, exist_ok=True)
+    log_to_file(Path(experiment) / "llmm_search.log")
+    start_ray(args.address)
     if args.address:
         check_cluster(resources["cpus_per_trial"], resources["gpus_per_trial"])
-    experiment.mkdir(parents=True, exist_ok=True)
     write_metadata(experiment, metadata)
+    sizes = " | ".join(f"{k} {len(v)}" for k, v in vars(data).items() if hasattr(v, "__len__") and
+                       k in ("train", "validation"))
     print(f"experiment {experiment} | {spec.task} {metadata['method']} {metadata['profile']} | "
           f"{spec.num_samples} trials, {resources['max_concurrent']} at once, "
-          f"{resources['cpus_per_trial']:g} CPU + {resources['gpus_per_trial']:g} GPU each | "
-          f"train {len(data.train)}, validation {len(data.validation)} | data: {metadata['data_source']}")
+          f"{resources['cpus_per_trial']:g} CPU + {resources['gpus_per_trial']:g} GPU each | {sizes} | "
+          f"data: {source}")
+    print(f"logs: {Path(experiment) / 'llmm_search.log'} and each trial's folder; "
+          f"resume with: python -m llmm_tune.search {args.task} --resume --name {Path(experiment).name}"
+          + (f" --storage {args.storage}" if args.storage != DEFAULT_STORAGE else ""))
     build_tuner(spec, metadata, data, experiment, args.resume).fit()
     if results is not None:
         from llmm_tune.export import export

@@ -1,7 +1,7 @@
 """Optuna's multivariate TPE behind Ray Tune, told about trials that failed for a reason.
 
 A trial that diverges or runs out of memory ends itself and reports `failure` (see
-`trainables.glue.glue_trainable`). Ray's `OptunaSearch` would tell Optuna such a trial was
+`llmm_tune.trial.trainable`). Ray's `OptunaSearch` would tell Optuna such a trial was
 pruned (no metric) or, given a NaN, drop the report with a warning and leave the Optuna trial
 running forever. Here it is marked infeasible through an Optuna constraint instead: TPE then
 ranks it below every feasible trial and steers away from that region, and `study.best_trial`
@@ -15,6 +15,7 @@ from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
 from llmm_tune.errors import FAILURE_KEY
+from llmm_tune.family import worst
 
 
 class FailureAwareOptunaSearch(OptunaSearch):
@@ -34,14 +35,13 @@ class FailureAwareOptunaSearch(OptunaSearch):
         ot_trial.set_user_attr(FAILURE_KEY, failure)
         ot_trial.set_constraint(FAILURE_KEY, 1.0)
         # infeasible trials are ranked by their violation, never by value: report the worst value
-        self._ot_study.tell(ot_trial, float("-inf") if self._mode == "max" else float("inf"),
-                            state=TrialState.COMPLETE)
+        self._ot_study.tell(ot_trial, worst(self._mode), state=TrialState.COMPLETE)
         self._completed_trials.add(trial_id)
 
 
-def make_searcher(distributions: dict, metric: str, warm_start: list[dict], num_samples: int,
+def make_searcher(distributions: dict, metric: str, mode: str, warm_start: list[dict], num_samples: int,
                   seed: int) -> FailureAwareOptunaSearch:
     """Multivariate TPE, the warm-start points first; random start-up for a quarter of the budget."""
     sampler = TPESampler(multivariate=True, seed=seed, n_startup_trials=min(10, max(2, num_samples // 4)))
-    return FailureAwareOptunaSearch(distributions, metric=metric, mode="max", sampler=sampler,
+    return FailureAwareOptunaSearch(distributions, metric=metric, mode=mode, sampler=sampler,
                                     points_to_evaluate=warm_start or None)

@@ -43,7 +43,7 @@ def tiny_space(out: Path, model: Path, name: str = "tiny_cola", searched: dict |
                warm_start: list[dict] | None = None, **fixed) -> Path:
     """A CoLA search space small enough for tests, with one warm-start point unless given others."""
     space = {
-        "task": "cola", "metric": "mcc",
+        "family": "glue", "task": "cola", "metric": "mcc",
         "space": {"lr": {"loguniform": [1e-3, 1e-2]}, "scale": {"loguniform": [10, 1000]},
                   "rank": {"choice": [4, 8]}, "K": {"choice": [1, 2]}, "bits": {"choice": [4]},
                   "quant_method": {"choice": ["normal_float", "uniform"]}},

@@ -9,10 +9,11 @@ import json
 import pytest
 import yaml
 
-from llmm_tune.data import carve_validation, load_splits
+from llmm_tune.data import carve_validation
 from llmm_tune.spaces import load_spec
-from llmm_tune.tasks import get_task
 from tests.search_fixtures import SHARED_DATA, run_module, subset_glue, tiny_bert, tiny_space
+from trainables.glue import _texts
+from trainables.glue_data import TASKS, load_splits
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +59,8 @@ def test_export_records_everything_needed_to_reproduce(searched):
     top_value = max(float(r["val_mcc"]) for r in rows)
     top = next(r for r in rows if r["trial"] == best["trial"])
     assert float(top["val_mcc"]) == top_value == pytest.approx(best["validation"]["value"])
-    assert set(best["dev"]) == {"mcc"} and -1 <= best["dev"]["mcc"] <= 1
+    assert best["held_out"]["split"] == "dev" and set(best["held_out"]["scores"]) == {"mcc"}
+    assert -1 <= best["held_out"]["scores"]["mcc"] <= 1
     assert best["config"]["seed"] == 0 and best["config"]["lr"] == pytest.approx(float(top["lr"]))
     assert best["versions"]["torch"] and best["git_commit"] and "llmm_tune.search" in best["search_command"]
     assert best["reproduce"].startswith("python -m llmm_tune.reproduce")
@@ -69,7 +71,7 @@ def test_export_records_everything_needed_to_reproduce(searched):
     tex = (searched["out"] / "table.tex").read_text()
     assert tex.count("% reproduce: python -m llmm_tune.reproduce") == table.count("llmm_tune.reproduce")
     meta = json.loads((searched["experiment"] / "llmm_experiment.json").read_text())
-    assert meta["resources"]["cpus_per_trial"] == 1 and meta["data_source"] == str(searched["data"])
+    assert meta["resources"]["cpus_per_trial"] == 1 and meta["data_dir"] == str(searched["data"])
 
 
 def test_reproduce_same_seed_gives_the_recorded_validation_score(searched):
@@ -79,7 +81,7 @@ def test_reproduce_same_seed_gives_the_recorded_validation_score(searched):
     report = yaml.safe_load(best.with_name("best.reproduced.yaml").read_text())
     recorded = yaml.safe_load(best.read_text())
     assert report["runs"][0]["val_mcc"] == pytest.approx(recorded["validation"]["value"], abs=1e-6)
-    assert report["runs"][0]["dev_mcc"] == pytest.approx(recorded["dev"]["mcc"], abs=1e-6)
+    assert report["runs"][0]["dev_mcc"] == pytest.approx(recorded["held_out"]["scores"]["mcc"], abs=1e-6)
 
 
 def test_existing_experiment_is_not_overwritten(searched):
@@ -91,16 +93,18 @@ def test_existing_experiment_is_not_overwritten(searched):
 @pytest.mark.skipif(not (SHARED_DATA / "glue" / "CoLA").is_dir(), reason="needs ../shared/data")
 @pytest.mark.parametrize("task", ["cola", "stsb"])
 def test_validation_split_never_overlaps_dev_and_is_seeded(task):
-    train, dev = load_splits(get_task(task), str(SHARED_DATA))
-    def examples(split) -> list[tuple]:
-        return list(zip(*(split[c] for c in ("text_a", "text_b") if c in split.column_names)))
+    train, dev = load_splits(TASKS[task].details, str(SHARED_DATA))
+    examples = _texts
+
+    def carve(seed: int):
+        return carve_validation(train, examples(train), set(examples(dev)), 0.1, seed=seed)
 
     assert set(examples(train)) & set(examples(dev))  # the data does repeat dev examples in train
-    kept, validation = carve_validation(train, dev, 0.1, seed=3)
+    kept, validation = carve(3)
     assert not set(examples(validation)) & set(examples(dev))
     assert len(kept) + len(validation) == len(train) and len(validation) == round(0.1 * len(train))
-    assert examples(carve_validation(train, dev, 0.1, seed=3)[1]) == examples(validation)
-    assert examples(carve_validation(train, dev, 0.1, seed=4)[1]) != examples(validation)
+    assert examples(carve(3)[1]) == examples(validation)
+    assert examples(carve(4)[1]) != examples(validation)
 
 
 def test_baselines_share_the_space_and_fix_what_they_do_not_use():

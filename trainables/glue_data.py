@@ -1,4 +1,5 @@
-"""GLUE tasks: where their data lives (hub and the GLUE folder layout) and how they are scored."""
+"""GLUE tasks: where their data lives (hub and the GLUE folder layout), how rows are read and checked,
+and how predictions are scored."""
 
 from __future__ import annotations
 
@@ -9,20 +10,21 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from datasets import Dataset, load_dataset
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
+from llmm_tune.data import BadRows
 from llmm_tune.errors import UsageError
+from llmm_tune.family import Task
+
+HUB_DATASET = "nyu-mll/glue"
 
 
 # Scored with scikit-learn and SciPy, the functions the `evaluate` library's GLUE metric calls,
 # because `evaluate.load("glue", ...)` fetches that metric from the hub at run time.
 def _classification(*names: str) -> Callable[[np.ndarray, np.ndarray], dict[str, float]]:
-    scorers = {
-        "mcc": lambda y, p: matthews_corrcoef(y, p),
-        "accuracy": lambda y, p: accuracy_score(y, p),
-        "f1": lambda y, p: f1_score(y, p),
-    }
+    scorers = {"mcc": matthews_corrcoef, "accuracy": accuracy_score, "f1": f1_score}
 
     def score(labels: np.ndarray, logits: np.ndarray) -> dict[str, float]:
         predictions = logits.argmax(axis=-1)
@@ -55,43 +57,57 @@ class GlueTask:
     name: str
     hub_columns: tuple[str, ...]  # text columns of nyu-mll/glue
     num_labels: int  # 1: regression
-    metric: str  # default selection metric
     score: Callable[[np.ndarray, np.ndarray], dict[str, float]]
     local: LocalFiles
     hub_dev: str = "validation"
 
 
+def _task(glue: GlueTask, *metrics: str) -> Task:
+    """Every GLUE metric is better higher; the validation loss lower."""
+    return Task(glue.name, {**{m: "max" for m in metrics}, "loss": "min"}, metrics[0], glue)
+
+
 _NLI = {"entailment": 0, "not_entailment": 1}
 TASKS = {t.name: t for t in [
-    GlueTask("cola", ("sentence",), 2, "mcc", _classification("mcc"),
-             LocalFiles("CoLA", "train.tsv", "dev.tsv", (3, 1), fields=4)),
-    GlueTask("mrpc", ("sentence1", "sentence2"), 2, "accuracy", _classification("accuracy", "f1"),
-             LocalFiles("MRPC", "train.tsv", "dev.tsv", ("#1 String", "#2 String", "Quality"),
-                        encoding="utf-8-sig")),
-    GlueTask("stsb", ("sentence1", "sentence2"), 1, "pearson", _regression,
-             LocalFiles("STS-B", "train.tsv", "dev.tsv", ("sentence1", "sentence2", "score"))),
-    GlueTask("sst2", ("sentence",), 2, "accuracy", _classification("accuracy"),
-             LocalFiles("SST-2", "train.tsv", "dev.tsv", ("sentence", "label"))),
-    GlueTask("rte", ("sentence1", "sentence2"), 2, "accuracy", _classification("accuracy"),
-             LocalFiles("RTE", "train.parquet", "validation.parquet", ("sentence1", "sentence2", "label"))),
-    GlueTask("qnli", ("question", "sentence"), 2, "accuracy", _classification("accuracy"),
-             LocalFiles("QNLI", "train.tsv", "dev.tsv", ("question", "sentence", "label"), label_map=_NLI)),
-    GlueTask("mnli", ("premise", "hypothesis"), 3, "accuracy", _classification("accuracy"),
-             LocalFiles("MNLI", "train.tsv", "dev_matched.tsv", ("sentence1", "sentence2", "gold_label"),
-                        label_map={"entailment": 0, "neutral": 1, "contradiction": 2}),
-             hub_dev="validation_matched"),
-    GlueTask("qqp", ("question1", "question2"), 2, "accuracy", _classification("accuracy", "f1"),
-             LocalFiles("QQP", "train.tsv", "dev.tsv", ("question1", "question2", "is_duplicate"))),
+    _task(GlueTask("cola", ("sentence",), 2, _classification("mcc"),
+                   LocalFiles("CoLA", "train.tsv", "dev.tsv", (3, 1), fields=4)), "mcc"),
+    _task(GlueTask("mrpc", ("sentence1", "sentence2"), 2, _classification("accuracy", "f1"),
+                   LocalFiles("MRPC", "train.tsv", "dev.tsv", ("#1 String", "#2 String", "Quality"),
+                              encoding="utf-8-sig")), "accuracy", "f1"),
+    _task(GlueTask("stsb", ("sentence1", "sentence2"), 1, _regression,
+                   LocalFiles("STS-B", "train.tsv", "dev.tsv", ("sentence1", "sentence2", "score"))),
+          "pearson", "spearman"),
+    _task(GlueTask("sst2", ("sentence",), 2, _classification("accuracy"),
+                   LocalFiles("SST-2", "train.tsv", "dev.tsv", ("sentence", "label"))), "accuracy"),
+    _task(GlueTask("rte", ("sentence1", "sentence2"), 2, _classification("accuracy"),
+                   LocalFiles("RTE", "train.parquet", "validation.parquet", ("sentence1", "sentence2", "label"))),
+          "accuracy"),
+    _task(GlueTask("qnli", ("question", "sentence"), 2, _classification("accuracy"),
+                   LocalFiles("QNLI", "train.tsv", "dev.tsv", ("question", "sentence", "label"), label_map=_NLI)),
+          "accuracy"),
+    _task(GlueTask("mnli", ("premise", "hypothesis"), 3, _classification("accuracy"),
+                   LocalFiles("MNLI", "train.tsv", "dev_matched.tsv", ("sentence1", "sentence2", "gold_label"),
+                              label_map={"entailment": 0, "neutral": 1, "contradiction": 2}),
+                   hub_dev="validation_matched"), "accuracy"),
+    _task(GlueTask("qqp", ("question1", "question2"), 2, _classification("accuracy", "f1"),
+                   LocalFiles("QQP", "train.tsv", "dev.tsv", ("question1", "question2", "is_duplicate"))),
+          "accuracy", "f1"),
 ]}
 
 
-def get_task(name: str) -> GlueTask:
-    if name not in TASKS:
-        raise UsageError(f"unknown GLUE task {name!r}; choose one of {', '.join(TASKS)}")
-    return TASKS[name]
+def load_splits(task: GlueTask, source: str, on_bad_row: str = "error") -> tuple[Dataset, Dataset]:
+    """(train, dev) with columns text_a, [text_b,] label."""
+    if source == "hub":
+        glue = load_dataset(HUB_DATASET, task.name)
+        names = dict(zip(task.hub_columns, ["text_a", "text_b"]))
+        return tuple(glue[s].rename_columns(names).select_columns([*names.values(), "label"])
+                     for s in ("train", task.hub_dev))
+    folder = Path(source) / "glue" / task.local.folder
+    return tuple(Dataset.from_dict(read_local(task, folder / name, BadRows(on_bad_row)))
+                 for name in (task.local.train, task.local.dev))
 
 
-def read_local(task: GlueTask, path: Path) -> dict[str, list]:
+def read_local(task: GlueTask, path: Path, bad_rows: BadRows) -> dict[str, list]:
     """Rows of a GLUE file as columns text_a, [text_b,] label; bad rows name their file and line."""
     spec = task.local
     if not path.is_file():
@@ -108,18 +124,23 @@ def read_local(task: GlueTask, path: Path) -> dict[str, list]:
         rows = [(i + 2, list(row)) for i, row in enumerate(table[list(spec.columns)].itertuples(index=False))]
         index = list(range(len(spec.columns)))
     else:
-        rows, index = _read_tsv(path, spec)
+        rows, index = _read_tsv(path, spec, bad_rows)
     names = ["text_a", "label"] if len(spec.columns) == 2 else ["text_a", "text_b", "label"]
     columns: dict[str, list] = {name: [] for name in names}
     for line, row in rows:
         values = [row[i] for i in index]
+        label = _label(task, values[-1])
+        if label is None:
+            bad_rows.add(f"{path}:{line}: bad label {values[-1]!r} for {task.name}")
+            continue
         for name, value in zip(names[:-1], values[:-1]):
             columns[name].append(str(value))
-        columns["label"].append(_label(task, values[-1], path, line))
+        columns["label"].append(label)
+    bad_rows.done(path)
     return columns
 
 
-def _read_tsv(path: Path, spec: LocalFiles) -> tuple[list[tuple[int, list[str]]], list[int]]:
+def _read_tsv(path: Path, spec: LocalFiles, bad_rows: BadRows) -> tuple[list[tuple[int, list[str]]], list[int]]:
     try:
         with open(path, encoding=spec.encoding, newline="") as f:
             lines = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
@@ -137,21 +158,18 @@ def _read_tsv(path: Path, spec: LocalFiles) -> tuple[list[tuple[int, list[str]]]
     rows = []
     for line, row in enumerate(lines, start=first):
         if len(row) != width:
-            raise UsageError(f"{path}:{line}: expected {width} tab-separated fields, found {len(row)}; "
-                             "fix or remove that row")
+            bad_rows.add(f"{path}:{line}: expected {width} tab-separated fields, found {len(row)}")
+            continue
         rows.append((line, row))
     return rows, index
 
 
-def _label(task: GlueTask, value, path: Path, line: int) -> int | float:
-    spec = task.local
+def _label(task: GlueTask, value) -> int | float | None:
+    """The label as the model needs it, or None when it is not one of the task's."""
     try:
         if task.num_labels == 1:
             return float(value)
-        label = spec.label_map[value] if spec.label_map else int(value)
-        if not 0 <= label < task.num_labels:
-            raise ValueError
-        return label
+        label = task.local.label_map[value] if task.local.label_map else int(value)
+        return label if 0 <= label < task.num_labels else None
     except (KeyError, ValueError, TypeError):
-        raise UsageError(f"{path}:{line}: bad label {value!r} for {task.name}; fix or remove that row") from None
-
+        return None

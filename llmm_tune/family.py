@@ -1,0 +1,68 @@
+"""Task families: the one way the search driver, export and reproduce reach a recipe.
+
+A family is a module (`trainables.<name>` or any importable dotted path) with these names:
+
+    SETTINGS: dict[str, Setting]     its trial settings (the method's and the fit loop's included)
+    TASKS: dict[str, Task]           its tasks, each with its metrics and their directions
+    DATA_SETTINGS: tuple[str, ...]   settings `prepare` reads: fixed per search, never searched
+    HELD_OUT: str                    the name of the split `score` reads ("dev", "test")
+    check_data(task, data_dir) -> str                 "hub" or the data folder; UsageError naming the fix
+    prepare(config, source) -> data                   train and validation data, shared by all trials
+    train(config, data, report, resume=None) -> None  report(metrics, checkpoint_dir) per evaluation
+    score(config, checkpoint, source) -> dict         the held-out split, scored once, for the table
+    clock(config) -> (str, float)                     the reported key ASHA counts in, and its final value
+
+`train` reports `val_<metric>` for every metric of its task; which one selects, and in which
+direction, is data (`Task.metrics`), never assumed by the driver.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from types import ModuleType
+
+from llmm_tune.errors import UsageError
+
+BUILT_IN = ("glue", "causal_lm", "continual")
+INTERFACE = ("SETTINGS", "TASKS", "DATA_SETTINGS", "HELD_OUT", "check_data", "prepare", "train", "score", "clock")
+MODES = ("max", "min")
+
+
+@dataclass(frozen=True)
+class Task:
+    """A task as the driver sees it: its metrics, each with "max" or "min" as the better direction."""
+
+    name: str
+    metrics: dict[str, str]
+    metric: str  # the default selection metric
+    details: object = field(default=None, compare=False)  # what only the family reads
+
+    def __post_init__(self) -> None:
+        assert self.metric in self.metrics and set(self.metrics.values()) <= set(MODES), self
+
+
+def load_family(name: str) -> ModuleType:
+    """`trainables.<name>` for a built-in family, else the module at the dotted path `name`."""
+    module_name = f"trainables.{name}" if name in BUILT_IN else name
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        if error.name and module_name.startswith(error.name):
+            raise UsageError(f"unknown family {name!r}; use one of {', '.join(BUILT_IN)} or the dotted path of an "
+                             "importable module (on PYTHONPATH on every Ray node)") from None
+        raise
+    missing = [attr for attr in INTERFACE if not hasattr(module, attr)]
+    if missing:
+        raise UsageError(f"family module {module_name} lacks {missing}; a family defines {', '.join(INTERFACE)} "
+                         "(see llmm_tune/family.py)")
+    return module
+
+
+def better(mode: str, a: float, b: float | None) -> bool:
+    """Whether `a` beats `b` (None: nothing yet) in direction `mode`."""
+    return b is None or (a > b if mode == "max" else a < b)
+
+
+def worst(mode: str) -> float:
+    return float("-inf") if mode == "max" else float("inf")

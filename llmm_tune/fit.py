@@ -1,0 +1,107 @@
+"""The fit loop every supervised recipe shares: length-grouped batches, gradient accumulation, linear
+warmup and decay, clipping, `evals_per_epoch` evaluations, and after each one a report with a
+checkpoint that resumes the run exactly (adapter, optimizer, schedule, random state, data position)."""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from collections.abc import Callable
+from itertools import islice
+
+import torch
+from datasets import Dataset
+from torch import nn
+from torch.utils.data import DataLoader
+from transformers import get_linear_schedule_with_warmup
+from transformers.trainer_pt_utils import LengthGroupedSampler
+
+from llmm_tune.checkpoint import load_training_state, save_training_state
+from llmm_tune.errors import TrialFailure
+from llmm_tune.settings import Setting, fraction, non_negative, optional, positive, positive_int
+
+Reporter = Callable[[dict, str], None]  # (metrics, checkpoint directory)
+
+FIT_SETTINGS: dict[str, Setting] = {
+    "lr": Setting(positive, "a number > 0"),
+    "epochs": Setting(positive_int, "an integer >= 1"),
+    "batch_size": Setting(positive_int, "an integer >= 1"),
+    "grad_accum": Setting(positive_int, "an integer >= 1", 1),
+    "evals_per_epoch": Setting(positive_int, "an integer >= 1", 1),
+    "max_steps": Setting(optional(positive_int), "an integer >= 1 or null (whole epochs)", None),
+    "weight_decay": Setting(non_negative, "a number >= 0", 0.0),
+    "warmup_ratio": Setting(fraction, "a number in [0, 1)", 0.06),
+    "max_grad_norm": Setting(positive, "a number > 0", 1.0),
+}
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def fit(config: dict, model: nn.Module, train: Dataset, lengths: list[int], collate: Callable,
+        evaluate: Callable[[], dict[str, float]], report: Reporter, resume: str | None = None,
+        device: str = "cpu") -> None:
+    """Train `model` on `train` (batches grouped by `lengths`); `evaluate()` scores the validation split
+    with the model in eval mode and returns metrics ("loss" among them), reported as `val_<name>`.
+    With `max_steps`, training stops there (the epoch clock still advances by steps)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config["lr"], weight_decay=config["weight_decay"])
+    batch_size, accum = config["batch_size"], config["grad_accum"]
+    batches_per_epoch = math.ceil(len(train) / batch_size)
+    steps_per_epoch = math.ceil(batches_per_epoch / accum)
+    total_steps = steps_per_epoch * config["epochs"]
+    if config["max_steps"]:
+        total_steps = min(total_steps, config["max_steps"])
+    scheduler = get_linear_schedule_with_warmup(optimizer, round(config["warmup_ratio"] * total_steps), total_steps)
+    evals = config["evals_per_epoch"]
+    eval_at = {e * steps_per_epoch + round(k * steps_per_epoch / evals)
+               for e in range(config["epochs"]) for k in range(1, evals + 1)}
+    eval_at = {min(step, total_steps) for step in eval_at}
+    progress = {"step": 0, "loss_sum": 0.0, "loss_count": 0}
+    if resume is not None:
+        progress = load_training_state(resume, model, optimizer, scheduler)
+    model.train()
+    started = time.time()
+    while progress["step"] < total_steps:
+        epoch = progress["step"] // steps_per_epoch
+        order = torch.Generator().manual_seed(config["seed"] * 1_000_003 + epoch)  # same per epoch on resume
+        sampler = LengthGroupedSampler(batch_size, lengths=lengths, generator=order)
+        loader = DataLoader(train, batch_size=batch_size, sampler=sampler, collate_fn=collate)
+        done = (progress["step"] - epoch * steps_per_epoch) * accum
+        for index, batch in enumerate(islice(loader, done, None), start=done):
+            loss = model(**batch.to(device)).loss
+            if not math.isfinite(value := loss.item()):
+                raise TrialFailure(f"diverged: training loss {value} at step {progress['step']}; "
+                                   "lower lr or raise scale")
+            (loss / accum).backward()
+            progress["loss_sum"] += value
+            progress["loss_count"] += 1
+            if (index + 1) % accum and index + 1 < batches_per_epoch:
+                continue
+            torch.nn.utils.clip_grad_norm_(params, config["max_grad_norm"])
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            progress["step"] += 1
+            if progress["step"] in eval_at:
+                model.eval()
+                scores = evaluate()
+                model.train()
+                if not math.isfinite(scores.get("loss", 0.0)):
+                    raise TrialFailure(f"diverged: validation loss {scores['loss']} at step {progress['step']}; "
+                                       "lower lr or raise scale")
+                result = {
+                    "epoch": progress["step"] / steps_per_epoch, "step": progress["step"],
+                    "train_loss": progress["loss_sum"] / max(progress["loss_count"], 1),
+                    **{f"val_{k}": v for k, v in scores.items()},
+                    "lr": scheduler.get_last_lr()[0], "seconds": time.time() - started,
+                }
+                progress["loss_sum"], progress["loss_count"] = 0.0, 0
+                with tempfile.TemporaryDirectory() as directory:
+                    save_training_state(directory, model, optimizer, scheduler, progress)
+                    report(result, directory)
+            if progress["step"] >= total_steps:
+                break
+

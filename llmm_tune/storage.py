@@ -1,0 +1,65 @@
+"""Where experiments live: a local folder, an NFS mount or an object store (`s3://`, `gs://`), all
+through pyarrow filesystems, so the driver, every trial and the export read and write the same files.
+Endpoints and credentials come from the usual environment variables (AWS_ENDPOINT_URL,
+AWS_ACCESS_KEY_ID, GOOGLE_APPLICATION_CREDENTIALS, ...), as pyarrow reads them."""
+
+from __future__ import annotations
+
+import os
+import posixpath
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+
+def is_uri(location: str) -> bool:
+    return "://" in str(location)
+
+
+def resolve(location: str | os.PathLike) -> str:
+    """An absolute local path, or the URI as given."""
+    location = str(location)
+    return location.rstrip("/") if is_uri(location) else str(Path(location).expanduser().resolve())
+
+
+def join(location: str, *parts: str) -> str:
+    return posixpath.join(location, *parts) if is_uri(location) else str(Path(location, *parts))
+
+
+def filesystem(location: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it) of a local path or URI."""
+    if not is_uri(location):
+        return pafs.LocalFileSystem(), resolve(location)
+    return pafs.FileSystem.from_uri(location)
+
+
+def exists(location: str) -> bool:
+    fs, path = filesystem(location)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def read_text(location: str) -> str:
+    fs, path = filesystem(location)
+    with fs.open_input_stream(path) as f:
+        return f.read().decode()
+
+
+def write_text(location: str, text: str) -> None:
+    """Write a file; local files atomically (temporary name, then rename); object stores write whole
+    objects, which is atomic already."""
+    if not is_uri(location):
+        from llmm_tune.files import write_text as write_local
+
+        write_local(location, text)
+        return
+    fs, path = filesystem(location)
+    with fs.open_output_stream(path) as f:
+        f.write(text.encode())
+
+
+def list_names(location: str) -> list[str]:
+    """Names directly inside a folder (empty when it does not exist)."""
+    fs, path = filesystem(location)
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        return []
+    return [posixpath.basename(info.path) for info in fs.get_file_info(pafs.FileSelector(path))]

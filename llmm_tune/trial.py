@@ -1,0 +1,74 @@
+"""THE Tune trainable: runs one trial of any family, resumes it from Tune's checkpoint, tracks the best
+validation value in the task's direction, and ends the trial (not the search) when it fails for a
+reason: divergence, out of memory, or the same crash again after a restore."""
+
+from __future__ import annotations
+
+import gc
+import json
+import traceback
+from pathlib import Path
+
+import torch
+
+from llmm_tune import storage
+from llmm_tune.errors import FAILURE_KEY, failure_reason
+from llmm_tune.family import better, load_family
+
+BEST_FILE = "llmm_best.json"  # in every checkpoint: the best selection value up to it
+CRASHES = "crashes"  # <experiment>/crashes/<trial id>.json and .log: the last crash of each trial
+
+
+def trainable(config: dict, family: str, data, experiment: str) -> None:
+    """Ray Tune function trainable; `experiment` is the experiment's folder or URI."""
+    from ray import tune
+
+    from llmm_tune.console import quiet_logs
+
+    quiet_logs()
+    resources = tune.get_context().get_trial_resources().required_resources
+    torch.set_num_threads(max(1, int(resources.get("CPU", 1))))
+    recipe = load_family(family)
+    metric, mode = config["metric"], config["mode"]
+    best = {"value": None}
+
+    def report(metrics: dict, directory: str) -> None:
+        if better(mode, metrics[f"val_{metric}"], best["value"]):
+            best["value"] = metrics[f"val_{metric}"]
+        (Path(directory) / BEST_FILE).write_text(json.dumps(best))
+        tune.report({**metrics, f"best_val_{metric}": best["value"]},
+                    checkpoint=tune.Checkpoint.from_directory(directory))
+
+    checkpoint = tune.get_checkpoint()
+    try:
+        if checkpoint is None:
+            recipe.train(config, data, report)
+        else:
+            with checkpoint.as_directory() as directory:
+                best.update(json.loads((Path(directory) / BEST_FILE).read_text()))
+                recipe.train(config, data, report, resume=directory)
+        return
+    except Exception as error:  # divergence, out of memory, a repeated crash: end the trial, not the search
+        reason = failure_reason(error) or repeated_crash(error, experiment, tune.get_context().get_trial_id())
+        if reason is None:
+            raise  # Tune records it and retries from the last checkpoint (FailureConfig)
+    gc.collect()  # the failed model's memory, before this worker takes the next trial
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    tune.report({FAILURE_KEY: reason})
+
+
+def repeated_crash(error: BaseException, experiment: str, trial_id: str) -> str | None:
+    """The reason to stop retrying when this crash repeats the trial's previous one (same error at the
+    same line), else None after recording it: a retry from a checkpoint cannot fix a deterministic bug."""
+    frame = traceback.extract_tb(error.__traceback__)[-1]
+    lines = str(error).strip().splitlines()
+    crash = {"error": f"{type(error).__name__}: {lines[0] if lines else ''}"[:300],
+             "where": f"{frame.filename}:{frame.lineno}"}
+    record, log = (storage.join(experiment, CRASHES, f"{trial_id}.{suffix}") for suffix in ("json", "log"))
+    storage.write_text(log, "".join(traceback.format_exception(error)))
+    if storage.exists(record) and json.loads(storage.read_text(record)) == crash:
+        return (f"crashed again after a restore with the same error, not retried: {crash['error']} at "
+                f"{crash['where']}; log: {log}")
+    storage.write_text(record, json.dumps(crash))
+    return None
