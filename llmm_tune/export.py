@@ -45,7 +45,9 @@ def collect(experiment: str) -> tuple[dict, pd.DataFrame, dict]:
                "status": trial.status,
                **{k: trial.config.get(k) for k in trial.config if k not in ("task", "metric", "mode")},
                "method": meta["method"], "task": meta["task"], "evaluations": last.get("training_iteration", 0),
-               f"val_{metric}": last.get(f"best_val_{metric}"), "failure": last.get("failure"),
+               # the best of every report: a trial that failed after it reported keeps its score
+               f"val_{metric}": trial.metric_analysis.get(f"val_{metric}", {}).get(mode),
+               "failure": last.get("failure"),
                "seconds": last.get("time_total_s"), "git_commit": meta["git_commit"],
                "versions": " ".join(f"{k}={meta['versions'].get(k)}" for k in VERSION_KEYS),
                "search_command": meta["command"]}

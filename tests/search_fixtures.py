@@ -40,10 +40,10 @@ def tiny_bert(out: Path) -> Path:
 
 
 def tiny_space(out: Path, model: Path, name: str = "tiny_cola", searched: dict | None = None,
-               warm_start: list[dict] | None = None, **fixed) -> Path:
+               warm_start: list[dict] | None = None, family: str = "glue", **fixed) -> Path:
     """A CoLA search space small enough for tests, with one warm-start point unless given others."""
     space = {
-        "family": "glue", "task": "cola", "metric": "mcc",
+        "family": family, "task": "cola", "metric": "mcc",
         "space": {"lr": {"loguniform": [1e-3, 1e-2]}, "scale": {"loguniform": [10, 1000]},
                   "rank": {"choice": [4, 8]}, "K": {"choice": [1, 2]}, "bits": {"choice": [4]},
                   "quant_method": {"choice": ["normal_float", "uniform"]}},
@@ -62,9 +62,10 @@ def tiny_space(out: Path, model: Path, name: str = "tiny_cola", searched: dict |
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
 
 
-def run_module(module: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=ENV, capture_output=True,
-                          text=True, timeout=timeout)
+def run_module(module: str, *args: str, timeout: float = 600, cwd: Path = ROOT,
+               env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env={**ENV, **(env or {})},
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def start_module(module: str, *args: str) -> subprocess.Popen:

@@ -5,6 +5,7 @@ The table below is the list of inputs tried (mirrored in the README's troublesho
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import ray
 import yaml
 
 from llmm_tune import search
-from tests.search_fixtures import SHARED_DATA, run_module
+from tests.search_fixtures import ENV, SHARED_DATA, run_module
 
 SPACE = yaml.safe_load((Path(search.__file__).parent.parent / "search_spaces" / "glue_cola.yaml").read_text())
 
@@ -114,3 +115,12 @@ def test_the_command_line_itself_exits_2():
     run = run_module("llmm_tune.search", "glue_foo")
     assert run.returncode == 2 and run.stderr.strip().splitlines() == [run.stderr.strip()]
     assert "unknown task 'glue_foo'" in run.stderr
+
+
+def test_bitsandbytes_missing_kernels_warning_is_dropped_on_every_cpu():
+    """bitsandbytes logs it at import only on CPUs with AVX512-BF16; emit the same record on any CPU."""
+    code = ("import logging, llmm_tune; logging.getLogger('bitsandbytes.backends.cpu.ops').warning("
+            "\"Failed to load CPU gemm_4bit_forward from kernels-community: No module named 'kernels'\"); "
+            "logging.getLogger('bitsandbytes.backends.cpu.ops').warning('another warning')")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV)
+    assert run.returncode == 0 and run.stderr.strip() == "another warning"

@@ -166,3 +166,23 @@ def test_lost_worker_node_reschedules_its_trials(assets):
     assert moved, "no trial was resumed after the node was removed"
     assert all(r["pid"] != p["pid"] for r in moved for p in results
                if p["trial_id"] == r["trial_id"] and p["iterations_since_restore"] == p["training_iteration"])
+
+
+def test_a_crash_that_repeats_after_a_restore_ends_the_trial_without_more_retries(assets):
+    space = tiny_space(assets["root"], assets["model"], "crashing", family="tests.crashing_family", epochs=4)
+    run = run_module("llmm_tune.search", *search_args(assets, space, "crashing", "--num-samples", "1",
+                                                      "--cpus-per-trial", "1"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    (row,) = exported_trials(assets, "crashing")
+    # attempt 1 reported evaluation 1 and crashed; the restore reported evaluation 2, crashed the same way and
+    # reported that as its failure (the third result)
+    assert row["status"] == "TERMINATED" and int(row["evaluations"]) == 3 and row["val_mcc"] != ""
+    assert row["failure"].startswith("crashed again after a restore with the same error, not retried: "
+                                     "RuntimeError: injected bug: index 7 is out of bounds at ")
+    assert "crashing_family.py:" in row["failure"]
+    log = Path(row["failure"].rsplit("log: ", 1)[1])
+    assert "Traceback" in log.read_text() and "report_then_crash" in log.read_text()
+    errors = glob.glob(str(assets["root"] / "runs" / "crashing" / "*" / "error.txt"))
+    assert len(errors) == 1 and Path(errors[0]).read_text().count("Failure #") == 1  # one retry, not two
+    ended = [line for line in run.stdout.splitlines() if line.startswith("trial ") and " failed: " in line]
+    assert len(ended) == 1 and "log: " in ended[0]

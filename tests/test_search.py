@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import csv
 import json
+import re
+import shutil
 
 import pytest
 import yaml
@@ -27,7 +29,7 @@ def searched(tmp_path_factory):
                      "--cpus-per-trial", "1")
     assert run.returncode == 0, run.stderr[-3000:]
     return {"root": root, "space": space, "data": data, "experiment": root / "runs" / "tiny",
-            "out": root / "results" / "cola", "stdout": run.stdout}
+            "out": root / "results" / "cola", "stdout": run.stdout, "stderr": run.stderr}
 
 
 def trials(searched) -> list[dict]:
@@ -42,6 +44,33 @@ def test_search_runs_both_trials_and_exports_every_artifact(searched):
     for name in ("table.md", "table.tex", "best.yaml", "history.png"):
         assert (searched["out"] / name).stat().st_size > 0, name
     assert "trials: 0 running, 2 done, 0 failed of 2" in searched["stdout"]
+
+
+CONSOLE = [r"experiment \S+ \| cola llmm cpu \| 2 trials", r"logs: \S+llmm_search.log and each trial's folder; resume "
+           r"with: python -m llmm_tune.search \S+ --resume --name tiny", r"\[\d+m\d\ds\] trials: ",
+           r"trial \w+ done: val mcc -?\d\.\d{4} \(best of \d+ evaluations", r"exported 2 trials of 1 experiment"]
+
+
+def test_the_console_shows_choices_status_ended_trials_and_the_table_only(searched):
+    lines = searched["stdout"].splitlines()
+    table = lines.index(next(line for line in lines if line.startswith("exported ")))
+    for line in lines[:table + 1]:
+        assert any(re.match(pattern, line) for pattern in CONSOLE), line
+    assert lines[table + 1].split()[:4] == ["method", "quant_method", "bits", "rank"] and len(lines) == table + 4
+    assert sum(line.startswith("trial ") for line in lines) == 2
+    assert searched["stderr"] == ""
+
+
+def test_the_same_search_again_starts_a_new_experiment(searched):
+    args = [str(searched["space"]), "--profile", "cpu", "--data-dir", str(searched["data"]), "--storage",
+            str(searched["root"] / "again"), "--num-samples", "1", "--no-export", "--cpus-per-trial", "1"]
+    names = []
+    for _ in range(2):
+        run = run_module("llmm_tune.search", *args)
+        assert run.returncode == 0, run.stderr[-3000:]
+        names.append(re.search(r"--resume --name (\S+)", run.stdout).group(1))
+    assert names == ["tiny_cola-llmm-cpu", "tiny_cola-llmm-cpu-2"]
+    assert sorted(p.name for p in (searched["root"] / "again").iterdir()) == names
 
 
 def test_warm_start_point_is_the_first_trial(searched):
@@ -82,6 +111,23 @@ def test_reproduce_same_seed_gives_the_recorded_validation_score(searched):
     recorded = yaml.safe_load(best.read_text())
     assert report["runs"][0]["val_mcc"] == pytest.approx(recorded["validation"]["value"], abs=1e-6)
     assert report["runs"][0]["dev_mcc"] == pytest.approx(recorded["held_out"]["scores"]["mcc"], abs=1e-6)
+
+
+def test_a_record_moved_to_another_folder_reproduces_with_llmm_data_dir(searched, tmp_path):
+    moved = tmp_path / "elsewhere"
+    moved.mkdir()
+    shutil.copy(searched["out"] / "best.yaml", moved / "best.yaml")
+    data_copy = shutil.copytree(searched["data"], tmp_path / "data-here")
+    run = run_module("llmm_tune.reproduce", "best.yaml", "--seeds", "0", "--threads", "1", cwd=moved,
+                     env={"LLMM_DATA_DIR": str(data_copy)})
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = yaml.safe_load((moved / "best.reproduced.yaml").read_text())
+    recorded = yaml.safe_load((moved / "best.yaml").read_text())
+    assert report["data"] == str(data_copy)
+    assert report["runs"][0]["val_mcc"] == pytest.approx(recorded["validation"]["value"], abs=1e-6)
+    missing = run_module("llmm_tune.reproduce", "best.yaml", "--seeds", "0", "--data-dir", str(tmp_path / "gone"),
+                         cwd=moved)
+    assert missing.returncode == 2 and "does not exist" in missing.stderr and "--data-dir" in missing.stderr
 
 
 def test_existing_experiment_is_not_overwritten(searched):

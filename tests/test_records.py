@@ -1,0 +1,48 @@
+"""Records travel: the data they name resolves on another machine, installed versions are compared with
+the recorded ones, and a second run of the same search starts a new experiment."""
+
+from __future__ import annotations
+
+import pytest
+
+from llmm_tune import data
+from llmm_tune.errors import UsageError
+from llmm_tune.experiment import fresh_name, package_versions
+from llmm_tune.reproduce import version_drift
+
+
+def test_data_inside_the_project_tree_is_recorded_relative_to_the_project(tmp_path, monkeypatch):
+    monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
+    shared = data.ROOT.parent / "shared" / "data"
+    assert data.portable_source(str(shared), str(shared)) == "../shared/data"
+    assert data.portable_source("hub", None) == "hub"
+    monkeypatch.setenv(data.DATA_DIR_ENV, str(tmp_path))
+    assert data.portable_source(str(tmp_path), None) == "$LLMM_DATA_DIR"  # the variable, not this machine's path
+
+
+def test_a_recorded_source_resolves_here_or_names_the_fix(tmp_path, monkeypatch):
+    monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
+    assert data.locate_source("hub") == "hub"
+    monkeypatch.setattr(data, "ROOT", tmp_path / "project")
+    (tmp_path / "shared" / "data").mkdir(parents=True)
+    assert data.locate_source("../shared/data") == tmp_path / "shared" / "data"
+    with pytest.raises(UsageError, match=r"data folder ../elsewhere .* does not exist here; pass --data-dir"):
+        data.locate_source("../elsewhere")
+    with pytest.raises(UsageError, match=r"LLMM_DATA_DIR, which is not set here"):
+        data.locate_source("$LLMM_DATA_DIR")
+    monkeypatch.setenv(data.DATA_DIR_ENV, str(tmp_path / "shared" / "data"))  # the variable wins over the record
+    assert data.locate_source("../elsewhere") == tmp_path / "shared" / "data"
+
+
+def test_version_drift_names_each_package_that_differs():
+    recorded = {**package_versions(), "transformers": "5.23.0", "llmm-tune": "0.0.1"}
+    drift = version_drift(recorded)
+    assert len(drift) == 1 and drift[0].startswith("transformers ") and drift[0].endswith("(record: 5.23.0)")
+    assert version_drift(package_versions()) == []
+
+
+def test_running_the_same_search_again_takes_a_fresh_name(tmp_path):
+    assert fresh_name(tmp_path, "glue_cola-llmm-cpu") == "glue_cola-llmm-cpu"
+    (tmp_path / "glue_cola-llmm-cpu").mkdir()
+    (tmp_path / "glue_cola-llmm-cpu-2").mkdir()
+    assert fresh_name(tmp_path, "glue_cola-llmm-cpu") == "glue_cola-llmm-cpu-3"
