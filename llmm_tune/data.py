@@ -93,18 +93,38 @@ class BadRows:
         self.skipped = []
 
 
-def carve_validation(train: Dataset, keys: Sequence[Hashable], excluded: set, size: float,
-                     seed: int) -> tuple[Dataset, Dataset]:
-    """Split train into (train, validation) with a seeded draw: `size` < 1 is a fraction of train, else a
-    count. An example whose key (`keys[i]` for example i) is in `excluded` (texts of the held-out split)
-    never enters validation."""
-    wanted = count(size, len(train))
+def split_off(keys: Sequence[Hashable], size: float, seed: int, excluded: set | frozenset = frozenset(),
+              grouped: bool = False) -> tuple[list[int], list[int]]:
+    """(kept, held out) indices of a seeded draw: `size` < 1 is a fraction of all examples, else a count.
+    An example whose key is in `excluded` (texts of another held-out split) is never held out; with
+    `grouped`, examples sharing a key are held out together, so near-duplicates stay on one side."""
+    wanted = count(size, len(keys))
     candidates = [i for i, key in enumerate(keys) if key not in excluded]
     if not 0 < wanted < len(candidates):
-        raise UsageError(f"validation_size {size} gives {wanted} of {len(candidates)} eligible train examples; "
+        raise UsageError(f"a held-out size of {size} gives {wanted} of {len(candidates)} eligible examples; "
                          "use a fraction in (0, 1) or a smaller count")
-    held_out = set(np.random.default_rng(seed).choice(candidates, size=wanted, replace=False).tolist())
-    return (train.select([i for i in range(len(train)) if i not in held_out]), train.select(sorted(held_out)))
+    rng = np.random.default_rng(seed)
+    if not grouped:
+        held_out = set(rng.choice(candidates, size=wanted, replace=False).tolist())
+    else:
+        members: dict = {}
+        for i in candidates:
+            members.setdefault(keys[i], []).append(i)
+        groups = list(members.values())
+        held_out = set()
+        for group in rng.permutation(len(groups)):
+            if len(held_out) >= wanted:
+                break
+            held_out.update(groups[group])
+    return [i for i in range(len(keys)) if i not in held_out], sorted(held_out)
+
+
+def carve_validation(train: Dataset, keys: Sequence[Hashable], excluded: set, size: float,
+                     seed: int) -> tuple[Dataset, Dataset]:
+    """Split train into (train, validation) with `split_off`: nothing whose key is in `excluded` (the
+    held-out split's texts) enters validation."""
+    kept, held_out = split_off(keys, size, seed, excluded)
+    return train.select(kept), train.select(held_out)
 
 
 def lengths(split: Dataset) -> list[int]:

@@ -72,11 +72,14 @@ def data_source(meta: dict) -> str:
     return str(locate_source(meta["data"]))
 
 
-def score_held_out(config: dict, checkpoint, meta: dict) -> dict[str, float]:
+def score_held_out(config: dict, checkpoint, meta: dict, experiment: str) -> dict[str, float]:
     """The held-out metrics of a checkpoint: only the export and `reproduce` ever read that split."""
+    from llmm_tune.trial import LOFTQ_CACHE
+
+    config = {**config, "trust_remote_code": meta.get("trust_remote_code", False),
+              "loftq_cache": storage.join(experiment, LOFTQ_CACHE)}
     with checkpoint.as_directory() as directory:
-        return load_family(meta["family"]).score({**config, "trust_remote_code": meta.get("trust_remote_code", False)},
-                                                  directory, data_source(meta))
+        return load_family(meta["family"]).score(config, directory, data_source(meta))
 
 
 def trial_config(best: pd.Series, meta: dict) -> dict:
@@ -175,7 +178,8 @@ def export(experiments: list[str], results: Path) -> Path:
     from llmm_tune.console import quiet_logs
 
     quiet_logs()
-    collected = [collect(storage.resolve(e)) for e in experiments]
+    experiments = [storage.resolve(e) for e in experiments]
+    collected = [collect(e) for e in experiments]
     metas = [m for m, _, _ in collected]
     tasks = {(m["family"], m["task"], m["metric"]) for m in metas}
     if len(tasks) != 1:
@@ -190,11 +194,11 @@ def export(experiments: list[str], results: Path) -> Path:
     value = f"val_{metric}"
     sign = 1 if mode == "max" else -1
     chosen = []  # (validation score, best trial row, metadata, held-out scores) per table row
-    for meta, df, checkpoints in collected:
+    for experiment, (meta, df, checkpoints) in zip(experiments, collected):
         scored = df[df[value].notna() & df["trial"].isin(checkpoints)]
         for _, group in scored.fillna({"bits": -1, "quant_method": "-"}).groupby(["quant_method", "bits", "rank"]):
             best = df.loc[(sign * group[value]).idxmax()]
-            held_out = score_held_out(trial_config(best, meta), checkpoints[best["trial"]], meta)
+            held_out = score_held_out(trial_config(best, meta), checkpoints[best["trial"]], meta, experiment)
             chosen.append((best[value], best, meta, held_out))
     if not chosen:
         raise UsageError(f"no trial of {', '.join(str(e) for e in experiments)} has a checkpoint yet; "

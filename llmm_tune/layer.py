@@ -38,8 +38,10 @@ class LlmmLinear(nn.Module):
                  dropout: float):
         super().__init__()
         self.base = base
-        self.A_mean = nn.Parameter(A.float().clone())
-        self.B_mean = nn.Parameter(B.float().clone())
+        # contiguous whatever the initialiser's strides (an SVD slice is not): the float summation order of
+        # every matmul then depends only on the values, so a run resumed from saved tensors stays bit-identical
+        self.A_mean = nn.Parameter(A.float().clone(memory_format=torch.contiguous_format))
+        self.B_mean = nn.Parameter(B.float().clone(memory_format=torch.contiguous_format))
         self.A_moments = nn.Parameter(A.new_zeros(K, *A.shape, dtype=torch.float32))
         self.B_moments = nn.Parameter(B.new_zeros(K, *B.shape, dtype=torch.float32))
         self.scale, self.scaling = scale, scaling

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -9,13 +10,26 @@ from pathlib import Path
 import torch
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from safetensors import safe_open
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from llmm_tune import storage
 from llmm_tune.config import LlmmConfig
 from llmm_tune.files import atomic_path
 from llmm_tune.layer import LlmmLinear
-from llmm_tune.quant import cached_loftq, dense_weight, quantized_linear, weight_bytes
+from llmm_tune.quant import (
+    LoftQResult,
+    cached_loftq,
+    dense_weight,
+    dequantize,
+    pack,
+    quantize,
+    quantized_linear,
+    unpack,
+    weight_bytes,
+)
 
 # LoftQ and MeMoTune adapt every linear layer of the transformer blocks; peft's defaults (query
 # and value only) are the fallback for other architectures.
@@ -51,14 +65,10 @@ def _in_head(name: str, heads: tuple[str, ...]) -> bool:
     return any(part in heads for part in name.split("."))
 
 
-def _build_layer(linear: nn.Linear, config: LlmmConfig, init_device: str | None) -> LlmmLinear:
+def _build_layer(linear: nn.Linear, config: LlmmConfig, init: LoftQResult | None) -> LlmmLinear:
     weight, bias = linear.weight, linear.bias
-    device = init_device or weight.device
-    if config.resolved_init == "loftq":
-        init = cached_loftq(weight.to(device), config.rank, config.bits, config.quant_method,
-                     config.loftq_iters, config.scaling)
-        base = quantized_linear(init.to_quantize.to(weight.device), bias, config.bits,
-                                config.quant_method)
+    if init is not None:
+        base = quantized_linear(init.to_quantize.to(weight.device), bias, config.bits, config.quant_method)
         A, B = init.A.to(weight.device), init.B.to(weight.device)
     else:  # plain LoRA init (QLoRA, LoRA): A as peft's kaiming-uniform default, B = 0
         base = linear if config.bits is None else quantized_linear(weight, bias, config.bits,
@@ -69,11 +79,55 @@ def _build_layer(linear: nn.Linear, config: LlmmConfig, init_device: str | None)
                       config.dropout)
 
 
-def apply_llmm(model: nn.Module, config: LlmmConfig, init_device: str | None = None) -> nn.Module:
+class LoftQStore:
+    """LoftQ initialisations of a model's layers, kept in `cache` (a folder or URI) when given: the
+    initialisation of a large model takes minutes, and every trial of a search with the same weights
+    and settings needs the same one. A stored layer is its quantised residual (packed codes and
+    scales) and its two factors, so rebuilding the layer is exact and cheap."""
+
+    def __init__(self, model: nn.Module, names: list[str], config: LlmmConfig, init_device: str | None,
+                 cache: str | None):
+        self.config, self.init_device, self.path = config, init_device, None
+        self.stored: dict[str, Tensor] = {}
+        self.computed: dict[str, Tensor] = {}
+        if cache is not None:
+            key = hashlib.blake2b(json.dumps([config.rank, config.bits, config.quant_method, config.loftq_iters,
+                                              config.scaling]).encode(), digest_size=16)
+            for name in names:
+                weight = model.get_submodule(name).weight
+                key.update(f"{name}{tuple(weight.shape)}".encode())
+                key.update(weight.detach().float().cpu().numpy().tobytes())
+            self.path = storage.join(cache, f"loftq-{key.hexdigest()}.safetensors")
+            if storage.exists(self.path):
+                self.stored = load_tensors(storage.read_bytes(self.path))
+
+    def init(self, name: str, weight: Tensor) -> LoftQResult:
+        c = self.config
+        if self.stored:
+            s = self.stored
+            residual = dequantize(unpack(s[f"{name}.codes"], c.bits), s[f"{name}.absmax"], c.bits, c.quant_method,
+                                  weight.shape)
+            return LoftQResult(residual, s[f"{name}.A"], s[f"{name}.B"], [])
+        result = cached_loftq(weight.to(self.init_device or weight.device), c.rank, c.bits, c.quant_method,
+                              c.loftq_iters, c.scaling)
+        if self.path is not None:
+            codes, absmax = quantize(result.to_quantize, c.bits, c.quant_method)
+            self.computed |= {f"{name}.codes": pack(codes, c.bits).cpu(), f"{name}.absmax": absmax.cpu(),
+                              f"{name}.A": result.A.contiguous().cpu(), f"{name}.B": result.B.contiguous().cpu()}
+        return result
+
+    def save(self) -> None:
+        if self.computed:
+            storage.write_bytes(self.path, save_tensors(self.computed))
+
+
+def apply_llmm(model: nn.Module, config: LlmmConfig, init_device: str | None = None,
+               loftq_cache: str | None = None) -> nn.Module:
     """Replace every target linear layer by a quantised base plus a distributional adapter.
 
     Only adapter parameters and the modules named in `config.head_modules` stay trainable.
-    `init_device` (e.g. "cuda") runs LoftQ's SVDs there while the model stays where it is.
+    `init_device` (e.g. "cuda") runs LoftQ's SVDs there while the model stays where it is;
+    `loftq_cache` (a folder or URI) keeps the LoftQ initialisation for later runs (`LoftQStore`).
     """
     targets = config.target_modules or default_target_modules(model)
     model.requires_grad_(False)
@@ -87,10 +141,15 @@ def apply_llmm(model: nn.Module, config: LlmmConfig, init_device: str | None = N
             f"LlmmConfig.target_modules {list(targets)} match no linear layer of "
             f"{type(model).__name__}; pass suffixes of names listed by model.named_modules()"
         )
+    store = LoftQStore(model, chosen, config, init_device, loftq_cache) if config.resolved_init == "loftq" else None
     for name in chosen:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        setattr(parent, child, _build_layer(getattr(parent, child), config, init_device))
+        linear = getattr(parent, child)
+        init = store.init(name, linear.weight) if store else None
+        setattr(parent, child, _build_layer(linear, config, init))
+    if store:
+        store.save()
     for name, module in model.named_modules():
         if name.rpartition(".")[2] in config.head_modules:
             module.requires_grad_(True)

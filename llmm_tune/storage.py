@@ -38,23 +38,32 @@ def exists(location: str) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
-def read_text(location: str) -> str:
+def read_bytes(location: str) -> bytes:
     fs, path = filesystem(location)
     with fs.open_input_stream(path) as f:
-        return f.read().decode()
+        return f.read()
 
 
-def write_text(location: str, text: str) -> None:
+def read_text(location: str) -> str:
+    return read_bytes(location).decode()
+
+
+def write_bytes(location: str, data: bytes) -> None:
     """Write a file; local files atomically (temporary name, then rename); object stores write whole
     objects, which is atomic already."""
     if not is_uri(location):
-        from llmm_tune.files import write_text as write_local
+        from llmm_tune.files import atomic_path
 
-        write_local(location, text)
+        with atomic_path(location) as tmp:
+            tmp.write_bytes(data)
         return
     fs, path = filesystem(location)
     with fs.open_output_stream(path) as f:
-        f.write(text.encode())
+        f.write(data)
+
+
+def write_text(location: str, text: str) -> None:
+    write_bytes(location, text.encode())
 
 
 def list_names(location: str) -> list[str]:

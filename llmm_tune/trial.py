@@ -17,6 +17,7 @@ from llmm_tune.family import better, load_family
 
 BEST_FILE = "llmm_best.json"  # in every checkpoint: the best selection value up to it
 CRASHES = "crashes"  # <experiment>/crashes/<trial id>.json and .log: the last crash of each trial
+LOFTQ_CACHE = "loftq"  # <experiment>/loftq/: LoftQ initialisations every trial of the search shares
 
 
 def trainable(config: dict, family: str, data, experiment: str) -> None:
@@ -29,6 +30,7 @@ def trainable(config: dict, family: str, data, experiment: str) -> None:
     resources = tune.get_context().get_trial_resources().required_resources
     torch.set_num_threads(max(1, int(resources.get("CPU", 1))))
     recipe = load_family(family)
+    config = {**config, "loftq_cache": storage.join(experiment, LOFTQ_CACHE)}
     metric, mode = config["metric"], config["mode"]
     best = {"value": None}
 

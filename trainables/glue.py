@@ -102,7 +102,7 @@ def build_model(config: dict, device: str) -> nn.Module:
     torch.manual_seed(config["seed"])  # the task head's initialisation
     model = load_classifier(config["model"], glue_task(config).num_labels,
                             trust_remote_code=config.get("trust_remote_code", False))
-    return apply_llmm(model, llmm_config(config), init_device=device).to(device)
+    return apply_llmm(model, llmm_config(config), init_device=device, loftq_cache=config.get("loftq_cache")).to(device)
 
 
 def collator(config: dict) -> DataCollatorWithPadding:

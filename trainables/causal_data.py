@@ -1,0 +1,203 @@
+"""Generative tasks as prompt/target examples (GENERATIVE.md): GSM8K, Alpaca and HH-RLHF, read from a data
+folder or the hub, split so that nothing of the held-out side leaks into training or selection."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from llmm_tune.data import BadRows, split_off
+from llmm_tune.errors import UsageError
+
+
+@dataclass(frozen=True)
+class Example:
+    key: str  # what must not cross between splits (a question, an instruction, a first Human turn)
+    prompt: str
+    target: str
+    extra: dict = field(default_factory=dict)  # gold answer (GSM8K), rejected reply (HH-RLHF)
+
+
+GSM8K_SUFFIX = "\nAnswer the above question. First think step by step and then answer the final number.\n"
+FINAL = "The final answer is: "
+
+
+def gsm8k(row: dict) -> Example | str:
+    question, answer = row.get("question"), row.get("answer")
+    if not isinstance(question, str) or not isinstance(answer, str) or "####" not in answer:
+        return "expected 'question' and 'answer' with '#### <number>' on its last line"
+    gold = answer.rsplit("####", 1)[1].strip()
+    return Example(question, question + GSM8K_SUFFIX, re.sub(r"####\s*", FINAL, answer), {"gold": gold})
+
+
+ALPACA_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further context. "
+                "Write a response that appropriately completes the request.\n\n"
+                "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:")
+ALPACA_NO_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
+                   "request.\n\n### Instruction:\n{instruction}\n\n### Response:")
+
+
+def alpaca(row: dict) -> Example | str:
+    instruction, output, extra = row.get("instruction"), row.get("output"), row.get("input") or ""
+    if not isinstance(instruction, str) or not isinstance(output, str) or not isinstance(extra, str):
+        return "expected 'instruction', 'output' (text) and an optional 'input'"
+    template = ALPACA_INPUT if extra else ALPACA_NO_INPUT
+    return Example(instruction + "\n" + extra, template.format(instruction=instruction, input=extra), output)
+
+
+ASSISTANT = "\n\nAssistant:"
+
+
+def hh_rlhf(row: dict) -> Example | str:
+    """Fine-tune on the chosen transcript's last reply given the dialogue before it; keep the rejected
+    reply for preference accuracy when both share that dialogue."""
+    chosen, rejected = row.get("chosen"), row.get("rejected")
+    if not isinstance(chosen, str) or not isinstance(rejected, str) or ASSISTANT not in chosen:
+        return "expected 'chosen' and 'rejected' transcripts containing '\\n\\nAssistant:'"
+    cut = chosen.rindex(ASSISTANT) + len(ASSISTANT)
+    prompt, reply = chosen[:cut], chosen[cut:]
+    first_turn = chosen.split("\n\nHuman:", 2)[1].split(ASSISTANT, 1)[0].strip() if "\n\nHuman:" in chosen else prompt
+    paired = rejected[:cut] == prompt and rejected[cut:] != reply  # a pair to compare, not identical
+    return Example(first_turn, prompt, reply, {"rejected": rejected[cut:]} if paired else {})
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a task's rows come from: its files under the data folder, or its hub dataset."""
+
+    folder: str
+    files: dict[str, tuple[str, ...]]  # split -> file names ("all": one pool the test split is carved from)
+    hub: tuple[str, str | None]  # (dataset, config)
+    hub_splits: dict[str, str]  # our split -> the hub's
+
+
+@dataclass(frozen=True)
+class CausalTask:
+    name: str
+    parse: Callable[[dict], Example | str]
+    source: Source
+    test_seed: int = 42  # the published carve of Alpaca's evaluation set
+
+
+SOURCES = {
+    "gsm8k": Source("gsm8k", {"train": ("train.jsonl",), "test": ("test.jsonl",)}, ("openai/gsm8k", "main"),
+                    {"train": "train", "test": "test"}),
+    "alpaca": Source("alpaca", {"all": ("alpaca_5000_subset_pr152.json",)}, ("tatsu-lab/alpaca", None),
+                     {"all": "train"}),
+    "hh_rlhf": Source("hh-rlhf", {"all": tuple(f"{s}/test.jsonl.gz" for s in (
+        "harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled"))},
+        ("Anthropic/hh-rlhf", None), {"train": "train", "test": "test"}),
+}
+TASKS = {name: CausalTask(name, parse, SOURCES[name]) for name, parse in
+         (("gsm8k", gsm8k), ("alpaca", alpaca), ("hh_rlhf", hh_rlhf))}
+
+
+def missing_files(task: CausalTask, data_dir: Path) -> list[Path]:
+    folder = data_dir / task.source.folder
+    return [folder / name for names in task.source.files.values() for name in names if not (folder / name).is_file()]
+
+
+def _rows(path: Path) -> Iterator[tuple[str, object]]:
+    """(where, row) of a .jsonl, .jsonl.gz or JSON-list file; `where` names file and line (or item)."""
+    try:
+        if path.suffix == ".json":
+            items = json.loads(path.read_text())
+            if not isinstance(items, list):
+                raise UsageError(f"{path}: expected a JSON list of rows; fix the file")
+            yield from ((f"{path}: item {i + 1}", item) for i, item in enumerate(items))
+            return
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rt", encoding="utf-8") as f:
+            for line_number, line in enumerate(f, start=1):
+                if line.strip():
+                    try:
+                        yield f"{path}:{line_number}", json.loads(line)
+                    except json.JSONDecodeError:
+                        yield f"{path}:{line_number}", "not valid JSON"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UsageError(f"cannot read {path}: {error}; check the file") from None
+
+
+def _examples(task: CausalTask, rows: Iterator[tuple[str, object]], bad_rows: BadRows, where: str) -> list[Example]:
+    examples = []
+    for at, row in rows:
+        parsed = task.parse(row) if isinstance(row, dict) else "not a JSON object"
+        if isinstance(parsed, str):
+            bad_rows.add(f"{at}: {parsed}")
+        else:
+            examples.append(parsed)
+    bad_rows.done(where)
+    return examples
+
+
+def load(task: CausalTask, source: str, on_bad_row: str) -> dict[str, list[Example]]:
+    """The task's rows by split: "train" and "test", or "all" when the test split must be carved."""
+    bad_rows = BadRows(on_bad_row)
+    if source == "hub":
+        from datasets import load_dataset
+
+        name, config = task.source.hub
+        splits = load_dataset(name, config)
+        return {ours: _examples(task, ((f"{name} {theirs} row {i}", dict(r)) for i, r in enumerate(splits[theirs])),
+                                bad_rows, f"{name} {theirs}")
+                for ours, theirs in task.source.hub_splits.items()}
+    folder = Path(source) / task.source.folder
+    return {split: [e for name in names for e in _examples(task, _rows(folder / name), bad_rows, folder / name)]
+            for split, names in task.source.files.items()}
+
+
+def splits(task: CausalTask, source: str, config: dict) -> tuple[list[Example], list[Example], list[Example]]:
+    """(train, validation, test). A task shipped as one pool has its test split carved first (seeded,
+    `test_size`); validation comes from train (seeded, `validation_size`) and never holds a key that is
+    also in test. Examples sharing a key stay on one side (HH-RLHF: its first Human turn)."""
+    rows = load(task, source, config["on_bad_row"])
+    grouped = task.name == "hh_rlhf"
+    if "all" in rows:
+        if config["test_size"] is None:
+            raise UsageError(f"{task.name} from {source} has no test split; set test_size (a fraction or a count)")
+        pool = rows["all"]
+        kept, held = split_off([e.key for e in pool], config["test_size"], task.test_seed, grouped=grouped)
+        rows = {"train": [pool[i] for i in kept], "test": [pool[i] for i in held]}
+    train, test = rows["train"], rows["test"]
+    kept, held = split_off([e.key for e in train], config["validation_size"], config["seed"],
+                           excluded={e.key for e in test}, grouped=grouped)
+    train, validation = [train[i] for i in kept], [train[i] for i in held]
+    if config["max_train_examples"] is not None:
+        train = train[:config["max_train_examples"]]
+    if config["test_examples"] is not None:
+        test = test[:config["test_examples"]]
+    return train, validation, test
+
+
+NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text.replace(",", "").replace("$", ""))
+    except ValueError:
+        return None
+
+
+def extract_answer(generation: str, strict: bool) -> float | None:
+    """GSM8K answer extraction: the number after the first "The final answer is:" (else after "####"): a
+    model that goes on to invent a next question answers that one later. `strict=False` falls back to the
+    last number anywhere (lm-evaluation-harness's flexible match). Commas and `$` are stripped."""
+    for marker in (FINAL.strip(), "####"):
+        if marker in generation:
+            found = NUMBER.search(generation.split(marker, 1)[1])
+            return _number(found.group()) if found else None
+    if strict:
+        return None
+    numbers = NUMBER.findall(generation)
+    return _number(numbers[-1]) if numbers else None
+
+
+def exact_match(generations: list[str], golds: list[str], strict: bool) -> float:
+    """Share of generations whose extracted number equals the gold answer numerically."""
+    hits = [extract_answer(g, strict) == _number(gold) for g, gold in zip(generations, golds)]
+    return sum(hits) / max(1, len(hits))

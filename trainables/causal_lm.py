@@ -1,0 +1,200 @@
+"""Causal-LM family: supervised fine-tuning of any causal LM with Llmm adapters on its attention and MLP
+projections, loss on the response tokens only (GENERATIVE.md).
+
+`prepare` turns a task's rows into prompt/target token ids and carves validation from train;
+`train` builds the quantised model (its LoftQ initialisation kept beside the experiment) and runs the
+shared fit loop, validating on the target NLL (and, when selection asks for it, GSM8K exact match);
+`score` rates a checkpoint once on the test split, beside the untuned model on the same examples.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from torch import nn
+
+from llmm_tune import apply_llmm, load_adapter, merge_llmm
+from llmm_tune.config import METHOD_SETTINGS, llmm_config
+from llmm_tune.data import BAD_ROW_POLICIES, hub_reachable
+from llmm_tune.errors import UsageError
+from llmm_tune.family import Task
+from llmm_tune.fit import FIT_SETTINGS, Reporter, default_device, fit
+from llmm_tune.lm_scoring import encode, greedy_generate, mean_nll, pad, target_logprobs
+from llmm_tune.models import is_causal_lm, load_causal_lm, load_tokenizer
+from llmm_tune.settings import COMMON, Setting, optional, positive_int, size
+from trainables.causal_data import TASKS as FORMATS
+from trainables.causal_data import CausalTask, Example, exact_match, missing_files, splits
+
+SETTINGS: dict[str, Setting] = {
+    **COMMON, **METHOD_SETTINGS, **FIT_SETTINGS,
+    "max_source_length": Setting(positive_int, "an integer >= 1 (prompt tokens kept, from its end)", 384),
+    "max_target_length": Setting(positive_int, "an integer >= 1 (response tokens kept)", 128),
+    "validation_size": Setting(size, "a fraction in (0, 1) or a whole count", 0.1),
+    "test_size": Setting(optional(size), "a fraction or a count (tasks shipped without a test split)", None),
+    "max_train_examples": Setting(optional(positive_int), "an integer >= 1 or null (all)", None),
+    "test_examples": Setting(optional(positive_int), "an integer >= 1 or null (the whole test split)", None),
+    "max_new_tokens": Setting(positive_int, "an integer >= 1 (greedy decoding budget)", 256),
+    "eval_tokens": Setting(positive_int, "an integer >= 1 (tokens per scoring batch)", 4096),
+    "on_bad_row": Setting(lambda v: v in BAD_ROW_POLICIES, f"one of {list(BAD_ROW_POLICIES)}", "error"),
+}
+DATA_SETTINGS = ("model", "max_source_length", "max_target_length", "validation_size", "test_size",
+                 "max_train_examples", "test_examples", "seed", "on_bad_row")
+HELD_OUT = "test"
+TASKS = {
+    "gsm8k": Task("gsm8k", {"nll": "min", "exact_match": "max"}, "nll", FORMATS["gsm8k"]),
+    "alpaca": Task("alpaca", {"perplexity": "min", "nll": "min"}, "perplexity", FORMATS["alpaca"]),
+    "hh_rlhf": Task("hh_rlhf", {"perplexity": "min", "nll": "min", "preference_accuracy": "max"}, "perplexity",
+                    FORMATS["hh_rlhf"]),
+}
+
+
+def causal_task(config: dict) -> CausalTask:
+    return TASKS[config["task"]].details
+
+
+def clock(config: dict) -> tuple[str, float]:
+    return "epoch", config["epochs"]
+
+
+def check_data(task: str, data_dir: Path | None) -> str:
+    details = TASKS[task].details
+    if data_dir is not None:
+        missing = missing_files(details, data_dir)
+        if missing:
+            raise UsageError(f"{missing[0]} not found; {task} needs {details.source.folder}/ under --data-dir "
+                             "(see ../shared/data), or drop --data-dir to load it from the hub")
+        return str(data_dir)
+    if hub_reachable(details.source.hub[0]):
+        return "hub"
+    raise UsageError(f"no data for {task}: the Hugging Face hub is unreachable and no data directory is set; "
+                     f"pass --data-dir DIR (holding {details.source.folder}/) or set LLMM_DATA_DIR")
+
+
+@dataclass
+class CausalData:
+    """Tokenised train and validation examples (prompt masked), shared by every trial of a search."""
+
+    train: Dataset
+    validation: Dataset
+    validation_examples: list[Example]  # for exact match and preference accuracy
+    train_lengths: list[int]
+
+
+def tokenizer_for(config: dict):
+    tokenizer = load_tokenizer(config["model"], trust_remote_code=config.get("trust_remote_code", False))
+    if tokenizer.pad_token_id is None:  # Llama-2 has none; padding positions are masked by length anyway
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def tokenize(examples: list[Example], tokenizer, config: dict, replies: list[str] | None = None) -> Dataset:
+    """Each example's prompt and target (or the given replies instead), the prompt masked in the labels."""
+    replies = replies or [e.target for e in examples]
+    return Dataset.from_list([encode(tokenizer, e.prompt, reply, config["max_source_length"],
+                                     config["max_target_length"]) for e, reply in zip(examples, replies)])
+
+
+def prepare(config: dict, source: str) -> CausalData:
+    if not is_causal_lm(config["model"], config.get("trust_remote_code", False)):
+        raise UsageError(f"model {config['model']!r} is not a causal LM; the causal_lm family needs a decoder with a "
+                         "language-modelling head (smollm2, meta-llama/Llama-2-7b-hf, ...): set model in the YAML")
+    train, validation, _ = splits(causal_task(config), source, config)
+    tokenizer = tokenizer_for(config)
+    train_set = tokenize(train, tokenizer, config)
+    return CausalData(train_set, tokenize(validation, tokenizer, config), validation,
+                      [len(ids) for ids in train_set["input_ids"]])
+
+
+def build_model(config: dict, device: str) -> nn.Module:
+    torch.manual_seed(config["seed"])
+    model = load_causal_lm(config["model"], trust_remote_code=config.get("trust_remote_code", False))
+    model.config.use_cache = False  # training; generation turns the cache on per call
+    adapted = apply_llmm(model, llmm_config(config), init_device=device, loftq_cache=config.get("loftq_cache"))
+    return adapted.to(device)
+
+
+def preference_accuracy(model: nn.Module, examples: list[Example], tokenizer, config: dict, device: str) -> float:
+    """Share of non-identical pairs whose chosen final reply gets a higher mean token log-likelihood than the
+    rejected one, given their shared dialogue."""
+    pairs = [e for e in examples if "rejected" in e.extra]
+    if not pairs:
+        return float("nan")
+    scored = [target_logprobs(model, list(tokenize(pairs, tokenizer, config, replies)), tokenizer.pad_token_id,
+                              device, config["eval_tokens"])
+              for replies in ([e.target for e in pairs], [e.extra["rejected"] for e in pairs])]
+    wins = [c[0] / max(c[1], 1) > r[0] / max(r[1], 1) for c, r in zip(*scored)]
+    return sum(wins) / len(wins)
+
+
+def gsm8k_exact_match(model: nn.Module, examples: list[Example], tokenizer, config: dict,
+                      device: str) -> dict[str, float]:
+    generations = greedy_generate(model, tokenizer, [e.prompt for e in examples], config["max_new_tokens"],
+                                  config["batch_size"] * 4, device)
+    golds = [e.extra["gold"] for e in examples]
+    return {"exact_match_strict": exact_match(generations, golds, strict=True),
+            "exact_match_flexible": exact_match(generations, golds, strict=False)}
+
+
+def evaluate(model: nn.Module, examples: list[Example], encoded: Dataset, tokenizer, config: dict, device: str,
+             generate: bool) -> dict[str, float]:
+    """Target NLL and perplexity, plus preference accuracy (HH-RLHF) and, with `generate`, exact match (GSM8K)."""
+    nll = mean_nll(target_logprobs(model, list(encoded), tokenizer.pad_token_id, device, config["eval_tokens"]))
+    scores = {"nll": nll, "perplexity": math.exp(min(nll, 50.0))}
+    task = config["task"]
+    if task == "hh_rlhf":
+        scores["preference_accuracy"] = preference_accuracy(model, examples, tokenizer, config, device)
+    if task == "gsm8k" and generate:
+        if device == "cpu":  # decoding re-reads every weight per token: a merged float model is ~2x faster here
+            model = merge_llmm(copy.deepcopy(model))
+        scores |= gsm8k_exact_match(model, examples, tokenizer, config, device)
+    return scores
+
+
+def train(config: dict, data: CausalData, report: Reporter, resume: str | None = None,
+          device: str | None = None) -> None:
+    device = device or default_device()
+    model = build_model(config, device)
+    tokenizer = tokenizer_for(config)
+    generate = config["metric"] == "exact_match"  # decoding on validation only when it selects
+
+    def validate() -> dict[str, float]:
+        scores = evaluate(model, data.validation_examples, data.validation, tokenizer, config, device, generate)
+        if generate:
+            scores["exact_match"] = scores.pop("exact_match_flexible")
+            scores.pop("exact_match_strict")
+        return scores
+
+    fit(config, model, data.train, data.train_lengths, functools.partial(pad, pad_id=tokenizer.pad_token_id),
+        validate, report, resume, device)
+
+
+@functools.cache
+def _untuned(config_items: tuple, source: str) -> dict[str, float]:
+    """The pretrained model's scores on the same test examples (computed once per process)."""
+    config = dict(config_items)
+    device = default_device()
+    tokenizer = tokenizer_for(config)
+    test = splits(causal_task(config), source, config)[2]
+    model = load_causal_lm(config["model"], trust_remote_code=config.get("trust_remote_code", False)).to(device)
+    return evaluate(model, test, tokenize(test, tokenizer, config), tokenizer, config, device, generate=True)
+
+
+def score(config: dict, checkpoint: str, source: str) -> dict[str, float]:
+    """Test metrics of a checkpoint (GSM8K: strict and flexible exact match by greedy decoding; Alpaca:
+    perplexity; HH-RLHF: perplexity and preference accuracy), each beside the untuned model's."""
+    device = default_device()
+    tokenizer = tokenizer_for(config)
+    test = splits(causal_task(config), source, config)[2]
+    model = load_adapter(build_model(config, device), checkpoint).eval()
+    tuned = evaluate(model, test, tokenize(test, tokenizer, config), tokenizer, config, device, generate=True)
+    keys = ("model", "task", "max_source_length", "max_target_length", "validation_size", "test_size",
+            "max_train_examples", "test_examples", "seed", "on_bad_row", "max_new_tokens", "eval_tokens",
+            "batch_size", "trust_remote_code")
+    untuned = _untuned(tuple((k, config.get(k)) for k in keys), source)
+    return {**tuned, **{f"untuned_{k}": v for k, v in untuned.items()}}
