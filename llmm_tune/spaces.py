@@ -22,7 +22,8 @@ PROFILES = ("paper", "cpu")
 METHOD_CHOICES = ("llmm", "loftq", "qlora", "lora")
 SAMPLERS = ("loguniform", "uniform", "int", "choice")
 TOP_KEYS = {"family", "task", "metric", "space", "fixed", "early_stopping", "profiles", "warm_start"}
-PROFILE_KEYS = {"space", "fixed", "num_samples", "warm_start", "metric"}  # each replaces the top-level one
+PROFILE_KEYS = {"space", "fixed", "num_samples", "warm_start", "metric", "early_stopping"}  # a profile's replaces
+# the top-level one (space and fixed: key by key)
 EARLY_STOPPING = {"metric": None, "mode": None, "grace_period": 1, "reduction_factor": 2}  # None: the selection's
 # What --method fixes so the baselines share the space and budget of the method itself;
 # None marks a setting the baseline does not use (the noise scale without moments, say).
@@ -193,15 +194,17 @@ def load_spec(task_or_path: str, profile: str, method: str, num_samples: int | N
     if metric not in task.metrics:
         _fail(path, "metric", f"{metric!r} is not reported by {task.name}; choose one of {', '.join(task.metrics)}")
     mode = task.metrics[metric]
-    stopping = {**EARLY_STOPPING, **_mapping(path, "early_stopping", raw.get("early_stopping"), set(EARLY_STOPPING))}
+    where = f"profiles.{profile}.early_stopping" if "early_stopping" in chosen else "early_stopping"
+    stopping = {**EARLY_STOPPING, **_mapping(path, where, chosen.get("early_stopping", raw.get("early_stopping")),
+                                             set(EARLY_STOPPING))}
     stopping["metric"] = stopping["metric"] or f"val_{metric}"
     reported = {f"val_{m}": d for m, d in task.metrics.items()}
     stopping["mode"] = stopping["mode"] or reported.get(stopping["metric"])
     if stopping["mode"] not in MODES or not isinstance(stopping["metric"], str):
-        _fail(path, "early_stopping", f"needs metric: a reported name ({', '.join(reported)}) and mode: min or max")
+        _fail(path, where, f"needs metric: a reported name ({', '.join(reported)}) and mode: min or max")
     if not (positive(stopping["grace_period"]) and positive(stopping["reduction_factor"])
             and stopping["reduction_factor"] > 1):
-        _fail(path, "early_stopping", "grace_period must be > 0 and reduction_factor > 1")
+        _fail(path, where, "grace_period must be > 0 and reduction_factor > 1")
     samples = num_samples if num_samples is not None else chosen.get("num_samples", 10)
     if not positive_int(samples):
         _fail(path, f"profiles.{profile}.num_samples", f"must be an integer >= 1, got {samples!r}")

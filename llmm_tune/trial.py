@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import json
+import sys
 import traceback
 from pathlib import Path
 
@@ -27,6 +28,9 @@ def trainable(config: dict, family: str, data, experiment: str) -> None:
     from llmm_tune.console import quiet_logs
 
     quiet_logs()
+    for stream in (sys.stdout, sys.stderr):  # Ray's Tee (the trial's log files) lacks isatty, which transformers
+        if not hasattr(stream, "isatty"):  # calls when it reports weights a checkpoint lacks (a new task head)
+            stream.isatty = lambda: False
     resources = tune.get_context().get_trial_resources().required_resources
     torch.set_num_threads(max(1, int(resources.get("CPU", 1))))
     recipe = load_family(family)

@@ -1,5 +1,6 @@
 """Small, real inputs for searches on CPU: a CoLA subset of the shared data and a 2-layer BERT built
-from config with the packaged MiniLM tokenizer (its weights are random; the pipeline is real)."""
+from config with the packaged MiniLM tokenizer (its weights are random, it has no task head; the
+pipeline is real)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ def subset_glue(out: Path, train_rows: int = 320, dev_rows: int = 160) -> Path:
 
 def tiny_bert(out: Path) -> Path:
     import torch
-    from transformers import BertConfig, BertForSequenceClassification
+    from transformers import BertConfig, BertModel
 
     from llmm_tune.models import load_tokenizer
 
@@ -34,7 +35,7 @@ def tiny_bert(out: Path) -> Path:
     torch.manual_seed(0)
     config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=64, max_position_embeddings=64)
-    BertForSequenceClassification(config).save_pretrained(out)
+    BertModel(config).save_pretrained(out)  # no task head, like MiniLM: loading reports it missing
     tokenizer.save_pretrained(out)
     return out
 
