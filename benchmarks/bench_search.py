@@ -1,13 +1,15 @@
 """Orchestration overhead of a search: N trainings under Ray Tune vs the same N back to back.
 
-    python benchmarks/bench_search.py [--trials 4] [--data-dir ../shared/data]
+    python benchmarks/bench_search.py [--space glue_cola] [--trials 4] [--data-dir ../shared/data]
 
-Both sides run the real GLUE recipe (`trainables.glue.train`, under Tune through `llmm_tune.trial`)
-on the same tokenised CoLA data with
-the same configurations, one trial at a time with every CPU, so the difference is what Tune adds:
-worker start-up, passing the data through the object store, reporting, checkpoint syncing and the
-searcher and scheduler bookkeeping. Ray's own start-up (`ray.init`) is printed apart. Trial start
-latency is measured with an empty trainable: from Tune launching a trial to its first line of code.
+Both sides run the real recipe of the space's family (`train`, under Tune through `llmm_tune.trial`)
+on the same tokenised data with the same configurations (the cpu profile's warm starts, 1 epoch),
+one trial at a time with every CPU, so the difference is what Tune adds: worker start-up, passing
+the data through the object store, reporting, checkpoint syncing and the searcher and scheduler
+bookkeeping. Ray's own start-up (`ray.init`) is printed apart. Trial start latency is measured with
+an empty trainable: from Tune launching a trial to its first line of code. Then a trial's own start
+(loading the model and its LoftQ initialisation) without the on-disk LoftQ cache, with it empty (the
+first trial of a search computes and stores it) and with it filled (every later trial, on any worker).
 """
 
 from __future__ import annotations
@@ -24,32 +26,31 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from llmm_tune import quant  # noqa: E402
 from llmm_tune.console import quiet_logs  # noqa: E402
 from llmm_tune.data import resolve_data_dir  # noqa: E402
 from llmm_tune.spaces import load_spec  # noqa: E402
 from llmm_tune.trial import trainable  # noqa: E402
-from trainables.glue import prepare, train  # noqa: E402
 
 
-def configs(trials: int, train_examples: int) -> list[dict]:
-    spec = load_spec("glue_cola", "cpu", "llmm")
-    base = {**spec.fixed, "task": "cola", "metric": "mcc", "mode": "max", "epochs": 1, "evals_per_epoch": 2,
-            "max_train_examples": train_examples}
+def configs(spec, trials: int, train_examples: int) -> list[dict]:
+    base = {**spec.fixed, "task": spec.task, "metric": spec.metric, "mode": spec.mode, "epochs": 1,
+            "evals_per_epoch": 2, "max_train_examples": train_examples}
     return [{**base, **spec.warm_start[i % len(spec.warm_start)], "seed": i} for i in range(trials)]
 
 
-def back_to_back(runs: list[dict], data) -> float:
+def back_to_back(recipe, runs: list[dict], data) -> float:
     started = time.perf_counter()
     for config in runs:
-        train(config, data, lambda metrics, directory: None)
+        recipe.train(config, data, lambda metrics, directory: None)
     return time.perf_counter() - started
 
 
-def under_tune(runs: list[dict], data, cpus: int, storage: str) -> float:
+def under_tune(family: str, runs: list[dict], data, cpus: int, storage: str) -> float:
     from ray import tune
     from ray.tune.search import BasicVariantGenerator
 
-    trial = tune.with_resources(tune.with_parameters(trainable, family="glue", data=data, experiment=storage),
+    trial = tune.with_resources(tune.with_parameters(trainable, family=family, data=data, experiment=storage),
                                 {"cpu": cpus})
     tuner = tune.Tuner(trial, param_space=runs[0],
                        tune_config=tune.TuneConfig(search_alg=BasicVariantGenerator(points_to_evaluate=runs,
@@ -78,19 +79,32 @@ def start_latency(trials: int, storage: str) -> list[float]:
     return [b - a for a, b in zip([launched, *entered[:-1]], entered)]
 
 
+def model_start(recipe, config: dict, cache: str) -> list[float]:
+    """Seconds to build a trial's model: no LoftQ cache, an empty one (computed and stored), a filled one."""
+    seconds = []
+    for loftq_cache in (None, cache, cache):
+        quant._CACHE.clear()  # the in-memory LoftQ cache a worker keeps between its trials: measure the disk's
+        started = time.perf_counter()
+        recipe.build_model({**config, "loftq_cache": loftq_cache}, "cpu")
+        seconds.append(time.perf_counter() - started)
+    return seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--space", default="glue_cola", help="a search space of search_spaces/ (e.g. gsm8k)")
     parser.add_argument("--trials", type=int, default=4)
-    parser.add_argument("--train-examples", type=int, default=4000, help="CoLA train examples per trial")
+    parser.add_argument("--train-examples", type=int, default=4000, help="train examples per trial")
     parser.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
     args = parser.parse_args()
     quiet_logs()
     cpus = os.cpu_count() or 1
     torch.set_num_threads(cpus)
-    runs = configs(args.trials, args.train_examples)
-    fixed = runs[0]
-    data = prepare(fixed, str(resolve_data_dir(args.data_dir)))
-    baseline = back_to_back(runs, data)
+    spec = load_spec(args.space, "cpu", "llmm")
+    recipe = spec.recipe
+    runs = configs(spec, args.trials, args.train_examples)
+    data = recipe.prepare(runs[0], str(resolve_data_dir(args.data_dir)))
+    baseline = back_to_back(recipe, runs, data)
 
     import ray
 
@@ -98,13 +112,16 @@ def main() -> None:
     ray.init(include_dashboard=False, logging_level="ERROR", _node_ip_address="127.0.0.1")
     ray_start = time.perf_counter() - started
     with tempfile.TemporaryDirectory() as storage:
-        tuned = under_tune(runs, data, cpus, storage)
+        tuned = under_tune(spec.family, runs, data, cpus, storage)
         latency = start_latency(max(args.trials, 4), storage)
-    print(f"{args.trials} trials of CoLA ({args.train_examples} train examples, 1 epoch, 2 evaluations), "
+        start = model_start(recipe, runs[0], storage)
+    print(f"{args.trials} trials of {spec.task} ({args.train_examples} train examples, 1 epoch, 2 evaluations), "
           f"{cpus} CPU(s), one at a time")
     print(f"back to back in one process: {baseline:.1f} s | under Ray Tune: {tuned:.1f} s | "
           f"ratio {tuned / baseline:.3f} (goal <= 1.10) | ray.init {ray_start:.1f} s (once per search)")
     print(f"trial start latency: first {latency[0]:.2f} s, then median {statistics.median(latency[1:]):.2f} s")
+    print(f"model start (load + LoftQ, {runs[0]['loftq_iters']} iterations): no LoftQ cache {start[0]:.1f} s | "
+          f"empty cache (compute and store) {start[1]:.1f} s | filled cache {start[2]:.1f} s")
 
 
 if __name__ == "__main__":

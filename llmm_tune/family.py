@@ -12,8 +12,8 @@ A family is a module (`trainables.<name>` or any importable dotted path) with th
     score(config, checkpoint, source) -> dict         the held-out split, scored once, for the table
     clock(config) -> (str, float)                     the reported key ASHA counts in, and its final value
 
-`train` reports `val_<metric>` for every metric of its task; which one selects, and in which
-direction, is data (`Task.metrics`), never assumed by the driver.
+`train` reports `val_<metric>` for the metrics of its task it computes (the selection metric always);
+which one selects, and in which direction, is data (`Task.metrics`), never assumed by the driver.
 """
 
 from __future__ import annotations

@@ -68,7 +68,10 @@ def fit(config: dict, model: nn.Module, train: Dataset, lengths: list[int], coll
         epoch = progress["step"] // steps_per_epoch
         order = torch.Generator().manual_seed(config["seed"] * 1_000_003 + epoch)  # same per epoch on resume
         sampler = LengthGroupedSampler(batch_size, lengths=lengths, generator=order)
-        loader = DataLoader(train, batch_size=batch_size, sampler=sampler, collate_fn=collate)
+        # the loader's own generator: without one, each new iterator draws from the global RNG that the
+        # adapters' noise uses, and a run resumed mid-epoch would draw once more than an uninterrupted one
+        loader = DataLoader(train, batch_size=batch_size, sampler=sampler, collate_fn=collate,
+                            generator=torch.Generator())
         done = (progress["step"] - epoch * steps_per_epoch) * accum
         for index, batch in enumerate(islice(loader, done, None), start=done):
             loss = model(**batch.to(device)).loss

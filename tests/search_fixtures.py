@@ -40,6 +40,24 @@ def tiny_bert(out: Path) -> Path:
     return out
 
 
+def tiny_causal_lm(out: Path) -> Path:
+    """A 2-layer Llama with SmolLM2's tokenizer (pad == eos), random weights."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from llmm_tune.models import load_tokenizer
+
+    tokenizer = load_tokenizer("smollm2")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+    LlamaForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
 def tiny_space(out: Path, model: Path, name: str = "tiny_cola", searched: dict | None = None,
                warm_start: list[dict] | None = None, family: str = "glue", **fixed) -> Path:
     """A CoLA search space small enough for tests, with one warm-start point unless given others."""

@@ -51,6 +51,23 @@ def missing_file(tmp_path: Path) -> str:
     return str(tmp_path / "data")
 
 
+def gsm8k_with_bad_row(tmp_path: Path) -> str:
+    folder = tmp_path / "data" / "gsm8k"
+    folder.mkdir(parents=True)
+    rows = (SHARED_DATA / "gsm8k" / "train.jsonl").read_text().splitlines()[:50]
+    (folder / "train.jsonl").write_text("\n".join(rows[:2] + ['{"question": "What is 1 + 1?"}'] + rows[2:]) + "\n")
+    (folder / "test.jsonl").write_text((SHARED_DATA / "gsm8k" / "test.jsonl").read_text())
+    return str(tmp_path / "data")
+
+
+def causal_space(tmp_path: Path, **fixed) -> str:
+    raw = yaml.safe_load((Path(search.__file__).parent.parent / "search_spaces" / "gsm8k.yaml").read_text())
+    raw["profiles"]["cpu"]["fixed"].update(fixed)
+    path = tmp_path / "gsm8k_space.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
 GOOD_ROW = "gj04\t1\t\tThe book was read by Mary.\n"
 # (case, arguments given tmp_path, words the message must contain)
 BAD_INPUTS = [
@@ -85,6 +102,14 @@ BAD_INPUTS = [
     ("bad label", lambda t: ["glue_cola", "--data-dir", data_with_train_rows(t, GOOD_ROW + "gj04\t7\t\tx\n")],
      ["train.tsv:2: bad label '7'"]),
     ("no data, hub unreachable", lambda t: ["glue_cola"], ["hub is unreachable", "--data-dir"]),
+    ("task of another family", lambda t: [space_file(t, lambda s: s.update(task="gsm8k"))],
+     ["'gsm8k' is not a task of family glue", "the family that has it"]),
+    ("family unknown", lambda t: [space_file(t, lambda s: s.update(family="no_such_family"))],
+     ["unknown family 'no_such_family'"]),
+    ("not a causal LM", lambda t: [causal_space(t, model="minilm"), "--data-dir", str(SHARED_DATA)],
+     ["model 'minilm' is not a causal LM", "set model in the YAML"]),
+    ("causal row without its fields", lambda t: ["gsm8k", "--data-dir", gsm8k_with_bad_row(t)],
+     ["gsm8k/train.jsonl:3: expected 'question' and 'answer'", "--on-bad-row skip"]),
     ("resume of nothing", lambda t: ["glue_cola", "--resume", "--name", "never", "--storage", str(t)],
      ["no experiment 'never'", "drop --resume"]),
     ("results not writable", lambda t: ["glue_cola", "--data-dir", str(SHARED_DATA), "--results", "/dev/null/x"],

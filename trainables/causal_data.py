@@ -10,6 +10,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from llmm_tune.data import BadRows, split_off
 from llmm_tune.errors import UsageError
 
@@ -166,11 +168,16 @@ def splits(task: CausalTask, source: str, config: dict) -> tuple[list[Example], 
     kept, held = split_off([e.key for e in train], config["validation_size"], config["seed"],
                            excluded={e.key for e in test}, grouped=grouped)
     train, validation = [train[i] for i in kept], [train[i] for i in held]
-    if config["max_train_examples"] is not None:
-        train = train[:config["max_train_examples"]]
-    if config["test_examples"] is not None:
-        test = test[:config["test_examples"]]
-    return train, validation, test
+    return (_sample(train, config["max_train_examples"], config["seed"]), validation,
+            _sample(test, config["test_examples"], task.test_seed))  # the same test examples for every trial
+
+
+def _sample(examples: list[Example], size: int | None, seed: int) -> list[Example]:
+    """A seeded draw of `size` examples in their original order (all of them when `size` is None): the
+    files are grouped by source (HH-RLHF's four subsets), so their first rows are no sample."""
+    if size is None or size >= len(examples):
+        return examples
+    return [examples[i] for i in sorted(np.random.default_rng(seed).choice(len(examples), size, replace=False))]
 
 
 NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")
@@ -184,13 +191,15 @@ def _number(text: str) -> float | None:
 
 
 def extract_answer(generation: str, strict: bool) -> float | None:
-    """GSM8K answer extraction: the number after the first "The final answer is:" (else after "####"): a
-    model that goes on to invent a next question answers that one later. `strict=False` falls back to the
-    last number anywhere (lm-evaluation-harness's flexible match). Commas and `$` are stripped."""
+    """GSM8K answer extraction: the number right after the first "The final answer is:" (else after
+    "####"): a model that goes on to invent a next question answers that one later. Without one,
+    `strict=False` takes the last number anywhere (lm-evaluation-harness's flexible match). Commas and `$`
+    are stripped."""
     for marker in (FINAL.strip(), "####"):
         if marker in generation:
-            found = NUMBER.search(generation.split(marker, 1)[1])
-            return _number(found.group()) if found else None
+            found = NUMBER.match(generation.split(marker, 1)[1].lstrip())
+            if found:
+                return _number(found.group())
     if strict:
         return None
     numbers = NUMBER.findall(generation)

@@ -119,16 +119,16 @@ def build_model(config: dict, device: str) -> nn.Module:
     return adapted.to(device)
 
 
-def preference_accuracy(model: nn.Module, examples: list[Example], tokenizer, config: dict, device: str) -> float:
+def preference_accuracy(model: nn.Module, examples: list[Example], chosen: list[tuple[float, int]], tokenizer,
+                        config: dict, device: str) -> float:
     """Share of non-identical pairs whose chosen final reply gets a higher mean token log-likelihood than the
-    rejected one, given their shared dialogue."""
-    pairs = [e for e in examples if "rejected" in e.extra]
+    rejected one, given their shared dialogue; `chosen` holds the chosen replies' (sum, count) already."""
+    pairs = [i for i, e in enumerate(examples) if "rejected" in e.extra]
     if not pairs:
         return float("nan")
-    scored = [target_logprobs(model, list(tokenize(pairs, tokenizer, config, replies)), tokenizer.pad_token_id,
-                              device, config["eval_tokens"])
-              for replies in ([e.target for e in pairs], [e.extra["rejected"] for e in pairs])]
-    wins = [c[0] / max(c[1], 1) > r[0] / max(r[1], 1) for c, r in zip(*scored)]
+    encoded = tokenize([examples[i] for i in pairs], tokenizer, config, [examples[i].extra["rejected"] for i in pairs])
+    rejected = target_logprobs(model, list(encoded), tokenizer.pad_token_id, device, config["eval_tokens"])
+    wins = [chosen[i][0] / max(chosen[i][1], 1) > r[0] / max(r[1], 1) for i, r in zip(pairs, rejected)]
     return sum(wins) / len(wins)
 
 
@@ -144,13 +144,15 @@ def gsm8k_exact_match(model: nn.Module, examples: list[Example], tokenizer, conf
 def evaluate(model: nn.Module, examples: list[Example], encoded: Dataset, tokenizer, config: dict, device: str,
              generate: bool) -> dict[str, float]:
     """Target NLL and perplexity, plus preference accuracy (HH-RLHF) and, with `generate`, exact match (GSM8K)."""
-    nll = mean_nll(target_logprobs(model, list(encoded), tokenizer.pad_token_id, device, config["eval_tokens"]))
+    logprobs = target_logprobs(model, list(encoded), tokenizer.pad_token_id, device, config["eval_tokens"])
+    nll = mean_nll(logprobs)
     scores = {"nll": nll, "perplexity": math.exp(min(nll, 50.0))}
     task = config["task"]
     if task == "hh_rlhf":
-        scores["preference_accuracy"] = preference_accuracy(model, examples, tokenizer, config, device)
+        scores["preference_accuracy"] = preference_accuracy(model, examples, logprobs, tokenizer, config, device)
     if task == "gsm8k" and generate:
-        if device == "cpu":  # decoding re-reads every weight per token: a merged float model is ~2x faster here
+        if device == "cpu" and hasattr(model, "llmm_config"):  # decoding re-reads every weight per token: a
+            # merged float model is faster here than dequantising the base at every step
             model = merge_llmm(copy.deepcopy(model))
         scores |= gsm8k_exact_match(model, examples, tokenizer, config, device)
     return scores
