@@ -9,7 +9,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 from torch import nn
-from transformers import BatchEncoding, PreTrainedTokenizerBase
+from transformers import BatchEncoding, DynamicCache, PreTrainedTokenizerBase
 
 IGNORE = -100  # label of a position that carries no loss
 
@@ -83,25 +83,45 @@ def mean_nll(logprobs: Sequence[tuple[float, int]]) -> float:
 
 @torch.inference_mode()
 def greedy_generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
-                    max_new_tokens: int, batch_size: int, device: str) -> list[str]:
-    """Greedy continuations (deterministic), batched by prompt length with left padding and a KV cache;
-    each stops at EOS."""
+                    max_new_tokens: int, batch_size: int, device: str, stop_at_eos: bool = True) -> list[str]:
+    """Greedy continuations (deterministic) of prompts batched by length, left-padded, with a KV cache; each
+    stops at EOS (or, with `stop_at_eos=False`, runs `max_new_tokens`: for timing). Written out rather than
+    `model.generate`, which keeps decoding every finished sequence until the batch's longest is done: here
+    a sequence that ends leaves the batch and its cache rows go."""
     model.eval()
     encoded = [tokenizer(p)["input_ids"] for p in prompts]
     outputs: list[str] = [""] * len(prompts)
+    eos = tokenizer.eos_token_id if stop_at_eos else -1
     order = np.argsort([len(ids) for ids in encoded], kind="stable").tolist()
     for start in range(0, len(order), batch_size):
-        indices = order[start:start + batch_size]
-        width = max(len(encoded[i]) for i in indices)
-        ids = torch.full((len(indices), width), tokenizer.pad_token_id, dtype=torch.long)
+        rows = order[start:start + batch_size]
+        width = max(len(encoded[i]) for i in rows)
+        ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
-        for row, index in enumerate(indices):
+        for row, index in enumerate(rows):
             ids[row, width - len(encoded[index]):] = torch.tensor(encoded[index])
             mask[row, width - len(encoded[index]):] = 1
-        generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
-                                   max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                   eos_token_id=tokenizer.eos_token_id, use_cache=True)
-        for row, index in enumerate(indices):
-            outputs[index] = tokenizer.decode(generated[row, width:], skip_special_tokens=True)
+        ids, mask = ids.to(device), mask.to(device)
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+                       logits_to_keep=1).logits
+        generated: dict[int, list[int]] = {index: [] for index in rows}
+        for step in range(max_new_tokens):
+            tokens = logits[:, -1].argmax(dim=-1)
+            for index, token in zip(rows, tokens.tolist()):
+                generated[index].append(token)
+            going = (tokens != eos).nonzero()[:, 0]
+            if step + 1 == max_new_tokens or len(going) == 0:
+                break
+            if len(going) < len(rows):  # finished sequences leave the batch
+                cache.batch_select_indices(going)
+                rows, tokens, mask, positions = [rows[i] for i in going.tolist()], tokens[going], mask[going], \
+                    positions[going]
+            mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
+            positions = positions[:, -1:] + 1
+            logits = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions, cache=cache,
+                           use_cache=True).logits
+        for index, tokens in generated.items():
+            outputs[index] = tokenizer.decode(tokens, skip_special_tokens=True)
     return outputs
-

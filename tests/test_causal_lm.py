@@ -16,7 +16,7 @@ from llmm_tune.models import load_causal_lm, load_tokenizer
 from llmm_tune.spaces import load_spec
 from tests.search_fixtures import SHARED_DATA, tiny_causal_lm
 from trainables import causal_lm
-from trainables.causal_data import TASKS, Example, exact_match, extract_answer, gsm8k, hh_rlhf, splits
+from trainables.causal_data import TASKS, exact_match, extract_answer, gsm8k, hh_rlhf, splits
 
 needs_data = pytest.mark.skipif(not (SHARED_DATA / "gsm8k").is_dir(), reason="needs ../shared/data")
 
@@ -114,6 +114,11 @@ def test_batched_greedy_decoding_equals_one_prompt_at_a_time(tiny_model_dir, tok
     prompts = ["Question one?", "A much longer question about many things?", "Q?"]
     batched = greedy_generate(model, tokenizer, prompts, 6, batch_size=3, device="cpu")
     assert batched == [greedy_generate(model, tokenizer, [p], 6, batch_size=1, device="cpu")[0] for p in prompts]
+    for prompt, text in zip(prompts, batched):  # the same as transformers' own greedy search
+        ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+        reference = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                   max_new_tokens=6, pad_token_id=tokenizer.pad_token_id)
+        assert text == tokenizer.decode(reference[0, ids.shape[1]:], skip_special_tokens=True)
 
 
 def test_preference_accuracy_on_pairs_whose_answer_is_known(tokenizer):
