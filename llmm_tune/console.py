@@ -127,7 +127,7 @@ class Progress(Callback):
             print(self.ended_line(trial), flush=True)
         self.report(trials, force=True)
 
-    def on_trial_result(self, iteration, trials, trial, result, **info):
+    def on_step_end(self, iteration, trials, **info):  # between results too: a first evaluation can take minutes
         self.report(trials)
 
     def on_trial_complete(self, iteration, trials, trial, **info):

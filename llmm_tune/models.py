@@ -9,12 +9,17 @@ import tempfile
 from pathlib import Path
 
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+from llmm_tune.errors import UsageError
 
 # name -> (python package, file inside it); the packages ship real weights for offline CPU runs.
 PACKAGED = {
@@ -81,13 +86,20 @@ def load_causal_lm(name: str, trust_remote_code: bool = False) -> PreTrainedMode
     return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
 
 
+def model_config(name: str, trust_remote_code: bool = False) -> PretrainedConfig:
+    """The model's configuration (no weights), or a UsageError naming the fix when it cannot be found."""
+    try:
+        path, kwargs = resolve(name)
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
+    except (OSError, ValueError) as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        raise UsageError(f"cannot load model {name!r} ({reason}); use a packaged name ({', '.join(PACKAGED)}), a "
+                         "local folder holding config.json, or a hub id this machine can reach") from None
+
+
 def is_causal_lm(name: str, trust_remote_code: bool = False) -> bool:
     """Whether `name` is a decoder with a language-modelling head (read from its config alone)."""
-    from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    path, kwargs = resolve(name)
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
+    config = model_config(name, trust_remote_code)
     if config.architectures:
         return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in config.architectures)
     return config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not config.is_encoder_decoder

@@ -41,6 +41,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                              "auto (default): paper if a GPU is present, else cpu")
     parser.add_argument("--method", choices=METHOD_CHOICES, default="llmm",
                         help="tune Llmm or one of its baselines with the same space and budget")
+    parser.add_argument("--model", help="the model every trial fine-tunes: a hub id, a local folder or a packaged "
+                                        "name (default: the profile's)")
     parser.add_argument("--num-samples", type=int, help="trials (default: the profile's)")
     parser.add_argument("--max-concurrent", type=int, help="trials at once (default: what fits)")
     parser.add_argument("--cpus-per-trial", type=float,
@@ -181,6 +183,8 @@ def new_experiment(args: argparse.Namespace, argv: list[str], storage_dir: Path)
     spec = load_spec(args.task, profile, args.method, args.num_samples)
     if args.seed is not None:
         spec.fixed["seed"] = args.seed
+    if args.model:
+        spec.fixed["model"] = args.model
     if args.on_bad_row:
         spec.fixed["on_bad_row"] = args.on_bad_row
     if args.name:
@@ -194,7 +198,8 @@ def new_experiment(args: argparse.Namespace, argv: list[str], storage_dir: Path)
     metadata = {
         "name": name, "family": spec.family, "task": spec.task, "space": space_name(spec.path), "space_yaml": spec.text,
         "profile": profile, "method": args.method, "metric": spec.metric, "mode": spec.mode,
-        "seed": spec.fixed["seed"], "num_samples": spec.num_samples, "on_bad_row": spec.fixed["on_bad_row"],
+        "seed": spec.fixed["seed"], "model": spec.fixed["model"], "num_samples": spec.num_samples,
+        "on_bad_row": spec.fixed["on_bad_row"],
         "resources": {"cpus_per_trial": cpus, "gpus_per_trial": gpus, "max_concurrent": concurrent},
         "trust_remote_code": args.trust_remote_code,
         "command": command_line("llmm_tune.search", [*argv, *([] if args.name else ["--name", name])]),
@@ -213,7 +218,7 @@ def resumed_experiment(args: argparse.Namespace, storage_dir: Path) -> tuple[Sea
                          "or drop --resume to start it")
     spec = load_spec(metadata["space"], metadata["profile"], metadata["method"], metadata["num_samples"],
                      text=metadata["space_yaml"])
-    spec.fixed.update(seed=metadata["seed"], on_bad_row=metadata["on_bad_row"])
+    spec.fixed.update(seed=metadata["seed"], model=metadata["model"], on_bad_row=metadata["on_bad_row"])
     return spec, experiment, metadata
 
 
@@ -250,15 +255,31 @@ def run(argv: list[str]) -> str:
           f"{spec.num_samples} trials, {resources['max_concurrent']} at once, "
           f"{resources['cpus_per_trial']:g} CPU + {resources['gpus_per_trial']:g} GPU each | {sizes} | "
           f"data: {source}")
-    print(f"logs: {Path(experiment) / 'llmm_search.log'} and each trial's folder; "
-          f"resume with: python -m llmm_tune.search {args.task} --resume --name {Path(experiment).name}"
-          + (f" --storage {args.storage}" if args.storage != DEFAULT_STORAGE else ""))
+    resume = (f"python -m llmm_tune.search {args.task} --resume --name {Path(experiment).name}"
+              + (f" --storage {args.storage}" if args.storage != DEFAULT_STORAGE else ""))
+    print(f"logs: {Path(experiment) / 'llmm_search.log'} and each trial's folder; resume with: {resume}")
     build_tuner(spec, metadata, data, experiment, args.resume).fit()
+    ended = ended_trials(experiment)
+    if ended < spec.num_samples:  # Ctrl+C: Tune saved its state and returned early
+        raise Interrupted(f"search interrupted with {ended} of {spec.num_samples} trials ended; nothing exported; "
+                          f"continue with: {resume}")
     if results is not None:
         from llmm_tune.export import export
 
         export([experiment], results)
     return experiment
+
+
+def ended_trials(experiment: str) -> int:
+    """Trials the saved experiment state records as ended (Tune marks the ones it stopped on Ctrl+C as
+    terminated in memory, but saves them as pending, which is what a resume reads)."""
+    from ray.tune import ExperimentAnalysis
+
+    return sum(t.status in ("TERMINATED", "ERROR") for t in ExperimentAnalysis(experiment).trials)
+
+
+class Interrupted(Exception):
+    """The user stopped the search (Ctrl+C); its state is saved."""
 
 
 def main() -> None:
@@ -267,6 +288,9 @@ def main() -> None:
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except Interrupted as stopped:
+        print(stopped, file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -106,6 +106,8 @@ BAD_INPUTS = [
      ["'gsm8k' is not a task of family glue", "the family that has it"]),
     ("family unknown", lambda t: [space_file(t, lambda s: s.update(family="no_such_family"))],
      ["unknown family 'no_such_family'"]),
+    ("model not found", lambda t: ["glue_cola", "--data-dir", str(SHARED_DATA), "--model", str(t / "nowhere")],
+     ["cannot load model", "nowhere", "a local folder holding config.json"]),
     ("not a causal LM", lambda t: [causal_space(t, model="minilm"), "--data-dir", str(SHARED_DATA)],
      ["model 'minilm' is not a causal LM", "set model in the YAML"]),
     ("causal row without its fields", lambda t: ["gsm8k", "--data-dir", gsm8k_with_bad_row(t)],

@@ -186,3 +186,21 @@ def test_a_crash_that_repeats_after_a_restore_ends_the_trial_without_more_retrie
     assert len(errors) == 1 and Path(errors[0]).read_text().count("Failure #") == 1  # one retry, not two
     ended = [line for line in run.stdout.splitlines() if line.startswith("trial ") and " failed: " in line]
     assert len(ended) == 1 and "log: " in ended[0]
+
+
+def test_ctrl_c_saves_the_search_exports_nothing_and_says_how_to_continue(assets):
+    space = tiny_space(assets["root"], assets["model"], "interrupted", epochs=8)
+    process = start_module("llmm_tune.search", *search_args(assets, space, "interrupted", "--num-samples", "2",
+                                                            "--cpus-per-trial", "1"))
+    experiment = assets["root"] / "runs" / "interrupted"
+    wait_for(lambda: len(result_lines(experiment)) >= 1, process)
+    process.send_signal(signal.SIGINT)  # what Ctrl+C sends the driver
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 130, output[-3000:]
+    last = output.strip().splitlines()[-1]
+    assert last.startswith("search interrupted with 0 of 2 trials ended; nothing exported; continue with: "
+                           "python -m llmm_tune.search ") and "--resume --name interrupted --storage " in last
+    assert not (assets["root"] / "results" / "interrupted" / "cola").exists()
+    finish(start_module("llmm_tune.search", *search_args(assets, space, "interrupted", "--resume")))
+    rows = exported_trials(assets, "interrupted")
+    assert len(rows) == 2 and {r["status"] for r in rows} == {"TERMINATED"}

@@ -22,7 +22,7 @@ from llmm_tune.config import METHOD_SETTINGS, llmm_config
 from llmm_tune.data import BAD_ROW_POLICIES, by_length, carve_validation, hub_reachable, lengths
 from llmm_tune.errors import UsageError
 from llmm_tune.fit import FIT_SETTINGS, Reporter, default_device, fit
-from llmm_tune.models import load_classifier, load_tokenizer
+from llmm_tune.models import load_classifier, load_tokenizer, model_config
 from llmm_tune.settings import COMMON, Setting, optional, positive_int, size
 from trainables.glue_data import HUB_DATASET, TASKS, GlueTask, load_splits
 
@@ -88,6 +88,7 @@ def tokenize(split: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int
 
 
 def prepare(config: dict, source: str) -> GlueData:
+    model_config(config["model"], config.get("trust_remote_code", False))  # a model that cannot load stops here
     train, dev = load_splits(glue_task(config), source, config["on_bad_row"])
     train, validation = carve_validation(train, _texts(train), set(_texts(dev)), config["validation_size"],
                                          config["seed"])
