@@ -40,12 +40,16 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def model_loss(model: nn.Module, batch) -> torch.Tensor:
+    return model(**batch).loss
+
+
 def fit(config: dict, model: nn.Module, train: Dataset, lengths: list[int], collate: Callable,
         evaluate: Callable[[], dict[str, float]], report: Reporter, resume: str | None = None,
-        device: str = "cpu") -> None:
-    """Train `model` on `train` (batches grouped by `lengths`); `evaluate()` scores the validation split
-    with the model in eval mode and returns metrics ("loss" among them), reported as `val_<name>`.
-    With `max_steps`, training stops there (the epoch clock still advances by steps)."""
+        device: str = "cpu", loss: Callable[[nn.Module, object], torch.Tensor] = model_loss) -> None:
+    """Train `model` on `train` (batches grouped by `lengths`) on `loss(model, batch)`; `evaluate()` scores
+    the validation split with the model in eval mode and returns metrics ("loss" among them), reported as
+    `val_<name>`. With `max_steps`, training stops there (the epoch clock still advances by steps)."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config["lr"], weight_decay=config["weight_decay"])
     batch_size, accum = config["batch_size"], config["grad_accum"]
@@ -74,11 +78,11 @@ def fit(config: dict, model: nn.Module, train: Dataset, lengths: list[int], coll
                             generator=torch.Generator())
         done = (progress["step"] - epoch * steps_per_epoch) * accum
         for index, batch in enumerate(islice(loader, done, None), start=done):
-            loss = model(**batch.to(device)).loss
-            if not math.isfinite(value := loss.item()):
+            batch_loss = loss(model, batch.to(device))
+            if not math.isfinite(value := batch_loss.item()):
                 raise TrialFailure(f"diverged: training loss {value} at step {progress['step']}; "
                                    "lower lr or raise scale")
-            (loss / accum).backward()
+            (batch_loss / accum).backward()
             progress["loss_sum"] += value
             progress["loss_count"] += 1
             if (index + 1) % accum and index + 1 < batches_per_epoch:

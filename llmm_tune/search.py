@@ -9,6 +9,7 @@ names it. Every input is checked before Ray starts.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
@@ -133,6 +134,10 @@ def start_ray(address: str | None) -> None:
     if address:
         ray.init(address=address, logging_level="ERROR", log_to_driver=False)
     else:
+        # Ray's memory monitor kills a trial's actor with an OutOfMemoryError that Tune's actor manager does
+        # not expect (ray 2.60: "Caught unexpected exception"), and the whole search dies with it. Without
+        # the monitor, the kernel's OOM killer ends the trial's process, which Tune retries from its checkpoint.
+        os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
         ray.init(include_dashboard=False, logging_level="ERROR", log_to_driver=False, _node_ip_address="127.0.0.1")
 
 
@@ -258,7 +263,13 @@ def run(argv: list[str]) -> str:
     resume = (f"python -m llmm_tune.search {args.task} --resume --name {Path(experiment).name}"
               + (f" --storage {args.storage}" if args.storage != DEFAULT_STORAGE else ""))
     print(f"logs: {Path(experiment) / 'llmm_search.log'} and each trial's folder; resume with: {resume}")
-    build_tuner(spec, metadata, data, experiment, args.resume).fit()
+    try:
+        build_tuner(spec, metadata, data, experiment, args.resume).fit()
+    except Exception as error:  # Ray itself failed: the state saved at the last checkpoint is what resumes
+        logging.getLogger("ray.tune").exception("the search stopped")
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+        raise Interrupted(f"the search stopped: {type(error).__name__}: {reason} (traceback in "
+                          f"{Path(experiment) / 'llmm_search.log'}); continue with: {resume}", code=1) from None
     ended = ended_trials(experiment)
     if ended < spec.num_samples:  # Ctrl+C: Tune saved its state and returned early
         raise Interrupted(f"search interrupted with {ended} of {spec.num_samples} trials ended; nothing exported; "
@@ -279,7 +290,11 @@ def ended_trials(experiment: str) -> int:
 
 
 class Interrupted(Exception):
-    """The user stopped the search (Ctrl+C); its state is saved."""
+    """The search stopped before its end, its state saved: Ctrl+C (exit code 130) or a failure of Ray (1)."""
+
+    def __init__(self, message: str, code: int = 130):
+        super().__init__(message)
+        self.code = code
 
 
 def main() -> None:
@@ -290,7 +305,7 @@ def main() -> None:
         sys.exit(2)
     except Interrupted as stopped:
         print(stopped, file=sys.stderr)
-        sys.exit(130)
+        sys.exit(stopped.code)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from llmm_tune.errors import UsageError
-from llmm_tune.lm_scoring import IGNORE, encode, greedy_generate, pad, target_logprobs
+from llmm_tune.lm_scoring import IGNORE, encode, greedy_generate, pad, response_loss, target_logprobs
 from llmm_tune.models import load_causal_lm, load_tokenizer
 from llmm_tune.spaces import load_spec
 from tests.search_fixtures import SHARED_DATA, tiny_causal_lm
@@ -107,6 +107,29 @@ def test_held_out_scoring_is_deterministic_and_independent_of_batching(tiny_mode
     for (a, n), (b, m) in zip(first, one_by_one):
         assert n == m and a == pytest.approx(b, abs=1e-4)
     assert [n for _, n in first] == [len(tokenizer(t, add_special_tokens=False)["input_ids"]) + 1 for _, t in texts]
+
+
+def test_response_loss_is_the_models_own_loss_computed_on_target_positions_only(tiny_model_dir, tokenizer):
+    model = load_causal_lm(str(tiny_model_dir))
+    batch = pad([encode(tokenizer, "A long question with many words in it?", " Yes.", 384, 128),
+                 encode(tokenizer, "Q?", " A longer answer with more tokens.", 384, 128)], tokenizer.pad_token_id)
+    assert response_loss(model, batch).item() == pytest.approx(model(**batch).loss.item(), abs=1e-5)
+
+
+def test_gradient_checkpointing_replays_the_adapters_noise(tiny_model_dir, tokenizer):
+    batch = pad([encode(tokenizer, "Question?", " Some answer here.", 384, 128)] * 2, tokenizer.pad_token_id)
+    config = tiny_config(tiny_model_dir, K=2, scale=4.0)  # large noise: a different draw changes the gradient
+
+    def gradients(checkpointing: bool) -> tuple[float, dict]:
+        model = causal_lm.build_model({**config, "gradient_checkpointing": checkpointing}, "cpu").train()
+        torch.manual_seed(3)
+        loss = response_loss(model, batch)
+        loss.backward()
+        return loss.item(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    (plain, plain_grads), (recomputed, recomputed_grads) = gradients(False), gradients(True)
+    assert recomputed == pytest.approx(plain, abs=1e-6)
+    assert all(torch.allclose(plain_grads[n], recomputed_grads[n], atol=1e-6) for n in plain_grads)
 
 
 def test_batched_greedy_decoding_equals_one_prompt_at_a_time(tiny_model_dir, tokenizer):

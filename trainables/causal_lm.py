@@ -25,7 +25,7 @@ from llmm_tune.data import BAD_ROW_POLICIES, hub_reachable
 from llmm_tune.errors import UsageError
 from llmm_tune.family import Task
 from llmm_tune.fit import FIT_SETTINGS, Reporter, default_device, fit
-from llmm_tune.lm_scoring import encode, greedy_generate, mean_nll, pad, target_logprobs
+from llmm_tune.lm_scoring import encode, greedy_generate, mean_nll, pad, response_loss, target_logprobs
 from llmm_tune.models import is_causal_lm, load_causal_lm, load_tokenizer
 from llmm_tune.settings import COMMON, Setting, optional, positive_int, size
 from trainables.causal_data import TASKS as FORMATS
@@ -41,6 +41,8 @@ SETTINGS: dict[str, Setting] = {
     "test_examples": Setting(optional(positive_int), "an integer >= 1 or null (the whole test split)", None),
     "max_new_tokens": Setting(positive_int, "an integer >= 1 (greedy decoding budget)", 256),
     "eval_tokens": Setting(positive_int, "an integer >= 1 (tokens per scoring batch)", 4096),
+    "gradient_checkpointing": Setting(lambda v: isinstance(v, bool), "true or false (recompute activations in the "
+                                      "backward pass: less memory, about a third more time)", False),
     "on_bad_row": Setting(lambda v: v in BAD_ROW_POLICIES, f"one of {list(BAD_ROW_POLICIES)}", "error"),
 }
 DATA_SETTINGS = ("model", "max_source_length", "max_target_length", "validation_size", "test_size",
@@ -115,6 +117,8 @@ def build_model(config: dict, device: str) -> nn.Module:
     torch.manual_seed(config["seed"])
     model = load_causal_lm(config["model"], trust_remote_code=config.get("trust_remote_code", False))
     model.config.use_cache = False  # training; generation turns the cache on per call
+    if config["gradient_checkpointing"]:  # non-reentrant: recomputation replays the adapters' noise draws
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     adapted = apply_llmm(model, llmm_config(config), init_device=device, loftq_cache=config.get("loftq_cache"))
     return adapted.to(device)
 
@@ -173,7 +177,7 @@ def train(config: dict, data: CausalData, report: Reporter, resume: str | None =
         return scores
 
     fit(config, model, data.train, data.train_lengths, functools.partial(pad, pad_id=tokenizer.pad_token_id),
-        validate, report, resume, device)
+        validate, report, resume, device, loss=response_loss)
 
 
 @functools.cache
