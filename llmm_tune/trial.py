@@ -4,6 +4,7 @@ reason: divergence, out of memory, or the same crash again after a restore."""
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import json
 import sys
@@ -58,10 +59,19 @@ def trainable(config: dict, family: str, data, experiment: str) -> None:
         reason = failure_reason(error) or repeated_crash(error, experiment, tune.get_context().get_trial_id())
         if reason is None:
             raise  # Tune records it and retries from the last checkpoint (FailureConfig)
-    gc.collect()  # the failed model's memory, before this worker takes the next trial
+    finally:
+        release_memory()  # the trial's model, before this worker (reused by Tune) takes the next trial
+    tune.report({FAILURE_KEY: reason})
+
+
+def release_memory() -> None:
+    """Free what a finished trial held. glibc keeps freed heap pages for reuse, and a worker that ran
+    several trials of a causal LM grew from 6.5 to 9.5 GB resident: hand them back to the system."""
+    gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    tune.report({FAILURE_KEY: reason})
+    if sys.platform == "linux":
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def repeated_crash(error: BaseException, experiment: str, trial_id: str) -> str | None:
