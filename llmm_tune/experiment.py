@@ -27,13 +27,17 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+# What makes the numbers: a change elsewhere (the README, tests) does not make a record dirty.
+CODE_PATHS = ("llmm_tune", "trainables", "search_spaces", "pyproject.toml", "requirements.lock")
+
+
 def git_commit() -> str:
-    """The checkout's commit, marked `-dirty` when it has uncommitted changes."""
+    """The checkout's commit, marked `-dirty` when the code that makes results has uncommitted changes."""
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                                 check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", *CODE_PATHS],
+                               cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
         return commit + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
