@@ -25,7 +25,7 @@ from torch import nn
 from llmm_tune import LlmmConfig, apply_llmm, bytes_per_base_parameter
 from llmm_tune.model import DEFAULT_TARGETS
 from llmm_tune.models import load_classifier
-from llmm_tune.quant import quantized_linear
+from llmm_tune.quant import quantized_linear, weight_bytes
 
 TARGETS = list(DEFAULT_TARGETS["bert"])
 HEADS = ["classifier", "pooler"]
@@ -134,10 +134,18 @@ def main() -> None:
     apply_llmm(model, LlmmConfig(rank=args.rank, K=args.K, bits=4), init_device=args.device)
     print(f"LoftQ init (NF4, rank {args.rank}, 5 iterations) of all {6 * 6} MiniLM layers: "
           f"{time.perf_counter() - start:.2f} s")
-    for bits, method in [(4, "normal_float"), (2, "uniform")]:
+    for bits, method, double_quant in [(4, "normal_float", False), (4, "normal_float", True), (2, "uniform", False)]:
         model = apply_llmm(load_classifier("minilm", num_labels=2),
-                           LlmmConfig(rank=args.rank, bits=bits, quant_method=method, loftq_iters=1))
-        print(f"bytes per base parameter, {bits}-bit {method}: {bytes_per_base_parameter(model):.4f}")
+                           LlmmConfig(rank=args.rank, bits=bits, quant_method=method, loftq_iters=1,
+                                      double_quant=double_quant))
+        size = bytes_per_base_parameter(model)
+        goal = " (goal <= 4.13)" if double_quant else ""
+        print(f"base weights, {bits}-bit {method}{' double-quantised' if double_quant else ''}: {size:.4f} bytes = "
+              f"{8 * size:.3f} bits per parameter on MiniLM{goal}")
+    # the 4096 x 4096 projections of Llama-2-7B: bitsandbytes' 1 KiB map of the 8-bit scales weighs less there
+    layer = quantized_linear(torch.randn(4096, 4096) * 0.02, None, 4, "normal_float", double_quant=True)
+    print(f"base weights, 4-bit normal_float double-quantised, one 4096x4096 layer: "
+          f"{8 * weight_bytes(layer) / 4096**2:.3f} bits per parameter (goal <= 4.13)")
 
 
 if __name__ == "__main__":

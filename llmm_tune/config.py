@@ -25,6 +25,7 @@ class LlmmConfig:
     bits: int | None = 4  # None keeps the base weights in full precision
     quant_method: str = "normal_float"
     loftq_iters: int = 5
+    double_quant: bool = False  # 4-bit normal_float: block scales in 8 bits too (bitsandbytes' compressed statistics)
     alpha: float = 16.0  # LoRA output scaling is alpha / rank
     dropout: float = 0.0
     target_modules: tuple[str, ...] | None = None  # None: the architecture's defaults
@@ -42,6 +43,9 @@ class LlmmConfig:
         check(self.bits is None or self.bits in BITS, "bits", f"one of {BITS} or None")
         check(self.quant_method in METHODS, "quant_method", f"one of {METHODS}")
         check(_is_int(self.loftq_iters) and self.loftq_iters >= 1, "loftq_iters", "an integer >= 1")
+        check(isinstance(self.double_quant, bool), "double_quant", "true or false")
+        check(not self.double_quant or (self.bits, self.quant_method) == (4, "normal_float"), "double_quant",
+              "false unless bits is 4 and quant_method normal_float (bitsandbytes compresses NF4 scales only)")
         check(_is_number(self.alpha) and self.alpha > 0, "alpha", "a number > 0")
         check(_is_number(self.dropout) and 0 <= self.dropout < 1, "dropout", "in [0, 1)")
         check(self.init is None or self.init in INITS, "init", f"one of {INITS} or None")
@@ -90,6 +94,7 @@ METHOD_SETTINGS: dict[str, Setting] = {
     "bits": Setting(lambda v: v is None or v in BITS, f"one of {list(BITS)} (or null for no quantisation)"),
     "quant_method": Setting(lambda v: v in METHODS, f"one of {list(METHODS)}"),
     "loftq_iters": Setting(positive_int, "an integer >= 1", 5),
+    "double_quant": Setting(lambda v: isinstance(v, bool), "true or false (4-bit normal_float only)", False),
     "alpha": Setting(positive, "a number > 0", 16.0),
     "dropout": Setting(fraction, "a number in [0, 1)", 0.0),
     "init": Setting(lambda v: v in (None, *INITS), "loftq, zero or null", None),
@@ -104,5 +109,8 @@ def llmm_config(config: dict, **overrides) -> LlmmConfig:
         "scale": config["scale"] if config["scale"] is not None else defaults.scale,
         "quant_method": config["quant_method"] or defaults.quant_method,
         "loftq_iters": config["loftq_iters"], "dropout": config["dropout"], "init": config["init"],
+        # applies to the 4-bit normal_float trials of a space that also searches other formats
+        "double_quant": bool(config.get("double_quant")) and (config["bits"], config["quant_method"])
+        == (4, "normal_float"),
     }
     return LlmmConfig(**{**values, **overrides})

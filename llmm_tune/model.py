@@ -68,11 +68,12 @@ def _in_head(name: str, heads: tuple[str, ...]) -> bool:
 def _build_layer(linear: nn.Linear, config: LlmmConfig, init: LoftQResult | None) -> LlmmLinear:
     weight, bias = linear.weight, linear.bias
     if init is not None:
-        base = quantized_linear(init.to_quantize.to(weight.device), bias, config.bits, config.quant_method)
+        base = quantized_linear(init.to_quantize.to(weight.device), bias, config.bits, config.quant_method,
+                                config.double_quant)
         A, B = init.A.to(weight.device), init.B.to(weight.device)
     else:  # plain LoRA init (QLoRA, LoRA): A as peft's kaiming-uniform default, B = 0
         base = linear if config.bits is None else quantized_linear(weight, bias, config.bits,
-                                                                   config.quant_method)
+                                                                   config.quant_method, config.double_quant)
         A = nn.init.kaiming_uniform_(weight.new_empty(config.rank, weight.shape[1]), a=math.sqrt(5))
         B = weight.new_zeros(weight.shape[0], config.rank)
     return LlmmLinear(base.requires_grad_(False), A, B, config.K, config.scale, config.scaling,
@@ -92,7 +93,7 @@ class LoftQStore:
         self.computed: dict[str, Tensor] = {}
         if cache is not None:
             key = hashlib.blake2b(json.dumps([config.rank, config.bits, config.quant_method, config.loftq_iters,
-                                              config.scaling]).encode(), digest_size=16)
+                                              config.scaling, config.double_quant]).encode(), digest_size=16)
             for name in names:
                 weight = model.get_submodule(name).weight
                 key.update(f"{name}{tuple(weight.shape)}".encode())
@@ -109,7 +110,7 @@ class LoftQStore:
                                   weight.shape)
             return LoftQResult(residual, s[f"{name}.A"], s[f"{name}.B"], [])
         result = cached_loftq(weight.to(self.init_device or weight.device), c.rank, c.bits, c.quant_method,
-                              c.loftq_iters, c.scaling)
+                              c.loftq_iters, c.scaling, c.double_quant)
         if self.path is not None:
             codes, absmax = quantize(result.to_quantize, c.bits, c.quant_method)
             self.computed |= {f"{name}.codes": pack(codes, c.bits).cpu(), f"{name}.absmax": absmax.cpu(),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -51,8 +52,10 @@ def dequantized_gguf(path: Path) -> Path:
     target = CACHE_DIR / "models" / f"{path.stem}-{stat.st_size}-{int(stat.st_mtime)}"
     if (target / "config.json").is_file():
         return target
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name)
-    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    print(f"dequantising {path.name} once for this machine into {target} (about half a minute)")
+    with open(os.devnull, "w") as quiet, contextlib.redirect_stderr(quiet):  # transformers' own progress bar
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name)
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     model.hf_quantizer = None  # already float32: transformers refuses to save a model it thinks is GGUF
     model.config.__dict__.pop("quantization_config", None)
     target.parent.mkdir(parents=True, exist_ok=True)

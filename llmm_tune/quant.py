@@ -68,6 +68,17 @@ def fake_quantize(weight: Tensor, bits: int, method: str) -> Tensor:
     return dequantize(*quantize(weight, bits, method), bits, method, weight.shape)
 
 
+def stored_values(weight: Tensor, bits: int, method: str, double_quant: bool = False) -> Tensor:
+    """What a base layer made by `quantized_linear` holds for `weight`, dequantised (float32): the values
+    LoftQ must correct. 4-bit normal_float takes bitsandbytes' own round trip (its NF4 table and, with
+    `double_quant`, its 8-bit block scales); every other format is `fake_quantize`."""
+    if bits == 4 and method == "normal_float":
+        data, state = bnbf.quantize_4bit(weight.detach().float().contiguous(), blocksize=BLOCK, quant_type="nf4",
+                                         compress_statistics=double_quant)
+        return bnbf.dequantize_4bit(data, state).float()
+    return fake_quantize(weight, bits, method)
+
+
 def pack(codes: Tensor, bits: int) -> Tensor:
     """Pack uint8 codes of `bits` bits into bytes, 8 // bits per byte."""
     per_byte = 8 // bits
@@ -93,8 +104,10 @@ class LoftQResult:
     errors: list[float]
 
 
-def loftq(weight: Tensor, rank: int, bits: int, method: str, iters: int, scaling: float) -> LoftQResult:
-    """LoftQ: alternate block quantisation of W - scaling B A and a rank-r SVD of W - Q.
+def loftq(weight: Tensor, rank: int, bits: int, method: str, iters: int, scaling: float,
+          double_quant: bool = False) -> LoftQResult:
+    """LoftQ: alternate block quantisation of W - scaling B A (exactly as the base layer will store it) and
+    a rank-r SVD of W - Q.
 
     Absmax requantisation is not an exact projection, so the raw error can rise after a few
     iterations (seen at 2 bits); the best iterate is kept, so the returned error never increases.
@@ -105,7 +118,7 @@ def loftq(weight: Tensor, rank: int, bits: int, method: str, iters: int, scaling
     best = LoftQResult(W, A, B, [])
     for _ in range(iters):
         residual = W - scaling * B @ A
-        Q = fake_quantize(residual, bits, method)
+        Q = stored_values(residual, bits, method, double_quant)
         U, S, Vh = torch.linalg.svd(W - Q, full_matrices=False)
         root = S[:rank].sqrt() / math.sqrt(scaling)  # W - Q ~ scaling * B A
         B, A = U[:, :rank] * root, root[:, None] * Vh[:rank]
@@ -121,16 +134,17 @@ _CACHE: OrderedDict[tuple, LoftQResult] = OrderedDict()
 CACHE_BYTES = int(os.environ.get("LLMM_LOFTQ_CACHE_MB", "1024")) * 2**20
 
 
-def cached_loftq(weight: Tensor, rank: int, bits: int, method: str, iters: int, scaling: float) -> LoftQResult:
+def cached_loftq(weight: Tensor, rank: int, bits: int, method: str, iters: int, scaling: float,
+                 double_quant: bool = False) -> LoftQResult:
     """`loftq`, memoised on the weight's content: the trials of a search that a worker runs one after
     another share the pretrained weights, so each quantiser setting is initialised once per worker.
     Least recently used entries are dropped beyond LLMM_LOFTQ_CACHE_MB (default 1024)."""
     digest = hashlib.blake2b(weight.detach().float().cpu().numpy().tobytes(), digest_size=16).hexdigest()
-    key = (digest, tuple(weight.shape), rank, bits, method, iters, scaling, str(weight.device))
+    key = (digest, tuple(weight.shape), rank, bits, method, iters, scaling, double_quant, str(weight.device))
     if key in _CACHE:
         _CACHE.move_to_end(key)
         return _CACHE[key]
-    result = loftq(weight, rank, bits, method, iters, scaling)
+    result = loftq(weight, rank, bits, method, iters, scaling, double_quant)
     _CACHE[key] = result
     while sum(r.to_quantize.nbytes + r.A.nbytes + r.B.nbytes for r in _CACHE.values()) > CACHE_BYTES:
         _CACHE.popitem(last=False)
@@ -177,14 +191,16 @@ class NF4Linear(bnb.nn.Linear4bit):
     fast_cpu_inference = False
     PACK_ROWS, PACK_COLS = 32, BLOCK  # shapes bitsandbytes' CPU repacking and kernel accept
 
-    def __init__(self, weight: Tensor, bias: Tensor | None):
+    def __init__(self, weight: Tensor, bias: Tensor | None, double_quant: bool = False):
         super().__init__(weight.shape[1], weight.shape[0], bias=bias is not None, compute_dtype=torch.float32,
-                         quant_type="nf4", device=weight.device)
-        # block 64 with plain float32 absmax (no double quantisation), so it matches `quantize` exactly
+                         compress_statistics=double_quant, quant_type="nf4", device=weight.device)
+        # block 64; its float32 absmax, or with `double_quant` absmax in 8 bits per 256 blocks (bitsandbytes'
+        # compressed statistics: 4.127 bits per weight instead of 4.5)
         data, state = bnbf.quantize_4bit(weight.detach().float().contiguous(), blocksize=BLOCK, quant_type="nf4",
-                                         compress_statistics=False)
+                                         compress_statistics=double_quant)
         self.weight = bnb.nn.Params4bit(data, requires_grad=False, quant_state=state, blocksize=BLOCK,
-                                        quant_type="nf4", compress_statistics=False, bnb_quantized=True, module=self)
+                                        quant_type="nf4", compress_statistics=double_quant, bnb_quantized=True,
+                                        module=self)
         if bias is not None:
             self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.canonical_state = None  # the weight's quant state while the packed layout is in place
@@ -224,10 +240,11 @@ class NF4Linear(bnb.nn.Linear4bit):
         return super()._apply(fn, recurse)
 
 
-def quantized_linear(weight: Tensor, bias: Tensor | None, bits: int, method: str) -> nn.Module:
-    """A frozen base layer holding `weight` at `bits` bits."""
+def quantized_linear(weight: Tensor, bias: Tensor | None, bits: int, method: str,
+                     double_quant: bool = False) -> nn.Module:
+    """A frozen base layer holding `weight` at `bits` bits (`double_quant`: 4-bit normal_float only)."""
     if bits == 4 and method == "normal_float":
-        return NF4Linear(weight, bias)
+        return NF4Linear(weight, bias, double_quant)
     return PackedLinear(weight, bias, bits, method)
 
 

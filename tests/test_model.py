@@ -204,3 +204,24 @@ def test_nf4_base_trains_after_evaluations_on_a_cpu_with_avx512_bf16(minilm, fas
         model(**ids)
         merged = merge_llmm(copy.deepcopy(model)).eval()(**ids).logits
         assert torch.allclose(merged, canonical_eval, atol=1e-4)
+
+
+@pytest.mark.parametrize("bits,method,double_quant", [(4, "normal_float", False), (4, "normal_float", True),
+                                                      (2, "uniform", False)])
+def test_loftq_kept_on_disk_rebuilds_the_same_layers(tiny_llama, tmp_path, bits, method, double_quant):
+    config = LlmmConfig(rank=4, K=1, bits=bits, quant_method=method, double_quant=double_quant, loftq_iters=2)
+    computed = apply_llmm(copy.deepcopy(tiny_llama), config, loftq_cache=str(tmp_path))
+    (stored,) = list(tmp_path.iterdir())
+    loaded = apply_llmm(copy.deepcopy(tiny_llama), config, loftq_cache=str(tmp_path))
+    assert list(tmp_path.iterdir()) == [stored]  # read, not computed again
+    for a, b in zip(llmm_layers(computed).values(), llmm_layers(loaded).values()):
+        assert torch.equal(dense_weight(a.base), dense_weight(b.base))
+        assert torch.equal(a.A_mean, b.A_mean) and torch.equal(a.B_mean, b.B_mean)
+    other = apply_llmm(copy.deepcopy(tiny_llama), LlmmConfig(rank=8, K=1, bits=bits, quant_method=method,
+                                                             loftq_iters=2), loftq_cache=str(tmp_path))
+    assert len(list(tmp_path.iterdir())) == 2 and llmm_layers(other)  # another setting, another entry
+
+
+def test_double_quant_is_only_for_4_bit_normal_float():
+    with pytest.raises(ValueError, match="LlmmConfig.double_quant must be false unless bits is 4"):
+        LlmmConfig(bits=2, double_quant=True)

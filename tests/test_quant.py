@@ -8,11 +8,15 @@ from llmm_tune.quant import (
     METHODS,
     NF4Linear,
     PackedLinear,
+    dense_weight,
     fake_quantize,
     levels,
     loftq,
     pack,
+    quantized_linear,
+    stored_values,
     unpack,
+    weight_bytes,
 )
 
 CASES = [(b, m) for b in BITS for m in METHODS]
@@ -76,14 +80,27 @@ def minilm_weight():
     return model.bert.encoder.layer[0].attention.self.query.weight.detach().clone()
 
 
-@pytest.mark.parametrize("bits,method", [(2, "uniform"), (2, "normal_float"), (4, "normal_float")])
-def test_loftq_error_never_increases_and_beats_plain_quantisation(minilm_weight, bits, method):
+@pytest.mark.parametrize("bits,method,double_quant", [(2, "uniform", False), (2, "normal_float", False),
+                                                      (4, "normal_float", False), (4, "normal_float", True)])
+def test_loftq_error_never_increases_and_beats_plain_quantisation(minilm_weight, bits, method, double_quant):
     W, scaling = minilm_weight, 4.0  # alpha / rank = 4: the factors must absorb sqrt(scaling)
-    result = loftq(W, rank=16, bits=bits, method=method, iters=5, scaling=scaling)
+    result = loftq(W, rank=16, bits=bits, method=method, iters=5, scaling=scaling, double_quant=double_quant)
     errors = result.errors
     assert len(errors) == 5 and all(b <= a for a, b in zip(errors, errors[1:]))
-    Q = fake_quantize(result.to_quantize, bits, method)
+    Q = dense_weight(quantized_linear(result.to_quantize, None, bits, method, double_quant))  # what is stored
     true_error = torch.linalg.norm(W - (Q + scaling * result.B @ result.A)).item()
-    assert true_error == pytest.approx(errors[-1], rel=1e-5)  # the kept iterate is what is returned
-    plain = torch.linalg.norm(W - fake_quantize(W, bits, method)).item()
+    assert true_error == pytest.approx(errors[-1], rel=1e-5)  # LoftQ corrected exactly the stored values
+    plain = torch.linalg.norm(W - stored_values(W, bits, method, double_quant)).item()
     assert errors[-1] < 0.97 * plain
+
+
+def test_double_quantised_nf4_stores_8_bit_scales_and_the_same_layer_output():
+    torch.manual_seed(0)
+    w = torch.randn(256, 1024) * 0.02
+    plain, compressed = NF4Linear(w, None), NF4Linear(w, None, double_quant=True)
+    assert compressed.weight.quant_state.nested and compressed.weight.quant_state.absmax.dtype == torch.uint8
+    bits = [8 * weight_bytes(layer) / w.numel() for layer in (plain, compressed)]
+    assert bits[0] == pytest.approx(4.5) and bits[1] < 4.16  # 4 + 8/64 + the scales of the scales (+ their map)
+    x = torch.randn(3, 1024)
+    assert torch.allclose(compressed(x), x @ dense_weight(compressed).T, atol=1e-5)
+    assert (dense_weight(compressed) - dense_weight(plain)).abs().max() < 0.01 * w.abs().max()
