@@ -19,10 +19,13 @@ STATE_FILE = "training_state.safetensors"
 
 
 def save_training_state(directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                        scheduler: torch.optim.lr_scheduler.LRScheduler, progress: dict) -> None:
+                        scheduler: torch.optim.lr_scheduler.LRScheduler, progress: dict,
+                        rng_states: list[torch.Tensor] | None = None) -> None:
+    """`rng_states`: the random state of each worker of a data-parallel trial (default: this process's)."""
     save_adapter(model, directory)
     optimizer_state = optimizer.state_dict()
-    tensors = {"rng.torch": torch.get_rng_state()}
+    states = rng_states or [torch.get_rng_state()]
+    tensors = {rng_key(rank): state for rank, state in enumerate(states)}
     for index, state in optimizer_state["state"].items():
         for key, value in state.items():
             tensors[f"optimizer.{index}.{key}"] = value.detach().cpu().contiguous()
@@ -35,9 +38,14 @@ def save_training_state(directory: str | Path, model: nn.Module, optimizer: torc
         save_file(tensors, str(tmp), metadata=metadata)
 
 
+def rng_key(rank: int) -> str:
+    return "rng.torch" if rank == 0 else f"rng.torch.{rank}"
+
+
 def load_training_state(directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                        scheduler: torch.optim.lr_scheduler.LRScheduler) -> dict:
-    """Restore everything `save_training_state` wrote; returns the progress record."""
+                        scheduler: torch.optim.lr_scheduler.LRScheduler, rank: int = 0) -> dict:
+    """Restore everything `save_training_state` wrote (worker `rank`'s random state); returns the progress
+    record."""
     load_adapter(model, directory)
     state: dict[int, dict] = {}
     with safe_open(str(Path(directory) / STATE_FILE), framework="pt") as f:
@@ -46,7 +54,7 @@ def load_training_state(directory: str | Path, model: nn.Module, optimizer: torc
             if name.startswith("optimizer."):
                 _, index, key = name.split(".", 2)
                 state.setdefault(int(index), {})[key] = f.get_tensor(name)
-        torch.set_rng_state(f.get_tensor("rng.torch"))
+        torch.set_rng_state(f.get_tensor(rng_key(rank) if rng_key(rank) in f.keys() else rng_key(0)))
     optimizer.load_state_dict({"state": state, "param_groups": json.loads(metadata["param_groups"])})
     scheduler.load_state_dict(json.loads(metadata["scheduler"]))
     return json.loads(metadata["progress"])

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -62,11 +63,14 @@ def log_to_file(path: Path) -> None:
 
 
 class Progress(Callback):
-    """The status line (at most every `every` seconds, and whenever a trial ends) and one line per
-    trial that ends: its score, or why it failed and where its log is."""
+    """The status line and one line per trial that ends: its score, or why it failed and where its log
+    is. On a terminal the status line is rewritten in place every 2 s; into a file or pipe it is printed
+    every minute and whenever a trial ends."""
 
-    def __init__(self, metric: str, mode: str, num_samples: int, clock: tuple[str, float], every: float = 20.0):
-        self.metric, self.mode, self.num_samples, self.every = metric, mode, num_samples, every
+    CLEAR = "\r\x1b[2K"  # back to the line's start, erase it
+
+    def __init__(self, metric: str, mode: str, num_samples: int, clock: tuple[str, float]):
+        self.metric, self.mode, self.num_samples = metric, mode, num_samples
         self.time_attr, self.budget = clock
         self.started = time.time()
         self.printed = 0.0
@@ -102,9 +106,16 @@ class Progress(Callback):
         return (f"[{minutes(elapsed)}] trials: {len(running)} running, {len(done)} done, {len(failed)} failed "
                 f"of {self.num_samples} | {best_text} | {eta}")
 
+    @staticmethod
+    def live() -> bool:  # asked each time: a resumed search unpickles this object in another console
+        return sys.stdout.isatty()
+
     def report(self, trials: list[Trial], force: bool = False) -> None:
-        if force or time.time() - self.printed >= self.every:
-            print(self.status(trials), flush=True)
+        if force or time.time() - self.printed >= (2.0 if self.live() else 60.0):
+            if self.live():
+                print(self.CLEAR + self.status(trials), end="", flush=True)
+            else:
+                print(self.status(trials), flush=True)
             self.printed = time.time()
 
     def ended_line(self, trial: Trial) -> str:
@@ -124,8 +135,12 @@ class Progress(Callback):
     def trial_ended(self, trials: list[Trial], trial: Trial) -> None:
         if trial.trial_id not in self.ended:
             self.ended.add(trial.trial_id)
-            print(self.ended_line(trial), flush=True)
+            print((self.CLEAR if self.live() else "") + self.ended_line(trial), flush=True)
         self.report(trials, force=True)
+
+    def on_experiment_end(self, trials, **info):
+        if self.live():
+            print(flush=True)  # end the status line
 
     def on_step_end(self, iteration, trials, **info):  # between results too: a first evaluation can take minutes
         self.report(trials)

@@ -15,6 +15,7 @@ import warnings
 from pathlib import Path
 
 import pandas as pd
+import pyarrow.fs as pafs
 import yaml
 
 from llmm_tune import storage
@@ -54,9 +55,26 @@ def collect(experiment: str) -> tuple[dict, pd.DataFrame, dict]:
         rows.append(row)
         checkpoint = analysis.get_best_checkpoint(trial, metric=f"val_{metric}", mode=mode) \
             if trial.last_result else None
+        if checkpoint is None and trial.last_result:
+            checkpoint = train_checkpoint(analysis.trial_dataframes.get(trial.trial_id), metric, mode, experiment)
         if checkpoint is not None:
             checkpoints[trial.trial_id] = checkpoint
     return meta, pd.DataFrame(rows).sort_values("number", kind="stable"), checkpoints
+
+
+def train_checkpoint(results: pd.DataFrame | None, metric: str, mode: str, experiment: str):
+    """The best checkpoint of a multi-worker trial still kept: its Ray Train run keeps them and reports each
+    one's path (`checkpoint_path`, inside the experiment's filesystem) with the metrics."""
+    from ray.train import Checkpoint
+
+    if results is None or "checkpoint_path" not in results:
+        return None
+    scored = results[results["checkpoint_path"].notna() & results[f"val_{metric}"].notna()]
+    fs = storage.filesystem(experiment)[0]
+    for path in scored.sort_values(f"val_{metric}", ascending=mode == "min", kind="stable")["checkpoint_path"]:
+        if fs.get_file_info(path).type != pafs.FileType.NotFound:
+            return Checkpoint(path, filesystem=fs)
+    return None
 
 
 def _trial_number(trial) -> int:

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 from llmm_tune import storage
+from llmm_tune.cluster import Layout, address, check_job_paths, check_layout, describe, machine, plan_layout, start_ray
 from llmm_tune.data import BAD_ROW_POLICIES, portable_source, resolve_data_dir
 from llmm_tune.errors import UsageError
 from llmm_tune.experiment import (
@@ -31,6 +33,9 @@ from llmm_tune.experiment import (
 from llmm_tune.spaces import METHOD_CHOICES, PROFILES, SearchSpec, load_spec, space_name
 
 DEFAULT_STORAGE = "ray_results"
+# What a multi-worker trial itself holds while its Ray Train workers run: a little memory, no CPU, so the
+# workers can take every CPU (Tune needs a non-empty request).
+TRAIN_DRIVER = {"memory": 64 * 2**20}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -47,11 +52,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--num-samples", type=int, help="trials (default: the profile's)")
     parser.add_argument("--max-concurrent", type=int, help="trials at once (default: what fits)")
     parser.add_argument("--cpus-per-trial", type=float,
-                        help="default: a quarter of the CPUs (at least 1) without GPUs, 4 with")
+                        help="CPUs per trial, or per worker with --workers-per-trial (default: a quarter of the "
+                             "CPUs, at least 1, without GPUs; 4 with)")
     parser.add_argument("--gpus-per-trial", type=float, default=None,
-                        help="GPUs per trial; fractions such as 0.25 pack several trials per GPU")
+                        help="GPUs per trial (or per worker); fractions such as 0.25 pack several trials per GPU")
+    parser.add_argument("--workers-per-trial", type=int, default=1,
+                        help="data-parallel workers per trial (a Ray Train run; gloo on CPU, nccl on GPU)")
     parser.add_argument("--address", help="an existing Ray cluster (e.g. auto, or ray://host:10001)")
-    parser.add_argument("--storage", default=DEFAULT_STORAGE, help="where experiments are kept")
+    parser.add_argument("--storage", default=DEFAULT_STORAGE,
+                        help="where experiments are kept: a folder (an NFS mount on a cluster) or an s3:// or "
+                             "gs:// URI (endpoint and credentials from the usual environment variables)")
+    parser.add_argument("--optuna-storage", help="a database URL for the Optuna study (default: a journal file in "
+                                                 "the experiment folder, for optuna-dashboard)")
     parser.add_argument("--name", help="experiment name (default: <task>-<method>-<profile>, numbered if taken)")
     parser.add_argument("--resume", action="store_true", help="continue the experiment --name")
     parser.add_argument("--seed", type=int, help="seed of the searcher and of every trial")
@@ -63,7 +75,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="let the model's hub repository run its own Python code (off by default)")
     args = parser.parse_args(argv)
-    for name in ("num_samples", "max_concurrent"):
+    if storage.is_uri(args.results):
+        raise UsageError(f"--results {args.results} must be a folder (the export writes files there); URIs are for "
+                         "--storage")
+    for name in ("num_samples", "max_concurrent", "workers_per_trial"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -84,82 +99,27 @@ def choose_profile(requested: str) -> str:
     return "cpu"
 
 
-def writable_dir(path: Path, flag: str) -> Path:
-    path = path.expanduser().resolve()
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".llmm_write_test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as error:
-        raise UsageError(f"{flag} {path} is not writable ({error.strerror}); choose a folder you can "
-                         "write to") from None
-    return path
-
-
-def plan_resources(args: argparse.Namespace) -> tuple[float, float, int]:
-    """(cpus per trial, gpus per trial, trials at once) for a local run, checked against this machine."""
-    cpus = os.cpu_count() or 1
-    gpus_here = torch.cuda.device_count()
-    gpus = args.gpus_per_trial if args.gpus_per_trial is not None else (1.0 if gpus_here else 0.0)
-    if args.address is None and gpus > gpus_here:
-        raise UsageError(f"--gpus-per-trial {gpus} exceeds the {gpus_here} GPU(s) of this machine; "
-                         "lower it or pass --address of a cluster with more")
-    # Without GPUs, several narrow trials beat one wide one on these small models (MiniLM on 2 cores:
-    # two 1-thread trials do 6.6 steps/s together, one 2-thread trial 5.0).
-    per_trial = args.cpus_per_trial or float(max(1, cpus // 4) if gpus == 0 else min(4, cpus))
-    if args.address is None and per_trial > cpus:
-        raise UsageError(f"--cpus-per-trial {per_trial:g} exceeds the {cpus} CPUs of this machine; lower it")
-    fit = int(gpus_here // gpus) if gpus else int(cpus // per_trial)
-    return per_trial, gpus, args.max_concurrent or max(1, fit)
-
-
-def check_cluster(cpus: float, gpus: float) -> None:
-    """Reject a trial shape no node can hold: its trials would wait forever."""
-    import ray
-
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    if gpus and not any(n.get("GPU", 0) >= gpus for n in nodes):
-        raise UsageError(f"--gpus-per-trial {gpus:g} exceeds every node of the cluster (largest has "
-                         f"{max((n.get('GPU', 0) for n in nodes), default=0):g}); lower it")
-    if not any(n.get("CPU", 0) >= cpus for n in nodes):
-        raise UsageError(f"--cpus-per-trial {cpus:g} exceeds every node of the cluster; lower it")
-
-
-def start_ray(address: str | None) -> None:
-    """Join a cluster, or start a private local instance: loopback only, no dashboard. Workers' output
-    stays in their trials' log files, not on this console."""
-    import ray
-
-    if address:
-        ray.init(address=address, logging_level="ERROR", log_to_driver=False)
-    else:
-        # Ray's memory monitor kills a trial's actor with an OutOfMemoryError that Tune's actor manager does
-        # not expect (ray 2.60: "Caught unexpected exception"), and the whole search dies with it. Without
-        # the monitor, the kernel's OOM killer ends the trial's process, which Tune retries from its checkpoint.
-        os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
-        ray.init(include_dashboard=False, logging_level="ERROR", log_to_driver=False, _node_ip_address="127.0.0.1")
-
-
-def build_tuner(spec: SearchSpec, metadata: dict, data, experiment: str, resume: bool):
+def build_tuner(spec: SearchSpec, metadata: dict, data, experiment: str, resume: bool, optuna_storage: str | None):
     """The Tuner of a new experiment, or of `experiment` resumed."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import ConcurrencyLimiter
 
     from llmm_tune.console import Progress
-    from llmm_tune.searcher import make_searcher
+    from llmm_tune.searcher import make_searcher, study_storage
     from llmm_tune.trial import trainable
 
-    resources = metadata["resources"]
-    trainable = tune.with_resources(
-        tune.with_parameters(trainable, family=spec.family, data=data, experiment=experiment),
-        {"cpu": resources["cpus_per_trial"], "gpu": resources["gpus_per_trial"]})
+    layout = Layout.from_record(metadata["resources"])
+    # a multi-worker trial is a Ray Train run: its workers reserve their own resources, and the trial
+    # itself only waits for them (the concurrency limit keeps the trials within what the cluster holds)
+    own = {"cpu": layout.cpus, "gpu": layout.gpus} if layout.workers == 1 else TRAIN_DRIVER
+    trainable = tune.with_resources(tune.with_parameters(trainable, family=spec.family, data=data,
+                                                         experiment=experiment, layout=metadata["resources"]), own)
     if resume:
         return tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True)
     metric = f"best_val_{spec.metric}"
     searcher = make_searcher(spec.distributions(), metric, spec.mode, spec.warm_start, spec.num_samples,
-                             spec.fixed["seed"])
+                             spec.fixed["seed"], study_storage(experiment, optuna_storage), metadata["name"])
     time_attr, budget = spec.recipe.clock(spec.fixed)
     stopping = spec.early_stopping
     scheduler = ASHAScheduler(time_attr=time_attr, metric=stopping["metric"], mode=stopping["mode"], max_t=budget,
@@ -170,7 +130,7 @@ def build_tuner(spec: SearchSpec, metadata: dict, data, experiment: str, resume:
         trainable,
         param_space={**spec.fixed, "task": spec.task, "metric": spec.metric, "mode": spec.mode,
                      "trust_remote_code": metadata["trust_remote_code"]},
-        tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, resources["max_concurrent"]),
+        tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, layout.concurrent),
                                     scheduler=scheduler, num_samples=spec.num_samples, reuse_actors=True,
                                     trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}"),
         run_config=tune.RunConfig(
@@ -183,7 +143,7 @@ def build_tuner(spec: SearchSpec, metadata: dict, data, experiment: str, resume:
     )
 
 
-def new_experiment(args: argparse.Namespace, argv: list[str], storage_dir: Path) -> tuple[SearchSpec, str, dict]:
+def new_experiment(args: argparse.Namespace, argv: list[str], storage_dir: str) -> tuple[SearchSpec, str, dict]:
     profile = choose_profile(args.profile)
     spec = load_spec(args.task, profile, args.method, args.num_samples)
     if args.seed is not None:
@@ -193,30 +153,27 @@ def new_experiment(args: argparse.Namespace, argv: list[str], storage_dir: Path)
     if args.on_bad_row:
         spec.fixed["on_bad_row"] = args.on_bad_row
     if args.name:
-        if (storage_dir / args.name).exists():
+        if storage.exists(storage.join(storage_dir, args.name)):
             raise UsageError(f"experiment {args.name!r} already exists under {storage_dir}; pass --resume to "
                              "continue it or another --name")
         name = args.name
     else:
         name = fresh_name(storage_dir, f"{Path(args.task).stem}-{args.method}-{profile}")
-    cpus, gpus, concurrent = plan_resources(args)
     metadata = {
         "name": name, "family": spec.family, "task": spec.task, "space": space_name(spec.path), "space_yaml": spec.text,
         "profile": profile, "method": args.method, "metric": spec.metric, "mode": spec.mode,
         "seed": spec.fixed["seed"], "model": spec.fixed["model"], "num_samples": spec.num_samples,
-        "on_bad_row": spec.fixed["on_bad_row"],
-        "resources": {"cpus_per_trial": cpus, "gpus_per_trial": gpus, "max_concurrent": concurrent},
-        "trust_remote_code": args.trust_remote_code,
+        "on_bad_row": spec.fixed["on_bad_row"], "trust_remote_code": args.trust_remote_code,
         "command": command_line("llmm_tune.search", [*argv, *([] if args.name else ["--name", name])]),
         "git_commit": git_commit(), "versions": package_versions(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    return spec, str(storage_dir / name), metadata
+    return spec, storage.join(storage_dir, name), metadata
 
 
-def resumed_experiment(args: argparse.Namespace, storage_dir: Path) -> tuple[SearchSpec, str, dict]:
+def resumed_experiment(args: argparse.Namespace, storage_dir: str) -> tuple[SearchSpec, str, dict]:
     if not args.name:
         raise UsageError("--resume needs --name of the experiment to continue (see --storage)")
-    experiment = str(storage_dir / args.name)
+    experiment = storage.join(storage_dir, args.name)
     metadata = read_metadata(experiment)
     if metadata is None:
         raise UsageError(f"no experiment {args.name!r} under {storage_dir} to resume; check --name and --storage, "
@@ -229,11 +186,12 @@ def resumed_experiment(args: argparse.Namespace, storage_dir: Path) -> tuple[Sea
 
 def run(argv: list[str]) -> str:
     args = parse_args(argv)
-    from llmm_tune.console import log_to_file, quiet_logs, quiet_ray
+    from llmm_tune.console import LOG_FILE, log_to_file, quiet_logs, quiet_ray
 
     quiet_ray()
     quiet_logs()
-    storage_dir = writable_dir(Path(args.storage), "--storage")
+    check_job_paths(args)
+    storage_dir = storage.writable(args.storage, "--storage")
     spec, experiment, metadata = (resumed_experiment(args, storage_dir) if args.resume
                                   else new_experiment(args, argv, storage_dir))
     recipe = spec.recipe
@@ -241,35 +199,44 @@ def run(argv: list[str]) -> str:
     source = recipe.check_data(spec.task, data_dir)
     metadata["data_dir"] = str(data_dir) if data_dir else None  # this machine's, to resume here
     metadata["data"] = portable_source(source, args.data_dir)  # what records carry
-    results = writable_dir(Path(args.results), "--results") if not args.no_export else None
+    results = None if args.no_export else Path(storage.writable(args.results, "--results"))
+    cluster = address(args)
+    if not args.resume and not cluster:
+        metadata["resources"] = plan_layout(args, machine(), "this machine").to_record()
     for note in spec.adjustments:
         print(note)
 
     data = recipe.prepare({**spec.fixed, "task": spec.task, "trust_remote_code": metadata["trust_remote_code"]},
                           source)  # bad rows and models fail here, before Ray
-    resources = metadata["resources"]
-    Path(experiment).mkdir(parents=True, exist_ok=True)
-    log_to_file(Path(experiment) / "llmm_search.log")
-    start_ray(args.address)
-    if args.address:
-        check_cluster(resources["cpus_per_trial"], resources["gpus_per_trial"])
+    log = storage.join(experiment, LOG_FILE)
+    local_log = Path(experiment) / LOG_FILE if not storage.is_uri(experiment) else \
+        Path(tempfile.mkdtemp(prefix="llmm_search_")) / LOG_FILE  # uploaded at the end
+    log_to_file(local_log)
+    resources = start_ray(cluster)
+    if not args.resume and cluster:
+        metadata["resources"] = plan_layout(args, resources, "the cluster").to_record()
+    layout = Layout.from_record(metadata["resources"])
+    if cluster:
+        check_layout(layout)
     write_metadata(experiment, metadata)
     sizes = " | ".join(f"{k} {len(v)}" for k, v in vars(data).items() if hasattr(v, "__len__") and
                        k in ("train", "validation"))
     print(f"experiment {experiment} | {spec.task} {metadata['method']} {metadata['profile']} | "
-          f"{spec.num_samples} trials, {resources['max_concurrent']} at once, "
-          f"{resources['cpus_per_trial']:g} CPU + {resources['gpus_per_trial']:g} GPU each | {sizes} | "
-          f"data: {source}")
-    resume = (f"python -m llmm_tune.search {args.task} --resume --name {Path(experiment).name}"
+          f"{spec.num_samples} trials, {describe(layout)} | {sizes} | data: {source}")
+    resume = (f"python -m llmm_tune.search {args.task} --resume --name {metadata['name']}"
               + (f" --storage {args.storage}" if args.storage != DEFAULT_STORAGE else ""))
-    print(f"logs: {Path(experiment) / 'llmm_search.log'} and each trial's folder; resume with: {resume}")
+    print(f"logs: {log} and each trial's folder; resume with: {resume}")
     try:
-        build_tuner(spec, metadata, data, experiment, args.resume).fit()
+        build_tuner(spec, metadata, data, experiment, args.resume, args.optuna_storage).fit()
     except Exception as error:  # Ray itself failed: the state saved at the last checkpoint is what resumes
         logging.getLogger("ray.tune").exception("the search stopped")
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
-        raise Interrupted(f"the search stopped: {type(error).__name__}: {reason} (traceback in "
-                          f"{Path(experiment) / 'llmm_search.log'}); continue with: {resume}", code=1) from None
+        raise Interrupted(f"the search stopped: {type(error).__name__}: {reason} (traceback in {log}); continue "
+                          f"with: {resume}", code=1) from None
+    finally:
+        if storage.is_uri(experiment):
+            storage.write_bytes(log, local_log.read_bytes())
+            shutil.rmtree(local_log.parent, ignore_errors=True)
     ended = ended_trials(experiment)
     if ended < spec.num_samples:  # Ctrl+C: Tune saved its state and returned early
         raise Interrupted(f"search interrupted with {ended} of {spec.num_samples} trials ended; nothing exported; "

@@ -10,10 +10,16 @@ never picks it.
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import optuna
 from optuna.samplers import TPESampler
+from optuna.storages import BaseStorage, JournalStorage
+from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
+from llmm_tune import storage
 from llmm_tune.errors import FAILURE_KEY
 from llmm_tune.family import worst
 
@@ -39,9 +45,24 @@ class FailureAwareOptunaSearch(OptunaSearch):
         self._completed_trials.add(trial_id)
 
 
+JOURNAL = "optuna.journal"  # <experiment>/optuna.journal: `optuna-dashboard <that file>` watches the search
+
+
+def study_storage(experiment: str, url: str | None) -> BaseStorage | None:
+    """Where the Optuna study lives: the database at `url`, else a journal file in a local experiment
+    folder; None (in memory, saved with Ray's searcher state) for an object-store experiment, since a
+    journal needs a file with locks."""
+    if url:
+        return optuna.storages.RDBStorage(url)
+    if storage.is_uri(experiment):
+        return None
+    return JournalStorage(JournalFileBackend(str(Path(experiment) / JOURNAL)))
+
+
 def make_searcher(distributions: dict, metric: str, mode: str, warm_start: list[dict], num_samples: int,
-                  seed: int) -> FailureAwareOptunaSearch:
+                  seed: int, study: BaseStorage | None = None, name: str | None = None) -> FailureAwareOptunaSearch:
     """Multivariate TPE, the warm-start points first; random start-up for a quarter of the budget."""
     sampler = TPESampler(multivariate=True, seed=seed, n_startup_trials=min(10, max(2, num_samples // 4)))
     return FailureAwareOptunaSearch(distributions, metric=metric, mode=mode, sampler=sampler,
-                                    points_to_evaluate=warm_start or None)
+                                    points_to_evaluate=warm_start or None, storage=study,
+                                    study_name=name if study else None)

@@ -9,7 +9,10 @@ import os
 import posixpath
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.fs as pafs
+
+from llmm_tune.errors import UsageError
 
 
 def is_uri(location: str) -> bool:
@@ -72,3 +75,26 @@ def list_names(location: str) -> list[str]:
     if fs.get_file_info(path).type == pafs.FileType.NotFound:
         return []
     return [posixpath.basename(info.path) for info in fs.get_file_info(pafs.FileSelector(path))]
+
+
+def delete(location: str) -> None:
+    fs, path = filesystem(location)
+    fs.delete_file(path)
+
+
+def writable(location: str, flag: str) -> str:
+    """`location` resolved (an absolute path or the URI), once a probe file was written there; a
+    UsageError naming the fix when it cannot be."""
+    location = resolve(location)
+    probe = join(location, ".llmm_write_test")
+    try:
+        if not is_uri(location):
+            Path(location).mkdir(parents=True, exist_ok=True)
+        write_bytes(probe, b"")
+        delete(probe)
+    except (OSError, pa.ArrowException) as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        fix = ("check the bucket, AWS_ENDPOINT_URL and the credentials" if is_uri(location)
+               else "choose a folder you can write to")
+        raise UsageError(f"{flag} {location} is not writable ({reason}); {fix}") from None
+    return location

@@ -22,20 +22,51 @@ CRASHES = "crashes"  # <experiment>/crashes/<trial id>.json and .log: the last c
 LOFTQ_CACHE = "loftq"  # <experiment>/loftq/: LoftQ initialisations every trial of the search shares
 
 
-def trainable(config: dict, family: str, data, experiment: str) -> None:
-    """Ray Tune function trainable; `experiment` is the experiment's folder or URI."""
+def trainable(config: dict, family: str, data, experiment: str, layout: dict) -> None:
+    """Ray Tune function trainable; `experiment` is the experiment's folder or URI, `layout` its
+    `cluster.Layout` record (more than one worker per trial: a Ray Train run, see `distributed`)."""
     from ray import tune
 
+    prepare_process()
+    trial_id = tune.get_context().get_trial_id()
+    config = {**config, "loftq_cache": storage.join(experiment, LOFTQ_CACHE)}
+    try:
+        if layout["workers_per_trial"] > 1:
+            from llmm_tune.distributed import run_workers
+
+            run_workers(config, family, data, experiment, layout, trial_id)
+        else:
+            torch.set_num_threads(max(1, int(layout["cpus_per_trial"])))
+
+            def send(metrics: dict, directory: str) -> None:
+                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
+
+            run_trial(load_family(family), config, data, send, tune.get_checkpoint())
+        return
+    except Exception as error:  # divergence, out of memory, a repeated crash: end the trial, not the search
+        reason = failure_reason(error) or repeated_crash(error, experiment, trial_id)
+        if reason is None:
+            raise  # Tune records it and retries from the last checkpoint (FailureConfig)
+    finally:
+        release_memory()  # the trial's model, before this worker (reused by Tune) takes the next trial
+    tune.report({FAILURE_KEY: reason})
+
+
+def prepare_process() -> None:
+    """Quiet library logs; and Ray's Tee (the trial's log files) lacks isatty, which transformers calls
+    when it reports weights a checkpoint lacks (a new task head)."""
     from llmm_tune.console import quiet_logs
 
     quiet_logs()
-    for stream in (sys.stdout, sys.stderr):  # Ray's Tee (the trial's log files) lacks isatty, which transformers
-        if not hasattr(stream, "isatty"):  # calls when it reports weights a checkpoint lacks (a new task head)
+    for stream in (sys.stdout, sys.stderr):
+        if not hasattr(stream, "isatty"):
             stream.isatty = lambda: False
-    resources = tune.get_context().get_trial_resources().required_resources
-    torch.set_num_threads(max(1, int(resources.get("CPU", 1))))
-    recipe = load_family(family)
-    config = {**config, "loftq_cache": storage.join(experiment, LOFTQ_CACHE)}
+
+
+def run_trial(recipe, config: dict, data, send, checkpoint) -> None:
+    """Train with `recipe`, from `checkpoint` (a Ray checkpoint) when given; each evaluation's metrics,
+    with `best_val_<metric>` so far in the task's direction, go out with their checkpoint directory
+    through `send(metrics, directory)`."""
     metric, mode = config["metric"], config["mode"]
     best = {"value": None}
 
@@ -43,25 +74,14 @@ def trainable(config: dict, family: str, data, experiment: str) -> None:
         if better(mode, metrics[f"val_{metric}"], best["value"]):
             best["value"] = metrics[f"val_{metric}"]
         (Path(directory) / BEST_FILE).write_text(json.dumps(best))
-        tune.report({**metrics, f"best_val_{metric}": best["value"]},
-                    checkpoint=tune.Checkpoint.from_directory(directory))
+        send({**metrics, f"best_val_{metric}": best["value"]}, directory)
 
-    checkpoint = tune.get_checkpoint()
-    try:
-        if checkpoint is None:
-            recipe.train(config, data, report)
-        else:
-            with checkpoint.as_directory() as directory:
-                best.update(json.loads((Path(directory) / BEST_FILE).read_text()))
-                recipe.train(config, data, report, resume=directory)
+    if checkpoint is None:
+        recipe.train(config, data, report)
         return
-    except Exception as error:  # divergence, out of memory, a repeated crash: end the trial, not the search
-        reason = failure_reason(error) or repeated_crash(error, experiment, tune.get_context().get_trial_id())
-        if reason is None:
-            raise  # Tune records it and retries from the last checkpoint (FailureConfig)
-    finally:
-        release_memory()  # the trial's model, before this worker (reused by Tune) takes the next trial
-    tune.report({FAILURE_KEY: reason})
+    with checkpoint.as_directory() as directory:
+        best.update(json.loads((Path(directory) / BEST_FILE).read_text()))
+        recipe.train(config, data, report, resume=directory)
 
 
 def release_memory() -> None:

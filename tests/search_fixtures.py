@@ -25,7 +25,7 @@ def subset_glue(out: Path, train_rows: int = 320, dev_rows: int = 160) -> Path:
     return out
 
 
-def tiny_bert(out: Path) -> Path:
+def tiny_bert(out: Path, dropout: float = 0.1) -> Path:
     import torch
     from transformers import BertConfig, BertModel
 
@@ -34,7 +34,8 @@ def tiny_bert(out: Path) -> Path:
     tokenizer = load_tokenizer("minilm")
     torch.manual_seed(0)
     config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64)
+                        intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=dropout,
+                        attention_probs_dropout_prob=dropout, classifier_dropout=dropout)
     BertModel(config).save_pretrained(out)  # no task head, like MiniLM: loading reports it missing
     tokenizer.save_pretrained(out)
     return out

@@ -1,0 +1,239 @@
+"""Capacity planning: `python -m llmm_tune.plan glue_cola --profile cpu [--gpus 4 --gpu-memory 80]`.
+
+Probes one trial of the search as configured (a few optimizer steps and one evaluation with the
+model and data of the profile, LoftQ computed then read from its disk cache, the held-out split
+scored once), or reads the figures of an earlier probe (`--figures FILE`, written by
+`--save-figures FILE`), then predicts: memory per trial and trials per GPU at fractional packing,
+the time of a whole trial, trials per hour, and the wall time of the configured search with ASHA,
+simulated with the search's own rungs and concurrency. Every figure says how it was obtained.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from llmm_tune.cluster import machine, plan_layout
+from llmm_tune.data import resolve_data_dir
+from llmm_tune.errors import UsageError
+from llmm_tune.spaces import METHOD_CHOICES, PROFILES, load_spec
+
+PROBE_STEPS = 16
+TUNE_OVERHEAD_S = 3.0  # per trial: worker start, object store, reports (benchmarks/bench_search.py)
+RAY_START_S = 5.0  # ray.init of a private instance (benchmarks/bench_search.py: 4.2 s)
+
+
+def trial_config(spec) -> dict:
+    """The configuration of the search's first trial (its first warm start, else the middle of the space)."""
+    point = spec.warm_start[0] if spec.warm_start else {
+        name: d.choices[0] if hasattr(d, "choices") else type(d.low)(math.sqrt(d.low * d.high) if d.log else
+                                                                     (d.low + d.high) / 2)
+        for name, d in spec.distributions().items()}
+    return {**spec.fixed, **point, "task": spec.task, "metric": spec.metric, "mode": spec.mode}
+
+
+def peak_memory_gib() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30 + 0.5  # + the CUDA context
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def probe(spec, source: str, steps: int, score: bool) -> dict:
+    """Figures of one trial measured here: build (model load + LoftQ, cold and from the disk cache),
+    seconds per optimizer step (the first two apart), per evaluation, to score the held-out split, and
+    peak memory."""
+    recipe = spec.recipe
+    started = time.perf_counter()
+    config = trial_config(spec)
+    data = recipe.prepare(config, source)
+    figures = {"device": "cuda" if torch.cuda.is_available() else "cpu", "threads": torch.get_num_threads(),
+               "prepare_s": time.perf_counter() - started, "train_examples": len(data.train)}
+    with tempfile.TemporaryDirectory() as work:
+        reports: list[tuple[float, dict, str]] = []
+
+        def keep(metrics: dict, directory: str) -> None:
+            reports.append((time.perf_counter(), metrics, shutil.copytree(directory, Path(work) / str(len(reports)))))
+
+        # Two runs on the same LoftQ cache: the first (2 steps) computes LoftQ, the second (2 + steps) reads
+        # it. Their difference is the time of `steps` ordinary steps: the first batches of an epoch are its
+        # longest (length grouping puts them first) and carry the warm-up of the kernels.
+        cache = str(Path(work) / "loftq")
+        runs = []
+        for max_steps in (2, 2 + steps):
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+            began = time.perf_counter()
+            recipe.train({**config, "max_steps": max_steps, "loftq_cache": cache}, data, keep)
+            ended, metrics, _ = reports[-1]
+            runs.append({"build_s": ended - began - metrics["seconds"], "eval_s": metrics["eval_seconds"],
+                         "train_s": metrics["seconds"] - metrics["eval_seconds"]})
+        figures |= {"build_cold_s": runs[0]["build_s"], "build_warm_s": runs[1]["build_s"],
+                    "eval_s": runs[1]["eval_s"], "step_s": (runs[1]["train_s"] - runs[0]["train_s"]) / steps,
+                    "first_steps_s": runs[0]["train_s"] / 2}
+        figures["peak_memory_gib"] = peak_memory_gib()
+        if score:
+            began = time.perf_counter()
+            recipe.score({**config, "loftq_cache": str(Path(work) / "loftq")}, reports[0][2], source)
+            figures["score_s"] = time.perf_counter() - began
+    return figures
+
+
+def rungs(spec, budget: float) -> list[float]:
+    stopping = spec.early_stopping
+    milestones, value = [], stopping["grace_period"]
+    while value < budget:
+        milestones.append(value)
+        value *= stopping["reduction_factor"]
+    return milestones
+
+
+def simulate(spec, trial_s: float, budget: float, concurrent: int, evals: list[float], draws: int = 400) -> dict:
+    """ASHA as Tune runs it (asynchronous successive halving: at each rung a trial is stopped when its
+    score is below the top 1/rf of those recorded there before it; the first at a rung goes on), with
+    trials of random quality, `concurrent` at a time, each deciding in the order trials start (close to
+    the order they reach a rung when trials run alike): mean trial length and makespan, over `draws`."""
+    milestones, rf = rungs(spec, budget), spec.early_stopping["reduction_factor"]
+    decisions = [next(e for e in evals if e >= m) for m in milestones if any(e >= m for e in evals)]
+    rng = np.random.default_rng(0)
+    lengths, makespans = [], []
+    for _ in range(draws):
+        quality = rng.random(spec.num_samples)
+        recorded: list[list[float]] = [[] for _ in decisions]
+        free = [0.0] * concurrent  # when each slot is next free
+        for trial in range(spec.num_samples):
+            slot = int(np.argmin(free))
+            start = free[slot]
+            end, length = start, 0.0
+            for k, at in enumerate(decisions + [budget]):
+                end = start + at / budget * trial_s
+                length = at / budget
+                if k == len(decisions):
+                    break
+                values = recorded[k]
+                cutoff = np.percentile(values, (1 - 1 / rf) * 100) if values else None
+                values.append(quality[trial])
+                if cutoff is not None and quality[trial] < cutoff:
+                    break
+            free[slot] = end + TUNE_OVERHEAD_S
+            lengths.append(length)
+        makespans.append(max(free))
+    return {"mean_fraction": float(np.mean(lengths)), "makespan_s": float(np.mean(makespans))}
+
+
+def plan(args: argparse.Namespace) -> dict:
+    spec = load_spec(args.task, args.profile, args.method, args.num_samples)
+    recipe = spec.recipe
+    if args.figures:
+        if not Path(args.figures).is_file():
+            raise UsageError(f"--figures {args.figures} not found; write one with --save-figures FILE")
+        figures = json.loads(Path(args.figures).read_text())
+        how = f"recorded in {args.figures} ({figures['device']}, {figures['threads']} threads)"
+    else:
+        source = recipe.check_data(spec.task, resolve_data_dir(args.data_dir))
+        torch.set_num_threads(max(1, int(args.cpus_per_trial or plan_layout(args, machine(), "this machine").cpus)))
+        figures = probe(spec, source, args.probe_steps, not args.no_score)
+        how = f"measured here ({figures['device']}, {figures['threads']} threads, {args.probe_steps} steps)"
+        if args.save_figures:
+            Path(args.save_figures).write_text(json.dumps(figures, indent=2))
+    # a GPU plan is for GPU machines: their CPUs bind only when given
+    cpus = args.cpus or (math.inf if args.gpus else float(os.cpu_count() or 1))
+    resources = {"CPU": cpus, "GPU": float(args.gpus)}
+    per_gpu = None
+    if args.gpus and args.gpu_memory:
+        per_gpu = int(args.gpu_memory // figures["peak_memory_gib"])
+        if per_gpu < 1:
+            raise UsageError(f"a trial peaks at {figures['peak_memory_gib']:.1f} GiB, more than --gpu-memory "
+                             f"{args.gpu_memory:g}; plan with --workers-per-trial or larger GPUs")
+        if args.gpus_per_trial is None:  # pack as many trials per GPU as its memory holds
+            args.gpus_per_trial = 1 / per_gpu
+    layout = plan_layout(args, resources, "the planned machine")
+    time_attr, epochs = recipe.clock(spec.fixed)
+    config = trial_config(spec)
+    steps_per_epoch = math.ceil(math.ceil(figures["train_examples"] / config["batch_size"]) // layout.workers
+                                / config["grad_accum"])
+    steps = min(config["max_steps"] or math.inf, steps_per_epoch * epochs)
+    evals = [k / config["evals_per_epoch"] for k in range(1, int(epochs * config["evals_per_epoch"]) + 1)]
+    trial_s = (figures["build_warm_s"] + 2 * figures["first_steps_s"] + (steps - 2) * figures["step_s"]
+               + len(evals) * figures["eval_s"])
+    concurrent = min(layout.concurrent, spec.num_samples)
+    asha = simulate(spec, trial_s, epochs, concurrent, evals)
+    combos = math.prod(len(d.choices) for n, d in spec.distributions().items()
+                       if n in ("quant_method", "bits", "rank") and hasattr(d, "choices")) or 1
+    rows = combos * (1 - (1 - 1 / combos) ** spec.num_samples) if combos > 1 else 1
+    cold = min(combos, spec.num_samples) * (figures["build_cold_s"] - figures["build_warm_s"]) / concurrent
+    export_s = rows * figures["score_s"] if "score_s" in figures else None
+    wall = figures["prepare_s"] + RAY_START_S + asha["makespan_s"] + cold + (export_s or 0.0)
+    lines = [
+        f"plan for {spec.task} ({args.profile} profile, {args.method}): {spec.num_samples} trials, {concurrent} at "
+        f"once, {layout.workers} worker(s) of {layout.cpus:g} CPU + {layout.gpus:g} GPU each; figures {how}",
+        f"memory per trial: {figures['peak_memory_gib']:.2f} GiB peak (measured: resident high-water mark or CUDA "
+        "peak of the probe)"
+        + (f"; {per_gpu} trial(s) fit in a {args.gpu_memory:g} GB GPU (--gpus-per-trial {1 / per_gpu:.3g}), planned "
+           f"with --gpus-per-trial {layout.gpus:.3g}" if per_gpu else ""),
+        f"trial start: {figures['build_cold_s']:.1f} s with LoftQ computed, {figures['build_warm_s']:.1f} s from the "
+        "experiment's LoftQ cache (measured)",
+        f"a whole trial: {trial_s / 60:.1f} min = start + {steps} steps x {figures['step_s']:.2f} s + {len(evals)} "
+        f"evaluations x {figures['eval_s']:.1f} s (measured per step and evaluation, counted from the config)",
+        f"ASHA (grace {spec.early_stopping['grace_period']}, reduction {spec.early_stopping['reduction_factor']}, "
+        f"{time_attr} up to {epochs:g}): a trial runs {asha['mean_fraction']:.0%} of its budget on average "
+        "(simulated with random trial quality)",
+        f"trials per hour: {concurrent * 3600 / (asha['mean_fraction'] * trial_s + TUNE_OVERHEAD_S):.1f} "
+        "(estimated from the above)",
+        f"export: {'not predicted (--no-score)' if export_s is None else f'{export_s / 60:.1f} min'}"
+        + ("" if export_s is None else f" = {rows:.1f} table rows expected x {figures['score_s']:.0f} s to score the "
+                                       "held-out split (measured)"),
+        f"wall time of the search: {wall / 60:.1f} min (data {figures['prepare_s']:.0f} s + Ray {RAY_START_S:.0f} s + "
+        f"trials {asha['makespan_s'] / 60:.1f} min + LoftQ of the first trials {cold:.0f} s + export)",
+    ]
+    if args.gpus and figures["device"] == "cpu":
+        lines.append("note: these figures come from a CPU; for a GPU plan probe on a GPU machine "
+                     "(--save-figures FILE there, --figures FILE here)")
+    if layout.gpus and layout.gpus < 1:
+        lines.append(f"note: trials sharing a GPU share its compute; the plan counts each at its probed speed, "
+                     f"so {concurrent} at once is the throughput's upper bound")
+    print("\n".join(lines))
+    return {"wall_s": wall, "trial_s": trial_s, **figures, **asha}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m llmm_tune.plan", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("task", help="a search space in search_spaces/ or a YAML path")
+    parser.add_argument("--profile", choices=PROFILES, default="cpu")
+    parser.add_argument("--method", choices=METHOD_CHOICES, default="llmm")
+    parser.add_argument("--num-samples", type=int)
+    parser.add_argument("--gpus", type=float, default=0, help="GPUs of the machine or cluster to plan for")
+    parser.add_argument("--gpu-memory", type=float, help="GB per GPU, for fractional packing")
+    parser.add_argument("--cpus", type=float,
+                        help="CPUs to plan for (default: this machine's; with --gpus, not a limit)")
+    parser.add_argument("--cpus-per-trial", type=float)
+    parser.add_argument("--gpus-per-trial", type=float)
+    parser.add_argument("--workers-per-trial", type=int, default=1)
+    parser.add_argument("--max-concurrent", type=int)
+    parser.add_argument("--data-dir", help="default: $LLMM_DATA_DIR")
+    parser.add_argument("--probe-steps", type=int, default=PROBE_STEPS)
+    parser.add_argument("--no-score", action="store_true", help="skip timing the held-out scoring (slow for GSM8K)")
+    parser.add_argument("--figures", help="read the figures of an earlier probe instead of probing")
+    parser.add_argument("--save-figures", help="write this probe's figures to a JSON file")
+    args = parser.parse_args()
+    args.address = None
+    try:
+        plan(args)
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""Capacity planning: the ASHA simulation against cases worked by hand, and the plan's probe and
+recorded figures end to end on the tiny model."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from llmm_tune.plan import TUNE_OVERHEAD_S, simulate
+from tests.search_fixtures import run_module, subset_glue, tiny_bert, tiny_space
+
+
+def space(samples: int, grace: float, rf: float = 2) -> SimpleNamespace:
+    return SimpleNamespace(num_samples=samples, early_stopping={"grace_period": grace, "reduction_factor": rf})
+
+
+def test_without_a_rung_before_the_end_every_trial_runs_whole_one_slot_after_another():
+    result = simulate(space(5, grace=4), trial_s=100, budget=4, concurrent=1, evals=[1, 2, 3, 4])
+    assert result["mean_fraction"] == 1.0
+    assert result["makespan_s"] == pytest.approx(5 * (100 + TUNE_OVERHEAD_S))
+
+
+def test_asha_stops_trials_at_its_rungs_and_concurrency_shortens_the_search():
+    one = simulate(space(16, grace=1), trial_s=100, budget=4, concurrent=1, evals=[0.5 * k for k in range(1, 9)])
+    # rungs at 1 and 2 epochs, reduction 2: a trial runs 1/4, 1/2 or all of its budget
+    assert 0.25 < one["mean_fraction"] < 0.75
+    four = simulate(space(16, grace=1), trial_s=100, budget=4, concurrent=4, evals=[0.5 * k for k in range(1, 9)])
+    assert four["makespan_s"] < one["makespan_s"] / 2
+
+
+def test_the_plan_probes_a_trial_and_replans_from_its_recorded_figures(tmp_path):
+    model, data = tiny_bert(tmp_path / "model"), subset_glue(tmp_path / "data")
+    path = tiny_space(tmp_path, model, "plan_cola")
+    figures = tmp_path / "figures.json"
+    probed = run_module("llmm_tune.plan", str(path), "--data-dir", str(data), "--probe-steps", "4",
+                        "--save-figures", str(figures))
+    assert probed.returncode == 0, probed.stderr[-3000:]
+    recorded = json.loads(figures.read_text())
+    assert recorded["step_s"] > 0 and recorded["build_cold_s"] > recorded["build_warm_s"] > 0
+    assert recorded["train_examples"] == 256 and recorded["peak_memory_gib"] > 0.1
+    assert "measured here" in probed.stdout and "wall time of the search:" in probed.stdout
+    memory = round(2.5 * recorded["peak_memory_gib"], 3)  # room for 2 trials per GPU
+    gpus = run_module("llmm_tune.plan", str(path), "--figures", str(figures), "--gpus", "4", "--gpu-memory",
+                      str(memory), "--num-samples", "16")
+    assert gpus.returncode == 0, gpus.stderr[-3000:]
+    assert f"2 trial(s) fit in a {memory:g} GB GPU" in gpus.stdout and f"recorded in {figures}" in gpus.stdout
+    assert "16 trials, 8 at once" in gpus.stdout  # packed by memory on 4 GPUs
+    missing = run_module("llmm_tune.plan", str(path), "--figures", str(tmp_path / "none.json"))
+    assert missing.returncode == 2 and missing.stderr.strip().count("\n") == 0
+    assert "write one with --save-figures FILE" in missing.stderr
