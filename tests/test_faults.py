@@ -11,11 +11,12 @@ import signal
 import time
 from pathlib import Path
 
+import optuna
 import psutil
 import pytest
 import torch
 
-from llmm_tune.searcher import FailureAwareOptunaSearch
+from llmm_tune.searcher import JOURNAL, FailureAwareOptunaSearch
 from tests.search_fixtures import run_module, start_module, subset_glue, tiny_bert, tiny_space
 from trainables.glue import prepare, train
 
@@ -138,6 +139,12 @@ def test_killed_search_resumes_without_rerunning_or_losing_trials(assets):
     trials = study(assets, "resumed").trials
     assert len(trials) == 4 and all(t.state.name == "COMPLETE" for t in trials)  # history kept, no repeats
     assert trials[0].params["scale"] == pytest.approx(100)  # the warm start, from before the kill
+    # what optuna-dashboard reads: the journal in the experiment folder, one study that the resumed run kept on
+    journal = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(experiment / JOURNAL)))
+    (summary,) = optuna.get_all_study_summaries(journal)
+    watched = optuna.load_study(study_name=summary.study_name, storage=journal).trials
+    assert summary.study_name == "resumed" and [t.params for t in watched] == [t.params for t in trials]
+    assert all(t.state.name == "COMPLETE" for t in watched)
 
 
 def test_lost_worker_node_reschedules_its_trials(assets):
