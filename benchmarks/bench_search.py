@@ -27,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from llmm_tune import quant  # noqa: E402
+from llmm_tune.cluster import Layout  # noqa: E402
 from llmm_tune.console import quiet_logs  # noqa: E402
 from llmm_tune.data import resolve_data_dir  # noqa: E402
 from llmm_tune.spaces import load_spec  # noqa: E402
@@ -50,8 +51,9 @@ def under_tune(family: str, runs: list[dict], data, cpus: int, storage: str) -> 
     from ray import tune
     from ray.tune.search import BasicVariantGenerator
 
-    trial = tune.with_resources(tune.with_parameters(trainable, family=family, data=data, experiment=storage),
-                                {"cpu": cpus})
+    layout = Layout(cpus=cpus, gpus=0, workers=1, concurrent=1).to_record()
+    trial = tune.with_resources(tune.with_parameters(trainable, family=family, data=data, experiment=storage,
+                                                     layout=layout), {"cpu": cpus})
     tuner = tune.Tuner(trial, param_space=runs[0],
                        tune_config=tune.TuneConfig(search_alg=BasicVariantGenerator(points_to_evaluate=runs,
                                                                                     max_concurrent=1),
