@@ -106,7 +106,14 @@ def main() -> None:
     recipe = spec.recipe
     runs = configs(spec, args.trials, args.train_examples)
     data = recipe.prepare(runs[0], str(resolve_data_dir(args.data_dir)))
+    # each figure is printed as soon as it is measured: a long run cut short keeps what it has
+    with tempfile.TemporaryDirectory() as cache:
+        start = model_start(recipe, runs[0], cache)
+    print(f"model start (load + LoftQ, {runs[0]['loftq_iters']} iterations): no LoftQ cache {start[0]:.1f} s | "
+          f"empty cache (compute and store) {start[1]:.1f} s | filled cache {start[2]:.1f} s", flush=True)
     baseline = back_to_back(recipe, runs, data)
+    print(f"{args.trials} trials of {spec.task} ({args.train_examples} train examples, 1 epoch, 2 evaluations), "
+          f"{cpus} CPU(s), one at a time: back to back in one process {baseline:.1f} s", flush=True)
 
     import ray
 
@@ -115,16 +122,10 @@ def main() -> None:
     ray_start = time.perf_counter() - started
     with tempfile.TemporaryDirectory() as storage:
         tuned = under_tune(spec.family, runs, data, cpus, storage)
+        print(f"under Ray Tune: {tuned:.1f} s | ratio {tuned / baseline:.3f} (goal <= 1.10) | ray.init "
+              f"{ray_start:.1f} s (once per search)", flush=True)
         latency = start_latency(max(args.trials, 4), storage)
-        start = model_start(recipe, runs[0], storage)
-    print(f"{args.trials} trials of {spec.task} ({args.train_examples} train examples, 1 epoch, 2 evaluations), "
-          f"{cpus} CPU(s), one at a time")
-    print(f"back to back in one process: {baseline:.1f} s | under Ray Tune: {tuned:.1f} s | "
-          f"ratio {tuned / baseline:.3f} (goal <= 1.10) | ray.init {ray_start:.1f} s (once per search)")
     print(f"trial start latency: first {latency[0]:.2f} s, then median {statistics.median(latency[1:]):.2f} s")
-    print(f"model start (load + LoftQ, {runs[0]['loftq_iters']} iterations): no LoftQ cache {start[0]:.1f} s | "
-          f"empty cache (compute and store) {start[1]:.1f} s | filled cache {start[2]:.1f} s")
-
 
 if __name__ == "__main__":
     main()
