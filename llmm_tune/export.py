@@ -38,6 +38,7 @@ def collect(experiment: str) -> tuple[dict, pd.DataFrame, dict]:
         raise UsageError(f"{experiment} is not an llmm-tune experiment (no llmm_experiment.json); pass a folder "
                          "under the search's --storage")
     metric, mode = meta["metric"], meta["mode"]
+    kept = "last" if load_family(meta["family"]).TASKS[meta["task"]].selects == "last" else mode
     analysis = ExperimentAnalysis(experiment)
     rows, checkpoints = [], {}
     for trial in analysis.trials:
@@ -46,8 +47,9 @@ def collect(experiment: str) -> tuple[dict, pd.DataFrame, dict]:
                "status": trial.status,
                **{k: trial.config.get(k) for k in trial.config if k not in ("task", "metric", "mode")},
                "method": meta["method"], "task": meta["task"], "evaluations": last.get("training_iteration", 0),
-               # the best of every report: a trial that failed after it reported keeps its score
-               f"val_{metric}": trial.metric_analysis.get(f"val_{metric}", {}).get(mode),
+               # the best of every report (a trial that failed after it reported keeps its score), or the
+               # last for a task sequence
+               f"val_{metric}": trial.metric_analysis.get(f"val_{metric}", {}).get(kept),
                "failure": last.get("failure"),
                "seconds": last.get("time_total_s"), "git_commit": meta["git_commit"],
                "versions": " ".join(f"{k}={meta['versions'].get(k)}" for k in VERSION_KEYS),
@@ -228,9 +230,10 @@ def export(experiments: list[str], results: Path) -> Path:
         record = reproduction_record(best, meta, held_out, out / "configs" / f"{row_id}.yaml")
         write_text(out / "configs" / f"{row_id}.yaml", yaml.safe_dump(record, sort_keys=False))
         records.append(record)
-        first = [metric] if metric in held_out else []
+        numbers = [k for k, v in held_out.items() if isinstance(v, (int, float))]  # the rest: held_out_details
+        first = [metric] if metric in numbers else []
         rows.append({**{k: _plain(best.get(k)) for k in TABLE_KEYS}, f"val {metric}": best[value],
-                     **{f"{split} {k}": held_out[k] for k in first + [k for k in held_out if k not in first]},
+                     **{f"{split} {k}": held_out[k] for k in first + [k for k in numbers if k not in first]},
                      "seed": best["seed"], "trial": best["trial"],
                      "commit": meta["git_commit"][:12] + ("-dirty" if meta["git_commit"].endswith("-dirty") else ""),
                      "reproduce": record["reproduce"]})
@@ -242,9 +245,12 @@ def export(experiments: list[str], results: Path) -> Path:
                          **{c: table[c].map("{:.4f}".format) for c in table if c.startswith(("val ", f"{split} "))})
     versions = " ".join(f"{k}={metas[0]['versions'].get(k)}" for k in VERSION_KEYS)
     direction = "higher" if mode == "max" else "lower"
+    details = getattr(load_family(meta["family"]), "held_out_details", None)
+    best_details = f"\n\n## The best configuration ({best['trial']}) on {split}\n\n{details(held_out)}" \
+        if details else ""
     write_text(out / "table.md", f"# {task}: best configuration per method, quantiser and rank\n\n"
                f"Selected on validation ({value}, {direction} is better, carved from train); {split} scored once, "
-               f"here.\n\n" + shown.to_markdown(index=False) + f"\n\nVersions: {versions}\n")
+               f"here.\n\n" + shown.to_markdown(index=False) + best_details + f"\n\nVersions: {versions}\n")
     write_text(out / "table.tex", latex(shown.drop(columns=["reproduce"]), records,
                                         f"{task}: best validation configuration per method, quantiser and "
                                         f"rank; {split} scored once. {versions}"))

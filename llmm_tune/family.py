@@ -13,7 +13,9 @@ A family is a module (`trainables.<name>` or any importable dotted path) with th
     clock(config) -> (str, float)                     the reported key ASHA counts in, and its final value
 
 `train` reports `val_<metric>` for the metrics of its task it computes (the selection metric always);
-which one selects, and in which direction, is data (`Task.metrics`), never assumed by the driver.
+which one selects, and in which direction, is data (`Task.metrics`), never assumed by the driver; so is
+which report stands for the trial (`Task.selects`). A family may also define
+`held_out_details(scores) -> str`: Markdown for what `score` returns beside numbers (the export adds it).
 """
 
 from __future__ import annotations
@@ -37,9 +39,12 @@ class Task:
     metrics: dict[str, str]
     metric: str  # the default selection metric
     details: object = field(default=None, compare=False)  # what only the family reads
+    selects: str = "best"  # a trial's value: its best report ("best": epochs of one fit) or its last ("last":
+    # a task sequence, judged where it ends)
 
     def __post_init__(self) -> None:
         assert self.metric in self.metrics and set(self.metrics.values()) <= set(MODES), self
+        assert self.selects in ("best", "last"), self
 
 
 def load_family(name: str) -> ModuleType:
@@ -62,6 +67,11 @@ def load_family(name: str) -> ModuleType:
 def better(mode: str, a: float, b: float | None) -> bool:
     """Whether `a` beats `b` (None: nothing yet) in direction `mode`."""
     return b is None or (a > b if mode == "max" else a < b)
+
+
+def replaces(task: Task, mode: str, new: float, kept: float | None) -> bool:
+    """Whether a trial's new report becomes its selection value (`kept`: the current one, None: none yet)."""
+    return task.selects == "last" or better(mode, new, kept)
 
 
 def worst(mode: str) -> float:

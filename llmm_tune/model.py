@@ -57,7 +57,7 @@ def default_target_modules(model: nn.Module) -> tuple[str, ...]:
     return tuple(targets)
 
 
-def _matches(name: str, suffixes: tuple[str, ...]) -> bool:
+def matches(name: str, suffixes: tuple[str, ...]) -> bool:
     return any(name == s or name.endswith("." + s) for s in suffixes)
 
 
@@ -134,7 +134,7 @@ def apply_llmm(model: nn.Module, config: LlmmConfig, init_device: str | None = N
     model.requires_grad_(False)
     chosen = [
         name for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and _matches(name, targets)
+        if isinstance(module, nn.Linear) and matches(name, targets)
         and not _in_head(name, config.head_modules)
     ]
     if not chosen:

@@ -134,6 +134,9 @@ def simulate(spec, trial_s: float, budget: float, concurrent: int, evals: list[f
 def plan(args: argparse.Namespace) -> dict:
     spec = load_spec(args.task, args.profile, args.method, args.num_samples)
     recipe = spec.recipe
+    if "evals_per_epoch" not in recipe.SETTINGS:
+        raise UsageError(f"plan models trials of the shared fit loop (epochs, evaluations per epoch); family "
+                         f"{spec.family} trains otherwise: time a short search of it instead (--num-samples 1)")
     if args.figures:
         if not Path(args.figures).is_file():
             raise UsageError(f"--figures {args.figures} not found; write one with --save-figures FILE")

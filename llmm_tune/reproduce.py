@@ -20,20 +20,21 @@ import yaml
 from llmm_tune.data import locate_source
 from llmm_tune.errors import UsageError
 from llmm_tune.experiment import package_versions
-from llmm_tune.family import better, load_family
+from llmm_tune.family import load_family, replaces
 from llmm_tune.files import write_text
 
 
 def reproduce_seed(record: dict, seed: int, data, source: str, work: Path) -> dict[str, float]:
-    """Train once with `seed`; the validation score and held-out scores of the best checkpoint."""
+    """Train once with `seed`; the validation score and held-out scores of the checkpoint that stands for the
+    run (the best on validation, or the last for a task sequence)."""
     recipe = load_family(record["family"])
     config = {**record["config"], "seed": seed, "trust_remote_code": record.get("trust_remote_code", False)}
-    metric, mode = config["metric"], config["mode"]
+    metric, mode, task = config["metric"], config["mode"], recipe.TASKS[record["task"]]
     best = {"value": None}
     best_dir = work / f"seed{seed}"
 
     def keep_best(metrics: dict, directory: str) -> None:
-        if better(mode, metrics[f"val_{metric}"], best["value"]):
+        if replaces(task, mode, metrics[f"val_{metric}"], best["value"]):
             best["value"] = metrics[f"val_{metric}"]
             shutil.rmtree(best_dir, ignore_errors=True)
             shutil.copytree(directory, best_dir)
@@ -85,7 +86,7 @@ def reproduce(path: Path, seeds: list[int], data_dir: str | None = None, threads
     with tempfile.TemporaryDirectory() as work:
         runs = {seed: reproduce_seed(record, seed, data, source, Path(work)) for seed in seeds}
     summary = {}
-    for key in runs[seeds[0]]:
+    for key in [k for k, v in runs[seeds[0]].items() if isinstance(v, (int, float))]:
         values = [runs[s][key] for s in seeds]
         summary[key] = {"mean": statistics.fmean(values),
                         "std": statistics.stdev(values) if len(values) > 1 else 0.0}

@@ -120,7 +120,8 @@ def build_tuner(spec: SearchSpec, metadata: dict, data, experiment: str, resume:
     metric = f"best_val_{spec.metric}"
     searcher = make_searcher(spec.distributions(), metric, spec.mode, spec.warm_start, spec.num_samples,
                              spec.fixed["seed"], study_storage(experiment, optuna_storage), metadata["name"])
-    time_attr, budget = spec.recipe.clock(spec.fixed)
+    last = spec.recipe.TASKS[spec.task].selects == "last"  # keep the latest checkpoint, not the best
+    time_attr, budget = spec.recipe.clock({**spec.fixed, "task": spec.task})
     stopping = spec.early_stopping
     scheduler = ASHAScheduler(time_attr=time_attr, metric=stopping["metric"], mode=stopping["mode"], max_t=budget,
                               grace_period=stopping["grace_period"], reduction_factor=stopping["reduction_factor"])
@@ -137,7 +138,7 @@ def build_tuner(spec: SearchSpec, metadata: dict, data, experiment: str, resume:
             name=name, storage_path=parent, verbose=0, log_to_file=True,
             callbacks=[Progress(spec.metric, spec.mode, spec.num_samples, (time_attr, budget))],
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_order=spec.mode,
-                                                    checkpoint_score_attribute=f"val_{spec.metric}"),
+                                                    checkpoint_score_attribute=None if last else f"val_{spec.metric}"),
             failure_config=tune.FailureConfig(max_failures=2),
         ),
     )

@@ -21,7 +21,7 @@ SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 PROFILES = ("paper", "cpu")
 METHOD_CHOICES = ("llmm", "loftq", "qlora", "lora")
 SAMPLERS = ("loguniform", "uniform", "int", "choice")
-TOP_KEYS = {"family", "task", "metric", "space", "fixed", "early_stopping", "profiles", "warm_start"}
+TOP_KEYS = {"extends", "family", "task", "metric", "space", "fixed", "early_stopping", "profiles", "warm_start"}
 PROFILE_KEYS = {"space", "fixed", "num_samples", "warm_start", "metric", "early_stopping"}  # a profile's replaces
 # the top-level one (space and fixed: key by key)
 EARLY_STOPPING = {"metric": None, "mode": None, "grace_period": 1, "reduction_factor": 2}  # None: the selection's
@@ -130,7 +130,9 @@ def _check_space(path: Path, where: str, settings: dict, space: dict) -> None:
             _check_value(path, at, settings, name, value)
 
 
-def _parse(path: Path, text: str | None) -> tuple[dict, str]:
+def _parse(path: Path, text: str | None, seen: tuple[Path, ...] = ()) -> tuple[dict, str]:
+    """The file's mapping and its text; a file that `extends: other.yaml` (beside it) is that file with its own
+    keys laid over it, mapping by mapping, and its text is the merged YAML (records carry the whole space)."""
     text = path.read_text() if text is None else text
     try:
         raw = yaml.safe_load(text)
@@ -138,7 +140,19 @@ def _parse(path: Path, text: str | None) -> tuple[dict, str]:
         mark = getattr(error, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""
         raise UsageError(f"{path}{line}: malformed YAML ({getattr(error, 'problem', error)}); fix the syntax") from None
-    return _mapping(path, "top level", raw, TOP_KEYS), text
+    raw = _mapping(path, "top level", raw, TOP_KEYS)
+    if "extends" not in raw:
+        return raw, text
+    base = path.parent / str(raw.pop("extends"))
+    if not base.is_file() or base.resolve() in seen:
+        _fail(path, "extends", f"{base} is not a search-space file (or extends itself); name a YAML file beside it")
+    merged = _overlay(_parse(base, None, (*seen, path.resolve()))[0], raw)
+    return merged, yaml.safe_dump(merged, sort_keys=False)
+
+
+def _overlay(base: dict, own: dict) -> dict:
+    return {**base, **{k: _overlay(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+                       for k, v in own.items()}}
 
 
 def load_spec(task_or_path: str, profile: str, method: str, num_samples: int | None = None,

@@ -15,7 +15,7 @@ import torch
 
 from llmm_tune import storage
 from llmm_tune.errors import FAILURE_KEY, failure_reason
-from llmm_tune.family import better, load_family
+from llmm_tune.family import load_family, replaces
 
 BEST_FILE = "llmm_best.json"  # in every checkpoint: the best selection value up to it
 CRASHES = "crashes"  # <experiment>/crashes/<trial id>.json and .log: the last crash of each trial
@@ -65,13 +65,14 @@ def prepare_process() -> None:
 
 def run_trial(recipe, config: dict, data, send, checkpoint) -> None:
     """Train with `recipe`, from `checkpoint` (a Ray checkpoint) when given; each evaluation's metrics,
-    with `best_val_<metric>` so far in the task's direction, go out with their checkpoint directory
+    with `best_val_<metric>` (the trial's value so far: its best report, or its last for a task that selects
+    the last) go out with their checkpoint directory
     through `send(metrics, directory)`."""
-    metric, mode = config["metric"], config["mode"]
+    metric, mode, task = config["metric"], config["mode"], recipe.TASKS[config["task"]]
     best = {"value": None}
 
     def report(metrics: dict, directory: str) -> None:
-        if better(mode, metrics[f"val_{metric}"], best["value"]):
+        if replaces(task, mode, metrics[f"val_{metric}"], best["value"]):
             best["value"] = metrics[f"val_{metric}"]
         (Path(directory) / BEST_FILE).write_text(json.dumps(best))
         send({**metrics, f"best_val_{metric}": best["value"]}, directory)

@@ -5,6 +5,7 @@ The table below is the list of inputs tried (mirrored in the README's troublesho
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -68,6 +69,27 @@ def causal_space(tmp_path: Path, **fixed) -> str:
     return str(path)
 
 
+def continual_space(tmp_path: Path, order: list[str]) -> str:
+    raw = yaml.safe_load((Path(search.__file__).parent.parent / "search_spaces" / "cl_local.yaml").read_text())
+    raw["profiles"]["cpu"]["fixed"].update(order=order, on_bad_row="error")
+    path = tmp_path / "cl_space.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
+def continual_with_bad_label(tmp_path: Path) -> str:
+    """SST-2 of the continual benchmark with a row labelled outside its labels.json."""
+    benchmark = Path("cl_benchmark") / "O-LoRA"
+    task = benchmark / "CL_Benchmark" / "SC" / "SST-2"
+    (tmp_path / "data" / task).mkdir(parents=True)
+    (tmp_path / "data" / benchmark / "configs").mkdir()
+    for name in (task / "labels.json", task / "test.json", benchmark / "configs" / "instruction_config.json"):
+        (tmp_path / "data" / name).write_text((SHARED_DATA / name).read_text())
+    rows = [{"sentence": "Text: a fine film .", "label": "Good"}, {"sentence": "Text: dull .", "label": "Meh"}]
+    (tmp_path / "data" / task / "train.json").write_text(json.dumps(rows))
+    return str(tmp_path / "data")
+
+
 GOOD_ROW = "gj04\t1\t\tThe book was read by Mary.\n"
 # (case, arguments given tmp_path, words the message must contain)
 BAD_INPUTS = [
@@ -112,6 +134,15 @@ BAD_INPUTS = [
      ["model 'minilm' is not a causal LM", "set model in the YAML"]),
     ("causal row without its fields", lambda t: ["gsm8k", "--data-dir", gsm8k_with_bad_row(t)],
      ["gsm8k/train.jsonl:3: expected 'question' and 'answer'", "--on-bad-row skip"]),
+    ("unknown task in an order",
+     lambda t: [continual_space(t, ["MNLI", "no_such_task"]), "--data-dir", str(SHARED_DATA)],
+     ["cl_space.yaml: profiles.cpu.fixed: order must be a list of distinct tasks from", "'no_such_task'"]),
+    ("task without its splits", lambda t: [continual_space(t, ["SST-2", "yelp"]), "--data-dir", str(SHARED_DATA)],
+     ["SC/yelp/test.json not found", "take yelp out of the order"]),
+    ("label outside the task's labels",
+     lambda t: [continual_space(t, ["SST-2"]), "--data-dir", continual_with_bad_label(t)],
+     ["SST-2/train.json: item 2: label 'Meh' is not one of", "labels.json", "--on-bad-row skip"]),
+    ("continual without a data folder", lambda t: ["cl_local"], ["read from a data folder", "--data-dir"]),
     ("resume of nothing", lambda t: ["glue_cola", "--resume", "--name", "never", "--storage", str(t)],
      ["no experiment 'never'", "drop --resume"]),
     ("results not writable", lambda t: ["glue_cola", "--data-dir", str(SHARED_DATA), "--results", "/dev/null/x"],

@@ -103,7 +103,7 @@ def missing_files(task: CausalTask, data_dir: Path) -> list[Path]:
     return [folder / name for names in task.source.files.values() for name in names if not (folder / name).is_file()]
 
 
-def _rows(path: Path) -> Iterator[tuple[str, object]]:
+def read_rows(path: Path) -> Iterator[tuple[str, object]]:
     """(where, row) of a .jsonl, .jsonl.gz or JSON-list file; `where` names file and line (or item)."""
     try:
         if path.suffix == ".json":
@@ -148,7 +148,7 @@ def load(task: CausalTask, source: str, on_bad_row: str) -> dict[str, list[Examp
                                 bad_rows, f"{name} {theirs}")
                 for ours, theirs in task.source.hub_splits.items()}
     folder = Path(source) / task.source.folder
-    return {split: [e for name in names for e in _examples(task, _rows(folder / name), bad_rows, folder / name)]
+    return {split: [e for name in names for e in _examples(task, read_rows(folder / name), bad_rows, folder / name)]
             for split, names in task.source.files.items()}
 
 
@@ -168,11 +168,11 @@ def splits(task: CausalTask, source: str, config: dict) -> tuple[list[Example], 
     kept, held = split_off([e.key for e in train], config["validation_size"], config["seed"],
                            excluded={e.key for e in test}, grouped=grouped)
     train, validation = [train[i] for i in kept], [train[i] for i in held]
-    return (_sample(train, config["max_train_examples"], config["seed"]), validation,
-            _sample(test, config["test_examples"], task.test_seed))  # the same test examples for every trial
+    return (sample(train, config["max_train_examples"], config["seed"]), validation,
+            sample(test, config["test_examples"], task.test_seed))  # the same test examples for every trial
 
 
-def _sample(examples: list[Example], size: int | None, seed: int) -> list[Example]:
+def sample(examples: list[Example], size: int | None, seed: int) -> list[Example]:
     """A seeded draw of `size` examples in their original order (all of them when `size` is None): the
     files are grouped by source (HH-RLHF's four subsets), so their first rows are no sample."""
     if size is None or size >= len(examples):

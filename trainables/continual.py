@@ -1,0 +1,371 @@
+"""Continual family: GORP over a task sequence (CONTINUAL.md), with plain LoRA or Llmm adapters per task.
+
+For each task of the order: a new adapter pair on `lora_modules` (the earlier pairs frozen and still adding),
+the full-rank `full_rank_modules` trained by a projected Adam, and, with `projection`, every update kept off
+the memory basis of the earlier tasks, which grows after each task. After each task every task of the order
+is scored on its validation split (greedy decoding, exact match): one row of the accuracy matrix, reported
+with AA over the whole order (unseen tasks count as the model answers them) so that ASHA, counting tasks,
+compares sequences at equal length. A trial's selection value is its last report: a sequence is judged
+where it ends. The state after each task is the checkpoint: a trial resumes at the task after it, and the
+export re-creates every intermediate model from it to score the test splits once.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from torch.utils.data import DataLoader
+from transformers import get_linear_schedule_with_warmup
+from transformers.trainer_pt_utils import LengthGroupedSampler
+
+from llmm_tune import apply_llmm
+from llmm_tune.config import METHOD_SETTINGS, llmm_config
+from llmm_tune.data import BAD_ROW_POLICIES
+from llmm_tune.errors import TrialFailure, UsageError
+from llmm_tune.family import Task
+from llmm_tune.files import atomic_path
+from llmm_tune.fit import FIT_SETTINGS, Reporter, default_device
+from llmm_tune.gorp import (
+    Basis,
+    FrozenPairs,
+    GradientSummary,
+    ProjectedAdam,
+    average_accuracy,
+    backward_transfer,
+    kaiming_rows,
+)
+from llmm_tune.lm_scoring import encode, greedy_generate, pad, response_loss
+from llmm_tune.model import llmm_layers, matches
+from llmm_tune.models import load_causal_lm
+from llmm_tune.settings import COMMON, Setting, fraction, optional, positive, positive_int, size
+from trainables.causal_data import Example
+from trainables.causal_lm import tokenizer_for
+from trainables.continual_data import (
+    GROUPS,
+    ORDERS,
+    check_files,
+    exact_match,
+    is_order,
+    order_of,
+    test_split,
+    train_and_validation,
+)
+
+
+def _suffixes(value) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(v, str) and v for v in value)
+
+
+SETTINGS: dict[str, Setting] = {
+    **COMMON, **METHOD_SETTINGS,
+    **{k: FIT_SETTINGS[k] for k in ("lr", "epochs", "batch_size", "grad_accum", "weight_decay", "warmup_ratio",
+                                    "max_grad_norm")},
+    "init": Setting(lambda v: v in (None, "zero"), "zero or null (each task's pair starts as LoRA's does; LoftQ "
+                    "initialises one pair, not a sequence of them)", None),
+    "order": Setting(is_order, f"a list of distinct tasks from {', '.join(GROUPS)}, or null (the task's "
+                     "published order)", None),
+    "galore_lr": Setting(positive, "a number > 0 (the full-rank weights' learning rate)"),
+    "galore_rank": Setting(positive_int, "an integer >= 1 (rank of the projected Adam)"),
+    "galore_scale": Setting(positive, "a number > 0 (scales the projected update)"),
+    "update_proj_gap": Setting(positive_int, "an integer >= 1 (steps between new projections)"),
+    "energy_threshold": Setting(lambda v: fraction(v) and v > 0, "a number in (0, 1) (share of a task's gradient "
+                                "energy the memory keeps)", 0.9),
+    "projection": Setting(lambda v: isinstance(v, bool), "true (GORP) or false (sequential fine-tuning: no memory)",
+                          True),
+    "lora_modules": Setting(_suffixes, "a list of module-name suffixes (Llama: q_proj, v_proj)", ["q_proj", "v_proj"]),
+    "full_rank_modules": Setting(_suffixes, "a list of module-name suffixes (Llama: mlp.gate_proj)", ["mlp.gate_proj"]),
+    "max_source_length": Setting(positive_int, "an integer >= 1 (prompt tokens kept, from its end)", 256),
+    "max_train_examples": Setting(optional(positive_int), "an integer >= 1 or null (per task)", None),
+    "validation_size": Setting(size, "a fraction in (0, 1) or a whole count (per task, carved from train)", 32),
+    "test_examples": Setting(optional(positive_int), "an integer >= 1 or null (per task; null: the whole split)", None),
+    "on_bad_row": Setting(lambda v: v in BAD_ROW_POLICIES, f"one of {list(BAD_ROW_POLICIES)}", "error"),
+}
+DATA_SETTINGS = ("model", "order", "max_source_length", "max_train_examples", "validation_size", "test_examples",
+                 "seed", "on_bad_row")
+HELD_OUT = "test"
+TASKS = {name: Task(name, {"aa": "max", "bwt": "max"}, "aa", order, selects="last") for name, order in ORDERS.items()}
+LABEL_TOKENS = 32  # a label longer than this is cut in training (the longest here, "Educational Institution", is 4)
+STATE_FILE = "continual_state.safetensors"
+
+
+def clock(config: dict) -> tuple[str, float]:
+    return "task", float(len(order_of(config)))
+
+
+def check_data(task: str, data_dir: Path | None) -> str:
+    if data_dir is None:
+        raise UsageError("the continual benchmark is read from a data folder: pass --data-dir DIR (holding "
+                         "cl_benchmark/, e.g. ../shared/data) or set LLMM_DATA_DIR")
+    if task != "cl_local":  # the local order is the default only: the search space's order is checked by prepare
+        check_files(data_dir, ORDERS[task], f"{task}")
+    return str(data_dir)
+
+
+@dataclass
+class TaskData:
+    name: str
+    train: Dataset
+    lengths: list[int]
+    validation: list[Example]
+
+
+@dataclass
+class ContinualData:
+    """Each task's tokenised train split and validation examples, shared by every trial of a search."""
+
+    train: list[int]  # examples per task (the console's sizes)
+    validation: list[int]
+    tasks: list[TaskData]
+    max_new_tokens: int  # the longest label of the order, in tokens, plus EOS
+
+
+def prepare(config: dict, source: str) -> ContinualData:
+    order = order_of(config)
+    root = Path(source)
+    check_files(root, order, "the order" if config.get("order") else config["task"])
+    tokenizer = tokenizer_for(config)
+    tasks = []
+    for name in order:
+        train, validation = train_and_validation(root, name, config)
+        encoded = Dataset.from_list([encode(tokenizer, e.prompt, e.target, config["max_source_length"], LABEL_TOKENS)
+                                     for e in train])
+        tasks.append(TaskData(name, encoded, [len(ids) for ids in encoded["input_ids"]], validation))
+    longest = max(len(tokenizer(e.target, add_special_tokens=False)["input_ids"])
+                  for task in tasks for e in task.validation)
+    return ContinualData([len(t.train) for t in tasks], [len(t.validation) for t in tasks], tasks, longest + 1)
+
+
+class Sequence:
+    """A model learning an order of tasks: its adapter layers (each on `FrozenPairs` of the earlier tasks),
+    the full-rank weights, the memory bases, the full-rank weights after each task and the accuracy matrix."""
+
+    def __init__(self, config: dict, device: str):
+        torch.manual_seed(config["seed"])
+        model = load_causal_lm(config["model"], trust_remote_code=config.get("trust_remote_code", False))
+        model.config.use_cache = False
+        lora = tuple(config["lora_modules"])
+        self.model = apply_llmm(model, llmm_config(config, init="zero", target_modules=lora)).to(device)
+        self.layers = llmm_layers(self.model)
+        for layer in self.layers.values():
+            layer.base = FrozenPairs(layer.base, layer.A_mean.shape[1], layer.B_mean.shape[0], layer.scaling)
+        self.full = {name: module.weight for name, module in self.model.named_modules()
+                     if isinstance(module, nn.Linear) and matches(name, tuple(config["full_rank_modules"]))}
+        if not self.full:
+            raise UsageError(f"full_rank_modules {config['full_rank_modules']} match no linear layer of the model; "
+                             "name suffixes of its linear layers (Llama: mlp.gate_proj)")
+        for weight in self.full.values():
+            weight.requires_grad_(True)
+        self.pristine = {name: w.detach().cpu().clone() for name, w in self.full.items()}
+        self.out_bases = {name: Basis(w.shape[0], device) for name, w in self.full.items()}
+        self.in_bases = {name: Basis(layer.A_mean.shape[1], device) for name, layer in self.layers.items()}
+        self.after_task: list[dict[str, torch.Tensor]] = []  # the full-rank weights after each task
+        self.matrix: list[list[float]] = []  # matrix[t][i]: task i's validation accuracy after task t
+        self.rank = config["rank"]
+
+    def start_task(self, projection: bool) -> None:
+        """A new pair on every adapter layer: A Kaiming-uniform off the input basis (B and the moments are zero
+        since the last `end_task`, or construction)."""
+        with torch.no_grad():
+            for name, layer in self.layers.items():
+                A = kaiming_rows(*layer.A_mean.shape, layer.A_mean.device)
+                layer.A_mean.copy_(self.in_bases[name].remove(A.T).T if projection else A)
+
+    def project_adapters(self, gradients: bool, summaries: dict[str, GradientSummary] | None = None) -> None:
+        """Remove the input basis from every A (mean and moments): from their gradients (which feed the task's
+        summaries first) before the step, or from the factors themselves after it (AdamW's per-entry scaling
+        brings a little of the basis back)."""
+        with torch.no_grad():
+            for name, layer in self.layers.items():
+                basis = self.in_bases[name]
+                for param in (layer.A_mean, layer.A_moments):
+                    tensor = param.grad if gradients else param
+                    if tensor is None or tensor.numel() == 0:
+                        continue
+                    if summaries is not None and param is layer.A_mean:
+                        summaries[name].add(tensor.T)
+                    flat = tensor.reshape(-1, tensor.shape[-1])
+                    tensor.copy_(basis.remove(flat.T).T.reshape(tensor.shape))
+
+    def end_task(self) -> None:
+        """The pair joins the frozen ones (and stops adding itself: B and the moments back to zero); the
+        full-rank weights after the task are kept."""
+        with torch.no_grad():
+            for layer in self.layers.values():
+                layer.base.append(layer.A_mean, layer.B_mean)
+                for tensor in (layer.B_mean, layer.A_moments, layer.B_moments):
+                    tensor.zero_()
+        self.after_task.append({name: w.detach().cpu().clone() for name, w in self.full.items()})
+
+    def show(self, tasks: int, pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """The model as it was after the first `tasks` tasks (0: before the sequence), from every task's `pairs`."""
+        with torch.no_grad():
+            for name, layer in self.layers.items():
+                A, B = pairs[name]
+                layer.base.A, layer.base.B = A[:tasks * self.rank], B[:, :tasks * self.rank]
+            weights = self.after_task[tasks - 1] if tasks else self.pristine
+            for name, weight in self.full.items():
+                weight.copy_(weights[name])
+
+    def save(self, directory: str, order: tuple[str, ...]) -> None:
+        tensors = {}
+        for name, layer in self.layers.items():
+            tensors |= {f"pairs.{name}.A": layer.base.A, f"pairs.{name}.B": layer.base.B,
+                        f"basis_in.{name}": self.in_bases[name].U}
+        for name in self.full:
+            tensors[f"basis_out.{name}"] = self.out_bases[name].U
+            for t, weights in enumerate(self.after_task):
+                tensors[f"after.{t}.{name}"] = weights[name]
+        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        with atomic_path(Path(directory) / STATE_FILE) as tmp:
+            save_file(tensors, str(tmp), metadata={"matrix": json.dumps(self.matrix), "order": json.dumps(order)})
+
+    def load(self, directory: str) -> int:
+        """Restore a saved state; returns the number of tasks it had learnt."""
+        device = next(iter(self.full.values())).device
+        with safe_open(str(Path(directory) / STATE_FILE), framework="pt") as f:
+            self.matrix = json.loads(f.metadata()["matrix"])
+            done = len(self.matrix)
+            for name, layer in self.layers.items():
+                layer.base.A = f.get_tensor(f"pairs.{name}.A").to(device)
+                layer.base.B = f.get_tensor(f"pairs.{name}.B").to(device)
+                self.in_bases[name].U = f.get_tensor(f"basis_in.{name}").to(device)
+            for name in self.full:
+                self.out_bases[name].U = f.get_tensor(f"basis_out.{name}").to(device)
+            self.after_task = [{name: f.get_tensor(f"after.{t}.{name}") for name in self.full} for t in range(done)]
+        if done:
+            with torch.no_grad():
+                for name, weight in self.full.items():
+                    weight.copy_(self.after_task[-1][name])
+        return done
+
+
+def accuracy(sequence: Sequence, examples: list[Example], tokenizer, max_new_tokens: int, batch_size: int,
+             device: str) -> float:
+    generations = greedy_generate(sequence.model, tokenizer, [e.prompt for e in examples], max_new_tokens,
+                                  batch_size, device)
+    return exact_match(generations, examples)
+
+
+def train_task(sequence: Sequence, task: TaskData, index: int, config: dict, collate, device: str) -> float:
+    """One task of the order; returns its mean training loss. The task's randomness (new pair, batch order,
+    adapter noise) comes from (seed, task index) alone, so a sequence resumed at a task boundary repeats an
+    uninterrupted one exactly."""
+    torch.manual_seed(config["seed"] * 1_000_003 + index)
+    projection = config["projection"]
+    sequence.start_task(projection)
+    model = sequence.model
+    lora = [p for layer in sequence.layers.values() for p in (layer.A_mean, layer.B_mean, layer.A_moments,
+                                                              layer.B_moments) if p.numel()]
+    optimizer = torch.optim.AdamW(lora, lr=config["lr"], weight_decay=config["weight_decay"])
+    full_rank = ProjectedAdam(sequence.full, sequence.out_bases if projection else None, config["galore_lr"],
+                              config["galore_rank"], config["galore_scale"], config["update_proj_gap"])
+    summaries = {name: GradientSummary(layer.A_mean.shape[1], device) for name, layer in sequence.layers.items()}
+    batch_size, accum = config["batch_size"], config["grad_accum"]
+    batches_per_epoch = -(-len(task.train) // batch_size)
+    total = -(-batches_per_epoch // accum) * config["epochs"]
+    scheduler = get_linear_schedule_with_warmup(optimizer, round(config["warmup_ratio"] * total), total)
+    losses = []
+    model.train()
+    for epoch in range(config["epochs"]):
+        order = torch.Generator().manual_seed(config["seed"] * 1_000_003 + index * 1_009 + epoch)
+        indices = list(LengthGroupedSampler(batch_size, lengths=task.lengths, generator=order))
+        batches = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
+        loader = DataLoader(task.train, batch_sampler=batches, collate_fn=collate, generator=torch.Generator())
+        for number, batch in enumerate(loader, start=1):
+            loss = response_loss(model, batch.to(device))
+            if not torch.isfinite(loss):
+                raise TrialFailure(f"diverged: training loss {loss.item()} in task {task.name}; lower lr or galore_lr")
+            (loss / accum).backward()
+            losses.append(loss.item())
+            if number % accum and number < len(batches):
+                continue
+            if projection:
+                sequence.project_adapters(gradients=True, summaries=summaries)
+            torch.nn.utils.clip_grad_norm_(lora, config["max_grad_norm"])
+            factor = optimizer.param_groups[0]["lr"] / config["lr"]  # the full-rank weights follow the schedule
+            optimizer.step()
+            full_rank.step(factor)
+            scheduler.step()
+            if projection:
+                sequence.project_adapters(gradients=False)
+            optimizer.zero_grad(set_to_none=True)
+            full_rank.zero_grad()
+    if projection:
+        threshold = config["energy_threshold"]
+        for name, basis in sequence.out_bases.items():
+            basis.grow(full_rank.summaries[name], threshold)
+        for name, basis in sequence.in_bases.items():
+            basis.grow(summaries[name], threshold)
+    sequence.end_task()
+    return sum(losses) / max(1, len(losses))
+
+
+def train(config: dict, data: ContinualData, report: Reporter, resume: str | None = None,
+          device: str | None = None) -> None:
+    device = device or default_device()
+    sequence = Sequence(config, device)
+    tokenizer = tokenizer_for(config)
+    order = tuple(t.name for t in data.tasks)
+    done = sequence.load(resume) if resume else 0
+    collate = functools.partial(pad, pad_id=tokenizer.pad_token_id)
+    started = time.time()
+    for index in range(done, len(data.tasks)):
+        loss = train_task(sequence, data.tasks[index], index, config, collate, device)
+        row = [accuracy(sequence, t.validation, tokenizer, data.max_new_tokens, config["batch_size"] * 4, device)
+               for t in data.tasks]
+        sequence.matrix.append(row)
+        metrics = {"task": index + 1, "train_loss": loss, "val_aa": average_accuracy(sequence.matrix),
+                   "val_bwt": backward_transfer(sequence.matrix),
+                   **{f"val_acc_{name}": value for name, value in zip(order, row)},
+                   "memory_directions": sum(b.U.shape[1] for b in sequence.out_bases.values()),
+                   "seconds": time.time() - started}
+        with tempfile.TemporaryDirectory() as directory:
+            sequence.save(directory, order)
+            report(metrics, directory)
+
+
+def score(config: dict, checkpoint: str, source: str) -> dict:
+    """Every intermediate model of the sequence re-created from the checkpoint and scored once on the test
+    splits: the accuracy matrix (row t: after task t, tasks 1..t; the last row: every task, and the untuned
+    model's row 0), AA and BWT from it."""
+    device = default_device()
+    sequence = Sequence(config, device)
+    tokenizer = tokenizer_for(config)
+    done = sequence.load(checkpoint)
+    pairs = {name: (layer.base.A, layer.base.B) for name, layer in sequence.layers.items()}
+    order = order_of(config)
+    tests = [test_split(Path(source), name, config) for name in order]
+    new_tokens = max(len(tokenizer(e.target, add_special_tokens=False)["input_ids"]) for t in tests for e in t) + 1
+
+    def row(tasks: int, width: int) -> list[float]:
+        sequence.show(tasks, pairs)
+        return [accuracy(sequence, tests[i], tokenizer, new_tokens, config["batch_size"] * 4, device)
+                for i in range(width)]
+
+    untuned = row(0, len(order))
+    matrix = [row(t, t if t < done else len(order)) for t in range(1, done + 1)]
+    return {"aa": average_accuracy(matrix), "bwt": backward_transfer(matrix),
+            "untuned_aa": sum(untuned) / len(untuned), "tasks_trained": float(done),
+            "accuracy_matrix": {"tasks": list(order), "untuned": untuned, "after_each_task": matrix}}
+
+
+def held_out_details(scores: dict) -> str:
+    """The accuracy matrix as Markdown (the export writes it under the table for the best configuration)."""
+    found = scores["accuracy_matrix"]
+    tasks = found["tasks"]
+    lines = ["| after | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|",
+             "| (untuned) | " + " | ".join(f"{v:.3f}" for v in found["untuned"]) + " |"]
+    for t, values in enumerate(found["after_each_task"]):
+        cells = [f"{v:.3f}" for v in values] + [""] * (len(tasks) - len(values))
+        lines.append(f"| {t + 1}. {tasks[t]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
