@@ -68,9 +68,10 @@ class Progress(Callback):
     every minute and whenever a trial ends."""
 
     CLEAR = "\r\x1b[2K"  # back to the line's start, erase it
+    selects = "best"  # a trial's value: its best report, or its last (`Task.selects`)
 
-    def __init__(self, metric: str, mode: str, num_samples: int, clock: tuple[str, float]):
-        self.metric, self.mode, self.num_samples = metric, mode, num_samples
+    def __init__(self, metric: str, mode: str, num_samples: int, clock: tuple[str, float], selects: str = "best"):
+        self.metric, self.mode, self.num_samples, self.selects = metric, mode, num_samples, selects
         self.time_attr, self.budget = clock
         self.started = time.time()
         self.printed = 0.0
@@ -129,7 +130,7 @@ class Progress(Callback):
             return f"{name} failed: {result[FAILURE_KEY]}"
         clock = result.get(self.time_attr, 0)
         stopped = f", stopped early at {self.time_attr} {clock:g}" if clock < self.budget else ""
-        return (f"{name} done: val {self.metric} {result.get(self.key, float('nan')):.4f} (best of "
+        return (f"{name} done: val {self.metric} {result.get(self.key, float('nan')):.4f} ({self.selects} of "
                 f"{result.get('training_iteration', 0)} evaluations{stopped})")
 
     def trial_ended(self, trials: list[Trial], trial: Trial) -> None:

@@ -12,6 +12,9 @@ A family is a module (`trainables.<name>` or any importable dotted path) with th
     score(config, checkpoint, source) -> dict         the held-out split, scored once, for the table
     clock(config) -> (str, float)                     the reported key ASHA counts in, and its final value
 
+Optional: `build_model(config, device) -> nn.Module`, the model a checkpoint's adapter loads into
+(`llmm_tune.export_adapter` needs it).
+
 `train` reports `val_<metric>` for the metrics of its task it computes (the selection metric always);
 which one selects, and in which direction, is data (`Task.metrics`), never assumed by the driver; so is
 which report stands for the trial (`Task.selects`). A family may also define

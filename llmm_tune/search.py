@@ -136,7 +136,8 @@ def build_tuner(spec: SearchSpec, metadata: dict, data, experiment: str, resume:
                                     trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}"),
         run_config=tune.RunConfig(
             name=name, storage_path=parent, verbose=0, log_to_file=True,
-            callbacks=[Progress(spec.metric, spec.mode, spec.num_samples, (time_attr, budget))],
+            callbacks=[Progress(spec.metric, spec.mode, spec.num_samples, (time_attr, budget),
+                                spec.recipe.TASKS[spec.task].selects)],
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_order=spec.mode,
                                                     checkpoint_score_attribute=None if last else f"val_{spec.metric}"),
             failure_config=tune.FailureConfig(max_failures=2),
@@ -220,8 +221,8 @@ def run(argv: list[str]) -> str:
     if cluster:
         check_layout(layout)
     write_metadata(experiment, metadata)
-    sizes = " | ".join(f"{k} {len(v)}" for k, v in vars(data).items() if hasattr(v, "__len__") and
-                       k in ("train", "validation"))
+    sizes = getattr(data, "sizes", None) or " | ".join(f"{k} {len(v)}" for k, v in vars(data).items()
+                                                       if hasattr(v, "__len__") and k in ("train", "validation"))
     print(f"experiment {experiment} | {spec.task} {metadata['method']} {metadata['profile']} | "
           f"{spec.num_samples} trials, {describe(layout)} | {sizes} | data: {source}")
     resume = (f"python -m llmm_tune.search {args.task} --resume --name {metadata['name']}"

@@ -123,10 +123,15 @@ class TaskData:
 class ContinualData:
     """Each task's tokenised train split and validation examples, shared by every trial of a search."""
 
-    train: list[int]  # examples per task (the console's sizes)
-    validation: list[int]
     tasks: list[TaskData]
     max_new_tokens: int  # the longest label of the order, in tokens, plus EOS
+
+    @property
+    def sizes(self) -> str:
+        """What the console says of the data."""
+        return (f"{len(self.tasks)} tasks: " + ", ".join(t.name for t in self.tasks) + " | train "
+                + "/".join(str(len(t.train)) for t in self.tasks) + " | validation "
+                + "/".join(str(len(t.validation)) for t in self.tasks))
 
 
 def prepare(config: dict, source: str) -> ContinualData:
@@ -142,7 +147,7 @@ def prepare(config: dict, source: str) -> ContinualData:
         tasks.append(TaskData(name, encoded, [len(ids) for ids in encoded["input_ids"]], validation))
     longest = max(len(tokenizer(e.target, add_special_tokens=False)["input_ids"])
                   for task in tasks for e in task.validation)
-    return ContinualData([len(t.train) for t in tasks], [len(t.validation) for t in tasks], tasks, longest + 1)
+    return ContinualData(tasks, longest + 1)
 
 
 class Sequence:

@@ -1,0 +1,212 @@
+"""Does tuned Llmm beat tuned baselines? `python -m llmm_tune.compare glue_cola --methods llmm loftq qlora lora
+--seeds 0 1 2 [search options]`.
+
+For each method the same search (`llmm_tune.search TASK --method M`: the space minus the settings the
+method does not use, the same number of trials, ASHA schedule, validation split and searcher seed), each in
+its own process; then each method's best validation configuration is trained again with every seed and
+scored once on the held-out split. Written to results/compare/<task>/: table.md and table.tex (per method
+the mean and standard deviation over seeds, the compute spent in trial-seconds, and the difference to the
+first method with a 95% interval from a paired t-test over seeds: seed s gives every method the same data
+order and initial draws), scores.csv (every method and seed) and seeds.png.
+
+A killed compare continues where it stopped: a finished search is reused, an unfinished one resumed, and
+each retrained seed is kept in results/compare/<task>/runs.json as soon as it ends.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+from scipy import stats
+
+from llmm_tune import storage
+from llmm_tune.errors import UsageError
+from llmm_tune.experiment import command_line, git_commit, package_versions, read_metadata
+from llmm_tune.export import VERSION_KEYS, collect, data_source, latex, trial_config
+from llmm_tune.family import load_family
+from llmm_tune.files import atomic_path, write_text
+from llmm_tune.spaces import METHOD_CHOICES, PROFILES, load_spec, space_path
+
+RUNS_FILE = "runs.json"
+
+
+def paired_interval(values: list[float], reference: list[float], level: float = 0.95) -> tuple[float, float, float]:
+    """(mean, low, high) of the per-seed differences values[s] - reference[s]: Student's t interval of a paired
+    test (NaN bounds with fewer than two seeds)."""
+    differences = [v - r for v, r in zip(values, reference)]
+    mean = statistics.fmean(differences)
+    if len(differences) < 2:
+        return mean, math.nan, math.nan
+    half = stats.t.ppf((1 + level) / 2, len(differences) - 1) * statistics.stdev(differences) / math.sqrt(
+        len(differences))
+    return mean, mean - half, mean + half
+
+
+def run_search(task: str, method: str, profile: str, storage_dir: str, options: list[str]) -> str:
+    """The method's search experiment: reused when finished, resumed when not, else started."""
+    from llmm_tune.search import ended_trials
+
+    name = f"{Path(task).stem}-{method}-{profile}-compare"
+    experiment = storage.join(storage_dir, name)
+    metadata = read_metadata(experiment)
+    command = [sys.executable, "-m", "llmm_tune.search", task, "--storage", storage_dir, "--name", name,
+               "--no-export"]
+    if metadata is not None and ended_trials(experiment) >= metadata["num_samples"]:
+        print(f"{method}: search {name} finished before, reused")
+        return experiment
+    if metadata is not None:
+        print(f"{method}: resuming search {name}")
+        command.append("--resume")
+    else:
+        print(f"{method}: searching ({name})")
+        command += ["--method", method, "--profile", profile, *options]
+    if subprocess.run(command).returncode != 0:
+        raise UsageError(f"the {method} search stopped (see above); run the same compare again to continue it")
+    return experiment
+
+
+def best_trial(experiment: str) -> tuple[dict, pd.Series, float]:
+    """(metadata, the trial best on validation, the search's trial-seconds)."""
+    meta, trials, checkpoints = collect(experiment)
+    value = f"val_{meta['metric']}"
+    scored = trials[trials[value].notna() & trials["trial"].isin(checkpoints)]
+    if scored.empty:
+        raise UsageError(f"no trial of {experiment} has a validation score; check its log (llmm_search.log)")
+    sign = 1 if meta["mode"] == "max" else -1
+    return meta, trials.loc[(sign * scored[value]).idxmax()], float(trials["seconds"].fillna(0).sum())
+
+
+def retrain(meta: dict, best: pd.Series, seeds: list[int], runs: dict, runs_path: Path, method: str) -> None:
+    """Train the chosen configuration with each seed not in `runs` yet; keep each result as soon as it ends."""
+    from llmm_tune.reproduce import reproduce_seed
+
+    todo = [s for s in seeds if f"{method}/{s}" not in runs or runs[f"{method}/{s}"]["trial"] != best["trial"]]
+    if not todo:
+        return
+    recipe = load_family(meta["family"])
+    record = {"family": meta["family"], "task": meta["task"], "config": trial_config(best, meta),
+              "trust_remote_code": meta.get("trust_remote_code", False)}
+    source = data_source(meta)
+    data = recipe.prepare({**record["config"], "seed": meta["seed"], "trust_remote_code": record["trust_remote_code"]},
+                          source)
+    for seed in todo:
+        print(f"{method}: training trial {best['trial']}'s configuration with seed {seed}")
+        started = time.time()
+        with tempfile.TemporaryDirectory() as work:
+            scores = reproduce_seed(record, seed, data, source, Path(work))
+        runs[f"{method}/{seed}"] = {"method": method, "seed": seed, "trial": best["trial"],
+                                    "seconds": time.time() - started, "config": record["config"],
+                                    **{k: v for k, v in scores.items() if isinstance(v, (int, float))}}
+        with atomic_path(runs_path) as tmp:
+            tmp.write_text(json.dumps(runs, indent=1))
+
+
+def compare(argv: list[str]) -> Path:
+    parser = argparse.ArgumentParser(prog="python -m llmm_tune.compare", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("task", help="a search space (glue_cola, gsm8k, ...) or a YAML path")
+    parser.add_argument("--methods", nargs="+", choices=METHOD_CHOICES, default=list(METHOD_CHOICES),
+                        help="the first is the reference the others are compared with (default: llmm)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--profile", choices=PROFILES, help="default: paper with a GPU, else cpu")
+    parser.add_argument("--storage", default="ray_results")
+    parser.add_argument("--results", default="results")
+    args, options = parser.parse_known_args(argv)
+    if len(set(args.methods)) != len(args.methods) or len(set(args.seeds)) != len(args.seeds):
+        raise UsageError("--methods and --seeds must not repeat a value")
+    if any(o in ("--method", "--name", "--resume", "--no-export") for o in options):
+        raise UsageError("compare names, resumes and exports its searches itself; drop --method, --name, --resume "
+                         "and --no-export")
+    from llmm_tune.search import choose_profile
+
+    profile = args.profile or choose_profile("auto")
+    load_spec(args.task, profile, args.methods[0])  # a bad space stops here, before any search
+    storage_dir = storage.writable(args.storage, "--storage")
+    experiments = {m: run_search(args.task, m, profile, storage_dir, options) for m in args.methods}
+    chosen = {m: best_trial(e) for m, e in experiments.items()}
+    meta = chosen[args.methods[0]][0]
+    out = Path(args.results) / "compare" / meta["task"]
+    runs_path = out / RUNS_FILE
+    runs = json.loads(runs_path.read_text()) if runs_path.is_file() else {}
+    for method, (method_meta, best, _) in chosen.items():
+        retrain(method_meta, best, args.seeds, runs, runs_path, method)
+    return write_tables(args, chosen, runs, out, argv, space_path(args.task).stem)
+
+
+def write_tables(args, chosen: dict, runs: dict, out: Path, argv: list[str], space: str) -> Path:
+    meta = next(iter(chosen.values()))[0]
+    split, metric, mode = load_family(meta["family"]).HELD_OUT, meta["metric"], meta["mode"]
+    score = f"{split}_{metric}"
+    scores = pd.DataFrame([runs[f"{m}/{s}"] for m in args.methods for s in args.seeds])
+    reference = args.methods[0]
+    ref_values = scores[scores["method"] == reference].sort_values("seed")[score].tolist()
+    rows = []
+    for method, (_, best, search_seconds) in chosen.items():
+        mine = scores[scores["method"] == method].sort_values("seed")
+        values = mine[score].tolist()
+        difference, low, high = paired_interval(values, ref_values)
+        rows.append({"method": method, "trial": best["trial"], f"val {metric}": best[f"val_{metric}"],
+                     f"{split} {metric} mean": statistics.fmean(values),
+                     f"{split} {metric} std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                     f"difference to {reference}": difference, "95% interval": f"[{low:.4f}, {high:.4f}]",
+                     "search trial-s": round(search_seconds), "retrain s": round(mine["seconds"].sum()),
+                     "lr": best["lr"], "rank": best["rank"], "bits": best["bits"], "K": best["K"]})
+    table = pd.DataFrame(rows)
+    command = command_line("llmm_tune.compare", argv)
+    versions = package_versions()
+    direction = "higher" if mode == "max" else "lower"
+    header = (f"# {meta['task']}: each method tuned with the same search, its best validation configuration "
+              f"retrained with seeds {args.seeds} and scored once on {split}\n\n"
+              f"{metric}: {direction} is better. The interval is a paired t-test over seeds of each method's "
+              f"difference to {reference}; an interval that holds 0 is no evidence either way.\n\n")
+    footer = (f"\n\nCommand: `{command}` | space: {space} | commit {git_commit()} | "
+              + " ".join(f"{k}={versions.get(k)}" for k in VERSION_KEYS) + "\n")
+    write_text(out / "table.md", header + table.to_markdown(index=False, floatfmt=".4f") + footer)
+    record = {"reproduce": command, "git_commit": git_commit(), "versions": versions}
+    write_text(out / "table.tex", latex(table.round(4), [record] * len(table),
+                                        f"{meta['task']}: tuned methods over seeds {args.seeds}, {split}"))
+    with atomic_path(out / "scores.csv") as tmp:
+        scores.drop(columns=["config"]).to_csv(tmp, index=False)
+    plot_seeds(scores, score, args.methods, out / "seeds.png")
+    print(f"wrote {out}: table.md, table.tex, scores.csv, seeds.png, {RUNS_FILE}")
+    print(table.drop(columns=["lr", "rank", "bits", "K"]).to_string(index=False))
+    return out
+
+
+def plot_seeds(scores: pd.DataFrame, score: str, methods: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    figure, axes = pyplot.subplots(figsize=(1.6 * len(methods) + 1, 3.2))
+    for x, method in enumerate(methods):
+        values = scores[scores["method"] == method][score]
+        axes.scatter([x] * len(values), values, color="tab:blue")
+        axes.hlines(values.mean(), x - 0.25, x + 0.25, color="black")
+    axes.set_xticks(range(len(methods)), methods)
+    axes.set_ylabel(score)
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    pyplot.close(figure)
+
+
+def main() -> None:
+    try:
+        compare(sys.argv[1:])
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

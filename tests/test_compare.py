@@ -1,0 +1,55 @@
+"""`llmm_tune.compare`: the paired interval on hand-made numbers, and a compare of two methods over seeds end to
+end on a tiny model, continued with another seed without redoing what was done."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pandas as pd
+import pytest
+
+from llmm_tune.compare import paired_interval
+from tests.search_fixtures import run_module, subset_glue, tiny_bert, tiny_space
+
+
+def test_the_paired_interval_of_hand_made_scores():
+    mean, low, high = paired_interval([0.5, 0.7, 0.9], [0.4, 0.5, 0.6])  # differences 0.1, 0.2, 0.3
+    half = 4.302653 * 0.1 / math.sqrt(3)  # t(0.975, 2 degrees of freedom) * sd / sqrt(n)
+    assert (mean, low, high) == pytest.approx((0.2, 0.2 - half, 0.2 + half), abs=1e-6)
+    assert paired_interval([0.3, 0.5], [0.3, 0.5]) == (0.0, 0.0, 0.0)  # identical per seed: no difference
+    # the same mean difference with unpaired noise: the pairing, not the means, sets the width
+    assert paired_interval([0.9, 0.1, 0.5], [0.7, 0.0, 0.1])[2] - paired_interval([0.9, 0.1, 0.5], [0.7, 0.0, 0.1])[
+        1] > high - low
+    single = paired_interval([0.5], [0.4])
+    assert single[0] == pytest.approx(0.1) and math.isnan(single[1]) and math.isnan(single[2])
+
+
+def test_a_compare_of_two_methods_over_seeds_continues_without_redoing_finished_work(tmp_path):
+    space = tiny_space(tmp_path, tiny_bert(tmp_path / "model"), epochs=1)
+    common = [str(space), "--methods", "llmm", "lora", "--profile", "cpu", "--storage", str(tmp_path / "runs"),
+              "--results", str(tmp_path / "results"), "--data-dir", str(subset_glue(tmp_path / "data")),
+              "--cpus-per-trial", "1", "--num-samples", "1"]
+    first = run_module("llmm_tune.compare", *common, "--seeds", "0", timeout=900)
+    assert first.returncode == 0, first.stderr[-3000:]
+    out = tmp_path / "results" / "compare" / "cola"
+    runs = json.loads((out / "runs.json").read_text())
+    assert sorted(runs) == ["llmm/0", "lora/0"]
+    lora_search = runs["lora/0"]["config"]
+    assert lora_search["K"] == 0 and lora_search["bits"] is None and runs["llmm/0"]["config"]["K"] >= 1
+
+    again = run_module("llmm_tune.compare", *common, "--seeds", "0", "1", timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "llmm: search tiny_cola-llmm-cpu-compare finished before, reused" in again.stdout
+    assert "seed 0" not in again.stdout and again.stdout.count("with seed 1") == 2
+    continued = json.loads((out / "runs.json").read_text())
+    assert {k: continued[k] for k in runs} == runs and sorted(continued) == ["llmm/0", "llmm/1", "lora/0", "lora/1"]
+
+    scores = pd.read_csv(out / "scores.csv")
+    assert len(scores) == 4 and set(scores["method"]) == {"llmm", "lora"}
+    table = (out / "table.md").read_text()
+    assert "difference to llmm" in table and "search trial-s" in table and "paired t-test" in table
+    lora = scores[scores["method"] == "lora"].sort_values("seed")["dev_mcc"].tolist()
+    llmm = scores[scores["method"] == "llmm"].sort_values("seed")["dev_mcc"].tolist()
+    assert f"{paired_interval(lora, llmm)[0]:.4f}" in table
+    assert (out / "seeds.png").stat().st_size > 0 and (out / "table.tex").is_file()
