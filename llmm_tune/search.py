@@ -64,6 +64,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                              "gs:// URI (endpoint and credentials from the usual environment variables)")
     parser.add_argument("--optuna-storage", help="a database URL for the Optuna study (default: a journal file in "
                                                  "the experiment folder, for optuna-dashboard)")
+    parser.add_argument("--sampler", choices=("tpe", "random"), default="tpe",
+                        help="how trials are proposed: Optuna's multivariate TPE (default) or uniformly at random")
+    parser.add_argument("--no-early-stopping", action="store_true",
+                        help="run every trial to its end (no ASHA): a baseline for what early stopping saves")
     parser.add_argument("--name", help="experiment name (default: <task>-<method>-<profile>, numbered if taken)")
     parser.add_argument("--resume", action="store_true", help="continue the experiment --name")
     parser.add_argument("--seed", type=int, help="seed of the searcher and of every trial")
@@ -102,7 +106,7 @@ def choose_profile(requested: str) -> str:
 def build_tuner(spec: SearchSpec, metadata: dict, data, experiment: str, resume: bool, optuna_storage: str | None):
     """The Tuner of a new experiment, or of `experiment` resumed."""
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import ConcurrencyLimiter
 
     from llmm_tune.console import Progress
@@ -119,12 +123,14 @@ def build_tuner(spec: SearchSpec, metadata: dict, data, experiment: str, resume:
         return tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True)
     metric = f"best_val_{spec.metric}"
     searcher = make_searcher(spec.distributions(), metric, spec.mode, spec.warm_start, spec.num_samples,
-                             spec.fixed["seed"], study_storage(experiment, optuna_storage), metadata["name"])
+                             spec.fixed["seed"], study_storage(experiment, optuna_storage), metadata["name"],
+                             metadata.get("sampler", "tpe"))
     last = spec.recipe.TASKS[spec.task].selects == "last"  # keep the latest checkpoint, not the best
     time_attr, budget = spec.recipe.clock({**spec.fixed, "task": spec.task})
     stopping = spec.early_stopping
-    scheduler = ASHAScheduler(time_attr=time_attr, metric=stopping["metric"], mode=stopping["mode"], max_t=budget,
-                              grace_period=stopping["grace_period"], reduction_factor=stopping["reduction_factor"])
+    scheduler = FIFOScheduler() if not metadata.get("early_stopping", True) else ASHAScheduler(
+        time_attr=time_attr, metric=stopping["metric"], mode=stopping["mode"], max_t=budget,
+        grace_period=stopping["grace_period"], reduction_factor=stopping["reduction_factor"])
     parent, name = experiment.rstrip("/").rsplit("/", 1) if storage.is_uri(experiment) else \
         (str(Path(experiment).parent), Path(experiment).name)
     return tune.Tuner(
@@ -166,6 +172,7 @@ def new_experiment(args: argparse.Namespace, argv: list[str], storage_dir: str) 
         "profile": profile, "method": args.method, "metric": spec.metric, "mode": spec.mode,
         "seed": spec.fixed["seed"], "model": spec.fixed["model"], "num_samples": spec.num_samples,
         "on_bad_row": spec.fixed["on_bad_row"], "trust_remote_code": args.trust_remote_code,
+        "sampler": args.sampler, "early_stopping": not args.no_early_stopping,
         "command": command_line("llmm_tune.search", [*argv, *([] if args.name else ["--name", name])]),
         "git_commit": git_commit(), "versions": package_versions(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
     }

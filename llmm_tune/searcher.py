@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import optuna
-from optuna.samplers import TPESampler
+from optuna.samplers import RandomSampler, TPESampler
 from optuna.storages import BaseStorage, JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
@@ -60,9 +60,12 @@ def study_storage(experiment: str, url: str | None) -> BaseStorage | None:
 
 
 def make_searcher(distributions: dict, metric: str, mode: str, warm_start: list[dict], num_samples: int,
-                  seed: int, study: BaseStorage | None = None, name: str | None = None) -> FailureAwareOptunaSearch:
-    """Multivariate TPE, the warm-start points first; random start-up for a quarter of the budget."""
-    sampler = TPESampler(multivariate=True, seed=seed, n_startup_trials=min(10, max(2, num_samples // 4)))
+                  seed: int, study: BaseStorage | None = None, name: str | None = None,
+                  sampler_name: str = "tpe") -> FailureAwareOptunaSearch:
+    """Multivariate TPE, the warm-start points first; random start-up for a quarter of the budget (or, with
+    `sampler_name="random"`, every point at random after the warm starts)."""
+    sampler = RandomSampler(seed=seed) if sampler_name == "random" else \
+        TPESampler(multivariate=True, seed=seed, n_startup_trials=min(10, max(2, num_samples // 4)))
     return FailureAwareOptunaSearch(distributions, metric=metric, mode=mode, sampler=sampler,
                                     points_to_evaluate=warm_start or None, storage=study,
                                     study_name=name if study else None)

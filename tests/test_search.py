@@ -170,3 +170,17 @@ def test_profiles_pick_their_warm_start_and_asha_watches_the_validation_metric(t
         spec = load_spec(task, profile, "llmm")
         assert spec.warm_start == [{k: p[k] for k in spec.space} for p in points], profile
         assert (spec.early_stopping["metric"], spec.early_stopping["mode"]) == (f"val_{metric}", "max")
+
+
+def test_the_random_sampler_is_a_searcher_option_for_baselines_of_the_search_itself():
+    from optuna.samplers import RandomSampler, TPESampler
+
+    from llmm_tune.search import parse_args
+    from llmm_tune.searcher import make_searcher
+
+    spec = load_spec("glue_cola", "cpu", "llmm")
+    for name, kind in (("random", RandomSampler), ("tpe", TPESampler)):
+        searcher = make_searcher(spec.distributions(), "best_val_mcc", "max", [], 4, 0, sampler_name=name)
+        assert isinstance(searcher._sampler, kind)
+    args = parse_args(["glue_cola", "--sampler", "random", "--no-early-stopping"])
+    assert args.sampler == "random" and args.no_early_stopping
