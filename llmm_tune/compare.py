@@ -31,7 +31,7 @@ from scipy import stats
 from llmm_tune import storage
 from llmm_tune.errors import UsageError
 from llmm_tune.experiment import command_line, git_commit, package_versions, read_metadata
-from llmm_tune.export import VERSION_KEYS, collect, data_source, latex, trial_config
+from llmm_tune.export import VERSION_KEYS, best_row, collect, data_source, latex, trial_config
 from llmm_tune.family import load_family
 from llmm_tune.files import atomic_path, write_text
 from llmm_tune.spaces import METHOD_CHOICES, PROFILES, load_spec, space_path
@@ -81,8 +81,7 @@ def best_trial(experiment: str) -> tuple[dict, pd.Series, float]:
     scored = trials[trials[value].notna() & trials["trial"].isin(checkpoints)]
     if scored.empty:
         raise UsageError(f"no trial of {experiment} has a validation score; check its log (llmm_search.log)")
-    sign = 1 if meta["mode"] == "max" else -1
-    return meta, trials.loc[(sign * scored[value]).idxmax()], float(trials["seconds"].fillna(0).sum())
+    return meta, best_row(scored, value, meta["mode"]), float(trials["seconds"].fillna(0).sum())
 
 
 def retrain(meta: dict, best: pd.Series, seeds: list[int], runs: dict, runs_path: Path, method: str) -> None:

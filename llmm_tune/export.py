@@ -85,6 +85,12 @@ def _trial_number(trial) -> int:
     return int(head) if head.isdigit() else -1
 
 
+def best_row(trials: pd.DataFrame, column: str, mode: str) -> pd.Series:
+    """The row of `trials` whose `column` is best in direction `mode` (NaN rows never chosen)."""
+    scored = trials[trials[column].notna()]
+    return scored.loc[(scored[column] if mode == "max" else -scored[column]).idxmax()]
+
+
 def data_source(meta: dict) -> str:
     """The search's data on this machine: its folder if still there, else as the record names it."""
     if meta.get("data_dir") and Path(meta["data_dir"]).is_dir():
@@ -217,7 +223,7 @@ def export(experiments: list[str], results: Path) -> Path:
     for experiment, (meta, df, checkpoints) in zip(experiments, collected):
         scored = df[df[value].notna() & df["trial"].isin(checkpoints)]
         for _, group in scored.fillna({"bits": -1, "quant_method": "-"}).groupby(["quant_method", "bits", "rank"]):
-            best = df.loc[(sign * group[value]).idxmax()]
+            best = df.loc[best_row(group, value, mode).name]  # the row as collected (group holds fill values)
             held_out = score_held_out(trial_config(best, meta), checkpoints[best["trial"]], meta, experiment)
             chosen.append((best[value], best, meta, held_out))
     if not chosen:

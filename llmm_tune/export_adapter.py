@@ -27,8 +27,7 @@ from torch import nn
 from llmm_tune.config import LlmmConfig
 from llmm_tune.errors import UsageError
 from llmm_tune.files import write_text
-from llmm_tune.model import default_target_modules, llmm_layers, matches
-from llmm_tune.quant import dense_weight
+from llmm_tune.model import default_target_modules, dequantize_llmm, llmm_layers, matches
 
 EXPORT_FILE = "export.json"
 
@@ -50,16 +49,7 @@ def to_peft(model: nn.Module, out: Path, tokenizer=None) -> dict:
     config: LlmmConfig = model.llmm_config
     layers = llmm_layers(model)
     means = {name: (layer.A_mean.detach().clone(), layer.B_mean.detach().clone()) for name, layer in layers.items()}
-    for name, layer in layers.items():
-        weight, bias = dense_weight(layer.base), layer.base.bias
-        plain = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device)
-        plain.weight.copy_(weight)
-        if bias is not None:
-            plain.bias.copy_(bias)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, plain)
-    del model.llmm_config
-    model.requires_grad_(False)
+    dequantize_llmm(model).requires_grad_(False)
     model.save_pretrained(out / "base")
     if tokenizer is not None:
         tokenizer.save_pretrained(out / "base")

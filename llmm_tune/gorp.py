@@ -125,9 +125,9 @@ class ProjectedAdam:
                 state["P"] = torch.linalg.svd(G, full_matrices=False)[2][:min(self.rank, min(G.shape))]
             P = state["P"]
             R = G @ P.T
-            self.summaries[name].add(R)
             basis = self.memory.get(name) if self.memory else None
-            if basis is not None:
+            if basis is not None:  # without a memory (sequential fine-tuning) nothing grows from the summary
+                self.summaries[name].add(R)
                 R = basis.remove(R)
             m = state.setdefault("m", torch.zeros_like(R)).mul_(b1).add_(R, alpha=1 - b1)
             v = state.setdefault("v", torch.zeros_like(R)).mul_(b2).addcmul_(R, R, value=1 - b2)

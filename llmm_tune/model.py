@@ -207,11 +207,20 @@ def load_llmm(model: nn.Module, directory: str | Path, init_device: str | None =
     return load_adapter(model, directory)
 
 
-@torch.no_grad()
 def merge_llmm(model: nn.Module) -> nn.Module:
     """Replace each Llmm layer by a plain nn.Linear with W = dequant(Q) + scaling B_mean A_mean."""
+    return _to_linear(model, lambda layer: dense_weight(layer.base) + layer.scaling * layer.B_mean @ layer.A_mean)
+
+
+def dequantize_llmm(model: nn.Module) -> nn.Module:
+    """Replace each Llmm layer by a plain nn.Linear holding its dequantised base weight (the adapter dropped)."""
+    return _to_linear(model, lambda layer: dense_weight(layer.base))
+
+
+@torch.no_grad()
+def _to_linear(model: nn.Module, weight_of) -> nn.Module:
     for name, layer in llmm_layers(model).items():
-        weight = dense_weight(layer.base) + layer.scaling * layer.B_mean @ layer.A_mean
+        weight = weight_of(layer)
         bias = layer.base.bias
         merged = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None,
                            device=weight.device)

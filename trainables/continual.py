@@ -145,9 +145,12 @@ def prepare(config: dict, source: str) -> ContinualData:
         encoded = Dataset.from_list([encode(tokenizer, e.prompt, e.target, config["max_source_length"], LABEL_TOKENS)
                                      for e in train])
         tasks.append(TaskData(name, encoded, [len(ids) for ids in encoded["input_ids"]], validation))
-    longest = max(len(tokenizer(e.target, add_special_tokens=False)["input_ids"])
-                  for task in tasks for e in task.validation)
-    return ContinualData(tasks, longest + 1)
+    return ContinualData(tasks, answer_tokens(tokenizer, [e for task in tasks for e in task.validation]))
+
+
+def answer_tokens(tokenizer, examples: list[Example]) -> int:
+    """The decoding budget: the longest label among `examples`, in tokens, plus EOS."""
+    return max(len(tokenizer(e.target, add_special_tokens=False)["input_ids"]) for e in examples) + 1
 
 
 class Sequence:
@@ -350,7 +353,7 @@ def score(config: dict, checkpoint: str, source: str) -> dict:
     pairs = {name: (layer.base.A, layer.base.B) for name, layer in sequence.layers.items()}
     order = order_of(config)
     tests = [test_split(Path(source), name, config) for name in order]
-    new_tokens = max(len(tokenizer(e.target, add_special_tokens=False)["input_ids"]) for t in tests for e in t) + 1
+    new_tokens = answer_tokens(tokenizer, [e for t in tests for e in t])
 
     def row(tasks: int, width: int) -> list[float]:
         sequence.show(tasks, pairs)
