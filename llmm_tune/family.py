@@ -24,6 +24,7 @@ which report stands for the trial (`Task.selects`). A family may also define
 from __future__ import annotations
 
 import importlib
+import math
 from dataclasses import dataclass, field
 from types import ModuleType
 
@@ -73,8 +74,12 @@ def better(mode: str, a: float, b: float | None) -> bool:
 
 
 def replaces(task: Task, mode: str, new: float, kept: float | None) -> bool:
-    """Whether a trial's new report becomes its selection value (`kept`: the current one, None: none yet)."""
-    return task.selects == "last" or better(mode, new, kept)
+    """Whether a trial's new report becomes the one that stands for it (`kept`: the current one's value, None:
+    none yet): the last for a task that selects the last, else the best, and the later of equal ones, as Ray's
+    checkpoint manager keeps them (so a retrained trial is scored from the checkpoint the search kept)."""
+    if task.selects == "last" or kept is None or math.isnan(kept):
+        return True
+    return new >= kept if mode == "max" else new <= kept
 
 
 def worst(mode: str) -> float:

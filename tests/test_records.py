@@ -1,5 +1,6 @@
 """Records travel: the data they name resolves on another machine, installed versions are compared with
-the recorded ones, and a second run of the same search starts a new experiment."""
+the recorded ones, a retrained trial stands for the report whose checkpoint the search kept, and a second run
+of the same search starts a new experiment."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pytest
 from llmm_tune import data
 from llmm_tune.errors import UsageError
 from llmm_tune.experiment import fresh_name, package_versions
+from llmm_tune.family import Task, replaces
 from llmm_tune.reproduce import version_drift
 
 
@@ -46,3 +48,22 @@ def test_running_the_same_search_again_takes_a_fresh_name(tmp_path):
     (tmp_path / "glue_cola-llmm-cpu").mkdir()
     (tmp_path / "glue_cola-llmm-cpu-2").mkdir()
     assert fresh_name(tmp_path, "glue_cola-llmm-cpu") == "glue_cola-llmm-cpu-3"
+
+
+@pytest.mark.parametrize("mode", ["max", "min"])
+@pytest.mark.parametrize("reports", [[0.0, 0.0], [0.2, 0.5, 0.5, 0.1], [float("nan"), 0.3, 0.3], [0.4, float("nan")]])
+def test_the_report_that_stands_for_a_trial_is_the_one_rays_checkpoint_manager_keeps(reports, mode, tmp_path):
+    """Ties go to the later report and NaN never wins, in reproduce and export_adapter as in the search."""
+    from ray.train import Checkpoint, CheckpointConfig
+    from ray.train._internal.checkpoint_manager import _CheckpointManager
+    from ray.train._internal.session import _TrainingResult
+
+    manager = _CheckpointManager(CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="val",
+                                                  checkpoint_score_order=mode))
+    kept, task = None, Task("cola", {"mcc": "max"}, "mcc")
+    for i, value in enumerate(reports):
+        (tmp_path / str(i)).mkdir()
+        manager.register_checkpoint(_TrainingResult(Checkpoint(str(tmp_path / str(i))), {"val": value, "i": i}))
+        if replaces(task, mode, value, None if kept is None else reports[kept]):
+            kept = i
+    assert manager.best_checkpoint_result.metrics["i"] == kept

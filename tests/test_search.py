@@ -9,6 +9,7 @@ import re
 import shutil
 
 import pytest
+import torch
 import yaml
 
 from llmm_tune.data import carve_validation
@@ -184,3 +185,26 @@ def test_the_random_sampler_is_a_searcher_option_for_baselines_of_the_search_its
         assert isinstance(searcher._sampler, kind)
     args = parse_args(["glue_cola", "--sampler", "random", "--no-early-stopping"])
     assert args.sampler == "random" and args.no_early_stopping
+
+
+def test_export_adapter_takes_the_trials_checkpoint_or_trains_it_again_when_the_experiment_is_gone(searched,
+                                                                                                    tmp_path):
+    from safetensors.torch import load_file
+
+    best = str(searched["out"] / "best.yaml")
+    single_thread = {"OMP_NUM_THREADS": "1"}  # as the trial ran (one CPU), so retraining repeats it exactly
+    kept = run_module("llmm_tune.export_adapter", best, "--out", str(tmp_path / "kept"), "--storage",
+                      str(searched["root"] / "runs"), env=single_thread)
+    assert kept.returncode == 0, kept.stderr[-3000:]
+    assert "adapter of trial" in kept.stdout and "PeftModel.from_pretrained" in kept.stdout
+    again = run_module("llmm_tune.export_adapter", best, "--out", str(tmp_path / "again"), "--storage",
+                       str(tmp_path / "empty"), "--data-dir", str(searched["data"]), env=single_thread)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "training it again with seed 0" in again.stdout
+    for part in ("adapter/adapter_model.safetensors", "base/model.safetensors"):
+        expected, retrained = load_file(tmp_path / "kept" / part), load_file(tmp_path / "again" / part)
+        assert expected.keys() == retrained.keys() and len(expected) > 0
+        for name, tensor in expected.items():
+            assert torch.allclose(retrained[name], tensor, atol=1e-6), (part, name)
+    record = json.loads((tmp_path / "kept" / "export.json").read_text())
+    assert record["bits"] == yaml.safe_load(open(best))["config"]["bits"]
