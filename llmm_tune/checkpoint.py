@@ -1,6 +1,7 @@
 """A trial's full training state in safetensors (tensors) plus JSON metadata (scalars): the adapter,
-the optimizer and scheduler, the random-number state and progress. Nothing is unpickled, so a
-results directory from elsewhere cannot run code when a run resumes or is exported."""
+the optimizer and scheduler, the random-number state and progress (whole tensors, also for a sharded
+model: `llmm_tune.sharding`). Nothing is unpickled, so a results directory from elsewhere cannot run code
+when a run resumes or is exported."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from llmm_tune.files import atomic_path
-from llmm_tune.model import load_adapter, save_adapter
+from llmm_tune.model import ADAPTER_FILE, load_adapter, save_adapter
+from llmm_tune.sharding import is_sharded, load_whole_training_state, whole_training_state
 
 STATE_FILE = "training_state.safetensors"
 
@@ -22,8 +24,11 @@ def save_training_state(directory: str | Path, model: nn.Module, optimizer: torc
                         scheduler: torch.optim.lr_scheduler.LRScheduler, progress: dict,
                         rng_states: list[torch.Tensor] | None = None) -> None:
     """`rng_states`: the random state of each worker of a data-parallel trial (default: this process's)."""
-    save_adapter(model, directory)
-    optimizer_state = optimizer.state_dict()
+    if is_sharded(model):
+        adapter, optimizer_state = whole_training_state(model, optimizer)
+    else:
+        adapter, optimizer_state = None, optimizer.state_dict()
+    save_adapter(model, directory, adapter)
     states = rng_states or [torch.get_rng_state()]
     tensors = {rng_key(rank): state for rank, state in enumerate(states)}
     for index, state in optimizer_state["state"].items():
@@ -46,7 +51,6 @@ def load_training_state(directory: str | Path, model: nn.Module, optimizer: torc
                         scheduler: torch.optim.lr_scheduler.LRScheduler, rank: int = 0) -> dict:
     """Restore everything `save_training_state` wrote (worker `rank`'s random state); returns the progress
     record."""
-    load_adapter(model, directory)
     state: dict[int, dict] = {}
     with safe_open(str(Path(directory) / STATE_FILE), framework="pt") as f:
         metadata = f.metadata()
@@ -55,6 +59,13 @@ def load_training_state(directory: str | Path, model: nn.Module, optimizer: torc
                 _, index, key = name.split(".", 2)
                 state.setdefault(int(index), {})[key] = f.get_tensor(name)
         torch.set_rng_state(f.get_tensor(rng_key(rank) if rng_key(rank) in f.keys() else rng_key(0)))
-    optimizer.load_state_dict({"state": state, "param_groups": json.loads(metadata["param_groups"])})
+    optimizer_state = {"state": state, "param_groups": json.loads(metadata["param_groups"])}
+    if is_sharded(model):
+        with safe_open(str(Path(directory) / ADAPTER_FILE), framework="pt") as f:
+            adapter = {name: f.get_tensor(name) for name in f.keys()}
+        load_whole_training_state(model, optimizer, adapter, optimizer_state)
+    else:
+        load_adapter(model, directory)
+        optimizer.load_state_dict(optimizer_state)
     scheduler.load_state_dict(json.loads(metadata["scheduler"]))
     return json.loads(metadata["progress"])

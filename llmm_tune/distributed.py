@@ -18,9 +18,10 @@ TRAIN_RUNS = "train"  # <experiment>/train/<trial id>/: the Ray Train run of eac
 
 class ShardsToTune(TuneReportCallback):
     """Rank 0's metrics to Tune, plus which examples every worker trained on (`shard_digests`, and how
-    many: `shard_examples_by_worker`)."""
+    many: `shard_examples_by_worker`) and what it stores of the model (`stored_bytes_by_worker`)."""
 
-    MERGED = {"shard_digest": "shard_digests", "shard_examples": "shard_examples_by_worker"}
+    MERGED = {"shard_digest": "shard_digests", "shard_examples": "shard_examples_by_worker",
+              "stored_bytes": "stored_bytes_by_worker"}
 
     def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
         merged = {**metrics[0]}

@@ -23,6 +23,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from llmm_tune.checkpoint import load_training_state, save_training_state
 from llmm_tune.errors import TrialFailure
 from llmm_tune.settings import Setting, fraction, non_negative, optional, positive, positive_int
+from llmm_tune.sharding import is_sharded, shard_model, stored_bytes
 
 Reporter = Callable[[dict, str], None]  # (metrics, checkpoint directory)
 
@@ -36,6 +37,8 @@ FIT_SETTINGS: dict[str, Setting] = {
     "weight_decay": Setting(non_negative, "a number >= 0", 0.0),
     "warmup_ratio": Setting(fraction, "a number in [0, 1)", 0.06),
     "max_grad_norm": Setting(positive, "a number > 0", 1.0),
+    "fsdp": Setting(lambda v: isinstance(v, bool), "true or false (shard the model over a multi-worker trial's "
+                    "workers instead of copying it to each: search --fsdp)", False),
 }
 
 
@@ -56,10 +59,11 @@ def fit(config: dict, model: nn.Module, train: Dataset, lengths: list[int], coll
 
     In a torch.distributed group (a multi-worker trial) the model is data parallel: worker r of W takes
     batches r, r + W, ... of the same length-grouped order (the epoch's last `len % W` batches are left
-    out, so every worker steps alike), and every worker evaluates and reports the same metrics."""
+    out, so every worker steps alike), and every worker evaluates and reports the same metrics. The model is
+    copied to every worker, or with `fsdp` sharded over them."""
     world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_available() and dist.is_initialized() \
         else (1, 0)
-    trained = model if world == 1 else DistributedDataParallel(model, find_unused_parameters=True)
+    trained = distribute(model, config.get("fsdp", False), world)  # records from before fsdp lack it
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config["lr"], weight_decay=config["weight_decay"])
     batch_size, accum = config["batch_size"], config["grad_accum"]
@@ -107,6 +111,8 @@ def fit(config: dict, model: nn.Module, train: Dataset, lengths: list[int], coll
                 model.eval()
                 evaluated = time.time()
                 scores = evaluate()
+                if is_sharded(model):  # FSDP leaves the root's weights gathered after a forward with no backward
+                    model.reshard()
                 evaluated = time.time() - evaluated
                 model.train()
                 if not math.isfinite(scores.get("loss", 0.0)):
@@ -118,15 +124,24 @@ def fit(config: dict, model: nn.Module, train: Dataset, lengths: list[int], coll
                     **{f"val_{k}": v for k, v in scores.items()},
                     "lr": scheduler.get_last_lr()[0], "seconds": time.time() - started, "eval_seconds": evaluated,
                 }
-                if world > 1:  # which examples this worker trained on this epoch
+                if world > 1:  # which examples this worker trained on this epoch, and what it stores of the model
                     result |= {"shard": f"{rank}/{world}", "shard_examples": sum(map(len, batches)),
-                               "shard_digest": hashlib.sha1(repr(batches).encode()).hexdigest()[:12]}
+                               "shard_digest": hashlib.sha1(repr(batches).encode()).hexdigest()[:12],
+                               "stored_bytes": stored_bytes(model)}
                 progress["loss_sum"], progress["loss_count"] = 0.0, 0
                 with tempfile.TemporaryDirectory() as directory:
                     save_training_state(directory, model, optimizer, scheduler, progress, rng_states(world))
                     report(result, directory)
             if progress["step"] >= total_steps:
                 break
+
+
+def distribute(model: nn.Module, fsdp: bool, world: int) -> nn.Module:
+    """What the loop calls to train: the model on one worker; on W workers a DistributedDataParallel copy of it,
+    or with `fsdp` the model itself, sharded over the workers in place (`llmm_tune.sharding`)."""
+    if world == 1:
+        return model
+    return shard_model(model) if fsdp else DistributedDataParallel(model, find_unused_parameters=True)
 
 
 def everywhere(flag: bool, world: int) -> bool:

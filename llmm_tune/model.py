@@ -167,10 +167,11 @@ def trainable_state(model: nn.Module) -> dict[str, Tensor]:
     return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
 
 
-def save_adapter(model: nn.Module, directory: str | Path) -> Path:
-    """Write the trainable tensors and the LlmmConfig to `directory/adapter.safetensors`."""
+def save_adapter(model: nn.Module, directory: str | Path, tensors: dict[str, Tensor] | None = None) -> Path:
+    """Write the trainable tensors (`tensors`, when gathered from shards) and the LlmmConfig to
+    `directory/adapter.safetensors`."""
     config: LlmmConfig = model.llmm_config
-    tensors = {name: t.contiguous().cpu() for name, t in trainable_state(model).items()}
+    tensors = {name: t.contiguous().cpu() for name, t in (tensors or trainable_state(model)).items()}
     path = Path(directory) / ADAPTER_FILE
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={"llmm_config": json.dumps(config.to_dict())})

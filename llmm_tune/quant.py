@@ -201,13 +201,15 @@ class NF4Linear(bnb.nn.Linear4bit):
         self.weight = bnb.nn.Params4bit(data, requires_grad=False, quant_state=state, blocksize=BLOCK,
                                         quant_type="nf4", compress_statistics=double_quant, bnb_quantized=True,
                                         module=self)
+        self.quant_state = state  # where bitsandbytes finds it again for a weight FSDP gathered as a plain tensor
         if bias is not None:
             self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.canonical_state = None  # the weight's quant state while the packed layout is in place
 
     @property
     def packed(self) -> bool:
-        return bool(getattr(self.weight.quant_state, "packing_format_for_cpu", False))
+        # an FSDP-gathered weight is a plain tensor until bitsandbytes gives it the module's quant state back
+        return bool(getattr(getattr(self.weight, "quant_state", None), "packing_format_for_cpu", False))
 
     def canonical(self) -> None:
         """Put the canonical layout back if bitsandbytes repacked the weight for CPU inference."""

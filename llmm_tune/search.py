@@ -58,6 +58,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="GPUs per trial (or per worker); fractions such as 0.25 pack several trials per GPU")
     parser.add_argument("--workers-per-trial", type=int, default=1,
                         help="data-parallel workers per trial (a Ray Train run; gloo on CPU, nccl on GPU)")
+    parser.add_argument("--fsdp", action="store_true",
+                        help="shard each trial's model over its workers (FSDP) instead of copying it to each: for a "
+                             "model one device cannot hold")
     parser.add_argument("--address", help="an existing Ray cluster (e.g. auto, or ray://host:10001)")
     parser.add_argument("--storage", default=DEFAULT_STORAGE,
                         help="where experiments are kept: a folder (an NFS mount on a cluster) or an s3:// or "
@@ -160,6 +163,13 @@ def new_experiment(args: argparse.Namespace, argv: list[str], storage_dir: str) 
         spec.fixed["model"] = args.model
     if args.on_bad_row:
         spec.fixed["on_bad_row"] = args.on_bad_row
+    if args.fsdp:
+        if "fsdp" not in spec.recipe.SETTINGS:
+            raise UsageError(f"--fsdp: the {spec.family} family trains with a loop of its own, not the shared fit "
+                             "loop that shards; drop --fsdp")
+        spec.fixed["fsdp"] = True
+    if spec.fixed.get("fsdp") and args.workers_per_trial < 2:
+        raise UsageError("fsdp shards each trial's model over its workers; add --workers-per-trial 2 or more")
     if args.name:
         if storage.exists(storage.join(storage_dir, args.name)):
             raise UsageError(f"experiment {args.name!r} already exists under {storage_dir}; pass --resume to "
@@ -171,7 +181,8 @@ def new_experiment(args: argparse.Namespace, argv: list[str], storage_dir: str) 
         "name": name, "family": spec.family, "task": spec.task, "space": space_name(spec.path), "space_yaml": spec.text,
         "profile": profile, "method": args.method, "metric": spec.metric, "mode": spec.mode,
         "seed": spec.fixed["seed"], "model": spec.fixed["model"], "num_samples": spec.num_samples,
-        "on_bad_row": spec.fixed["on_bad_row"], "trust_remote_code": args.trust_remote_code,
+        "on_bad_row": spec.fixed["on_bad_row"], "fsdp": spec.fixed.get("fsdp", False),
+        "trust_remote_code": args.trust_remote_code,
         "sampler": args.sampler, "early_stopping": not args.no_early_stopping,
         "command": command_line("llmm_tune.search", [*argv, *([] if args.name else ["--name", name])]),
         "git_commit": git_commit(), "versions": package_versions(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -190,6 +201,8 @@ def resumed_experiment(args: argparse.Namespace, storage_dir: str) -> tuple[Sear
     spec = load_spec(metadata["space"], metadata["profile"], metadata["method"], metadata["num_samples"],
                      text=metadata["space_yaml"])
     spec.fixed.update(seed=metadata["seed"], model=metadata["model"], on_bad_row=metadata["on_bad_row"])
+    if metadata.get("fsdp"):
+        spec.fixed["fsdp"] = True
     return spec, experiment, metadata
 
 

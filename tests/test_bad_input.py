@@ -147,6 +147,11 @@ BAD_INPUTS = [
      ["no experiment 'never'", "drop --resume"]),
     ("results not writable", lambda t: ["glue_cola", "--data-dir", str(SHARED_DATA), "--results", "/dev/null/x"],
      ["--results /dev/null/x is not writable"]),
+    ("fsdp on one worker", lambda t: ["glue_cola", "--data-dir", str(SHARED_DATA), "--fsdp"],
+     ["fsdp shards each trial's model over its workers", "--workers-per-trial 2"]),
+    ("fsdp for a family with its own loop",
+     lambda t: [continual_space(t, ["SST-2"]), "--data-dir", str(SHARED_DATA), "--fsdp", "--workers-per-trial", "2"],
+     ["--fsdp: the continual family trains with a loop of its own", "drop --fsdp"]),
     ("more GPUs than the machine", lambda t: ["glue_cola", "--data-dir", str(SHARED_DATA), "--gpus-per-trial", "1"],
      ["--gpus-per-trial 1", "exceeds the 0 GPU(s)"]),
 ]

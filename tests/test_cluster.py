@@ -60,15 +60,16 @@ def exported(results: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-@pytest.fixture
-def ray_head(tmp_path):
+@pytest.fixture(scope="module")
+def ray_head():
     """A Ray head on 127.0.0.1 with its job server and a token of its own (Ray 2.59+ asks local clusters for
-    one), stopped (its process group) after the test."""
-    port, dashboard = free_port(), free_port()
+    one), stopped (its process group) after the tests of this module."""
+    port, dashboard, agent = free_port(), free_port(), free_port()  # any other Ray on this machine has the defaults
     env = {**ENV, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
     head = subprocess.Popen(
         [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
-         "--port", str(port), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--num-cpus", "2",
+         "--port", str(port), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
+         "--dashboard-agent-listen-port", str(agent), "--num-cpus", "2",
          "--num-gpus", "0", "--include-dashboard", "true", "--disable-usage-stats"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
@@ -76,9 +77,14 @@ def ray_head(tmp_path):
         with socket.socket() as s:
             return s.connect_ex(("127.0.0.1", dashboard)) == 0
 
+    def accepts_jobs() -> bool:  # the job server answers before the node's job agent is up ("No available agent")
+        return subprocess.run([str(Path(sys.executable).parent / "ray"), "job", "submit", "--address",
+                               f"http://127.0.0.1:{dashboard}", "--", "true"], env=env, capture_output=True,
+                              timeout=120).returncode == 0
+
     try:
         wait_until(job_server_up, 120, "the Ray head's job server", head)
-        time.sleep(3)
+        wait_until(accepts_jobs, 180, "the Ray head's job agent", head)
         yield {"address": f"http://127.0.0.1:{dashboard}", "gcs": f"127.0.0.1:{port}", "env": env}
     finally:
         os.killpg(head.pid, signal.SIGTERM)
@@ -202,27 +208,36 @@ def test_a_search_on_s3_survives_a_kill_resumes_and_exports_leaving_nothing_on_l
     assert local == [] and not any(work.iterdir())  # nothing of the experiment on this disk
 
 
-def test_a_trial_of_two_workers_trains_on_two_shards_and_matches_one_worker(assets, tmp_path):
+# copies of the model (DistributedDataParallel) on packed uniform codes; shards of it (FSDP) on bitsandbytes' NF4
+LAYOUTS = {"copies": ("uniform", []), "fsdp": ("normal_float", ["--fsdp"])}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_trial_of_two_workers_trains_on_two_shards_and_matches_one_worker(assets, tmp_path, layout):
     """Without randomness (K = 0: no adapter noise; no dropout), 2 workers with one batch each per step do
     the arithmetic of 1 worker accumulating 2 batches per step, so the validation loss agrees to float
-    rounding (stated tolerance: 1e-4)."""
+    rounding (stated tolerance: 1e-4). With FSDP each worker stores about half of the model."""
     import torch
 
-    from trainables.glue import prepare, train
+    from llmm_tune.sharding import stored_bytes
+    from trainables.glue import build_model, prepare, train
 
-    point = {"quant_method": "uniform", "bits": 4, "rank": 4, "lr": 5e-3, "scale": 100, "K": 0}
+    quant_method, flags = LAYOUTS[layout]
+    point = {"quant_method": quant_method, "bits": 4, "rank": 4, "lr": 5e-3, "scale": 100, "K": 0}
     model = tiny_bert(tmp_path / "model", dropout=0.0)
     space = tiny_space(tmp_path, model, "two_workers", warm_start=[point], epochs=3, evals_per_epoch=2,
                        searched={"K": {"choice": [0]}, "rank": {"choice": [4]},
-                                 "quant_method": {"choice": ["uniform"]}})
+                                 "quant_method": {"choice": [quant_method]}})
     run = run_module("llmm_tune.search", str(space), "--profile", "cpu", "--data-dir", str(assets["data"]),
                      "--storage", str(tmp_path / "runs"), "--results", str(tmp_path / "results"), "--name", "dp",
-                     "--num-samples", "1", "--workers-per-trial", "2", "--cpus-per-trial", "1")
+                     "--num-samples", "1", "--workers-per-trial", "2", "--cpus-per-trial", "1", *flags)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     (result_file,) = (tmp_path / "runs" / "dp").glob("trial_*/result.json")
     results = [json.loads(line) for line in result_file.read_text().splitlines()]
     last = results[-1]
     assert len(set(last["shard_digests"])) == 2  # each worker its own batches
+    share = [stored / stored_bytes(build_model(last["config"], "cpu")) for stored in last["stored_bytes_by_worker"]]
+    assert all(0.4 < s < 0.6 for s in share) if layout == "fsdp" else share == [1.0, 1.0], share
     config = {**last["config"], "grad_accum": 2}
     data = prepare(config, str(assets["data"]))
     assert sum(last["shard_examples_by_worker"]) == len(data.train)  # together, all of train (256 = 16 batches of 16)
@@ -232,16 +247,23 @@ def test_a_trial_of_two_workers_trains_on_two_shards_and_matches_one_worker(asse
     assert [r["step"] for r in results] == [r["step"] for r in single]
     assert last["val_loss"] == pytest.approx(single[-1]["val_loss"], abs=1e-4)
     assert exported(tmp_path / "results")[0]["val_mcc"] != ""  # the export found the Train run's checkpoint
-    pytest.two_worker_run = {"space": space, "val_loss": last["val_loss"], "steps": [r["step"] for r in results]}
+    TWO_WORKER_RUNS[layout] = {"space": space, "val_loss": last["val_loss"], "steps": [r["step"] for r in results]}
 
 
-def test_a_killed_worker_of_a_two_worker_trial_resumes_from_its_checkpoint(assets, tmp_path):
-    reference = getattr(pytest, "two_worker_run", None)
+TWO_WORKER_RUNS: dict[str, dict] = {}  # the uninterrupted runs of the test above, per layout
+
+
+def test_a_killed_worker_of_a_sharded_two_worker_trial_resumes_from_its_checkpoint(assets, tmp_path):
+    """Ray Train restarts the workers from the run's latest checkpoint, scattered over the shards again (the
+    unsharded load is test_faults' resume)."""
+    layout = "fsdp"
+    reference = TWO_WORKER_RUNS.get(layout)
     if reference is None:
         pytest.skip("needs the uninterrupted two-worker run of the test before")
     process = start_module("llmm_tune.search", str(reference["space"]), "--profile", "cpu", "--data-dir",
                            str(assets["data"]), "--storage", str(tmp_path / "runs"), "--no-export", "--name", "dp-kill",
-                           "--num-samples", "1", "--workers-per-trial", "2", "--cpus-per-trial", "1")
+                           "--num-samples", "1", "--workers-per-trial", "2", "--cpus-per-trial", "1",
+                           *LAYOUTS[layout][1])
     experiment = tmp_path / "runs" / "dp-kill"
 
     def reported() -> list[dict]:
