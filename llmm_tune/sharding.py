@@ -14,6 +14,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.fsdp import FSDPModule, fully_shard
 
+from llmm_tune.model import trainable_state
 from llmm_tune.quant import PackedLinear
 
 WHOLE = StateDictOptions(full_state_dict=True, ignore_frozen_params=True)  # trainable tensors, gathered
@@ -42,7 +43,7 @@ def repeated_blocks(model: nn.Module) -> list[nn.Module]:
 
 def trainable_names(model: nn.Module) -> list[str]:
     """In the order the optimizer holds them (the unsharded state dict's indices)."""
-    return [name for name, p in model.named_parameters() if p.requires_grad]
+    return list(trainable_state(model))
 
 
 def is_sharded(model: nn.Module) -> bool:

@@ -225,7 +225,7 @@ def test_a_trial_of_two_workers_trains_on_two_shards_and_matches_one_worker(asse
     quant_method, flags = LAYOUTS[layout]
     point = {"quant_method": quant_method, "bits": 4, "rank": 4, "lr": 5e-3, "scale": 100, "K": 0}
     model = tiny_bert(tmp_path / "model", dropout=0.0)
-    space = tiny_space(tmp_path, model, "two_workers", warm_start=[point], epochs=2, evals_per_epoch=2,
+    space = tiny_space(tmp_path, model, "two_workers", warm_start=[point], epochs=3, evals_per_epoch=2,
                        searched={"K": {"choice": [0]}, "rank": {"choice": [4]},
                                  "quant_method": {"choice": [quant_method]}})
     run = run_module("llmm_tune.search", str(space), "--profile", "cpu", "--data-dir", str(assets["data"]),
@@ -270,7 +270,7 @@ def test_a_killed_worker_of_a_sharded_two_worker_trial_resumes_from_its_checkpoi
         files = list(experiment.glob("trial_*/result.json"))
         return [json.loads(line) for f in files for line in f.read_text().splitlines() if line.strip()]
 
-    wait_until(lambda: len(reported()) >= 1, 600, "a first report", process)  # of 4: 2 epochs, 2 evaluations each
+    wait_until(lambda: len(reported()) >= 1, 600, "a first report", process)  # of 6: 3 epochs, 2 evaluations each
     workers = [p for p, line in command_lines(process.pid) if "RayTrainWorker" in line]
     assert len(workers) == 2, " | ".join(line[:40] for _, line in command_lines(process.pid))
     workers[1].send_signal(signal.SIGKILL)
