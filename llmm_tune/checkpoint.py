@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from llmm_tune.files import atomic_path
-from llmm_tune.model import ADAPTER_FILE, load_adapter, save_adapter
+from llmm_tune.model import load_adapter, read_adapter_tensors, save_adapter
 from llmm_tune.sharding import is_sharded, load_whole_training_state, whole_training_state
 
 STATE_FILE = "training_state.safetensors"
@@ -61,9 +61,7 @@ def load_training_state(directory: str | Path, model: nn.Module, optimizer: torc
         torch.set_rng_state(f.get_tensor(rng_key(rank) if rng_key(rank) in f.keys() else rng_key(0)))
     optimizer_state = {"state": state, "param_groups": json.loads(metadata["param_groups"])}
     if is_sharded(model):
-        with safe_open(str(Path(directory) / ADAPTER_FILE), framework="pt") as f:
-            adapter = {name: f.get_tensor(name) for name in f.keys()}
-        load_whole_training_state(model, optimizer, adapter, optimizer_state)
+        load_whole_training_state(model, optimizer, read_adapter_tensors(model, directory), optimizer_state)
     else:
         load_adapter(model, directory)
         optimizer.load_state_dict(optimizer_state)

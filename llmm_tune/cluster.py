@@ -72,10 +72,6 @@ def start_ray(cluster: str | None) -> dict[str, float]:
         # not expect (ray 2.60: "Caught unexpected exception"), and the whole search dies with it. Without
         # the monitor, the kernel's OOM killer ends the trial's process, which Tune retries from its checkpoint.
         os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
-        # A reused trial actor waits this long for the previous trial's thread to end (Tune's default, 2 s,
-        # is shorter than a stopped trial's clean-up on a loaded machine, and the next trial then fails with
-        # "Trainable runner reuse requires reset_config()"; seen on 2 cores under a second workload).
-        os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", "120")
         # "local": a new instance even where `ray start` left a head (or its stale address file) behind,
         # which a bare ray.init() would join.
         ray.init(address="local", include_dashboard=False, logging_level="ERROR", log_to_driver=False,

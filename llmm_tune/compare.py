@@ -86,11 +86,13 @@ def best_trial(experiment: str) -> tuple[dict, pd.Series, float]:
 
 def retrain(meta: dict, best: pd.Series, seeds: list[int], runs: dict, runs_path: Path, method: str) -> None:
     """Train the chosen configuration with each seed not in `runs` yet; keep each result as soon as it ends."""
+    from llmm_tune.console import quiet_logs
     from llmm_tune.reproduce import reproduce_seed
 
     todo = [s for s in seeds if f"{method}/{s}" not in runs or runs[f"{method}/{s}"]["trial"] != best["trial"]]
     if not todo:
         return
+    quiet_logs()  # the console shows each retraining's line, not its loading reports and progress bars
     recipe = load_family(meta["family"])
     record = {"family": meta["family"], "task": meta["task"], "config": trial_config(best, meta),
               "trust_remote_code": meta.get("trust_remote_code", False)}

@@ -190,16 +190,22 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
         raise ValueError(f"adapter in {directory} was saved with {saved}, the model has "
                          f"{getattr(model, 'llmm_config', None)}; wrap it with load_llmm instead")
     params = dict(model.named_parameters())
+    with torch.no_grad():
+        for key, tensor in read_adapter_tensors(model, directory).items():
+            params[key].copy_(tensor)
+    return model
+
+
+def read_adapter_tensors(model: nn.Module, directory: str | Path) -> dict[str, Tensor]:
+    """The adapter tensors saved in `directory`, checked to be exactly the model's trainable ones, in the
+    model's order (the same on every worker: a sharded load scatters them one by one)."""
+    names = list(trainable_state(model))
     with safe_open(str(Path(directory) / ADAPTER_FILE), framework="pt") as f:
-        keys = set(f.keys())
-        expected = set(trainable_state(model))
+        keys, expected = set(f.keys()), set(names)
         if keys != expected:
             raise ValueError(f"adapter in {directory} does not fit the model: missing "
                              f"{sorted(expected - keys)[:3]}, unexpected {sorted(keys - expected)[:3]}")
-        with torch.no_grad():
-            for key in keys:
-                params[key].copy_(f.get_tensor(key))
-    return model
+        return {name: f.get_tensor(name) for name in names}
 
 
 def load_llmm(model: nn.Module, directory: str | Path, init_device: str | None = None) -> nn.Module:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import ctypes
 import gc
 import json
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -53,11 +54,16 @@ def trainable(config: dict, family: str, data, experiment: str, layout: dict) ->
 
 
 def prepare_process() -> None:
-    """Quiet library logs; and Ray's Tee (the trial's log files) lacks isatty, which transformers calls
-    when it reports weights a checkpoint lacks (a new task head)."""
+    """Quiet library logs; give a stopped trial's thread time to end; and Ray's Tee (the trial's log files)
+    lacks isatty, which transformers calls when it reports weights a checkpoint lacks (a new task head)."""
     from llmm_tune.console import quiet_logs
 
     quiet_logs()
+    # When Tune reuses this actor for the next trial, it waits this long for the stopped trial's thread to end
+    # (read in this process, so set here it holds on any cluster). Tune's default, 2 s, is shorter than a
+    # stopped trial's clean-up on a loaded machine, and the next trial then failed with "Trainable runner reuse
+    # requires reset_config()" (seen on 2 cores under a second workload).
+    os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", "120")
     for stream in (sys.stdout, sys.stderr):
         if not hasattr(stream, "isatty"):
             stream.isatty = lambda: False

@@ -3,17 +3,11 @@ every evaluation's report, as a crash a retry from the checkpoint cannot fix."""
 
 from __future__ import annotations
 
-from trainables.glue import (  # noqa: F401  (the family interface, re-exported)
-    DATA_SETTINGS,
-    HELD_OUT,
-    SETTINGS,
-    TASKS,
-    check_data,
-    clock,
-    prepare,
-    score,
-)
-from trainables.glue import train as glue_train
+from trainables import glue
+
+
+def __getattr__(name: str):  # the rest of the family interface: GLUE's
+    return getattr(glue, name)
 
 
 def train(config: dict, data, report, resume: str | None = None) -> None:
@@ -21,4 +15,4 @@ def train(config: dict, data, report, resume: str | None = None) -> None:
         report(metrics, directory)
         raise RuntimeError("injected bug: index 7 is out of bounds")
 
-    glue_train(config, data, report_then_crash, resume)
+    glue.train(config, data, report_then_crash, resume)

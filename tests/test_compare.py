@@ -32,6 +32,7 @@ def test_a_compare_of_two_methods_over_seeds_continues_without_redoing_finished_
               "--cpus-per-trial", "1", "--num-samples", "1"]
     first = run_module("llmm_tune.compare", *common, "--seeds", "0", timeout=900)
     assert first.returncode == 0, first.stderr[-3000:]
+    assert "Map:" not in first.stderr and "LOAD REPORT" not in first.stdout + first.stderr  # no bars, no reports
     out = tmp_path / "results" / "compare" / "cola"
     runs = json.loads((out / "runs.json").read_text())
     assert sorted(runs) == ["llmm/0", "lora/0"]

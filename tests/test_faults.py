@@ -119,14 +119,14 @@ def result_lines(experiment: Path) -> list[dict]:
 
 
 def test_killed_search_resumes_without_rerunning_or_losing_trials(assets):
-    space = tiny_space(assets["root"], assets["model"], "resumed", epochs=6)
-    args = search_args(assets, space, "resumed", "--num-samples", "4", "--cpus-per-trial", "2")
+    space = tiny_space(assets["root"], assets["model"], "resumed", epochs=4)
+    args = search_args(assets, space, "resumed", "--num-samples", "3", "--cpus-per-trial", "2")
     process = start_module("llmm_tune.search", *args)
     experiment = assets["root"] / "runs" / "resumed"
     wait_for(lambda: len({r["trial_id"] for r in result_lines(experiment)}) >= 2, process)  # one finished
     os.killpg(process.pid, signal.SIGKILL)  # the driver and every Ray process it started
     process.wait()
-    before = {r["trial_id"]: r for r in result_lines(experiment) if r.get("done") or r["training_iteration"] == 6}
+    before = {r["trial_id"]: r for r in result_lines(experiment) if r.get("done") or r["training_iteration"] == 4}
     assert before, "no trial had finished before the kill"
     killed_at = time.time()
     finish(start_module("llmm_tune.search", *search_args(assets, space, "resumed", "--resume")))
@@ -135,9 +135,9 @@ def test_killed_search_resumes_without_rerunning_or_losing_trials(assets):
         assert [r["training_iteration"] for r in results if r["trial_id"] == trial_id][-1] == last["training_iteration"]
         assert all(r["timestamp"] < killed_at for r in results if r["trial_id"] == trial_id)
     rows = exported_trials(assets, "resumed")
-    assert len(rows) == 4 == len({r["trial"] for r in rows}) and {r["status"] for r in rows} == {"TERMINATED"}
+    assert len(rows) == 3 == len({r["trial"] for r in rows}) and {r["status"] for r in rows} == {"TERMINATED"}
     trials = study(assets, "resumed").trials
-    assert len(trials) == 4 and all(t.state.name == "COMPLETE" for t in trials)  # history kept, no repeats
+    assert len(trials) == 3 and all(t.state.name == "COMPLETE" for t in trials)  # history kept, no repeats
     assert trials[0].params["scale"] == pytest.approx(100)  # the warm start, from before the kill
     # what optuna-dashboard reads: the journal in the experiment folder, one study that the resumed run kept on
     journal = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(experiment / JOURNAL)))
@@ -211,3 +211,15 @@ def test_ctrl_c_saves_the_search_exports_nothing_and_says_how_to_continue(assets
     finish(start_module("llmm_tune.search", *search_args(assets, space, "interrupted", "--resume")))
     rows = exported_trials(assets, "interrupted")
     assert len(rows) == 2 and {r["status"] for r in rows} == {"TERMINATED"}
+
+
+def test_a_trial_whose_clean_up_outlasts_tunes_default_wait_does_not_fail_the_next_trial_on_its_actor(assets):
+    space = tiny_space(assets["root"], assets["model"], "slow-cleanup", family="tests.slow_cleanup_family", epochs=1)
+    run = run_module("llmm_tune.search", *search_args(assets, space, "slow-cleanup", "--num-samples", "2",
+                                                      "--cpus-per-trial", "2", "--max-concurrent", "1"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = exported_trials(assets, "slow-cleanup")
+    assert len(rows) == 2 and {r["status"] for r in rows} == {"TERMINATED"}, rows
+    assert all(r["failure"] == "" and r["val_mcc"] != "" for r in rows), rows
+    processes = {r["pid"] for r in result_lines(assets["root"] / "runs" / "slow-cleanup")}
+    assert len(processes) == 1  # Tune reused the first trial's actor for the second, while it was cleaning up

@@ -63,15 +63,16 @@ def test_the_console_shows_choices_status_ended_trials_and_the_table_only(search
 
 
 def test_the_same_search_again_starts_a_new_experiment(searched):
-    args = [str(searched["space"]), "--profile", "cpu", "--data-dir", str(searched["data"]), "--storage",
-            str(searched["root"] / "again"), "--num-samples", "1", "--no-export", "--cpus-per-trial", "1"]
-    names = []
-    for _ in range(2):
-        run = run_module("llmm_tune.search", *args)
-        assert run.returncode == 0, run.stderr[-3000:]
-        names.append(re.search(r"--resume --name (\S+)", run.stdout).group(1))
-    assert names == ["tiny_cola-llmm-cpu", "tiny_cola-llmm-cpu-2"]
-    assert sorted(p.name for p in (searched["root"] / "again").iterdir()) == names
+    storage = searched["root"] / "again"
+    shutil.copytree(searched["experiment"], storage / "tiny_cola-llmm-cpu")  # as if this search had run before
+    run = run_module("llmm_tune.search", str(searched["space"]), "--profile", "cpu", "--data-dir",
+                     str(searched["data"]), "--storage", str(storage), "--num-samples", "1", "--no-export",
+                     "--cpus-per-trial", "1")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert re.search(r"--resume --name (\S+)", run.stdout).group(1) == "tiny_cola-llmm-cpu-2"
+    assert sorted(p.name for p in storage.iterdir()) == ["tiny_cola-llmm-cpu", "tiny_cola-llmm-cpu-2"]
+    assert sorted(p.name for p in (storage / "tiny_cola-llmm-cpu").iterdir()) == \
+        sorted(p.name for p in searched["experiment"].iterdir())  # the earlier experiment left as it was
 
 
 def test_warm_start_point_is_the_first_trial(searched):
