@@ -4,7 +4,8 @@
 For each method the same search (`llmm_tune.search TASK --method M`: the space minus the settings the
 method does not use, the same number of trials, ASHA schedule, validation split and searcher seed), each in
 its own process; then each method's best validation configuration is trained again with every seed and
-scored once on the held-out split. Written to results/compare/<task>/: table.md and table.tex (per method
+scored once on the held-out split (Ray tasks with a search trial's resources and threads, as many at
+once as the search ran trials). Written to results/compare/<task>/: table.md and table.tex (per method
 the mean and standard deviation over seeds, the compute spent in trial-seconds, and the difference to the
 first method with a 95% interval from a paired t-test over seeds: seed s gives every method the same data
 order and initial draws), scores.csv (every method and seed) and seeds.png.
@@ -29,6 +30,7 @@ import pandas as pd
 from scipy import stats
 
 from llmm_tune import storage
+from llmm_tune.cluster import address
 from llmm_tune.errors import UsageError
 from llmm_tune.experiment import command_line, git_commit, package_versions, read_metadata
 from llmm_tune.export import VERSION_KEYS, best_row, collect, data_source, latex, trial_config
@@ -84,31 +86,67 @@ def best_trial(experiment: str) -> tuple[dict, pd.Series, float]:
     return meta, best_row(scored, value, meta["mode"]), float(trials["seconds"].fillna(0).sum())
 
 
-def retrain(meta: dict, best: pd.Series, seeds: list[int], runs: dict, runs_path: Path, method: str) -> None:
-    """Train the chosen configuration with each seed not in `runs` yet; keep each result as soon as it ends."""
+def retrain_seed(record: dict, seed: int, data_seed: int, source: str, threads: int) -> dict:
+    """One retraining, in a Ray worker: the configuration `record` trained with `seed` on the search's splits
+    (`data_seed`), with the torch threads of a search trial (so seed s repeats a search trial of seed s)."""
+    import torch
+
     from llmm_tune.console import quiet_logs
     from llmm_tune.reproduce import reproduce_seed
 
-    todo = [s for s in seeds if f"{method}/{s}" not in runs or runs[f"{method}/{s}"]["trial"] != best["trial"]]
+    quiet_logs()
+    torch.set_num_threads(threads)
+    recipe = load_family(record["family"])
+    data = recipe.prepare({**record["config"], "seed": data_seed, "trust_remote_code": record["trust_remote_code"]},
+                          source)
+    started = time.time()
+    with tempfile.TemporaryDirectory() as work:
+        scores = reproduce_seed(record, seed, data, source, Path(work))
+    return {"seconds": time.time() - started, "threads": threads,
+            **{k: v for k, v in scores.items() if isinstance(v, (int, float))}}
+
+
+def retrain(chosen: dict, seeds: list[int], runs: dict, runs_path: Path, cluster: str | None) -> None:
+    """Train each method's chosen configuration with each seed not in `runs` yet, as Ray tasks with a search
+    trial's resources, at most as many at once as the search ran; keep each result as soon as it ends."""
+    import ray
+
+    from llmm_tune.cluster import start_ray
+
+    todo = [(method, seed) for method, (_, best, _) in chosen.items() for seed in seeds
+            if f"{method}/{seed}" not in runs or runs[f"{method}/{seed}"]["trial"] != best["trial"]]
     if not todo:
         return
-    quiet_logs()  # the console shows each retraining's line, not its loading reports and progress bars
-    recipe = load_family(meta["family"])
-    record = {"family": meta["family"], "task": meta["task"], "config": trial_config(best, meta),
-              "trust_remote_code": meta.get("trust_remote_code", False)}
-    source = data_source(meta)
-    data = recipe.prepare({**record["config"], "seed": meta["seed"], "trust_remote_code": record["trust_remote_code"]},
-                          source)
-    for seed in todo:
-        print(f"{method}: training trial {best['trial']}'s configuration with seed {seed}")
-        started = time.time()
-        with tempfile.TemporaryDirectory() as work:
-            scores = reproduce_seed(record, seed, data, source, Path(work))
-        runs[f"{method}/{seed}"] = {"method": method, "seed": seed, "trial": best["trial"],
-                                    "seconds": time.time() - started, "config": record["config"],
-                                    **{k: v for k, v in scores.items() if isinstance(v, (int, float))}}
-        with atomic_path(runs_path) as tmp:
-            tmp.write_text(json.dumps(runs, indent=1))
+    start_ray(cluster)
+    try:
+        running: dict = {}
+        while todo or running:
+            while todo and len(running) < chosen[todo[0][0]][0]["resources"]["max_concurrent"]:
+                method, seed = todo.pop(0)
+                meta, best, _ = chosen[method]
+                resources = meta["resources"]
+                record = {"family": meta["family"], "task": meta["task"], "config": trial_config(best, meta),
+                          "trust_remote_code": meta.get("trust_remote_code", False)}
+                task = ray.remote(retrain_seed).options(num_cpus=resources["cpus_per_trial"],
+                                                        num_gpus=resources["gpus_per_trial"])
+                threads = max(1, int(resources["cpus_per_trial"]))
+                running[task.remote(record, seed, meta["seed"], data_source(meta), threads)] = (method, seed, record)
+                print(f"{method}: training trial {best['trial']}'s configuration with seed {seed}")
+            (finished,), _ = ray.wait(list(running), num_returns=1)
+            method, seed, record = running.pop(finished)
+            runs[f"{method}/{seed}"] = {"method": method, "seed": seed, "trial": chosen[method][1]["trial"],
+                                        "config": record["config"], **ray.get(finished)}
+            with atomic_path(runs_path) as tmp:
+                tmp.write_text(json.dumps(runs, indent=1))
+    finally:
+        ray.shutdown()
+
+
+def cluster_address(options: list[str]) -> str | None:
+    """The cluster the searches join (their `--address`, passed through), for the retraining too."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--address")
+    return address(parser.parse_known_args(options)[0])
 
 
 def compare(argv: list[str]) -> Path:
@@ -138,8 +176,7 @@ def compare(argv: list[str]) -> Path:
     out = Path(args.results) / "compare" / meta["task"]
     runs_path = out / RUNS_FILE
     runs = json.loads(runs_path.read_text()) if runs_path.is_file() else {}
-    for method, (method_meta, best, _) in chosen.items():
-        retrain(method_meta, best, args.seeds, runs, runs_path, method)
+    retrain(chosen, args.seeds, runs, runs_path, cluster_address(options))
     return write_tables(args, chosen, runs, out, argv, space_path(args.task).stem)
 
 

@@ -25,23 +25,24 @@ from llmm_tune.files import write_text
 
 
 def reproduce_seed(record: dict, seed: int, data, source: str, work: Path) -> dict[str, float]:
-    """Train once with `seed`; the validation score and held-out scores of the checkpoint that stands for the
+    """Train once with `seed`; the validation metrics and held-out scores of the checkpoint that stands for the
     run (the best on validation, or the last for a task sequence)."""
     recipe = load_family(record["family"])
     config = {**record["config"], "seed": seed, "trust_remote_code": record.get("trust_remote_code", False)}
     metric, mode, task = config["metric"], config["mode"], recipe.TASKS[record["task"]]
-    best = {"value": None}
+    best = {"value": None, "metrics": {}}
     best_dir = work / f"seed{seed}"
 
     def keep_best(metrics: dict, directory: str) -> None:
         if replaces(task, mode, metrics[f"val_{metric}"], best["value"]):
-            best["value"] = metrics[f"val_{metric}"]
+            best.update(value=metrics[f"val_{metric}"], metrics=metrics)
             shutil.rmtree(best_dir, ignore_errors=True)
             shutil.copytree(directory, best_dir)
 
     recipe.train(config, data, keep_best)
     held_out = recipe.score(config, str(best_dir), source)
-    return {f"val_{metric}": best["value"], **{f"{recipe.HELD_OUT}_{k}": v for k, v in held_out.items()}}
+    validation = {k: v for k, v in best["metrics"].items() if k.startswith("val_")}
+    return {**validation, **{f"{recipe.HELD_OUT}_{k}": v for k, v in held_out.items()}}
 
 
 def version_drift(recorded: dict) -> list[str]:

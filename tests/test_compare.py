@@ -9,7 +9,7 @@ import math
 import pandas as pd
 import pytest
 
-from llmm_tune.compare import paired_interval
+from llmm_tune.compare import best_trial, paired_interval
 from tests.search_fixtures import run_module, subset_glue, tiny_bert, tiny_space
 
 
@@ -38,6 +38,14 @@ def test_a_compare_of_two_methods_over_seeds_continues_without_redoing_finished_
     assert sorted(runs) == ["llmm/0", "lora/0"]
     lora_search = runs["lora/0"]["config"]
     assert lora_search["K"] == 0 and lora_search["bits"] is None and runs["llmm/0"]["config"]["K"] >= 1
+    # retrained with the threads of a search trial (--cpus-per-trial 1), seed 0 repeats the search's seed-0 trial
+    experiment = tmp_path / "runs" / "tiny_cola-llmm-cpu-compare"
+    _, searched, _ = best_trial(str(experiment))
+    (report,) = [json.loads(line) for f in experiment.glob("trial_*/result.json") for line in f.read_text().splitlines()
+                 if json.loads(line)["trial_id"] == searched["trial"]]  # its one evaluation (1 epoch)
+    assert runs["llmm/0"]["threads"] == 1 and runs["llmm/0"]["trial"] == searched["trial"]
+    assert runs["llmm/0"]["val_loss"] == pytest.approx(report["val_loss"], abs=1e-6)
+    assert runs["llmm/0"]["val_mcc"] == pytest.approx(report["val_mcc"], abs=1e-6)
 
     again = run_module("llmm_tune.compare", *common, "--seeds", "0", "1", timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
