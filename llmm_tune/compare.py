@@ -11,7 +11,8 @@ first method with a 95% interval from a paired t-test over seeds: seed s gives e
 order and initial draws), scores.csv (every method and seed) and seeds.png.
 
 A killed compare continues where it stopped: a finished search is reused, an unfinished one resumed, and
-each retrained seed is kept in results/compare/<task>/runs.json as soon as it ends.
+each retrained seed is kept in results/compare/<task>/runs.json as soon as it ends. A retraining that fails
+lets the others finish; the compare then stops, names it, and retries it when run again.
 """
 
 from __future__ import annotations
@@ -118,6 +119,7 @@ def retrain(chosen: dict, seeds: list[int], runs: dict, runs_path: Path, cluster
     if not todo:
         return
     start_ray(cluster)
+    failed = []
     try:
         running: dict = {}
         while todo or running:
@@ -134,12 +136,21 @@ def retrain(chosen: dict, seeds: list[int], runs: dict, runs_path: Path, cluster
                 print(f"{method}: training trial {best['trial']}'s configuration with seed {seed}")
             (finished,), _ = ray.wait(list(running), num_returns=1)
             method, seed, record = running.pop(finished)
+            try:
+                scores = ray.get(finished)
+            except ray.exceptions.RayError as error:  # one failed run stops neither the others nor what they keep
+                print(f"{method}: seed {seed} failed: {error}", file=sys.stderr)  # with the worker's traceback
+                failed.append(f"{method}/{seed}")
+                continue
             runs[f"{method}/{seed}"] = {"method": method, "seed": seed, "trial": chosen[method][1]["trial"],
-                                        "config": record["config"], **ray.get(finished)}
+                                        "config": record["config"], **scores}
             with atomic_path(runs_path) as tmp:
                 tmp.write_text(json.dumps(runs, indent=1))
     finally:
         ray.shutdown()
+    if failed:
+        raise UsageError(f"retraining {', '.join(failed)} failed (the cause is above); the finished ones are kept "
+                         f"in {runs_path}; run the same compare again to retry the failed ones")
 
 
 def cluster_address(options: list[str]) -> str | None:

@@ -62,3 +62,17 @@ def test_a_compare_of_two_methods_over_seeds_continues_without_redoing_finished_
     llmm = scores[scores["method"] == "llmm"].sort_values("seed")["dev_mcc"].tolist()
     assert f"{paired_interval(lora, llmm)[0]:.4f}" in table
     assert (out / "seeds.png").stat().st_size > 0 and (out / "table.tex").is_file()
+
+
+def test_a_failing_retraining_lets_the_other_seeds_finish_and_ends_the_compare_with_one_line(tmp_path):
+    space = tiny_space(tmp_path, tiny_bert(tmp_path / "model"), family="tests.seed_one_fails_family", epochs=1)
+    failed = run_module("llmm_tune.compare", str(space), "--methods", "llmm", "--seeds", "0", "1", "2", "--profile",
+                        "cpu", "--storage", str(tmp_path / "runs"), "--results", str(tmp_path / "results"),
+                        "--data-dir", str(subset_glue(tmp_path / "data")), "--cpus-per-trial", "1",
+                        "--num-samples", "1", timeout=900)
+    assert failed.returncode == 2, failed.stderr[-3000:]
+    assert "llmm: seed 1 failed" in failed.stderr and "injected bug: seed 1 cannot be scored" in failed.stderr
+    assert failed.stderr.strip().splitlines()[-1].startswith("error: retraining llmm/1 failed")
+    out = tmp_path / "results" / "compare" / "cola"
+    assert sorted(json.loads((out / "runs.json").read_text())) == ["llmm/0", "llmm/2"]  # seed 2 ran after seed 1
+    assert not (out / "table.md").exists()  # no table from a partial set of seeds
