@@ -248,3 +248,7 @@ def test_a_resumed_trial_ends_in_the_same_state_as_an_uninterrupted_one(tiny_mod
     scores = causal_lm.score(config, str(checkpoints[-1]), str(SHARED_DATA))
     assert {"nll", "exact_match_strict", "exact_match_flexible", "untuned_exact_match_flexible"} <= set(scores)
     assert scores["nll"] == pytest.approx(reports[-1]["val_nll"], rel=0.5)  # same model, other examples
+    untuned_runs = causal_lm._untuned.cache_info().misses
+    other_seed = causal_lm.score({**config, "seed": 1}, str(checkpoints[-1]), str(SHARED_DATA))
+    assert other_seed["nll"] == scores["nll"]  # the same test examples whatever the training seed
+    assert causal_lm._untuned.cache_info().misses == untuned_runs  # so the untuned model is not decoded again

@@ -156,20 +156,32 @@ def splits(task: CausalTask, source: str, config: dict) -> tuple[list[Example], 
     """(train, validation, test). A task shipped as one pool has its test split carved first (seeded,
     `test_size`); validation comes from train (seeded, `validation_size`) and never holds a key that is
     also in test. Examples sharing a key stay on one side (HH-RLHF: its first Human turn)."""
+    train, test = train_and_test(task, source, config)
+    kept, held = split_off([e.key for e in train], config["validation_size"], config["seed"],
+                           excluded={e.key for e in test}, grouped=task.name == "hh_rlhf")
+    train, validation = [train[i] for i in kept], [train[i] for i in held]
+    return sample(train, config["max_train_examples"], config["seed"]), validation, scored_test(task, test, config)
+
+
+def test_split(task: CausalTask, source: str, config: dict) -> list[Example]:
+    """The test examples `splits` gives, without the training seed's carve of validation."""
+    return scored_test(task, train_and_test(task, source, config)[1], config)
+
+
+def scored_test(task: CausalTask, test: list[Example], config: dict) -> list[Example]:
+    return sample(test, config["test_examples"], task.test_seed)  # the same test examples for every trial and seed
+
+
+def train_and_test(task: CausalTask, source: str, config: dict) -> tuple[list[Example], list[Example]]:
     rows = load(task, source, config["on_bad_row"])
-    grouped = task.name == "hh_rlhf"
     if "all" in rows:
         if config["test_size"] is None:
             raise UsageError(f"{task.name} from {source} has no test split; set test_size (a fraction or a count)")
         pool = rows["all"]
-        kept, held = split_off([e.key for e in pool], config["test_size"], task.test_seed, grouped=grouped)
-        rows = {"train": [pool[i] for i in kept], "test": [pool[i] for i in held]}
-    train, test = rows["train"], rows["test"]
-    kept, held = split_off([e.key for e in train], config["validation_size"], config["seed"],
-                           excluded={e.key for e in test}, grouped=grouped)
-    train, validation = [train[i] for i in kept], [train[i] for i in held]
-    return (sample(train, config["max_train_examples"], config["seed"]), validation,
-            sample(test, config["test_examples"], task.test_seed))  # the same test examples for every trial
+        kept, held = split_off([e.key for e in pool], config["test_size"], task.test_seed,
+                               grouped=task.name == "hh_rlhf")
+        return [pool[i] for i in kept], [pool[i] for i in held]
+    return rows["train"], rows["test"]
 
 
 def sample(examples: list[Example], size: int | None, seed: int) -> list[Example]:

@@ -29,7 +29,7 @@ from llmm_tune.lm_scoring import encode, greedy_generate, mean_nll, pad, respons
 from llmm_tune.models import is_causal_lm, load_causal_lm, load_tokenizer
 from llmm_tune.settings import COMMON, Setting, optional, positive_int, size
 from trainables.causal_data import TASKS as FORMATS
-from trainables.causal_data import CausalTask, Example, exact_match, missing_files, splits
+from trainables.causal_data import CausalTask, Example, exact_match, missing_files, splits, test_split
 
 SETTINGS: dict[str, Setting] = {
     **COMMON, **METHOD_SETTINGS, **FIT_SETTINGS,
@@ -180,13 +180,19 @@ def train(config: dict, data: CausalData, report: Reporter, resume: str | None =
         validate, report, resume, device, loss=response_loss)
 
 
+# What the untuned model's test scores depend on. Not the seed: the test examples are drawn with the task's own
+# seed, so one process (a search's export, compare's retraining worker) decodes the untuned model once.
+UNTUNED_KEYS = ("model", "task", "max_source_length", "max_target_length", "test_size", "test_examples",
+                "on_bad_row", "max_new_tokens", "eval_tokens", "batch_size", "trust_remote_code")
+
+
 @functools.cache
 def _untuned(config_items: tuple, source: str) -> dict[str, float]:
     """The pretrained model's scores on the same test examples (computed once per process)."""
     config = dict(config_items)
     device = default_device()
     tokenizer = tokenizer_for(config)
-    test = splits(causal_task(config), source, config)[2]
+    test = test_split(causal_task(config), source, config)
     model = load_causal_lm(config["model"], trust_remote_code=config.get("trust_remote_code", False)).to(device)
     return evaluate(model, test, tokenize(test, tokenizer, config), tokenizer, config, device, generate=True)
 
@@ -196,11 +202,8 @@ def score(config: dict, checkpoint: str, source: str) -> dict[str, float]:
     perplexity; HH-RLHF: perplexity and preference accuracy), each beside the untuned model's."""
     device = default_device()
     tokenizer = tokenizer_for(config)
-    test = splits(causal_task(config), source, config)[2]
+    test = test_split(causal_task(config), source, config)
     model = load_adapter(build_model(config, device), checkpoint).eval()
     tuned = evaluate(model, test, tokenize(test, tokenizer, config), tokenizer, config, device, generate=True)
-    keys = ("model", "task", "max_source_length", "max_target_length", "validation_size", "test_size",
-            "max_train_examples", "test_examples", "seed", "on_bad_row", "max_new_tokens", "eval_tokens",
-            "batch_size", "trust_remote_code")
-    untuned = _untuned(tuple((k, config.get(k)) for k in keys), source)
+    untuned = _untuned(tuple((k, config.get(k)) for k in UNTUNED_KEYS), source)
     return {**tuned, **{f"untuned_{k}": v for k, v in untuned.items()}}
