@@ -35,7 +35,11 @@ def reload(out, loader):
     record = json.loads((out / EXPORT_FILE).read_text())
     quantised = {"quantization_config": BitsAndBytesConfig(**record["bnb_4bit"])} if record["bnb_4bit"] else {}
     base = loader.from_pretrained(out / record["base"], **quantised)
-    four_bit = [n for n, m in base.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+    four_bit = [m for m in base.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    for layer in four_bit:  # bitsandbytes' own layer takes its canonical kernel on every CPU: on one with
+        # AVX512-BF16 it would repack the weight in eval mode for a bf16 kernel (other logits; it also needs
+        # in_features a multiple of 64, which these tiny models' 32 is not)
+        layer.support_avx512bf16_for_cpu = False
     assert len(four_bit) == (sum(isinstance(m, torch.nn.Linear) for m in base.modules()) - len(
         record["bnb_4bit"]["llm_int8_skip_modules"]) if record["bnb_4bit"] else 0)  # the adapted layers, only
     return PeftModel.from_pretrained(base, out / record["adapter"]).eval(), record
