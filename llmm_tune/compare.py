@@ -6,9 +6,10 @@ method does not use, the same number of trials, ASHA schedule, validation split 
 its own process; then each method's best validation configuration is trained again with every seed and
 scored once on the held-out split (Ray tasks with a search trial's resources and threads, as many at
 once as the search ran trials). Written to results/compare/<task>/: table.md and table.tex (per method
-the mean and standard deviation over seeds, the compute spent in trial-seconds, and the difference to the
-first method with a 95% interval from a paired t-test over seeds: seed s gives every method the same data
-order and initial draws), scores.csv (every method and seed) and seeds.png.
+the mean and standard deviation over seeds, the mean of the split's other metrics, the compute spent in
+trial-seconds, and the difference to the first method with a 95% interval from a paired t-test over
+seeds: seed s gives every method the same data order and initial draws), scores.csv (every method and
+seed) and seeds.png.
 
 A killed compare continues where it stopped: a finished search is reused, an unfinished one resumed, and
 each retrained seed is kept in results/compare/<task>/runs.json as soon as it ends. A retraining that fails
@@ -198,6 +199,8 @@ def write_tables(args, chosen: dict, runs: dict, out: Path, argv: list[str], spa
     scores = pd.DataFrame([runs[f"{m}/{s}"] for m in args.methods for s in args.seeds])
     reference = args.methods[0]
     ref_values = scores[scores["method"] == reference].sort_values("seed")[score].tolist()
+    # the split's other metrics (MRPC's F1, GSM8K's exact match), not the untuned model's, which every method shares
+    others = [c for c in scores.columns if c.startswith(f"{split}_") and c != score and "_untuned_" not in c]
     rows = []
     for method, (_, best, search_seconds) in chosen.items():
         mine = scores[scores["method"] == method].sort_values("seed")
@@ -206,6 +209,7 @@ def write_tables(args, chosen: dict, runs: dict, out: Path, argv: list[str], spa
         rows.append({"method": method, "trial": best["trial"], f"val {metric}": best[f"val_{metric}"],
                      f"{split} {metric} mean": statistics.fmean(values),
                      f"{split} {metric} std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                     **{f"{c.replace('_', ' ', 1)} mean": mine[c].mean() for c in others},
                      f"difference to {reference}": difference, "95% interval": f"[{low:.4f}, {high:.4f}]",
                      "search trial-s": round(search_seconds), "retrain s": round(mine["seconds"].sum()),
                      "lr": best["lr"], "rank": best["rank"], "bits": best["bits"], "K": best["K"]})

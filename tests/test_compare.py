@@ -3,13 +3,15 @@ end on a tiny model, continued with another seed without redoing what was done."
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
+import statistics
 
 import pandas as pd
 import pytest
 
-from llmm_tune.compare import best_trial, paired_interval
+from llmm_tune.compare import best_trial, paired_interval, write_tables
 from tests.search_fixtures import run_module, subset_glue, tiny_bert, tiny_space
 
 
@@ -23,6 +25,28 @@ def test_the_paired_interval_of_hand_made_scores():
         1] > high - low
     single = paired_interval([0.5], [0.4])
     assert single[0] == pytest.approx(0.1) and math.isnan(single[1]) and math.isnan(single[2])
+
+
+def test_the_table_of_hand_made_runs_gives_each_methods_mean_spread_difference_and_other_metrics(tmp_path):
+    dev = {"llmm": ([0.70, 0.74, 0.72], [0.80, 0.84, 0.82]), "lora": ([0.71, 0.73, 0.78], [0.81, 0.85, 0.83])}
+    meta = {"family": "glue", "task": "mrpc", "metric": "accuracy", "mode": "max"}
+    chosen = {m: (meta, pd.Series({"trial": f"t-{m}", "val_accuracy": 0.75, "lr": 1e-3, "rank": 8, "bits": 4, "K": 1}),
+                  100.0) for m in dev}
+    runs = {f"{m}/{s}": {"method": m, "seed": s, "trial": f"t-{m}", "config": {}, "seconds": 10.0 + s,
+                         "val_accuracy": 0.75, "dev_accuracy": accuracy[s], "dev_f1": f1[s],
+                         "dev_untuned_accuracy": 0.5}
+            for m, (accuracy, f1) in dev.items() for s in range(3)}
+    args = argparse.Namespace(methods=["llmm", "lora"], seeds=[0, 1, 2])
+    write_tables(args, chosen, runs, tmp_path, ["glue_mrpc"], "glue_mrpc")
+    table = (tmp_path / "table.md").read_text()
+    assert "accuracy: higher is better" in table and "dev f1 mean" in table and "untuned" not in table
+    lora = [line for line in table.splitlines() if line.startswith("| lora")][0]
+    difference, low, high = paired_interval(dev["lora"][0], dev["llmm"][0])
+    cells = [cell.strip() for cell in lora.strip("|").split("|")]
+    assert cells[3:7] == [f"{statistics.fmean(dev['lora'][0]):.4f}", f"{statistics.stdev(dev['lora'][0]):.4f}",
+                          f"{statistics.fmean(dev['lora'][1]):.4f}", f"{difference:.4f}"]  # mean, std, F1, difference
+    assert cells[7] == f"[{low:.4f}, {high:.4f}]" and cells[9] == "33"  # retraining seconds: 10 + 11 + 12
+    assert len(pd.read_csv(tmp_path / "scores.csv")) == 6 and (tmp_path / "seeds.png").stat().st_size > 0
 
 
 def test_a_compare_of_two_methods_over_seeds_continues_without_redoing_finished_work(tmp_path):
