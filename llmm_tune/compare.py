@@ -34,8 +34,8 @@ from scipy import stats
 from llmm_tune import storage
 from llmm_tune.cluster import address
 from llmm_tune.errors import UsageError
-from llmm_tune.experiment import command_line, git_commit, package_versions, read_metadata
-from llmm_tune.export import VERSION_KEYS, best_row, collect, data_source, latex, trial_config
+from llmm_tune.experiment import command_line, git_commit, read_metadata
+from llmm_tune.export import VERSION_KEYS, best_row, collect, data_source, latex, setting_text, trial_config
 from llmm_tune.family import load_family
 from llmm_tune.files import atomic_path, write_text
 from llmm_tune.spaces import METHOD_CHOICES, PROFILES, load_spec, space_path
@@ -104,7 +104,7 @@ def retrain_seed(record: dict, seed: int, data_seed: int, source: str, threads: 
     started = time.time()
     with tempfile.TemporaryDirectory() as work:
         scores = reproduce_seed(record, seed, data, source, Path(work))
-    return {"seconds": time.time() - started, "threads": threads,
+    return {"seconds": time.time() - started, "threads": threads, "git_commit": git_commit(),
             **{k: v for k, v in scores.items() if isinstance(v, (int, float))}}
 
 
@@ -196,7 +196,11 @@ def write_tables(args, chosen: dict, runs: dict, out: Path, argv: list[str], spa
     meta = next(iter(chosen.values()))[0]
     split, metric, mode = load_family(meta["family"]).HELD_OUT, meta["metric"], meta["mode"]
     score = f"{split}_{metric}"
-    scores = pd.DataFrame([runs[f"{m}/{s}"] for m in args.methods for s in args.seeds])
+    made = [runs[f"{m}/{s}"] for m in args.methods for s in args.seeds]
+    scores = pd.DataFrame(made)
+    if score not in scores:
+        raise UsageError(f"the {meta['family']} family's score() returns no {metric}; it must return every metric "
+                         "of its task (llmm_tune/family.py)")
     reference = args.methods[0]
     ref_values = scores[scores["method"] == reference].sort_values("seed")[score].tolist()
     # the split's other metrics (MRPC's F1, GSM8K's exact match), not the untuned model's, which every method shares
@@ -206,36 +210,46 @@ def write_tables(args, chosen: dict, runs: dict, out: Path, argv: list[str], spa
         mine = scores[scores["method"] == method].sort_values("seed")
         values = mine[score].tolist()
         difference, low, high = paired_interval(values, ref_values)
-        rows.append({"method": method, "trial": best["trial"], f"val {metric}": best[f"val_{metric}"],
-                     f"{split} {metric} mean": statistics.fmean(values),
-                     f"{split} {metric} std": statistics.stdev(values) if len(values) > 1 else 0.0,
-                     **{f"{c.replace('_', ' ', 1)} mean": mine[c].mean() for c in others},
-                     f"difference to {reference}": difference, "95% interval": f"[{low:.4f}, {high:.4f}]",
+        rows.append({"method": method, "trial": best["trial"], f"val {metric}": f"{best[f'val_{metric}']:.4f}",
+                     f"{split} {metric} mean": f"{statistics.fmean(values):.4f}",
+                     f"{split} {metric} std": f"{statistics.stdev(values) if len(values) > 1 else 0.0:.4f}",
+                     **{f"{c.replace('_', ' ', 1)} mean": f"{mine[c].mean():.4f}" for c in others},
+                     f"difference to {reference}": "-" if method == reference else f"{difference:+.4f}",
+                     "95% interval": "-" if method == reference else f"[{low:+.4f}, {high:+.4f}]",
                      "search trial-s": round(search_seconds), "retrain s": round(mine["seconds"].sum()),
-                     "lr": best["lr"], "rank": best["rank"], "bits": best["bits"], "K": best["K"]})
+                     "quant_method": setting_text(best["quant_method"]),
+                     **{k: setting_text(best[k], "{:.0f}") for k in ("bits", "rank", "K")},
+                     "lr": setting_text(best["lr"], "{:.1e}"), "scale": setting_text(best["scale"], "{:g}")})
     table = pd.DataFrame(rows)
     command = command_line("llmm_tune.compare", argv)
-    versions = package_versions()
+    # the commits and versions the numbers were made with (a table written again later keeps them)
+    commits = sorted({m["git_commit"] for m, _, _ in chosen.values()}
+                     | {run.get("git_commit", "not recorded") for run in made})
+    versions = meta["versions"]
     direction = "higher" if mode == "max" else "lower"
     header = (f"# {meta['task']}: each method tuned with the same search, its best validation configuration "
               f"retrained with seeds {args.seeds} and scored once on {split}\n\n"
-              f"{metric}: {direction} is better. The interval is a paired t-test over seeds of each method's "
-              f"difference to {reference}; an interval that holds 0 is no evidence either way.\n\n")
-    footer = (f"\n\nCommand: `{command}` | space: {space} | commit {git_commit()} | "
+              f"{metric}: {direction} is better. The difference is each method's {split} mean minus {reference}'s, "
+              f"its 95% interval from a paired t-test over seeds; an interval that holds 0 is no evidence either "
+              f"way.\n\n")
+    footer = (f"\n\nCommand: `{command}` | space: {space} | commit {', '.join(commits)} | "
               + " ".join(f"{k}={versions.get(k)}" for k in VERSION_KEYS) + "\n")
-    write_text(out / "table.md", header + table.to_markdown(index=False, floatfmt=".4f") + footer)
-    record = {"reproduce": command, "git_commit": git_commit(), "versions": versions}
-    write_text(out / "table.tex", latex(table.round(4), [record] * len(table),
+    align = ["left" if c in ("method", "trial", "quant_method") else "right" for c in table]  # numbers as
+    # formatted above (tabulate would re-parse "0.7200" as 0.72)
+    write_text(out / "table.md", header + table.to_markdown(index=False, disable_numparse=True, colalign=align)
+               + footer)
+    record = {"reproduce": command, "git_commit": ", ".join(commits), "versions": versions}
+    write_text(out / "table.tex", latex(table, [record] * len(table),
                                         f"{meta['task']}: tuned methods over seeds {args.seeds}, {split}"))
     with atomic_path(out / "scores.csv") as tmp:
         scores.drop(columns=["config"]).to_csv(tmp, index=False)
-    plot_seeds(scores, score, args.methods, out / "seeds.png")
+    plot_seeds(scores, score, direction, args.methods, out / "seeds.png")
     print(f"wrote {out}: table.md, table.tex, scores.csv, seeds.png, {RUNS_FILE}")
-    print(table.drop(columns=["lr", "rank", "bits", "K"]).to_string(index=False))
+    print(table.drop(columns=["quant_method", "bits", "rank", "K", "lr", "scale"]).to_string(index=False))
     return out
 
 
-def plot_seeds(scores: pd.DataFrame, score: str, methods: list[str], path: Path) -> None:
+def plot_seeds(scores: pd.DataFrame, score: str, direction: str, methods: list[str], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -247,7 +261,7 @@ def plot_seeds(scores: pd.DataFrame, score: str, methods: list[str], path: Path)
         axes.scatter([x] * len(values), values, color="tab:blue")
         axes.hlines(values.mean(), x - 0.25, x + 0.25, color="black")
     axes.set_xticks(range(len(methods)), methods)
-    axes.set_ylabel(score)
+    axes.set_ylabel(f"{score} ({direction} is better)")
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
     pyplot.close(figure)

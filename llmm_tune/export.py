@@ -247,7 +247,8 @@ def export(experiments: list[str], results: Path) -> Path:
     write_text(out / "best.yaml", yaml.safe_dump(reproduction_record(best, meta, held_out, out / "best.yaml"),
                                                  sort_keys=False))
     table = pd.DataFrame(rows)
-    shown = table.assign(lr=table["lr"].map("{:.1e}".format), scale=table["scale"].map(_scale),
+    shown = table.assign(lr=table["lr"].map("{:.1e}".format),
+                         scale=table["scale"].map(lambda value: setting_text(value, "{:g}")),
                          **{c: table[c].map("{:.4f}".format) for c in table if c.startswith(("val ", f"{split} "))})
     versions = " ".join(f"{k}={metas[0]['versions'].get(k)}" for k in VERSION_KEYS)
     direction = "higher" if mode == "max" else "lower"
@@ -267,8 +268,9 @@ def export(experiments: list[str], results: Path) -> Path:
     return out
 
 
-def _scale(value) -> str:
-    return "-" if value is None or value != value else f"{value:g}"
+def setting_text(value, form: str = "{}") -> str:
+    """A setting as table text, "-" where the method has none (None or NaN: lora's bits, scale)."""
+    return "-" if value is None or value != value else form.format(value)
 
 
 def main() -> None:

@@ -9,7 +9,8 @@ A family is a module (`trainables.<name>` or any importable dotted path) with th
     check_data(task, data_dir) -> str                 "hub" or the data folder; UsageError naming the fix
     prepare(config, source) -> data                   train and validation data, shared by all trials
     train(config, data, report, resume=None) -> None  report(metrics, checkpoint_dir) per evaluation
-    score(config, checkpoint, source) -> dict         the held-out split, scored once, for the table
+    score(config, checkpoint, source) -> dict         every metric of the task on the held-out split, scored
+                                                      once, for the table
     clock(config) -> (str, float)                     the reported key ASHA counts in, and its final value
 
 Optional: `build_model(config, device) -> nn.Module`, the model a checkpoint's adapter loads into

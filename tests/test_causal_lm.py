@@ -252,3 +252,18 @@ def test_a_resumed_trial_ends_in_the_same_state_as_an_uninterrupted_one(tiny_mod
     other_seed = causal_lm.score({**config, "seed": 1}, str(checkpoints[-1]), str(SHARED_DATA))
     assert other_seed["nll"] == scores["nll"]  # the same test examples whatever the training seed
     assert causal_lm._untuned.cache_info().misses == untuned_runs  # so the untuned model is not decoded again
+
+
+@needs_data
+@pytest.mark.parametrize("metric", ["exact_match_flexible", "exact_match_strict"])
+def test_selecting_on_exact_match_reports_it_on_validation_and_test(tiny_model_dir, tmp_path, metric):
+    config = tiny_config(tiny_model_dir, metric=metric, mode="max", epochs=1, evals_per_epoch=1)
+    kept, reports = [], []
+
+    def report(metrics: dict, directory: str) -> None:
+        reports.append(metrics)
+        kept.append(shutil.copytree(directory, tmp_path / "checkpoint"))
+
+    causal_lm.train(config, causal_lm.prepare(config, str(SHARED_DATA)), report)
+    assert len(reports) == 1 and 0 <= reports[0][f"val_{metric}"] <= 1  # decoded on validation, as it selects
+    assert metric in causal_lm.score(config, str(kept[0]), str(SHARED_DATA))  # compare reads it on test

@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 
 from llmm_tune.compare import best_trial, paired_interval, write_tables
+from llmm_tune.errors import UsageError
 from tests.search_fixtures import run_module, subset_glue, tiny_bert, tiny_space
 
 
@@ -27,26 +28,60 @@ def test_the_paired_interval_of_hand_made_scores():
     assert single[0] == pytest.approx(0.1) and math.isnan(single[1]) and math.isnan(single[2])
 
 
-def test_the_table_of_hand_made_runs_gives_each_methods_mean_spread_difference_and_other_metrics(tmp_path):
-    dev = {"llmm": ([0.70, 0.74, 0.72], [0.80, 0.84, 0.82]), "lora": ([0.71, 0.73, 0.78], [0.81, 0.85, 0.83])}
-    meta = {"family": "glue", "task": "mrpc", "metric": "accuracy", "mode": "max"}
-    chosen = {m: (meta, pd.Series({"trial": f"t-{m}", "val_accuracy": 0.75, "lr": 1e-3, "rank": 8, "bits": 4, "K": 1}),
-                  100.0) for m in dev}
+def hand_made(family: str, task: str, metric: str, mode: str, split_scores: dict[str, dict[str, list[float]]],
+              bits: dict[str, int | None]) -> tuple[dict, dict]:
+    """`chosen` and `runs` as compare builds them, for methods whose seed s scored split_scores[m][name][s]."""
+    meta = {"family": family, "task": task, "metric": metric, "mode": mode, "git_commit": "c0ffee",
+            "versions": {"torch": "2.13.0"}}
+    chosen = {m: (meta, pd.Series({"trial": f"t-{m}", f"val_{metric}": 0.75, "lr": 1.23e-4, "rank": 8,
+                                   "bits": bits[m], "K": 1 if bits[m] else 0, "scale": 400.0 if bits[m] else None,
+                                   "quant_method": "normal_float" if bits[m] else None}), 100.0)
+              for m in split_scores}
     runs = {f"{m}/{s}": {"method": m, "seed": s, "trial": f"t-{m}", "config": {}, "seconds": 10.0 + s,
-                         "val_accuracy": 0.75, "dev_accuracy": accuracy[s], "dev_f1": f1[s],
-                         "dev_untuned_accuracy": 0.5}
-            for m, (accuracy, f1) in dev.items() for s in range(3)}
+                         "git_commit": f"run-commit-{s}", **{name: v[s] for name, v in scores.items()}}
+            for m, scores in split_scores.items() for s in range(3)}
+    return chosen, runs
+
+
+def table_row(table: str, method: str) -> list[str]:
+    (line,) = [line for line in table.splitlines() if line.startswith(f"| {method} ")]
+    return [cell.strip() for cell in line.strip("|").split("|")]
+
+
+def test_the_table_of_hand_made_runs_gives_each_methods_mean_spread_difference_and_other_metrics(tmp_path):
+    dev = {"llmm": {"dev_accuracy": [0.70, 0.74, 0.72], "dev_f1": [0.80, 0.84, 0.82], "dev_untuned_accuracy": [.5] * 3},
+           "lora": {"dev_accuracy": [0.71, 0.73, 0.78], "dev_f1": [0.81, 0.85, 0.83], "dev_untuned_accuracy": [.5] * 3}}
+    chosen, runs = hand_made("glue", "mrpc", "accuracy", "max", dev, {"llmm": 4, "lora": None})
     args = argparse.Namespace(methods=["llmm", "lora"], seeds=[0, 1, 2])
     write_tables(args, chosen, runs, tmp_path, ["glue_mrpc"], "glue_mrpc")
     table = (tmp_path / "table.md").read_text()
     assert "accuracy: higher is better" in table and "dev f1 mean" in table and "untuned" not in table
-    lora = [line for line in table.splitlines() if line.startswith("| lora")][0]
-    difference, low, high = paired_interval(dev["lora"][0], dev["llmm"][0])
-    cells = [cell.strip() for cell in lora.strip("|").split("|")]
-    assert cells[3:7] == [f"{statistics.fmean(dev['lora'][0]):.4f}", f"{statistics.stdev(dev['lora'][0]):.4f}",
-                          f"{statistics.fmean(dev['lora'][1]):.4f}", f"{difference:.4f}"]  # mean, std, F1, difference
-    assert cells[7] == f"[{low:.4f}, {high:.4f}]" and cells[9] == "33"  # retraining seconds: 10 + 11 + 12
+    accuracy = dev["lora"]["dev_accuracy"]
+    difference, low, high = paired_interval(accuracy, dev["llmm"]["dev_accuracy"])
+    lora = table_row(table, "lora")
+    assert lora[3:9] == [f"{statistics.fmean(accuracy):.4f}", f"{statistics.stdev(accuracy):.4f}",
+                         f"{statistics.fmean(dev['lora']['dev_f1']):.4f}", f"{difference:+.4f}",
+                         f"[{low:+.4f}, {high:+.4f}]", "100"]  # mean, std, F1, difference, interval, search
+    assert lora[9:] == ["33", "-", "-", "8", "0", "1.2e-04", "-"]  # retraining seconds 10 + 11 + 12; no quantiser
+    assert table_row(table, "llmm")[6:8] == ["-", "-"] and table_row(table, "llmm")[10:12] == ["normal_float", "4"]
+    # the commits the searches and each retraining were made at, not the checkout writing the table
+    assert "commit c0ffee, run-commit-0, run-commit-1, run-commit-2 |" in table and "torch=2.13.0" in table
     assert len(pd.read_csv(tmp_path / "scores.csv")) == 6 and (tmp_path / "seeds.png").stat().st_size > 0
+
+
+def test_a_lower_is_better_metric_is_labelled_and_a_family_that_does_not_score_it_is_named(tmp_path):
+    test = {m: {"test_nll": nll, "test_exact_match_flexible": [0.03, 0.02, 0.04], "test_untuned_nll": [1.4] * 3}
+            for m, nll in (("llmm", [0.98, 0.97, 0.99]), ("qlora", [0.95, 0.96, 0.95]))}
+    chosen, runs = hand_made("causal_lm", "gsm8k", "nll", "min", test, {"llmm": 4, "qlora": 4})
+    args = argparse.Namespace(methods=["llmm", "qlora"], seeds=[0, 1, 2])
+    write_tables(args, chosen, runs, tmp_path, ["gsm8k"], "gsm8k")
+    table = (tmp_path / "table.md").read_text()
+    assert "nll: lower is better" in table and "test exact_match_flexible mean" in table
+    assert table_row(table, "qlora")[6] == f"{-0.0267:+.4f}"  # below llmm: the better method's difference < 0
+    for run in runs.values():
+        del run["test_nll"]
+    with pytest.raises(UsageError, match="causal_lm family's score\\(\\) returns no nll"):
+        write_tables(args, chosen, runs, tmp_path, ["gsm8k"], "gsm8k")
 
 
 def test_a_compare_of_two_methods_over_seeds_continues_without_redoing_finished_work(tmp_path):

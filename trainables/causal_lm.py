@@ -49,7 +49,8 @@ DATA_SETTINGS = ("model", "max_source_length", "max_target_length", "validation_
                  "max_train_examples", "test_examples", "seed", "on_bad_row")
 HELD_OUT = "test"
 TASKS = {
-    "gsm8k": Task("gsm8k", {"nll": "min", "exact_match": "max"}, "nll", FORMATS["gsm8k"]),
+    "gsm8k": Task("gsm8k", {"nll": "min", "perplexity": "min", "exact_match_flexible": "max",
+                            "exact_match_strict": "max"}, "nll", FORMATS["gsm8k"]),
     "alpaca": Task("alpaca", {"perplexity": "min", "nll": "min"}, "perplexity", FORMATS["alpaca"]),
     "hh_rlhf": Task("hh_rlhf", {"perplexity": "min", "nll": "min", "preference_accuracy": "max"}, "perplexity",
                     FORMATS["hh_rlhf"]),
@@ -167,14 +168,10 @@ def train(config: dict, data: CausalData, report: Reporter, resume: str | None =
     device = device or default_device()
     model = build_model(config, device)
     tokenizer = tokenizer_for(config)
-    generate = config["metric"] == "exact_match"  # decoding on validation only when it selects
+    generate = config["metric"].startswith("exact_match")  # decoding on validation only when it selects
 
     def validate() -> dict[str, float]:
-        scores = evaluate(model, data.validation_examples, data.validation, tokenizer, config, device, generate)
-        if generate:
-            scores["exact_match"] = scores.pop("exact_match_flexible")
-            scores.pop("exact_match_strict")
-        return scores
+        return evaluate(model, data.validation_examples, data.validation, tokenizer, config, device, generate)
 
     fit(config, model, data.train, data.train_lengths, functools.partial(pad, pad_id=tokenizer.pad_token_id),
         validate, report, resume, device, loss=response_loss)

@@ -138,7 +138,7 @@ def train(config: dict, data: GlueData, report: Reporter, resume: str | None = N
 
 
 def score(config: dict, checkpoint: str, source: str) -> dict[str, float]:
-    """The GLUE dev metrics of a checkpoint (its first `test_examples` rows when that is set)."""
+    """The GLUE dev loss and metrics of a checkpoint (its first `test_examples` rows when that is set)."""
     device = default_device()
     task = glue_task(config)
     dev = load_splits(task, source, config["on_bad_row"])[1]
@@ -147,5 +147,4 @@ def score(config: dict, checkpoint: str, source: str) -> dict[str, float]:
     tokenizer = load_tokenizer(config["model"], trust_remote_code=config.get("trust_remote_code", False))
     dev = by_length(tokenize(dev, tokenizer, config["max_length"]))
     model = load_adapter(build_model(config, device), checkpoint).eval()
-    scores = evaluate(model, dev, task, collator(config), config["batch_size"] * 2, device)
-    return {k: v for k, v in scores.items() if k != "loss"}
+    return evaluate(model, dev, task, collator(config), config["batch_size"] * 2, device)
