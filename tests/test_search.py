@@ -90,8 +90,8 @@ def test_export_records_everything_needed_to_reproduce(searched):
     top_value = max(float(r["val_mcc"]) for r in rows)
     top = next(r for r in rows if r["trial"] == best["trial"])
     assert float(top["val_mcc"]) == top_value == pytest.approx(best["validation"]["value"])
-    assert best["held_out"]["split"] == "dev" and set(best["held_out"]["scores"]) == {"mcc"}
-    assert -1 <= best["held_out"]["scores"]["mcc"] <= 1
+    assert best["held_out"]["split"] == "dev" and set(best["held_out"]["scores"]) == {"mcc", "loss"}
+    assert -1 <= best["held_out"]["scores"]["mcc"] <= 1 and best["held_out"]["scores"]["loss"] > 0
     assert best["config"]["seed"] == 0 and best["config"]["lr"] == pytest.approx(float(top["lr"]))
     assert best["versions"]["torch"] and best["git_commit"] and "llmm_tune.search" in best["search_command"]
     assert best["reproduce"].startswith("python -m llmm_tune.reproduce")
