@@ -11,8 +11,9 @@ trial-seconds, and the difference to the first method with a 95% interval from a
 seeds: seed s gives every method the same data order and initial draws), scores.csv (every method and
 seed) and seeds.png.
 
-A killed compare continues where it stopped: a finished search is reused, an unfinished one resumed, and
-each retrained seed is kept in results/compare/<task>/runs.json as soon as it ends. A retraining that fails
+A killed compare continues where it stopped: a finished search is reused, an unfinished one resumed (when
+asked with the options it was started with; other options stop with an error, not a stale answer), and each
+retrained seed is kept in results/compare/<task>/runs.json as soon as it ends. A retraining that fails
 lets the others finish; the compare then stops, names it, and retries it when run again.
 """
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import statistics
 import subprocess
 import sys
@@ -64,6 +66,8 @@ def run_search(task: str, method: str, profile: str, storage_dir: str, options: 
     metadata = read_metadata(experiment)
     command = [sys.executable, "-m", "llmm_tune.search", task, "--storage", storage_dir, "--name", name,
                "--no-export"]
+    if metadata is not None:
+        check_same_options(metadata, name, options)
     if metadata is not None and ended_trials(experiment) >= metadata["num_samples"]:
         print(f"{method}: search {name} finished before, reused")
         return experiment
@@ -76,6 +80,21 @@ def run_search(task: str, method: str, profile: str, storage_dir: str, options: 
     if subprocess.run(command).returncode != 0:
         raise UsageError(f"the {method} search stopped (see above); run the same compare again to continue it")
     return experiment
+
+
+def check_same_options(metadata: dict, name: str, options: list[str]) -> None:
+    """A search is reused or resumed only with the settings it was started with: a compare asking for more trials
+    or another model must not silently get the old search's. Compared as the search parses them (order and
+    spelling of the options aside)."""
+    from llmm_tune.search import parse_args
+
+    recorded = shlex.split(metadata["command"])[3:]  # python -m llmm_tune.search ARGS
+    started = vars(parse_args(recorded))
+    asked = vars(parse_args([*recorded[:recorded.index("--profile") + 2], *options]))  # compare's options come last
+    changed = [f"{key} {started[key]} (now {asked[key]})" for key in started if started[key] != asked[key]]
+    if changed:
+        raise UsageError(f"search {name} was started with other settings: {', '.join(changed)}; pass the options it "
+                         "was started with to continue it, or another --storage and --results to compare afresh")
 
 
 def best_trial(experiment: str) -> tuple[dict, pd.Series, float]:

@@ -128,11 +128,11 @@ def reproduction_record(best: pd.Series, meta: dict, held_out: dict, path: Path)
         "seed": config["seed"], "trust_remote_code": meta.get("trust_remote_code", False),
         "git_commit": meta["git_commit"], "versions": meta["versions"],
         "search_command": meta["command"],
-        "reproduce": f"python -m llmm_tune.reproduce {_relative(path)} --seeds {config['seed']}",
+        "reproduce": f"python -m llmm_tune.reproduce {relative_to_cwd(path)} --seeds {config['seed']}",
     }
 
 
-def _relative(path: Path) -> Path:
+def relative_to_cwd(path: Path) -> Path:
     """`path` relative to the working directory when it lies below it, as a user would type it."""
     try:
         return path.resolve().relative_to(Path.cwd())

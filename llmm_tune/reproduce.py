@@ -17,9 +17,10 @@ from pathlib import Path
 
 import yaml
 
-from llmm_tune.data import locate_source
+from llmm_tune.data import locate_source, portable_source
 from llmm_tune.errors import UsageError
-from llmm_tune.experiment import package_versions
+from llmm_tune.experiment import command_line, git_commit, package_versions
+from llmm_tune.export import relative_to_cwd
 from llmm_tune.family import load_family, replaces
 from llmm_tune.files import write_text
 
@@ -91,7 +92,12 @@ def reproduce(path: Path, seeds: list[int], data_dir: str | None = None, threads
         values = [runs[s][key] for s in seeds]
         summary[key] = {"mean": statistics.fmean(values),
                         "std": statistics.stdev(values) if len(values) > 1 else 0.0}
-    report = {"config": str(path), "seeds": seeds, "runs": runs, "summary": summary, "data": source,
+    data_named = portable_source(str(source), data_dir)  # as the record names data: no path of this machine
+    options = [*(["--threads", str(threads)] if threads else []), *(["--data-dir", data_named] if data_dir else [])]
+    report = {"config": str(relative_to_cwd(path)), "seeds": seeds, "runs": runs, "summary": summary,
+              "data": data_named, "git_commit": git_commit(), "versions": package_versions(),
+              "reproduce": command_line("llmm_tune.reproduce", [str(relative_to_cwd(path)), "--seeds",
+                                                                 *map(str, seeds), *options]),
               "recorded": {"validation": record["validation"], "held_out": record["held_out"]}}
     out = path.with_name(path.stem + ".reproduced.yaml")
     write_text(out, yaml.safe_dump(report, sort_keys=False))

@@ -122,6 +122,13 @@ def test_a_compare_of_two_methods_over_seeds_continues_without_redoing_finished_
     assert f"{paired_interval(lora, llmm)[0]:.4f}" in table
     assert (out / "seeds.png").stat().st_size > 0 and (out / "table.tex").is_file()
 
+    more = run_module("llmm_tune.compare", *common[:-1], "2", "--seeds", "0", "1", timeout=900)
+    assert more.returncode == 2 and "llmm: searching" not in more.stdout
+    assert more.stderr.strip().splitlines() == [
+        "error: search tiny_cola-llmm-cpu-compare was started with other settings: num_samples 1 (now 2); pass the "
+        "options it was started with to continue it, or another --storage and --results to compare afresh"]
+    assert json.loads((out / "runs.json").read_text()) == continued
+
 
 def test_a_failing_retraining_lets_the_other_seeds_finish_and_ends_the_compare_with_one_line(tmp_path):
     space = tiny_space(tmp_path, tiny_bert(tmp_path / "model"), family="tests.seed_one_fails_family", epochs=1)

@@ -4,12 +4,16 @@ of the same search starts a new experiment."""
 
 from __future__ import annotations
 
+import os
+import stat
+
 import pytest
 
 from llmm_tune import data
 from llmm_tune.errors import UsageError
 from llmm_tune.experiment import fresh_name, package_versions
 from llmm_tune.family import Task, replaces
+from llmm_tune.files import atomic_path, write_text
 from llmm_tune.reproduce import version_drift
 
 
@@ -67,3 +71,19 @@ def test_the_report_that_stands_for_a_trial_is_the_one_rays_checkpoint_manager_k
         if replaces(task, mode, value, None if kept is None else reports[kept]):
             kept = i
     assert manager.best_checkpoint_result.metrics["i"] == kept
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077], ids=["umask022", "umask077"])
+def test_a_written_record_gets_the_mode_open_would_give_it(tmp_path, umask):
+    """Records and adapters are read by others (a vLLM server's user): the crash-safe write keeps the umask's mode,
+    not mkstemp's 0600, and a failed write leaves the old file and no temporary one."""
+    previous = os.umask(umask)
+    try:
+        write_text(tmp_path / "best.yaml", "a: 1\n")
+        with pytest.raises(RuntimeError), atomic_path(tmp_path / "best.yaml") as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("killed")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "best.yaml").stat().st_mode) == 0o666 & ~umask
+    assert [p.name for p in tmp_path.iterdir()] == ["best.yaml"] and (tmp_path / "best.yaml").read_text() == "a: 1\n"

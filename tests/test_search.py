@@ -13,6 +13,7 @@ import torch
 import yaml
 
 from llmm_tune.data import carve_validation
+from llmm_tune.experiment import git_commit, package_versions
 from llmm_tune.spaces import load_spec
 from tests.search_fixtures import SHARED_DATA, run_module, subset_glue, tiny_bert, tiny_space
 from trainables.glue import _texts
@@ -113,6 +114,9 @@ def test_reproduce_same_seed_gives_the_recorded_validation_score(searched):
     recorded = yaml.safe_load(best.read_text())
     assert report["runs"][0]["val_mcc"] == pytest.approx(recorded["validation"]["value"], abs=1e-6)
     assert report["runs"][0]["dev_mcc"] == pytest.approx(recorded["held_out"]["scores"]["mcc"], abs=1e-6)
+    # the report carries what made it, as the record does
+    assert report["versions"] == package_versions() and report["git_commit"] == git_commit()
+    assert report["reproduce"] == f"python -m llmm_tune.reproduce {best} --seeds 0 --threads 1"
 
 
 def test_a_record_moved_to_another_folder_reproduces_with_llmm_data_dir(searched, tmp_path):
@@ -125,7 +129,8 @@ def test_a_record_moved_to_another_folder_reproduces_with_llmm_data_dir(searched
     assert run.returncode == 0, run.stderr[-3000:]
     report = yaml.safe_load((moved / "best.reproduced.yaml").read_text())
     recorded = yaml.safe_load((moved / "best.yaml").read_text())
-    assert report["data"] == str(data_copy)
+    assert report["data"] == "$LLMM_DATA_DIR"  # the variable, not this machine's folder
+    assert report["config"] == "best.yaml" and str(tmp_path) not in (moved / "best.reproduced.yaml").read_text()
     assert report["runs"][0]["val_mcc"] == pytest.approx(recorded["validation"]["value"], abs=1e-6)
     missing = run_module("llmm_tune.reproduce", "best.yaml", "--seeds", "0", "--data-dir", str(tmp_path / "gone"),
                          cwd=moved)
