@@ -64,34 +64,32 @@ def run_search(task: str, method: str, profile: str, storage_dir: str, options: 
     name = f"{Path(task).stem}-{method}-{profile}-compare"
     experiment = storage.join(storage_dir, name)
     metadata = read_metadata(experiment)
-    command = [sys.executable, "-m", "llmm_tune.search", task, "--storage", storage_dir, "--name", name,
-               "--no-export"]
-    if metadata is not None:
-        check_same_options(metadata, name, options)
-    if metadata is not None and ended_trials(experiment) >= metadata["num_samples"]:
-        print(f"{method}: search {name} finished before, reused")
-        return experiment
-    if metadata is not None:
-        print(f"{method}: resuming search {name}")
-        command.append("--resume")
-    else:
+    search = [task, "--storage", storage_dir, "--name", name, "--no-export", "--method", method, "--profile", profile,
+              *options]
+    if metadata is None:
         print(f"{method}: searching ({name})")
-        command += ["--method", method, "--profile", profile, *options]
-    if subprocess.run(command).returncode != 0:
+    else:
+        check_same_settings(metadata, name, search)
+        if ended_trials(experiment) >= metadata["num_samples"]:
+            print(f"{method}: search {name} finished before, reused")
+            return experiment
+        print(f"{method}: resuming search {name}")
+        search = [task, "--storage", storage_dir, "--name", name, "--no-export", "--resume"]
+    if subprocess.run([sys.executable, "-m", "llmm_tune.search", *search]).returncode != 0:
         raise UsageError(f"the {method} search stopped (see above); run the same compare again to continue it")
     return experiment
 
 
-def check_same_options(metadata: dict, name: str, options: list[str]) -> None:
+def check_same_settings(metadata: dict, name: str, search: list[str]) -> None:
     """A search is reused or resumed only with the settings it was started with: a compare asking for more trials
-    or another model must not silently get the old search's. Compared as the search parses them (order and
-    spelling of the options aside)."""
+    or another model must not silently get the old search's. Compared as the search parses its arguments (order
+    and spelling aside); where the space file and the storage lie may differ (the search keeps both)."""
     from llmm_tune.search import parse_args
 
-    recorded = shlex.split(metadata["command"])[3:]  # python -m llmm_tune.search ARGS
-    started = vars(parse_args(recorded))
-    asked = vars(parse_args([*recorded[:recorded.index("--profile") + 2], *options]))  # compare's options come last
-    changed = [f"{key} {started[key]} (now {asked[key]})" for key in started if started[key] != asked[key]]
+    started = vars(parse_args(shlex.split(metadata["command"])[3:]))  # python -m llmm_tune.search ARGS
+    asked = vars(parse_args(search))
+    changed = [f"{key} {started[key]} (now {asked[key]})" for key in started
+               if key not in ("task", "storage") and started[key] != asked[key]]
     if changed:
         raise UsageError(f"search {name} was started with other settings: {', '.join(changed)}; pass the options it "
                          "was started with to continue it, or another --storage and --results to compare afresh")

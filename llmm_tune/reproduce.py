@@ -93,11 +93,11 @@ def reproduce(path: Path, seeds: list[int], data_dir: str | None = None, threads
         summary[key] = {"mean": statistics.fmean(values),
                         "std": statistics.stdev(values) if len(values) > 1 else 0.0}
     data_named = portable_source(str(source), data_dir)  # as the record names data: no path of this machine
+    config_path = str(relative_to_cwd(path))
     options = [*(["--threads", str(threads)] if threads else []), *(["--data-dir", data_named] if data_dir else [])]
-    report = {"config": str(relative_to_cwd(path)), "seeds": seeds, "runs": runs, "summary": summary,
-              "data": data_named, "git_commit": git_commit(), "versions": package_versions(),
-              "reproduce": command_line("llmm_tune.reproduce", [str(relative_to_cwd(path)), "--seeds",
-                                                                 *map(str, seeds), *options]),
+    report = {"config": config_path, "seeds": seeds, "runs": runs, "summary": summary, "data": data_named,
+              "git_commit": git_commit(), "versions": package_versions(),
+              "reproduce": command_line("llmm_tune.reproduce", [config_path, "--seeds", *map(str, seeds), *options]),
               "recorded": {"validation": record["validation"], "held_out": record["held_out"]}}
     out = path.with_name(path.stem + ".reproduced.yaml")
     write_text(out, yaml.safe_dump(report, sort_keys=False))
