@@ -22,11 +22,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from llmm_tune import LlmmConfig, apply_llmm, merge_llmm  # noqa: E402
-from llmm_tune.console import quiet_logs  # noqa: E402
-from llmm_tune.data import resolve_data_dir  # noqa: E402
-from llmm_tune.lm_scoring import greedy_generate, target_logprobs  # noqa: E402
-from llmm_tune.models import load_causal_lm  # noqa: E402
-from llmm_tune.spaces import load_spec  # noqa: E402
+from llmm_tune.train.data import resolve_data_dir  # noqa: E402
+from llmm_tune.train.lm_scoring import greedy_generate, target_logprobs  # noqa: E402
+from llmm_tune.train.pretrained import load_causal_lm  # noqa: E402
+from llmm_tune.tune.console import quiet_logs  # noqa: E402
+from llmm_tune.tune.spaces import load_spec  # noqa: E402
 from trainables import causal_lm  # noqa: E402
 from trainables.causal_data import TASKS, exact_match, splits  # noqa: E402
 

@@ -23,9 +23,9 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from llmm_tune import LlmmConfig, apply_llmm, bytes_per_base_parameter
-from llmm_tune.model import DEFAULT_TARGETS
-from llmm_tune.models import load_classifier
-from llmm_tune.quant import quantized_linear, weight_bytes
+from llmm_tune.method.model import DEFAULT_TARGETS
+from llmm_tune.method.quant import quantized_linear, weight_bytes
+from llmm_tune.train.pretrained import load_classifier
 
 TARGETS = list(DEFAULT_TARGETS["bert"])
 HEADS = ["classifier", "pooler"]

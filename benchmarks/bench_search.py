@@ -2,7 +2,7 @@
 
     python benchmarks/bench_search.py [--space glue_cola] [--trials 4] [--data-dir ../shared/data]
 
-Both sides run the real recipe of the space's family (`train`, under Tune through `llmm_tune.trial`)
+Both sides run the real recipe of the space's family (`train`, under Tune through `llmm_tune.tune.trainable`)
 on the same tokenised data with the same configurations (the cpu profile's warm starts, 1 epoch),
 one trial at a time with every CPU, so the difference is what Tune adds: worker start-up, passing
 the data through the object store, reporting, checkpoint syncing and the searcher and scheduler
@@ -26,12 +26,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from llmm_tune import quant  # noqa: E402
-from llmm_tune.cluster import Layout  # noqa: E402
-from llmm_tune.console import quiet_logs  # noqa: E402
-from llmm_tune.data import resolve_data_dir  # noqa: E402
-from llmm_tune.spaces import load_spec  # noqa: E402
-from llmm_tune.trial import trainable  # noqa: E402
+from llmm_tune.method import quant  # noqa: E402
+from llmm_tune.train.data import resolve_data_dir  # noqa: E402
+from llmm_tune.tune.cluster import Layout  # noqa: E402
+from llmm_tune.tune.console import quiet_logs  # noqa: E402
+from llmm_tune.tune.spaces import load_spec  # noqa: E402
+from llmm_tune.tune.trainable import trainable  # noqa: E402
 
 
 def configs(spec, trials: int, train_examples: int) -> list[dict]:

@@ -8,9 +8,9 @@ import logging
 # anything imports bitsandbytes.
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(lambda record: "kernels" not in record.getMessage())
 
-from llmm_tune.config import LlmmConfig  # noqa: E402
-from llmm_tune.layer import LlmmLinear  # noqa: E402
-from llmm_tune.model import (  # noqa: E402
+from llmm_tune.method.config import LlmmConfig  # noqa: E402
+from llmm_tune.method.layer import LlmmLinear  # noqa: E402
+from llmm_tune.method.model import (  # noqa: E402
     apply_llmm,
     bytes_per_base_parameter,
     load_adapter,

@@ -33,14 +33,14 @@ from pathlib import Path
 import pandas as pd
 from scipy import stats
 
-from llmm_tune import storage
-from llmm_tune.cluster import address
 from llmm_tune.errors import UsageError
-from llmm_tune.experiment import command_line, git_commit, read_metadata
 from llmm_tune.export import VERSION_KEYS, best_row, collect, data_source, latex, setting_text, trial_config
-from llmm_tune.family import load_family
 from llmm_tune.files import atomic_path, write_text
-from llmm_tune.spaces import METHOD_CHOICES, PROFILES, load_spec, space_path
+from llmm_tune.tune import storage
+from llmm_tune.tune.cluster import address
+from llmm_tune.tune.experiment import command_line, git_commit, read_metadata
+from llmm_tune.tune.family import load_family
+from llmm_tune.tune.spaces import METHOD_CHOICES, PROFILES, load_spec, space_path
 
 RUNS_FILE = "runs.json"
 
@@ -110,8 +110,8 @@ def retrain_seed(record: dict, seed: int, data_seed: int, source: str, threads: 
     (`data_seed`), with the torch threads of a search trial (so seed s repeats a search trial of seed s)."""
     import torch
 
-    from llmm_tune.console import quiet_logs
     from llmm_tune.reproduce import reproduce_seed
+    from llmm_tune.tune.console import quiet_logs
 
     quiet_logs()
     torch.set_num_threads(threads)
@@ -130,7 +130,7 @@ def retrain(chosen: dict, seeds: list[int], runs: dict, runs_path: Path, cluster
     trial's resources, at most as many at once as the search ran; keep each result as soon as it ends."""
     import ray
 
-    from llmm_tune.cluster import start_ray
+    from llmm_tune.tune.cluster import start_ray
 
     todo = [(method, seed) for method, (_, best, _) in chosen.items() for seed in seeds
             if f"{method}/{seed}" not in runs or runs[f"{method}/{seed}"]["trial"] != best["trial"]]

@@ -18,12 +18,12 @@ import pandas as pd
 import pyarrow.fs as pafs
 import yaml
 
-from llmm_tune import storage
-from llmm_tune.data import locate_source
 from llmm_tune.errors import UsageError
-from llmm_tune.experiment import read_metadata
-from llmm_tune.family import load_family
 from llmm_tune.files import atomic_path, write_text
+from llmm_tune.train.data import locate_source
+from llmm_tune.tune import storage
+from llmm_tune.tune.experiment import read_metadata
+from llmm_tune.tune.family import load_family
 
 TABLE_KEYS = ("method", "quant_method", "bits", "rank", "task", "lr", "scale", "K")
 VERSION_KEYS = ("torch", "transformers", "peft", "bitsandbytes", "ray", "optuna")
@@ -100,7 +100,7 @@ def data_source(meta: dict) -> str:
 
 def score_held_out(config: dict, checkpoint, meta: dict, experiment: str) -> dict[str, float]:
     """The held-out metrics of a checkpoint: only the export and `reproduce` ever read that split."""
-    from llmm_tune.trial import LOFTQ_CACHE
+    from llmm_tune.tune.trainable import LOFTQ_CACHE
 
     config = {**config, "trust_remote_code": meta.get("trust_remote_code", False),
               "loftq_cache": storage.join(experiment, LOFTQ_CACHE)}
@@ -169,7 +169,7 @@ def plots(trials: pd.DataFrame, metas: list[dict], out: Path) -> list[str]:
     import optuna
     from optuna.visualization import matplotlib as optuna_plots
 
-    from llmm_tune.spaces import load_spec
+    from llmm_tune.tune.spaces import load_spec
 
     meta = metas[0]
     spec = load_spec(meta["space"], meta["profile"], meta["method"], meta["num_samples"], text=meta["space_yaml"])
@@ -201,7 +201,7 @@ def plots(trials: pd.DataFrame, metas: list[dict], out: Path) -> list[str]:
 
 
 def export(experiments: list[str], results: Path) -> Path:
-    from llmm_tune.console import quiet_logs
+    from llmm_tune.tune.console import quiet_logs
 
     quiet_logs()
     experiments = [storage.resolve(e) for e in experiments]

@@ -24,10 +24,10 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from llmm_tune.config import LlmmConfig
 from llmm_tune.errors import UsageError
 from llmm_tune.files import write_text
-from llmm_tune.model import default_target_modules, dequantize_llmm, llmm_layers, matches
+from llmm_tune.method.config import LlmmConfig
+from llmm_tune.method.model import default_target_modules, dequantize_llmm, llmm_layers, matches
 
 EXPORT_FILE = "export.json"
 
@@ -79,11 +79,11 @@ def trained_model(record: dict, storage: str, data_dir: str | None):
     """The record's trained model: its checkpoint in the experiment under `storage` when still there, else
     trained again with the record's seed (what `reproduce` checks gives the same numbers)."""
     from llmm_tune import load_adapter
-    from llmm_tune import storage as stores
-    from llmm_tune.data import locate_source
     from llmm_tune.export import collect
-    from llmm_tune.family import load_family
     from llmm_tune.reproduce import reproduce_seed
+    from llmm_tune.train.data import locate_source
+    from llmm_tune.tune import storage as stores
+    from llmm_tune.tune.family import load_family
 
     recipe = load_family(record["family"])
     if not hasattr(recipe, "build_model"):
@@ -115,9 +115,9 @@ def main() -> None:
     parser.add_argument("--data-dir", help="data folder, when the trial must be trained again")
     args = parser.parse_args()
     try:
-        from llmm_tune.console import quiet_logs
-        from llmm_tune.models import load_tokenizer
         from llmm_tune.reproduce import read_record
+        from llmm_tune.train.pretrained import load_tokenizer
+        from llmm_tune.tune.console import quiet_logs
 
         quiet_logs()
         record = read_record(args.record)

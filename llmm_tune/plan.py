@@ -24,10 +24,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llmm_tune.cluster import machine, plan_layout
-from llmm_tune.data import resolve_data_dir
 from llmm_tune.errors import UsageError
-from llmm_tune.spaces import METHOD_CHOICES, PROFILES, load_spec
+from llmm_tune.train.data import resolve_data_dir
+from llmm_tune.tune.cluster import machine, plan_layout
+from llmm_tune.tune.spaces import METHOD_CHOICES, PROFILES, load_spec
 
 PROBE_STEPS = 16
 TUNE_OVERHEAD_S = 3.0  # per trial: worker start, object store, reports (benchmarks/bench_search.py)

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import yaml
 
-from llmm_tune.data import locate_source, portable_source
 from llmm_tune.errors import UsageError
-from llmm_tune.experiment import command_line, git_commit, package_versions
 from llmm_tune.export import relative_to_cwd
-from llmm_tune.family import load_family, replaces
 from llmm_tune.files import write_text
+from llmm_tune.train.data import locate_source, portable_source
+from llmm_tune.tune.experiment import command_line, git_commit, package_versions
+from llmm_tune.tune.family import load_family, replaces
 
 
 def reproduce_seed(record: dict, seed: int, data, source: str, work: Path) -> dict[str, float]:
@@ -67,7 +67,7 @@ def reproduce(path: Path, seeds: list[int], data_dir: str | None = None, threads
               trust_remote_code: bool = False) -> dict:
     import torch
 
-    from llmm_tune.console import quiet_logs
+    from llmm_tune.tune.console import quiet_logs
 
     quiet_logs()
     record = read_record(path)

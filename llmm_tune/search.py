@@ -18,11 +18,20 @@ from pathlib import Path
 
 import torch
 
-from llmm_tune import storage
-from llmm_tune.cluster import Layout, address, check_job_paths, check_layout, describe, machine, plan_layout, start_ray
-from llmm_tune.data import BAD_ROW_POLICIES, portable_source, resolve_data_dir
 from llmm_tune.errors import UsageError
-from llmm_tune.experiment import (
+from llmm_tune.train.data import BAD_ROW_POLICIES, portable_source, resolve_data_dir
+from llmm_tune.tune import storage
+from llmm_tune.tune.cluster import (
+    Layout,
+    address,
+    check_job_paths,
+    check_layout,
+    describe,
+    machine,
+    plan_layout,
+    start_ray,
+)
+from llmm_tune.tune.experiment import (
     command_line,
     fresh_name,
     git_commit,
@@ -30,7 +39,7 @@ from llmm_tune.experiment import (
     read_metadata,
     write_metadata,
 )
-from llmm_tune.spaces import METHOD_CHOICES, PROFILES, SearchSpec, load_spec, space_name
+from llmm_tune.tune.spaces import METHOD_CHOICES, PROFILES, SearchSpec, load_spec, space_name
 
 DEFAULT_STORAGE = "ray_results"
 # What a multi-worker trial itself holds while its Ray Train workers run: a little memory, no CPU, so the
@@ -112,9 +121,9 @@ def build_tuner(spec: SearchSpec, metadata: dict, data, experiment: str, resume:
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import ConcurrencyLimiter
 
-    from llmm_tune.console import Progress
-    from llmm_tune.searcher import make_searcher, study_storage
-    from llmm_tune.trial import trainable
+    from llmm_tune.tune.console import Progress
+    from llmm_tune.tune.searcher import make_searcher, study_storage
+    from llmm_tune.tune.trainable import trainable
 
     layout = Layout.from_record(metadata["resources"])
     # a multi-worker trial is a Ray Train run: its workers reserve their own resources, and the trial
@@ -208,7 +217,7 @@ def resumed_experiment(args: argparse.Namespace, storage_dir: str) -> tuple[Sear
 
 def run(argv: list[str]) -> str:
     args = parse_args(argv)
-    from llmm_tune.console import LOG_FILE, log_to_file, quiet_logs, quiet_ray
+    from llmm_tune.tune.console import LOG_FILE, log_to_file, quiet_logs, quiet_ray
 
     quiet_ray()
     quiet_logs()

@@ -19,7 +19,7 @@ def tiny_llama() -> LlamaForCausalLM:
 
 @pytest.fixture
 def minilm():
-    from llmm_tune.models import load_classifier
+    from llmm_tune.train.pretrained import load_classifier
 
     torch.manual_seed(0)
     return load_classifier("minilm", num_labels=2)

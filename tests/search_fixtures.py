@@ -29,7 +29,7 @@ def tiny_bert(out: Path, dropout: float = 0.1) -> Path:
     import torch
     from transformers import BertConfig, BertModel
 
-    from llmm_tune.models import load_tokenizer
+    from llmm_tune.train.pretrained import load_tokenizer
 
     tokenizer = load_tokenizer("minilm")
     torch.manual_seed(0)
@@ -46,7 +46,7 @@ def tiny_causal_lm(out: Path) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from llmm_tune.models import load_tokenizer
+    from llmm_tune.train.pretrained import load_tokenizer
 
     tokenizer = load_tokenizer("smollm2")
     torch.manual_seed(0)

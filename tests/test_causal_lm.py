@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from llmm_tune.errors import UsageError
-from llmm_tune.lm_scoring import IGNORE, encode, greedy_generate, pad, response_loss, target_logprobs
-from llmm_tune.models import load_causal_lm, load_tokenizer
-from llmm_tune.spaces import load_spec
+from llmm_tune.train.lm_scoring import IGNORE, encode, greedy_generate, pad, response_loss, target_logprobs
+from llmm_tune.train.pretrained import load_causal_lm, load_tokenizer
+from llmm_tune.tune.spaces import load_spec
 from tests.search_fixtures import SHARED_DATA, tiny_causal_lm
 from trainables import causal_lm
 from trainables.causal_data import TASKS, exact_match, extract_answer, gsm8k, hh_rlhf, splits

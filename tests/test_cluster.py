@@ -219,7 +219,7 @@ def test_a_trial_of_two_workers_trains_on_two_shards_and_matches_one_worker(asse
     rounding (stated tolerance: 1e-4). With FSDP each worker stores about half of the model."""
     import torch
 
-    from llmm_tune.sharding import stored_bytes
+    from llmm_tune.train.sharding import stored_bytes
     from trainables.glue import build_model, prepare, train
 
     quant_method, flags = LAYOUTS[layout]

@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import load_file
 
 import trainables.continual as continual
-from llmm_tune.gorp import Basis, GradientSummary, average_accuracy, backward_transfer
-from llmm_tune.spaces import SPACES_DIR, load_spec
+from llmm_tune.tune.spaces import SPACES_DIR, load_spec
 from tests.search_fixtures import SHARED_DATA, tiny_causal_lm
+from trainables.gorp import Basis, GradientSummary, average_accuracy, backward_transfer
 
 
 def orthonormal(rows: int, columns: int, seed: int = 0) -> torch.Tensor:

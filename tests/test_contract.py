@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from llmm_tune.errors import UsageError
-from llmm_tune.spaces import METHOD_CHOICES, PROFILES, SPACES_DIR, load_spec
+from llmm_tune.tune.spaces import METHOD_CHOICES, PROFILES, SPACES_DIR, load_spec
 from tests.search_fixtures import SHARED_DATA, tiny_bert, tiny_causal_lm
 from trainables.continual_data import order_of
 

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from llmm_tune import LlmmConfig, apply_llmm
 from llmm_tune.export_adapter import EXPORT_FILE, to_peft
-from llmm_tune.models import load_classifier
+from llmm_tune.train.pretrained import load_classifier
 from tests.search_fixtures import tiny_bert, tiny_causal_lm
 
 FORMATS = [(4, "normal_float"), (2, "uniform")]

@@ -16,7 +16,7 @@ import psutil
 import pytest
 import torch
 
-from llmm_tune.searcher import JOURNAL, FailureAwareOptunaSearch
+from llmm_tune.tune.searcher import JOURNAL, FailureAwareOptunaSearch
 from tests.search_fixtures import run_module, start_module, subset_glue, tiny_bert, tiny_space
 from trainables.glue import prepare, train
 

@@ -5,7 +5,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from llmm_tune.layer import GaussianFactor, LlmmLinear
+from llmm_tune.method.layer import GaussianFactor, LlmmLinear
 
 
 def make_layer(K=2, scale=400.0, rank=4, d_in=12, d_out=10, seed=0) -> LlmmLinear:

@@ -15,8 +15,8 @@ from llmm_tune import (
     predict_mc,
     save_adapter,
 )
-from llmm_tune.model import llmm_layers, trainable_state
-from llmm_tune.quant import PackedLinear, dense_weight
+from llmm_tune.method.model import llmm_layers, trainable_state
+from llmm_tune.method.quant import PackedLinear, dense_weight
 
 
 def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -105,7 +105,7 @@ def test_monte_carlo_prediction_differs_from_mean_and_averages(minilm):
 
 
 def test_save_load_roundtrip_is_bit_exact(minilm, tmp_path):
-    from llmm_tune.models import load_classifier
+    from llmm_tune.train.pretrained import load_classifier
 
     config = LlmmConfig(rank=8, K=2, bits=2, quant_method="normal_float")
     model = apply_llmm(minilm, config)

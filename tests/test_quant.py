@@ -2,8 +2,7 @@ import bitsandbytes.functional as bnbf
 import pytest
 import torch
 
-from llmm_tune.models import load_classifier
-from llmm_tune.quant import (
+from llmm_tune.method.quant import (
     BITS,
     METHODS,
     NF4Linear,
@@ -18,6 +17,7 @@ from llmm_tune.quant import (
     unpack,
     weight_bytes,
 )
+from llmm_tune.train.pretrained import load_classifier
 
 CASES = [(b, m) for b in BITS for m in METHODS]
 

@@ -9,12 +9,12 @@ import stat
 
 import pytest
 
-from llmm_tune import data
 from llmm_tune.errors import UsageError
-from llmm_tune.experiment import fresh_name, package_versions
-from llmm_tune.family import Task, replaces
 from llmm_tune.files import atomic_path, write_text
 from llmm_tune.reproduce import version_drift
+from llmm_tune.train import data
+from llmm_tune.tune.experiment import fresh_name, package_versions
+from llmm_tune.tune.family import Task, replaces
 
 
 def test_data_inside_the_project_tree_is_recorded_relative_to_the_project(tmp_path, monkeypatch):

@@ -12,9 +12,9 @@ import pytest
 import torch
 import yaml
 
-from llmm_tune.data import carve_validation
-from llmm_tune.experiment import git_commit, package_versions
-from llmm_tune.spaces import load_spec
+from llmm_tune.train.data import carve_validation
+from llmm_tune.tune.experiment import git_commit, package_versions
+from llmm_tune.tune.spaces import load_spec
 from tests.search_fixtures import SHARED_DATA, run_module, subset_glue, tiny_bert, tiny_space
 from trainables.glue import _texts
 from trainables.glue_data import TASKS, load_splits
@@ -183,7 +183,7 @@ def test_the_random_sampler_is_a_searcher_option_for_baselines_of_the_search_its
     from optuna.samplers import RandomSampler, TPESampler
 
     from llmm_tune.search import parse_args
-    from llmm_tune.searcher import make_searcher
+    from llmm_tune.tune.searcher import make_searcher
 
     spec = load_spec("glue_cola", "cpu", "llmm")
     for name, kind in (("random", RandomSampler), ("tpe", TPESampler)):

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from llmm_tune.data import BadRows, split_off
 from llmm_tune.errors import UsageError
+from llmm_tune.train.data import BadRows, split_off
 
 
 @dataclass(frozen=True)

@@ -20,14 +20,14 @@ from datasets import Dataset
 from torch import nn
 
 from llmm_tune import apply_llmm, load_adapter, merge_llmm
-from llmm_tune.config import METHOD_SETTINGS, llmm_config
-from llmm_tune.data import BAD_ROW_POLICIES, hub_reachable
 from llmm_tune.errors import UsageError
-from llmm_tune.family import Task
-from llmm_tune.fit import FIT_SETTINGS, Reporter, default_device, fit
-from llmm_tune.lm_scoring import encode, greedy_generate, mean_nll, pad, response_loss, target_logprobs
-from llmm_tune.models import is_causal_lm, load_causal_lm, load_tokenizer
+from llmm_tune.method.config import METHOD_SETTINGS, llmm_config
 from llmm_tune.settings import COMMON, Setting, optional, positive_int, size
+from llmm_tune.train.data import BAD_ROW_POLICIES, hub_reachable
+from llmm_tune.train.fit import FIT_SETTINGS, Reporter, default_device, fit
+from llmm_tune.train.lm_scoring import encode, greedy_generate, mean_nll, pad, response_loss, target_logprobs
+from llmm_tune.train.pretrained import is_causal_lm, load_causal_lm, load_tokenizer
+from llmm_tune.tune.family import Task
 from trainables.causal_data import TASKS as FORMATS
 from trainables.causal_data import CausalTask, Example, exact_match, missing_files, splits, test_split
 

@@ -29,25 +29,16 @@ from transformers import get_linear_schedule_with_warmup
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from llmm_tune import apply_llmm
-from llmm_tune.config import METHOD_SETTINGS, llmm_config
-from llmm_tune.data import BAD_ROW_POLICIES
 from llmm_tune.errors import TrialFailure, UsageError
-from llmm_tune.family import Task
 from llmm_tune.files import atomic_path
-from llmm_tune.fit import FIT_SETTINGS, Reporter, default_device
-from llmm_tune.gorp import (
-    Basis,
-    FrozenPairs,
-    GradientSummary,
-    ProjectedAdam,
-    average_accuracy,
-    backward_transfer,
-    kaiming_rows,
-)
-from llmm_tune.lm_scoring import encode, greedy_generate, pad, response_loss
-from llmm_tune.model import llmm_layers, matches
-from llmm_tune.models import load_causal_lm
+from llmm_tune.method.config import METHOD_SETTINGS, llmm_config
+from llmm_tune.method.model import llmm_layers, matches
 from llmm_tune.settings import COMMON, Setting, fraction, optional, positive, positive_int, size
+from llmm_tune.train.data import BAD_ROW_POLICIES
+from llmm_tune.train.fit import FIT_SETTINGS, Reporter, default_device
+from llmm_tune.train.lm_scoring import encode, greedy_generate, pad, response_loss
+from llmm_tune.train.pretrained import load_causal_lm
+from llmm_tune.tune.family import Task
 from trainables.causal_data import Example
 from trainables.causal_lm import tokenizer_for
 from trainables.continual_data import (
@@ -59,6 +50,15 @@ from trainables.continual_data import (
     order_of,
     test_split,
     train_and_validation,
+)
+from trainables.gorp import (
+    Basis,
+    FrozenPairs,
+    GradientSummary,
+    ProjectedAdam,
+    average_accuracy,
+    backward_transfer,
+    kaiming_rows,
 )
 
 

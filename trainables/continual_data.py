@@ -7,8 +7,8 @@ import json
 import string
 from pathlib import Path
 
-from llmm_tune.data import BadRows, split_off
 from llmm_tune.errors import UsageError
+from llmm_tune.train.data import BadRows, split_off
 from trainables.causal_data import Example, read_rows, sample
 
 BENCHMARK = Path("cl_benchmark") / "O-LoRA"  # under the data folder: CL_Benchmark/<group>/<task>/, configs/

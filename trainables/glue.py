@@ -18,12 +18,12 @@ from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from llmm_tune import apply_llmm, load_adapter
-from llmm_tune.config import METHOD_SETTINGS, llmm_config
-from llmm_tune.data import BAD_ROW_POLICIES, by_length, carve_validation, hub_reachable, lengths
 from llmm_tune.errors import UsageError
-from llmm_tune.fit import FIT_SETTINGS, Reporter, default_device, fit
-from llmm_tune.models import load_classifier, load_tokenizer, model_config
+from llmm_tune.method.config import METHOD_SETTINGS, llmm_config
 from llmm_tune.settings import COMMON, Setting, optional, positive_int, size
+from llmm_tune.train.data import BAD_ROW_POLICIES, by_length, carve_validation, hub_reachable, lengths
+from llmm_tune.train.fit import FIT_SETTINGS, Reporter, default_device, fit
+from llmm_tune.train.pretrained import load_classifier, load_tokenizer, model_config
 from trainables.glue_data import HUB_DATASET, TASKS, GlueTask, load_splits
 
 SETTINGS: dict[str, Setting] = {

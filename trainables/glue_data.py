@@ -14,9 +14,9 @@ from datasets import Dataset, load_dataset
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
-from llmm_tune.data import BadRows
 from llmm_tune.errors import UsageError
-from llmm_tune.family import Task
+from llmm_tune.train.data import BadRows
+from llmm_tune.tune.family import Task
 
 HUB_DATASET = "nyu-mll/glue"
 

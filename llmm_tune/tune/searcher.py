@@ -1,7 +1,7 @@
 """Optuna's multivariate TPE behind Ray Tune, told about trials that failed for a reason.
 
 A trial that diverges or runs out of memory ends itself and reports `failure` (see
-`llmm_tune.trial.trainable`). Ray's `OptunaSearch` would tell Optuna such a trial was
+`llmm_tune.tune.trainable.trainable`). Ray's `OptunaSearch` would tell Optuna such a trial was
 pruned (no metric) or, given a NaN, drop the report with a warning and leave the Optuna trial
 running forever. Here it is marked infeasible through an Optuna constraint instead: TPE then
 ranks it below every feasible trial and steers away from that region, and `study.best_trial`
@@ -19,9 +19,9 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
-from llmm_tune import storage
 from llmm_tune.errors import FAILURE_KEY
-from llmm_tune.family import worst
+from llmm_tune.tune import storage
+from llmm_tune.tune.family import worst
 
 
 class FailureAwareOptunaSearch(OptunaSearch):

@@ -10,11 +10,11 @@ import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from llmm_tune import storage
+from llmm_tune.project import ROOT
+from llmm_tune.tune import storage
 
 METADATA_FILE = "llmm_experiment.json"
 PACKAGES = ("llmm-tune", "torch", "transformers", "peft", "bitsandbytes", "ray", "optuna", "datasets")
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def package_versions() -> dict[str, str]:

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from llmm_tune import storage
 from llmm_tune.errors import FAILURE_KEY, failure_reason
-from llmm_tune.family import load_family, replaces
+from llmm_tune.tune import storage
+from llmm_tune.tune.family import load_family, replaces
 
 BEST_FILE = "llmm_best.json"  # in every checkpoint: the best selection value up to it
 CRASHES = "crashes"  # <experiment>/crashes/<trial id>.json and .log: the last crash of each trial
@@ -33,7 +33,7 @@ def trainable(config: dict, family: str, data, experiment: str, layout: dict) ->
     config = {**config, "loftq_cache": storage.join(experiment, LOFTQ_CACHE)}
     try:
         if layout["workers_per_trial"] > 1:
-            from llmm_tune.distributed import run_workers
+            from llmm_tune.tune.workers import run_workers
 
             run_workers(config, family, data, experiment, layout, trial_id)
         else:
@@ -56,7 +56,7 @@ def trainable(config: dict, family: str, data, experiment: str, layout: dict) ->
 def prepare_process() -> None:
     """Quiet library logs; give a stopped trial's thread time to end; and Ray's Tee (the trial's log files)
     lacks isatty, which transformers calls when it reports weights a checkpoint lacks (a new task head)."""
-    from llmm_tune.console import quiet_logs
+    from llmm_tune.tune.console import quiet_logs
 
     quiet_logs()
     # When Tune reuses this actor for the next trial, it waits this long for the stopped trial's thread to end

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from llmm_tune.quant import BITS, METHODS
+from llmm_tune.method.quant import BITS, METHODS
 from llmm_tune.settings import Setting, fraction, non_negative_int, positive, positive_int
 
 INITS = ("loftq", "zero")

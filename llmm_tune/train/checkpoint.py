@@ -1,6 +1,6 @@
 """A trial's full training state in safetensors (tensors) plus JSON metadata (scalars): the adapter,
 the optimizer and scheduler, the random-number state and progress (whole tensors, also for a sharded
-model: `llmm_tune.sharding`). Nothing is unpickled, so a results directory from elsewhere cannot run code
+model: `llmm_tune.train.sharding`). Nothing is unpickled, so a results directory from elsewhere cannot run code
 when a run resumes or is exported."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from llmm_tune.files import atomic_path
-from llmm_tune.model import load_adapter, read_adapter_tensors, save_adapter
-from llmm_tune.sharding import is_sharded, load_whole_training_state, whole_training_state
+from llmm_tune.method.model import load_adapter, read_adapter_tensors, save_adapter
+from llmm_tune.train.sharding import is_sharded, load_whole_training_state, whole_training_state
 
 STATE_FILE = "training_state.safetensors"
 

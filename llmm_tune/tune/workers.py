@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from llmm_tune import storage
 from llmm_tune.errors import FAILURE_KEY, failure_reason
-from llmm_tune.family import load_family
+from llmm_tune.tune import storage
+from llmm_tune.tune.family import load_family
 
 TRAIN_RUNS = "train"  # <experiment>/train/<trial id>/: the Ray Train run of each multi-worker trial
 
@@ -36,7 +36,7 @@ def worker_loop(args: dict) -> None:
     import ray.train
     import torch
 
-    from llmm_tune.trial import prepare_process, release_memory, run_trial
+    from llmm_tune.tune.trainable import prepare_process, release_memory, run_trial
 
     prepare_process()
     torch.set_num_threads(max(1, int(args["cpus"])))

@@ -2,7 +2,7 @@
 quantised codes included, and gathers a block's weights only while the block runs (FSDP2's `fully_shard`, on
 gloo for CPU as on nccl for GPU). A model whose 4-bit base does not fit one device then trains on several.
 
-Checkpoints stay in the unsharded format (`llmm_tune.checkpoint`): the adapter and the optimizer state are
+Checkpoints stay in the unsharded format (`llmm_tune.train.checkpoint`): the adapter and the optimizer state are
 gathered to whole tensors when saved and scattered when loaded (torch.distributed.checkpoint's state-dict
 API), so a trial saved sharded resumes unsharded and the other way round, and `score` reads it as any other.
 """
@@ -14,8 +14,8 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.fsdp import FSDPModule, fully_shard
 
-from llmm_tune.model import trainable_state
-from llmm_tune.quant import PackedLinear
+from llmm_tune.method.model import trainable_state
+from llmm_tune.method.quant import PackedLinear
 
 WHOLE = StateDictOptions(full_state_dict=True, ignore_frozen_params=True)  # trainable tensors, gathered
 

@@ -11,10 +11,11 @@ import numpy as np
 from datasets import Dataset
 
 from llmm_tune.errors import UsageError
+from llmm_tune.project import ROOT
 from llmm_tune.settings import count
 
 DATA_DIR_ENV = "LLMM_DATA_DIR"
-ROOT = Path(__file__).resolve().parent.parent
+
 BAD_ROW_POLICIES = ("error", "skip")
 
 

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 import torch
 
-from llmm_tune import storage
-from llmm_tune.data import DATA_DIR_ENV
 from llmm_tune.errors import UsageError
+from llmm_tune.train.data import DATA_DIR_ENV
+from llmm_tune.tune import storage
 
 JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray's job supervisor for the entrypoint it runs
 

@@ -14,7 +14,7 @@ from ray.tune import Callback
 from ray.tune.experiment import Trial
 
 from llmm_tune.errors import FAILURE_KEY
-from llmm_tune.family import better
+from llmm_tune.tune.family import better
 
 LOG_FILE = "llmm_search.log"
 NOISY_LOGGERS = ("ray", "ray.tune", "ray.train", "ray.data", "optuna", "filelock")

@@ -15,11 +15,10 @@ from safetensors.torch import save as save_tensors
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from llmm_tune import storage
-from llmm_tune.config import LlmmConfig
 from llmm_tune.files import atomic_path
-from llmm_tune.layer import LlmmLinear
-from llmm_tune.quant import (
+from llmm_tune.method.config import LlmmConfig
+from llmm_tune.method.layer import LlmmLinear
+from llmm_tune.method.quant import (
     LoftQResult,
     cached_loftq,
     dense_weight,
@@ -30,6 +29,7 @@ from llmm_tune.quant import (
     unpack,
     weight_bytes,
 )
+from llmm_tune.tune import storage
 
 # LoftQ and MeMoTune adapt every linear layer of the transformer blocks; peft's defaults (query
 # and value only) are the fallback for other architectures.

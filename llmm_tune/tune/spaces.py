@@ -14,10 +14,10 @@ import optuna
 import yaml
 
 from llmm_tune.errors import UsageError
-from llmm_tune.family import MODES, load_family
+from llmm_tune.project import SPACES_DIR
 from llmm_tune.settings import REQUIRED, positive, positive_int
+from llmm_tune.tune.family import MODES, load_family
 
-SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 PROFILES = ("paper", "cpu")
 METHOD_CHOICES = ("llmm", "loftq", "qlora", "lora")
 SAMPLERS = ("loguniform", "uniform", "int", "choice")

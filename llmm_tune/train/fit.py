@@ -20,10 +20,10 @@ from torch.utils.data import DataLoader
 from transformers import get_linear_schedule_with_warmup
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
-from llmm_tune.checkpoint import load_training_state, save_training_state
 from llmm_tune.errors import TrialFailure
 from llmm_tune.settings import Setting, fraction, non_negative, optional, positive, positive_int
-from llmm_tune.sharding import is_sharded, shard_model, stored_bytes
+from llmm_tune.train.checkpoint import load_training_state, save_training_state
+from llmm_tune.train.sharding import is_sharded, shard_model, stored_bytes
 
 Reporter = Callable[[dict, str], None]  # (metrics, checkpoint directory)
 
@@ -138,7 +138,7 @@ def fit(config: dict, model: nn.Module, train: Dataset, lengths: list[int], coll
 
 def distribute(model: nn.Module, fsdp: bool, world: int) -> nn.Module:
     """What the loop calls to train: the model on one worker; on W workers a DistributedDataParallel copy of it,
-    or with `fsdp` the model itself, sharded over the workers in place (`llmm_tune.sharding`)."""
+    or with `fsdp` the model itself, sharded over the workers in place (`llmm_tune.train.sharding`)."""
     if world == 1:
         return model
     return shard_model(model) if fsdp else DistributedDataParallel(model, find_unused_parameters=True)
