@@ -53,9 +53,9 @@ def main() -> None:
     quiet_logs()
     torch.set_num_threads(args.threads)
     source = str(resolve_data_dir(args.data_dir or str(Path(__file__).resolve().parent.parent.parent / "shared/data")))
-    config = {**load_spec("gsm8k", "cpu", "llmm").fixed, "task": "gsm8k", "test_examples": args.problems}
+    config = {**load_spec("gsm8k", "cpu", "llmm").fixed, "test_examples": args.problems}
     _, validation, test = splits(TASKS["gsm8k"], source, config)
-    tokenizer = causal_lm.tokenizer_for(config)
+    tokenizer = causal_lm.tokenizer_for(config["model"], trust_remote_code=False)
     model = load_causal_lm("smollm2").eval()
 
     prompts = [e.prompt for e in test[:args.compare]]

@@ -15,6 +15,7 @@ first trial of a search computes and stores it) and with it filled (every later 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
@@ -26,33 +27,33 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from llmm_tune.method import quant  # noqa: E402
+from llmm_tune.method import loftq  # noqa: E402
 from llmm_tune.train.data import resolve_data_dir  # noqa: E402
 from llmm_tune.tune.cluster import Layout  # noqa: E402
 from llmm_tune.tune.console import quiet_logs  # noqa: E402
+from llmm_tune.tune.context import TrialContext  # noqa: E402
 from llmm_tune.tune.spaces import load_spec  # noqa: E402
 from llmm_tune.tune.trainable import trainable  # noqa: E402
 
 
 def configs(spec, trials: int, train_examples: int) -> list[dict]:
-    base = {**spec.fixed, "task": spec.task, "metric": spec.metric, "mode": spec.mode, "epochs": 1,
-            "evals_per_epoch": 2, "max_train_examples": train_examples}
+    base = {**spec.fixed, "epochs": 1, "evals_per_epoch": 2, "max_train_examples": train_examples}
     return [{**base, **spec.warm_start[i % len(spec.warm_start)], "seed": i} for i in range(trials)]
 
 
-def back_to_back(recipe, runs: list[dict], data) -> float:
+def back_to_back(context: TrialContext, runs: list[dict], data) -> float:
     started = time.perf_counter()
     for config in runs:
-        recipe.train(config, data, lambda metrics, directory: None)
+        context.recipe.train(config, context, data, lambda metrics, directory: None)
     return time.perf_counter() - started
 
 
-def under_tune(family: str, runs: list[dict], data, cpus: int, storage: str) -> float:
+def under_tune(context: TrialContext, runs: list[dict], data, cpus: int, storage: str) -> float:
     from ray import tune
     from ray.tune.search import BasicVariantGenerator
 
     layout = Layout(cpus=cpus, gpus=0, workers=1, concurrent=1).to_record()
-    trial = tune.with_resources(tune.with_parameters(trainable, family=family, data=data, experiment=storage,
+    trial = tune.with_resources(tune.with_parameters(trainable, context=context, data=data, experiment=storage,
                                                      layout=layout), {"cpu": cpus})
     tuner = tune.Tuner(trial, param_space=runs[0],
                        tune_config=tune.TuneConfig(search_alg=BasicVariantGenerator(points_to_evaluate=runs,
@@ -81,13 +82,13 @@ def start_latency(trials: int, storage: str) -> list[float]:
     return [b - a for a, b in zip([launched, *entered[:-1]], entered)]
 
 
-def model_start(recipe, config: dict, cache: str) -> list[float]:
+def model_start(context: TrialContext, config: dict, cache: str) -> list[float]:
     """Seconds to build a trial's model: no LoftQ cache, an empty one (computed and stored), a filled one."""
     seconds = []
     for loftq_cache in (None, cache, cache):
-        quant._CACHE.clear()  # the in-memory LoftQ cache a worker keeps between its trials: measure the disk's
+        loftq.CACHE.clear()  # the in-memory LoftQ cache a worker keeps between its trials: measure the disk's
         started = time.perf_counter()
-        recipe.build_model({**config, "loftq_cache": loftq_cache}, "cpu")
+        context.recipe.build_model(config, dataclasses.replace(context, loftq_cache=loftq_cache), "cpu")
         seconds.append(time.perf_counter() - started)
     return seconds
 
@@ -103,15 +104,15 @@ def main() -> None:
     cpus = os.cpu_count() or 1
     torch.set_num_threads(cpus)
     spec = load_spec(args.space, "cpu", "llmm")
-    recipe = spec.recipe
+    context = TrialContext.of(spec.family, spec.task, spec.metric)
     runs = configs(spec, args.trials, args.train_examples)
-    data = recipe.prepare(runs[0], str(resolve_data_dir(args.data_dir)))
+    data = context.recipe.prepare(runs[0], context, str(resolve_data_dir(args.data_dir)))
     # each figure is printed as soon as it is measured: a long run cut short keeps what it has
     with tempfile.TemporaryDirectory() as cache:
-        start = model_start(recipe, runs[0], cache)
+        start = model_start(context, runs[0], cache)
     print(f"model start (load + LoftQ, {runs[0]['loftq_iters']} iterations): no LoftQ cache {start[0]:.1f} s | "
           f"empty cache (compute and store) {start[1]:.1f} s | filled cache {start[2]:.1f} s", flush=True)
-    baseline = back_to_back(recipe, runs, data)
+    baseline = back_to_back(context, runs, data)
     print(f"{args.trials} trials of {spec.task} ({args.train_examples} train examples, 1 epoch, 2 evaluations), "
           f"{cpus} CPU(s), one at a time: back to back in one process {baseline:.1f} s", flush=True)
 
@@ -121,7 +122,7 @@ def main() -> None:
     ray.init(include_dashboard=False, logging_level="ERROR", _node_ip_address="127.0.0.1")
     ray_start = time.perf_counter() - started
     with tempfile.TemporaryDirectory() as storage:
-        tuned = under_tune(spec.family, runs, data, cpus, storage)
+        tuned = under_tune(context, runs, data, cpus, storage)
         print(f"under Ray Tune: {tuned:.1f} s | ratio {tuned / baseline:.3f} (goal <= 1.10) | ray.init "
               f"{ray_start:.1f} s (once per search)", flush=True)
         latency = start_latency(max(args.trials, 4), storage)

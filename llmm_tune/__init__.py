@@ -1,4 +1,9 @@
-"""llmm-tune: quantised distributional-LoRA (Llmm / MeMoTune) fine-tuning and its hyperparameter search."""
+"""llmm-tune: quantised distributional-LoRA (Llmm / MeMoTune) fine-tuning and its hyperparameter search.
+
+Read in this order: `method/` (the Llmm library, re-exported here), `train/` (what recipes share), `tune/` (the
+search machinery), `trainables/` (the task families), then the commands users type: search, export, compare,
+reproduce, export_adapter and plan (`python -m llmm_tune.<command>`, sharing `cli.py`).
+"""
 
 import logging
 

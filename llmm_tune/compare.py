@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shlex
 import statistics
 import subprocess
 import sys
@@ -33,14 +32,18 @@ from pathlib import Path
 import pandas as pd
 from scipy import stats
 
+from llmm_tune.cli import command_parser
+from llmm_tune.cli import main as run_command
 from llmm_tune.errors import UsageError
 from llmm_tune.export import VERSION_KEYS, best_row, collect, data_source, latex, setting_text, trial_config
 from llmm_tune.files import atomic_path, write_text
+from llmm_tune.method.config import BASELINES
 from llmm_tune.tune import storage
 from llmm_tune.tune.cluster import address
-from llmm_tune.tune.experiment import command_line, git_commit, read_metadata
+from llmm_tune.tune.context import TrialContext
+from llmm_tune.tune.experiment import ExperimentRecord, command_line, git_commit, read_record
 from llmm_tune.tune.family import load_family
-from llmm_tune.tune.spaces import METHOD_CHOICES, PROFILES, load_spec, space_path
+from llmm_tune.tune.spaces import load_spec, space_path
 
 RUNS_FILE = "runs.json"
 
@@ -63,14 +66,14 @@ def run_search(task: str, method: str, profile: str, storage_dir: str, options: 
 
     name = f"{Path(task).stem}-{method}-{profile}-compare"
     experiment = storage.join(storage_dir, name)
-    metadata = read_metadata(experiment)
+    record = read_record(experiment)
     search = [task, "--storage", storage_dir, "--name", name, "--no-export", "--method", method, "--profile", profile,
               *options]
-    if metadata is None:
+    if record is None:
         print(f"{method}: searching ({name})")
     else:
-        check_same_settings(metadata, name, search)
-        if ended_trials(experiment) >= metadata["num_samples"]:
+        check_same_settings(record, search)
+        if ended_trials(experiment) >= record.num_samples:
             print(f"{method}: search {name} finished before, reused")
             return experiment
         print(f"{method}: resuming search {name}")
@@ -80,34 +83,37 @@ def run_search(task: str, method: str, profile: str, storage_dir: str, options: 
     return experiment
 
 
-def check_same_settings(metadata: dict, name: str, search: list[str]) -> None:
-    """A search is reused or resumed only with the settings it was started with: a compare asking for more trials
-    or another model must not silently get the old search's. Compared as the search parses its arguments (order
-    and spelling aside); where the space file and the storage lie may differ (the search keeps both)."""
-    from llmm_tune.search import parse_args
+def check_same_settings(record: ExperimentRecord, search: list[str]) -> None:
+    """A search is reused or resumed only with the options it was started with: a compare asking for more trials
+    or another model must not silently get the old search's. The options as the search parsed them (order and
+    spelling aside) against its record's; where the storage lies may differ."""
+    from llmm_tune.search import NOT_OPTIONS, parse_args
 
-    started = vars(parse_args(shlex.split(metadata["command"])[3:]))  # python -m llmm_tune.search ARGS
-    asked = vars(parse_args(search))
-    changed = [f"{key} {started[key]} (now {asked[key]})" for key in started
-               if key not in ("task", "storage") and started[key] != asked[key]]
+    if not record.options:
+        raise UsageError(f"search {record.name} was started by an older llmm-tune that did not record its options; "
+                         "compare afresh with another --storage and --results")
+    asked = {k: v for k, v in vars(parse_args(search)).items() if k not in NOT_OPTIONS}
+    changed = [f"{key} {record.options.get(key)} (now {asked[key]})" for key in asked
+               if key != "storage" and record.options.get(key) != asked[key]]
     if changed:
-        raise UsageError(f"search {name} was started with other settings: {', '.join(changed)}; pass the options it "
-                         "was started with to continue it, or another --storage and --results to compare afresh")
+        raise UsageError(f"search {record.name} was started with other settings: {', '.join(changed)}; pass the "
+                         "options it was started with to continue it, or another --storage and --results to compare "
+                         "afresh")
 
 
-def best_trial(experiment: str) -> tuple[dict, pd.Series, float]:
-    """(metadata, the trial best on validation, the search's trial-seconds)."""
+def best_trial(experiment: str) -> tuple[ExperimentRecord, pd.Series, float]:
+    """(record, the trial best on validation, the search's trial-seconds)."""
     meta, trials, checkpoints = collect(experiment)
-    value = f"val_{meta['metric']}"
+    value = f"val_{meta.metric}"
     scored = trials[trials[value].notna() & trials["trial"].isin(checkpoints)]
     if scored.empty:
         raise UsageError(f"no trial of {experiment} has a validation score; check its log (llmm_search.log)")
-    return meta, best_row(scored, value, meta["mode"]), float(trials["seconds"].fillna(0).sum())
+    return meta, best_row(scored, value, meta.mode), float(trials["seconds"].fillna(0).sum())
 
 
-def retrain_seed(record: dict, seed: int, data_seed: int, source: str, threads: int) -> dict:
-    """One retraining, in a Ray worker: the configuration `record` trained with `seed` on the search's splits
-    (`data_seed`), with the torch threads of a search trial (so seed s repeats a search trial of seed s)."""
+def retrain_seed(context: TrialContext, config: dict, seed: int, data_seed: int, source: str, threads: int) -> dict:
+    """One retraining, in a Ray worker: `config` trained with `seed` on the search's splits (`data_seed`), with the
+    torch threads of a search trial (so seed s repeats a search trial of seed s)."""
     import torch
 
     from llmm_tune.reproduce import reproduce_seed
@@ -115,12 +121,10 @@ def retrain_seed(record: dict, seed: int, data_seed: int, source: str, threads: 
 
     quiet_logs()
     torch.set_num_threads(threads)
-    recipe = load_family(record["family"])
-    data = recipe.prepare({**record["config"], "seed": data_seed, "trust_remote_code": record["trust_remote_code"]},
-                          source)
+    data = context.recipe.prepare({**config, "seed": data_seed}, context, source)
     started = time.time()
     with tempfile.TemporaryDirectory() as work:
-        scores = reproduce_seed(record, seed, data, source, Path(work))
+        scores = reproduce_seed({"config": config}, context, seed, data, source, Path(work))
     return {"seconds": time.time() - started, "threads": threads, "git_commit": git_commit(),
             **{k: v for k, v in scores.items() if isinstance(v, (int, float))}}
 
@@ -141,19 +145,19 @@ def retrain(chosen: dict, seeds: list[int], runs: dict, runs_path: Path, cluster
     try:
         running: dict = {}
         while todo or running:
-            while todo and len(running) < chosen[todo[0][0]][0]["resources"]["max_concurrent"]:
+            while todo and len(running) < chosen[todo[0][0]][0].resources["max_concurrent"]:
                 method, seed = todo.pop(0)
                 meta, best, _ = chosen[method]
-                resources = meta["resources"]
-                record = {"family": meta["family"], "task": meta["task"], "config": trial_config(best, meta),
-                          "trust_remote_code": meta.get("trust_remote_code", False)}
+                resources, config = meta.resources, trial_config(best, meta)
+                context = TrialContext.of(meta.family, meta.task, meta.metric, meta.trust_remote_code)
                 task = ray.remote(retrain_seed).options(num_cpus=resources["cpus_per_trial"],
                                                         num_gpus=resources["gpus_per_trial"])
                 threads = max(1, int(resources["cpus_per_trial"]))
-                running[task.remote(record, seed, meta["seed"], data_source(meta), threads)] = (method, seed, record)
+                running[task.remote(context, config, seed, meta.seed, data_source(meta), threads)] = (method, seed,
+                                                                                                      config)
                 print(f"{method}: training trial {best['trial']}'s configuration with seed {seed}")
             (finished,), _ = ray.wait(list(running), num_returns=1)
-            method, seed, record = running.pop(finished)
+            method, seed, config = running.pop(finished)
             try:
                 scores = ray.get(finished)
             except ray.exceptions.RayError as error:  # one failed run stops neither the others nor what they keep
@@ -161,7 +165,7 @@ def retrain(chosen: dict, seeds: list[int], runs: dict, runs_path: Path, cluster
                 failed.append(f"{method}/{seed}")
                 continue
             runs[f"{method}/{seed}"] = {"method": method, "seed": seed, "trial": chosen[method][1]["trial"],
-                                        "config": record["config"], **scores}
+                                        "config": config, **scores}
             with atomic_path(runs_path) as tmp:
                 tmp.write_text(json.dumps(runs, indent=1))
     finally:
@@ -175,20 +179,35 @@ def cluster_address(options: list[str]) -> str | None:
     """The cluster the searches join (their `--address`, passed through), for the retraining too."""
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--address")
-    return address(parser.parse_known_args(options)[0])
+    return address(parser.parse_known_args(options)[0].address)
 
 
-def compare(argv: list[str]) -> Path:
-    parser = argparse.ArgumentParser(prog="python -m llmm_tune.compare", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    """compare's own options; every other option passes through to its searches (`python -m llmm_tune.search`)."""
+    from llmm_tune.search import DEFAULT_STORAGE, add_profile_option
+
+    parser = command_parser("compare", __doc__)
     parser.add_argument("task", help="a search space (glue_cola, gsm8k, ...) or a YAML path")
-    parser.add_argument("--methods", nargs="+", choices=METHOD_CHOICES, default=list(METHOD_CHOICES),
-                        help="the first is the reference the others are compared with (default: llmm)")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--profile", choices=PROFILES, help="default: paper with a GPU, else cpu")
-    parser.add_argument("--storage", default="ray_results")
-    parser.add_argument("--results", default="results")
-    args, options = parser.parse_known_args(argv)
+    parser.add_argument("--methods", nargs="+", choices=tuple(BASELINES), default=list(BASELINES),
+                        help="the first is the reference the others are compared with")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="retraining seeds, one run each")
+    add_profile_option(parser)
+    parser.add_argument("--storage", default=DEFAULT_STORAGE, help="where the searches are kept")
+    parser.add_argument("--results", default="results", help="results/compare/<task>/ is written under it")
+    return parser
+
+
+def parse_all(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """compare's options, and the rest, checked to be options its searches take."""
+    from llmm_tune.search import build_parser as search_parser
+
+    args, options = build_parser().parse_known_args(argv)
+    search_parser().parse_args([args.task, *options])
+    return args, options
+
+
+def run(argv: list[str]) -> Path:
+    args, options = parse_all(argv)
     if len(set(args.methods)) != len(args.methods) or len(set(args.seeds)) != len(args.seeds):
         raise UsageError("--methods and --seeds must not repeat a value")
     if any(o in ("--method", "--name", "--resume", "--no-export") for o in options):
@@ -196,13 +215,12 @@ def compare(argv: list[str]) -> Path:
                          "and --no-export")
     from llmm_tune.search import choose_profile
 
-    profile = args.profile or choose_profile("auto")
+    profile = choose_profile(args.profile)
     load_spec(args.task, profile, args.methods[0])  # a bad space stops here, before any search
     storage_dir = storage.writable(args.storage, "--storage")
     experiments = {m: run_search(args.task, m, profile, storage_dir, options) for m in args.methods}
     chosen = {m: best_trial(e) for m, e in experiments.items()}
-    meta = chosen[args.methods[0]][0]
-    out = Path(args.results) / "compare" / meta["task"]
+    out = Path(args.results) / "compare" / chosen[args.methods[0]][0].task
     runs_path = out / RUNS_FILE
     runs = json.loads(runs_path.read_text()) if runs_path.is_file() else {}
     retrain(chosen, args.seeds, runs, runs_path, cluster_address(options))
@@ -211,12 +229,12 @@ def compare(argv: list[str]) -> Path:
 
 def write_tables(args, chosen: dict, runs: dict, out: Path, argv: list[str], space: str) -> Path:
     meta = next(iter(chosen.values()))[0]
-    split, metric, mode = load_family(meta["family"]).HELD_OUT, meta["metric"], meta["mode"]
+    split, metric, mode = load_family(meta.family).HELD_OUT, meta.metric, meta.mode
     score = f"{split}_{metric}"
     made = [runs[f"{m}/{s}"] for m in args.methods for s in args.seeds]
     scores = pd.DataFrame(made)
     if score not in scores:
-        raise UsageError(f"the {meta['family']} family's score() returns no {metric}; it must return every metric "
+        raise UsageError(f"the {meta.family} family's score() returns no {metric}; it must return every metric "
                          "of its task (llmm_tune/family.py)")
     reference = args.methods[0]
     ref_values = scores[scores["method"] == reference].sort_values("seed")[score].tolist()
@@ -240,11 +258,11 @@ def write_tables(args, chosen: dict, runs: dict, out: Path, argv: list[str], spa
     table = pd.DataFrame(rows)
     command = command_line("llmm_tune.compare", argv)
     # the commits and versions the numbers were made with (a table written again later keeps them)
-    commits = sorted({m["git_commit"] for m, _, _ in chosen.values()}
+    commits = sorted({m.git_commit for m, _, _ in chosen.values()}
                      | {run.get("git_commit", "not recorded") for run in made})
-    versions = meta["versions"]
+    versions = meta.versions
     direction = "higher" if mode == "max" else "lower"
-    header = (f"# {meta['task']}: each method tuned with the same search, its best validation configuration "
+    header = (f"# {meta.task}: each method tuned with the same search, its best validation configuration "
               f"retrained with seeds {args.seeds} and scored once on {split}\n\n"
               f"{metric}: {direction} is better. The difference is each method's {split} mean minus {reference}'s, "
               f"its 95% interval from a paired t-test over seeds; an interval that holds 0 is no evidence either "
@@ -257,7 +275,7 @@ def write_tables(args, chosen: dict, runs: dict, out: Path, argv: list[str], spa
                + footer)
     record = {"reproduce": command, "git_commit": ", ".join(commits), "versions": versions}
     write_text(out / "table.tex", latex(table, [record] * len(table),
-                                        f"{meta['task']}: tuned methods over seeds {args.seeds}, {split}"))
+                                        f"{meta.task}: tuned methods over seeds {args.seeds}, {split}"))
     with atomic_path(out / "scores.csv") as tmp:
         scores.drop(columns=["config"]).to_csv(tmp, index=False)
     plot_seeds(scores, score, direction, args.methods, out / "seeds.png")
@@ -285,11 +303,7 @@ def plot_seeds(scores: pd.DataFrame, score: str, direction: str, methods: list[s
 
 
 def main() -> None:
-    try:
-        compare(sys.argv[1:])
-    except UsageError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    run_command(run)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ history and parameter importances (PNG). Several experiments of one task (say --
 from __future__ import annotations
 
 import argparse
-import sys
 import warnings
 from pathlib import Path
 
@@ -18,62 +17,68 @@ import pandas as pd
 import pyarrow.fs as pafs
 import yaml
 
+from llmm_tune.cli import command_parser
+from llmm_tune.cli import main as run_command
 from llmm_tune.errors import UsageError
 from llmm_tune.files import atomic_path, write_text
 from llmm_tune.train.data import locate_source
 from llmm_tune.tune import storage
-from llmm_tune.tune.experiment import read_metadata
+from llmm_tune.tune.context import TrialContext
+from llmm_tune.tune.experiment import ExperimentRecord, read_record
 from llmm_tune.tune.family import load_family
 
 TABLE_KEYS = ("method", "quant_method", "bits", "rank", "task", "lr", "scale", "K")
 VERSION_KEYS = ("torch", "transformers", "peft", "bitsandbytes", "ray", "optuna")
 
 
-def collect(experiment: str) -> tuple[dict, pd.DataFrame, dict]:
-    """(metadata, one row per trial, trial id -> best checkpoint path) of an experiment."""
+def collect(experiment: str) -> tuple[ExperimentRecord, pd.DataFrame, dict]:
+    """(record, one row per trial, trial id -> the checkpoint that stands for it) of an experiment."""
     from ray.tune import ExperimentAnalysis
 
-    meta = read_metadata(experiment)
+    meta = read_record(experiment)
     if meta is None:
         raise UsageError(f"{experiment} is not an llmm-tune experiment (no llmm_experiment.json); pass a folder "
                          "under the search's --storage")
-    metric, mode = meta["metric"], meta["mode"]
-    kept = "last" if load_family(meta["family"]).TASKS[meta["task"]].selects == "last" else mode
+    context = meta.context(experiment)
+    kept = "last" if context.selects == "last" else context.mode
     analysis = ExperimentAnalysis(experiment)
     rows, checkpoints = [], {}
     for trial in analysis.trials:
         last = trial.last_result or {}
-        row = {"experiment": meta["name"], "trial": trial.trial_id, "number": _trial_number(trial),
-               "status": trial.status,
-               **{k: trial.config.get(k) for k in trial.config if k not in ("task", "metric", "mode")},
-               "method": meta["method"], "task": meta["task"], "evaluations": last.get("training_iteration", 0),
-               # the best of every report (a trial that failed after it reported keeps its score), or the
-               # last for a task sequence
-               f"val_{metric}": trial.metric_analysis.get(f"val_{metric}", {}).get(kept),
-               "failure": last.get("failure"),
-               "seconds": last.get("time_total_s"), "git_commit": meta["git_commit"],
-               "versions": " ".join(f"{k}={meta['versions'].get(k)}" for k in VERSION_KEYS),
-               "search_command": meta["command"]}
-        rows.append(row)
-        checkpoint = analysis.get_best_checkpoint(trial, metric=f"val_{metric}", mode=mode) \
+        rows.append({"experiment": meta.name, "trial": trial.trial_id, "number": _trial_number(trial),
+                     "status": trial.status, **trial.config, "method": meta.method, "task": meta.task,
+                     "evaluations": last.get("training_iteration", 0),
+                     # the best of every report (a trial that failed after it reported keeps its score), or the
+                     # last for a task sequence
+                     context.value_key: trial.metric_analysis.get(context.value_key, {}).get(kept),
+                     "failure": last.get("failure"), "seconds": last.get("time_total_s"),
+                     "git_commit": meta.git_commit,
+                     "versions": " ".join(f"{k}={meta.versions.get(k)}" for k in VERSION_KEYS),
+                     "search_command": meta.command})
+        checkpoint = analysis.get_best_checkpoint(trial, metric=context.value_key, mode=context.mode) \
             if trial.last_result else None
         if checkpoint is None and trial.last_result:
-            checkpoint = train_checkpoint(analysis.trial_dataframes.get(trial.trial_id), metric, mode, experiment)
+            checkpoint = train_checkpoint(analysis.trial_dataframes.get(trial.trial_id), context, experiment)
         if checkpoint is not None:
             checkpoints[trial.trial_id] = checkpoint
     return meta, pd.DataFrame(rows).sort_values("number", kind="stable"), checkpoints
 
 
-def train_checkpoint(results: pd.DataFrame | None, metric: str, mode: str, experiment: str):
-    """The best checkpoint of a multi-worker trial still kept: its Ray Train run keeps them and reports each
-    one's path (`checkpoint_path`, inside the experiment's filesystem) with the metrics."""
+def train_checkpoint(results: pd.DataFrame | None, context: TrialContext, experiment: str):
+    """The checkpoint that stands for a multi-worker trial, if still kept: its Ray Train run keeps them and
+    reports each one's path (`checkpoint_path`, inside the experiment's filesystem) with the metrics. The best
+    on the selection metric, or the latest for a task judged by its last report."""
     from ray.train import Checkpoint
 
     if results is None or "checkpoint_path" not in results:
         return None
-    scored = results[results["checkpoint_path"].notna() & results[f"val_{metric}"].notna()]
+    scored = results[results["checkpoint_path"].notna() & results[context.value_key].notna()]
+    if context.selects == "last":
+        ranked = scored.sort_values("training_iteration", ascending=False, kind="stable")
+    else:
+        ranked = scored.sort_values(context.value_key, ascending=context.mode == "min", kind="stable")
     fs = storage.filesystem(experiment)[0]
-    for path in scored.sort_values(f"val_{metric}", ascending=mode == "min", kind="stable")["checkpoint_path"]:
+    for path in ranked["checkpoint_path"]:
         if fs.get_file_info(path).type != pafs.FileType.NotFound:
             return Checkpoint(path, filesystem=fs)
     return None
@@ -91,43 +96,40 @@ def best_row(trials: pd.DataFrame, column: str, mode: str) -> pd.Series:
     return scored.loc[(scored[column] if mode == "max" else -scored[column]).idxmax()]
 
 
-def data_source(meta: dict) -> str:
+def data_source(meta: ExperimentRecord) -> str:
     """The search's data on this machine: its folder if still there, else as the record names it."""
-    if meta.get("data_dir") and Path(meta["data_dir"]).is_dir():
-        return meta["data_dir"]
-    return str(locate_source(meta["data"]))
+    if meta.data_dir and Path(meta.data_dir).is_dir():
+        return meta.data_dir
+    return str(locate_source(meta.data))
 
 
-def score_held_out(config: dict, checkpoint, meta: dict, experiment: str) -> dict[str, float]:
+def score_held_out(config: dict, checkpoint, meta: ExperimentRecord, experiment: str) -> dict[str, float]:
     """The held-out metrics of a checkpoint: only the export and `reproduce` ever read that split."""
-    from llmm_tune.tune.trainable import LOFTQ_CACHE
-
-    config = {**config, "trust_remote_code": meta.get("trust_remote_code", False),
-              "loftq_cache": storage.join(experiment, LOFTQ_CACHE)}
+    context = meta.context(experiment)
     with checkpoint.as_directory() as directory:
-        return load_family(meta["family"]).score(config, directory, data_source(meta))
+        return context.recipe.score(config, context, directory, data_source(meta))
 
 
-def trial_config(best: pd.Series, meta: dict) -> dict:
-    settings = load_family(meta["family"]).SETTINGS
-    return {k: _plain(best[k]) for k in settings if k in best} | {
-        "task": meta["task"], "metric": meta["metric"], "mode": meta["mode"]}
+def trial_config(best: pd.Series, meta: ExperimentRecord) -> dict:
+    """The trial's settings, as its family names them."""
+    settings = load_family(meta.family).SETTINGS
+    return {k: _plain(best[k]) for k in settings if k in best}
 
 
-def reproduction_record(best: pd.Series, meta: dict, held_out: dict, path: Path) -> dict:
+def reproduction_record(best: pd.Series, meta: ExperimentRecord, held_out: dict, path: Path) -> dict:
     """Everything needed to re-train `best` and check its numbers, as written to `path`."""
     config = trial_config(best, meta)
-    split = load_family(meta["family"]).HELD_OUT
+    split = load_family(meta.family).HELD_OUT
     return {
-        "family": meta["family"], "task": meta["task"], "method": meta["method"], "experiment": best["experiment"],
+        "family": meta.family, "task": meta.task, "method": meta.method, "experiment": best["experiment"],
         "trial": best["trial"], "config": config,
-        "validation": {"metric": meta["metric"], "mode": meta["mode"], "value": _plain(best[f"val_{meta['metric']}"]),
-                       "split": f"{config['validation_size']} of train, seed {meta['seed']}, nothing of {split}"},
+        "validation": {"metric": meta.metric, "mode": meta.mode, "value": _plain(best[f"val_{meta.metric}"]),
+                       "split": f"{config['validation_size']} of train, seed {meta.seed}, nothing of {split}"},
         "held_out": {"split": split, "scores": held_out},
-        "data": {"source": meta["data"], "validation_seed": meta["seed"]},
-        "seed": config["seed"], "trust_remote_code": meta.get("trust_remote_code", False),
-        "git_commit": meta["git_commit"], "versions": meta["versions"],
-        "search_command": meta["command"],
+        "data": {"source": meta.data, "validation_seed": meta.seed},
+        "seed": config["seed"], "trust_remote_code": meta.trust_remote_code,
+        "git_commit": meta.git_commit, "versions": meta.versions,
+        "search_command": meta.command,
         "reproduce": f"python -m llmm_tune.reproduce {relative_to_cwd(path)} --seeds {config['seed']}",
     }
 
@@ -161,7 +163,7 @@ def latex(table: pd.DataFrame, records: list[dict], caption: str) -> str:
     return "\n".join(lines)
 
 
-def plots(trials: pd.DataFrame, metas: list[dict], out: Path) -> list[str]:
+def plots(trials: pd.DataFrame, metas: list[ExperimentRecord], out: Path) -> list[str]:
     """Optuna's optimisation history and parameter importances, from a study rebuilt from the trials."""
     import matplotlib
 
@@ -172,11 +174,11 @@ def plots(trials: pd.DataFrame, metas: list[dict], out: Path) -> list[str]:
     from llmm_tune.tune.spaces import load_spec
 
     meta = metas[0]
-    spec = load_spec(meta["space"], meta["profile"], meta["method"], meta["num_samples"], text=meta["space_yaml"])
+    spec = load_spec(meta.space, meta.profile, meta.method, meta.num_samples, text=meta.space_yaml)
     distributions = spec.distributions()
-    study = optuna.create_study(direction="maximize" if meta["mode"] == "max" else "minimize",
-                                study_name=f"{meta['task']} {meta['method']}")
-    value_column = f"val_{meta['metric']}"
+    study = optuna.create_study(direction="maximize" if meta.mode == "max" else "minimize",
+                                study_name=f"{meta.task} {meta.method}")
+    value_column = f"val_{meta.metric}"
     for _, row in trials[trials["experiment"] == trials["experiment"].iloc[0]].iterrows():
         if pd.isna(row[value_column]):
             continue
@@ -207,19 +209,29 @@ def export(experiments: list[str], results: Path) -> Path:
     experiments = [storage.resolve(e) for e in experiments]
     collected = [collect(e) for e in experiments]
     metas = [m for m, _, _ in collected]
-    tasks = {(m["family"], m["task"], m["metric"]) for m in metas}
+    tasks = {(m.family, m.task, m.metric) for m in metas}
     if len(tasks) != 1:
         raise UsageError(f"experiments mix tasks or selection metrics {sorted(tasks)}; export one at a time")
-    task, metric, mode = metas[0]["task"], metas[0]["metric"], metas[0]["mode"]
-    split = load_family(metas[0]["family"]).HELD_OUT
-    out = results / task
+    out = results / metas[0].task
     trials = pd.concat([df for _, df, _ in collected], ignore_index=True)
     with atomic_path(out / "trials.csv") as tmp:
         trials.to_csv(tmp, index=False)
+    chosen = table_rows(experiments, collected)
+    shown, records = write_records(chosen, out)
+    write_tables(shown, records, chosen[0], out)
+    written = plots(trials, metas, out)
+    print(f"exported {len(trials)} trials of {len(experiments)} experiment(s) to {out}: trials.csv, table.md, "
+          f"table.tex, best.yaml, configs/, {', '.join(written)}")
+    print(shown.drop(columns=["reproduce", "commit"]).to_string(index=False))
+    return out
 
-    value = f"val_{metric}"
-    sign = 1 if mode == "max" else -1
-    chosen = []  # (validation score, best trial row, metadata, held-out scores) per table row
+
+def table_rows(experiments: list[str], collected: list[tuple]) -> list[tuple]:
+    """Per experiment, quantiser and rank, the trial best on validation with its held-out scores: (validation
+    score, trial row, record, held-out scores), best first."""
+    meta = collected[0][0]
+    value, mode = f"val_{meta.metric}", meta.mode
+    chosen = []
     for experiment, (meta, df, checkpoints) in zip(experiments, collected):
         scored = df[df[value].notna() & df["trial"].isin(checkpoints)]
         for _, group in scored.fillna({"bits": -1, "quant_method": "-"}).groupby(["quant_method", "bits", "rank"]):
@@ -229,43 +241,51 @@ def export(experiments: list[str], results: Path) -> Path:
     if not chosen:
         raise UsageError(f"no trial of {', '.join(str(e) for e in experiments)} has a checkpoint yet; "
                          "export again once trials have reported")
-    chosen.sort(key=lambda item: -sign * item[0])
+    return sorted(chosen, key=lambda item: -item[0] if mode == "max" else item[0])
+
+
+def write_records(chosen: list[tuple], out: Path) -> tuple[pd.DataFrame, list[dict]]:
+    """Each row's reproduction record (configs/<row>.yaml; the best one also as best.yaml); the table as shown."""
+    meta = chosen[0][2]
+    metric, split = meta.metric, load_family(meta.family).HELD_OUT
     rows, records = [], []
     for _, best, meta, held_out in chosen:
-        row_id = f"{meta['method']}-{best['quant_method'] or 'fp'}-{best['bits'] or 'fp'}-r{best['rank']}"
+        row_id = f"{meta.method}-{best['quant_method'] or 'fp'}-{best['bits'] or 'fp'}-r{best['rank']}"
         record = reproduction_record(best, meta, held_out, out / "configs" / f"{row_id}.yaml")
         write_text(out / "configs" / f"{row_id}.yaml", yaml.safe_dump(record, sort_keys=False))
         records.append(record)
         numbers = [k for k, v in held_out.items() if isinstance(v, (int, float))]  # the rest: held_out_details
         first = [metric] if metric in numbers else []
-        rows.append({**{k: _plain(best.get(k)) for k in TABLE_KEYS}, f"val {metric}": best[value],
+        rows.append({**{k: _plain(best.get(k)) for k in TABLE_KEYS}, f"val {metric}": best[f"val_{metric}"],
                      **{f"{split} {k}": held_out[k] for k in first + [k for k in numbers if k not in first]},
                      "seed": best["seed"], "trial": best["trial"],
-                     "commit": meta["git_commit"][:12] + ("-dirty" if meta["git_commit"].endswith("-dirty") else ""),
+                     "commit": meta.git_commit[:12] + ("-dirty" if meta.git_commit.endswith("-dirty") else ""),
                      "reproduce": record["reproduce"]})
     _, best, meta, held_out = chosen[0]
     write_text(out / "best.yaml", yaml.safe_dump(reproduction_record(best, meta, held_out, out / "best.yaml"),
                                                  sort_keys=False))
     table = pd.DataFrame(rows)
-    shown = table.assign(lr=table["lr"].map("{:.1e}".format),
-                         scale=table["scale"].map(lambda value: setting_text(value, "{:g}")),
-                         **{c: table[c].map("{:.4f}".format) for c in table if c.startswith(("val ", f"{split} "))})
-    versions = " ".join(f"{k}={metas[0]['versions'].get(k)}" for k in VERSION_KEYS)
-    direction = "higher" if mode == "max" else "lower"
-    details = getattr(load_family(meta["family"]), "held_out_details", None)
+    return table.assign(lr=table["lr"].map("{:.1e}".format),
+                        scale=table["scale"].map(lambda value: setting_text(value, "{:g}")),
+                        **{c: table[c].map("{:.4f}".format) for c in table if c.startswith(("val ", f"{split} "))}), \
+        records
+
+
+def write_tables(shown: pd.DataFrame, records: list[dict], first: tuple, out: Path) -> None:
+    """table.md (with the family's details of the best configuration) and table.tex."""
+    _, best, meta, held_out = first
+    task, split = meta.task, load_family(meta.family).HELD_OUT
+    versions = " ".join(f"{k}={meta.versions.get(k)}" for k in VERSION_KEYS)
+    direction = "higher" if meta.mode == "max" else "lower"
+    details = getattr(load_family(meta.family), "held_out_details", None)
     best_details = f"\n\n## The best configuration ({best['trial']}) on {split}\n\n{details(held_out)}" \
         if details else ""
     write_text(out / "table.md", f"# {task}: best configuration per method, quantiser and rank\n\n"
-               f"Selected on validation ({value}, {direction} is better, carved from train); {split} scored once, "
-               f"here.\n\n" + shown.to_markdown(index=False) + best_details + f"\n\nVersions: {versions}\n")
+               f"Selected on validation (val_{meta.metric}, {direction} is better, carved from train); {split} scored "
+               f"once, here.\n\n" + shown.to_markdown(index=False) + best_details + f"\n\nVersions: {versions}\n")
     write_text(out / "table.tex", latex(shown.drop(columns=["reproduce"]), records,
                                         f"{task}: best validation configuration per method, quantiser and "
                                         f"rank; {split} scored once. {versions}"))
-    written = plots(trials, metas, out)
-    print(f"exported {len(trials)} trials of {len(experiments)} experiment(s) to {out}: trials.csv, table.md, "
-          f"table.tex, best.yaml, configs/, {', '.join(written)}")
-    print(shown.drop(columns=["reproduce", "commit"]).to_string(index=False))
-    return out
 
 
 def setting_text(value, form: str = "{}") -> str:
@@ -273,17 +293,20 @@ def setting_text(value, form: str = "{}") -> str:
     return "-" if value is None or value != value else form.format(value)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m llmm_tune.export", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = command_parser("export", __doc__)
     parser.add_argument("experiments", nargs="+", help="experiment folders (under the search's --storage)")
-    parser.add_argument("--results", default="results", help="output root (default: results)")
-    args = parser.parse_args()
-    try:
-        export(args.experiments, Path(args.results))
-    except UsageError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    parser.add_argument("--results", default="results", help="output root")
+    return parser
+
+
+def run(argv: list[str]) -> Path:
+    args = build_parser().parse_args(argv)
+    return export(args.experiments, Path(args.results))
+
+
+def main() -> None:
+    run_command(run)
 
 
 if __name__ == "__main__":

@@ -11,12 +11,12 @@ simulated with the search's own rungs and concurrency. Every figure says how it 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
 import resource
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,23 +24,29 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from llmm_tune.cli import command_parser
+from llmm_tune.cli import main as run_command
 from llmm_tune.errors import UsageError
+from llmm_tune.method.config import BASELINES
+from llmm_tune.search import add_profile_option, add_trial_shape_options, check_counts, choose_profile, layout_request
 from llmm_tune.train.data import resolve_data_dir
+from llmm_tune.train.fit import Schedule
 from llmm_tune.tune.cluster import machine, plan_layout
-from llmm_tune.tune.spaces import METHOD_CHOICES, PROFILES, load_spec
+from llmm_tune.tune.context import TrialContext
+from llmm_tune.tune.spaces import SearchSpec, load_spec
 
 PROBE_STEPS = 16
 TUNE_OVERHEAD_S = 3.0  # per trial: worker start, object store, reports (benchmarks/bench_search.py)
 RAY_START_S = 5.0  # ray.init of a private instance (benchmarks/bench_search.py: 4.2 s)
 
 
-def trial_config(spec) -> dict:
+def trial_config(spec: SearchSpec) -> dict:
     """The configuration of the search's first trial (its first warm start, else the middle of the space)."""
     point = spec.warm_start[0] if spec.warm_start else {
         name: d.choices[0] if hasattr(d, "choices") else type(d.low)(math.sqrt(d.low * d.high) if d.log else
                                                                      (d.low + d.high) / 2)
         for name, d in spec.distributions().items()}
-    return {**spec.fixed, **point, "task": spec.task, "metric": spec.metric, "mode": spec.mode}
+    return {**spec.fixed, **point}
 
 
 def peak_memory_gib() -> float:
@@ -49,14 +55,15 @@ def peak_memory_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def probe(spec, source: str, steps: int, score: bool) -> dict:
+def probe(spec: SearchSpec, source: str, steps: int, score: bool) -> dict:
     """Figures of one trial measured here: build (model load + LoftQ, cold and from the disk cache),
     seconds per optimizer step (the first two apart), per evaluation, to score the held-out split, and
     peak memory."""
     recipe = spec.recipe
     started = time.perf_counter()
     config = trial_config(spec)
-    data = recipe.prepare(config, source)
+    context = TrialContext.of(spec.family, spec.task, spec.metric)
+    data = recipe.prepare(config, context, source)
     figures = {"device": "cuda" if torch.cuda.is_available() else "cpu", "threads": torch.get_num_threads(),
                "prepare_s": time.perf_counter() - started, "train_examples": len(data.train)}
     with tempfile.TemporaryDirectory() as work:
@@ -68,13 +75,13 @@ def probe(spec, source: str, steps: int, score: bool) -> dict:
         # Two runs on the same LoftQ cache: the first (2 steps) computes LoftQ, the second (2 + steps) reads
         # it. Their difference is the time of `steps` ordinary steps: the first batches of an epoch are its
         # longest (length grouping puts them first) and carry the warm-up of the kernels.
-        cache = str(Path(work) / "loftq")
+        cached = dataclasses.replace(context, loftq_cache=str(Path(work) / "loftq"))
         runs = []
         for max_steps in (2, 2 + steps):
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
             began = time.perf_counter()
-            recipe.train({**config, "max_steps": max_steps, "loftq_cache": cache}, data, keep)
+            recipe.train({**config, "max_steps": max_steps}, cached, data, keep)
             ended, metrics, _ = reports[-1]
             runs.append({"build_s": ended - began - metrics["seconds"], "eval_s": metrics["eval_seconds"],
                          "train_s": metrics["seconds"] - metrics["eval_seconds"]})
@@ -84,7 +91,7 @@ def probe(spec, source: str, steps: int, score: bool) -> dict:
         figures["peak_memory_gib"] = peak_memory_gib()
         if score:
             began = time.perf_counter()
-            recipe.score({**config, "loftq_cache": str(Path(work) / "loftq")}, reports[0][2], source)
+            recipe.score(config, cached, reports[0][2], source)
             figures["score_s"] = time.perf_counter() - began
     return figures
 
@@ -131,42 +138,54 @@ def simulate(spec, trial_s: float, budget: float, concurrent: int, evals: list[f
     return {"mean_fraction": float(np.mean(lengths)), "makespan_s": float(np.mean(makespans))}
 
 
-def plan(args: argparse.Namespace) -> dict:
-    spec = load_spec(args.task, args.profile, args.method, args.num_samples)
-    recipe = spec.recipe
-    if "evals_per_epoch" not in recipe.SETTINGS:
-        raise UsageError(f"plan models trials of the shared fit loop (epochs, evaluations per epoch); family "
-                         f"{spec.family} trains otherwise: time a short search of it instead (--num-samples 1)")
+def measure(args: argparse.Namespace, spec: SearchSpec) -> tuple[dict, str]:
+    """The probe's figures (measured here, or read from --figures) and how they were obtained."""
     if args.figures:
         if not Path(args.figures).is_file():
             raise UsageError(f"--figures {args.figures} not found; write one with --save-figures FILE")
         figures = json.loads(Path(args.figures).read_text())
         how = f"recorded in {args.figures} ({figures['device']}, {figures['threads']} threads)"
     else:
-        source = recipe.check_data(spec.task, resolve_data_dir(args.data_dir))
-        torch.set_num_threads(max(1, int(args.cpus_per_trial or plan_layout(args, machine(), "this machine").cpus)))
+        source = spec.recipe.check_data(spec.task, resolve_data_dir(args.data_dir))
+        here = plan_layout(layout_request(args), machine(), "this machine")
+        torch.set_num_threads(max(1, int(here.cpus)))
         figures = probe(spec, source, args.probe_steps, not args.no_score)
         how = f"measured here ({figures['device']}, {figures['threads']} threads, {args.probe_steps} steps)"
         if args.save_figures:
             Path(args.save_figures).write_text(json.dumps(figures, indent=2))
+    return figures, how
+
+
+def planned_layout(args: argparse.Namespace, figures: dict):
+    """(the trial layout on the planned machine, trials per GPU by memory or None)."""
     # a GPU plan is for GPU machines: their CPUs bind only when given
     cpus = args.cpus or (math.inf if args.gpus else float(os.cpu_count() or 1))
     resources = {"CPU": cpus, "GPU": float(args.gpus)}
-    per_gpu = None
+    asked, per_gpu = layout_request(args), None
     if args.gpus and args.gpu_memory:
         per_gpu = int(args.gpu_memory // figures["peak_memory_gib"])
         if per_gpu < 1:
             raise UsageError(f"a trial peaks at {figures['peak_memory_gib']:.1f} GiB, more than --gpu-memory "
                              f"{args.gpu_memory:g}; plan with --workers-per-trial or larger GPUs")
-        if args.gpus_per_trial is None:  # pack as many trials per GPU as its memory holds
-            args.gpus_per_trial = 1 / per_gpu
-    layout = plan_layout(args, resources, "the planned machine")
-    time_attr, epochs = recipe.clock(spec.fixed)
+        if asked.gpus_per_trial is None:  # pack as many trials per GPU as its memory holds
+            asked = dataclasses.replace(asked, gpus_per_trial=1 / per_gpu)
+    return plan_layout(asked, resources, "the planned machine"), per_gpu
+
+
+def plan(args: argparse.Namespace) -> dict:
+    profile = choose_profile(args.profile)
+    spec = load_spec(args.task, profile, args.method, args.num_samples)
+    recipe = spec.recipe
+    if "evals_per_epoch" not in recipe.SETTINGS:
+        raise UsageError(f"plan models trials of the shared fit loop (epochs, evaluations per epoch); family "
+                         f"{spec.family} trains otherwise: time a short search of it instead (--num-samples 1)")
+    figures, how = measure(args, spec)
+    layout, per_gpu = planned_layout(args, figures)
+    time_attr, epochs = recipe.clock(spec.fixed, TrialContext.of(spec.family, spec.task, spec.metric))
     config = trial_config(spec)
-    steps_per_epoch = math.ceil(math.ceil(figures["train_examples"] / config["batch_size"]) // layout.workers
-                                / config["grad_accum"])
-    steps = min(config["max_steps"] or math.inf, steps_per_epoch * epochs)
-    evals = [k / config["evals_per_epoch"] for k in range(1, int(epochs * config["evals_per_epoch"]) + 1)]
+    schedule = Schedule.of(config, figures["train_examples"], layout.workers)
+    steps = schedule.total_steps
+    evals = [schedule.epochs_done(step) for step in sorted(schedule.eval_at)]  # the epochs fit reports at
     trial_s = (figures["build_warm_s"] + 2 * figures["first_steps_s"] + (steps - 2) * figures["step_s"]
                + len(evals) * figures["eval_s"])
     concurrent = min(layout.concurrent, spec.num_samples)
@@ -178,7 +197,7 @@ def plan(args: argparse.Namespace) -> dict:
     export_s = rows * figures["score_s"] if "score_s" in figures else None
     wall = figures["prepare_s"] + RAY_START_S + asha["makespan_s"] + cold + (export_s or 0.0)
     lines = [
-        f"plan for {spec.task} ({args.profile} profile, {args.method}): {spec.num_samples} trials, {concurrent} at "
+        f"plan for {spec.task} ({profile} profile, {args.method}): {spec.num_samples} trials, {concurrent} at "
         f"once, {layout.workers} worker(s) of {layout.cpus:g} CPU + {layout.gpus:g} GPU each; figures {how}",
         f"memory per trial: {figures['peak_memory_gib']:.2f} GiB peak (measured: resident high-water mark or CUDA "
         "peak of the probe)"
@@ -206,36 +225,36 @@ def plan(args: argparse.Namespace) -> dict:
         lines.append(f"note: trials sharing a GPU share its compute; the plan counts each at its probed speed, "
                      f"so {concurrent} at once is the throughput's upper bound")
     print("\n".join(lines))
-    return {"wall_s": wall, "trial_s": trial_s, **figures, **asha}
+    return {"wall_s": wall, "trial_s": trial_s, "steps": steps, "evaluations": evals, **figures, **asha}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m llmm_tune.plan", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = command_parser("plan", __doc__)
     parser.add_argument("task", help="a search space in search_spaces/ or a YAML path")
-    parser.add_argument("--profile", choices=PROFILES, default="cpu")
-    parser.add_argument("--method", choices=METHOD_CHOICES, default="llmm")
-    parser.add_argument("--num-samples", type=int)
+    add_profile_option(parser)
+    parser.add_argument("--method", choices=tuple(BASELINES), default="llmm", help="the search's method")
+    parser.add_argument("--num-samples", type=int, help="trials (default: the profile's)")
     parser.add_argument("--gpus", type=float, default=0, help="GPUs of the machine or cluster to plan for")
     parser.add_argument("--gpu-memory", type=float, help="GB per GPU, for fractional packing")
     parser.add_argument("--cpus", type=float,
                         help="CPUs to plan for (default: this machine's; with --gpus, not a limit)")
-    parser.add_argument("--cpus-per-trial", type=float)
-    parser.add_argument("--gpus-per-trial", type=float)
-    parser.add_argument("--workers-per-trial", type=int, default=1)
-    parser.add_argument("--max-concurrent", type=int)
-    parser.add_argument("--data-dir", help="default: $LLMM_DATA_DIR")
-    parser.add_argument("--probe-steps", type=int, default=PROBE_STEPS)
+    add_trial_shape_options(parser)
+    parser.add_argument("--data-dir", help="data folder for the probe (default: $LLMM_DATA_DIR)")
+    parser.add_argument("--probe-steps", type=int, default=PROBE_STEPS, help="optimizer steps the probe times")
     parser.add_argument("--no-score", action="store_true", help="skip timing the held-out scoring (slow for GSM8K)")
     parser.add_argument("--figures", help="read the figures of an earlier probe instead of probing")
     parser.add_argument("--save-figures", help="write this probe's figures to a JSON file")
-    args = parser.parse_args()
-    args.address = None
-    try:
-        plan(args)
-    except UsageError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    return parser
+
+
+def run(argv: list[str]) -> dict:
+    args = build_parser().parse_args(argv)
+    check_counts(args)
+    return plan(args)
+
+
+def main() -> None:
+    run_command(run)
 
 
 if __name__ == "__main__":

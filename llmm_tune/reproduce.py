@@ -9,41 +9,49 @@ or where --data-dir / LLMM_DATA_DIR point.
 from __future__ import annotations
 
 import argparse
-import shutil
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 
 import yaml
 
+from llmm_tune.cli import command_parser
+from llmm_tune.cli import main as run_command
 from llmm_tune.errors import UsageError
 from llmm_tune.export import relative_to_cwd
 from llmm_tune.files import write_text
 from llmm_tune.train.data import locate_source, portable_source
+from llmm_tune.tune.context import TrialContext
 from llmm_tune.tune.experiment import command_line, git_commit, package_versions
-from llmm_tune.tune.family import load_family, replaces
+from llmm_tune.tune.runner import train_standing
 
 
-def reproduce_seed(record: dict, seed: int, data, source: str, work: Path) -> dict[str, float]:
+def record_context(record: dict, trust_remote_code: bool | None = None) -> TrialContext:
+    """The context an export record's trial ran in (`trust_remote_code`: as given here, else the record's)."""
+    trust = record.get("trust_remote_code", False) if trust_remote_code is None else trust_remote_code
+    return TrialContext.of(record["family"], record["task"], record["validation"]["metric"], trust)
+
+
+def record_config(record: dict) -> dict:
+    """The trial's settings (records before the trial context also held task, metric and mode there)."""
+    return {k: v for k, v in record["config"].items() if k not in ("task", "metric", "mode")}
+
+
+def reproduce_seed(record: dict, context: TrialContext, seed: int, data, source: str, work: Path) -> dict[str, float]:
     """Train once with `seed`; the validation metrics and held-out scores of the checkpoint that stands for the
     run (the best on validation, or the last for a task sequence)."""
-    recipe = load_family(record["family"])
-    config = {**record["config"], "seed": seed, "trust_remote_code": record.get("trust_remote_code", False)}
-    metric, mode, task = config["metric"], config["mode"], recipe.TASKS[record["task"]]
-    best = {"value": None, "metrics": {}}
-    best_dir = work / f"seed{seed}"
+    config = {**record_config(record), "seed": seed}
+    validation, checkpoint = train_standing(context, config, data, work)
+    held_out = context.recipe.score(config, context, str(checkpoint), source)
+    return {**validation, **{f"{context.recipe.HELD_OUT}_{k}": v for k, v in held_out.items()}}
 
-    def keep_best(metrics: dict, directory: str) -> None:
-        if replaces(task, mode, metrics[f"val_{metric}"], best["value"]):
-            best.update(value=metrics[f"val_{metric}"], metrics=metrics)
-            shutil.rmtree(best_dir, ignore_errors=True)
-            shutil.copytree(directory, best_dir)
 
-    recipe.train(config, data, keep_best)
-    held_out = recipe.score(config, str(best_dir), source)
-    validation = {k: v for k, v in best["metrics"].items() if k.startswith("val_")}
-    return {**validation, **{f"{recipe.HELD_OUT}_{k}": v for k, v in held_out.items()}}
+def prepare_data(record: dict, context: TrialContext, data_dir: str | None) -> tuple[object, str]:
+    """(the record's train and validation data, its source) found on this machine, as the search split them."""
+    found = locate_source(record["data"]["source"], data_dir)
+    source = context.recipe.check_data(record["task"], None if found == "hub" else found)
+    config = {**record_config(record), "seed": record["data"]["validation_seed"]}
+    return context.recipe.prepare(config, context, source), source
 
 
 def version_drift(recorded: dict) -> list[str]:
@@ -80,49 +88,56 @@ def reproduce(path: Path, seeds: list[int], data_dir: str | None = None, threads
               "(bash .ci/setup installs the locked versions)")
     if threads:
         torch.set_num_threads(threads)
-    recipe = load_family(record["family"])
-    found = locate_source(record["data"]["source"], data_dir)
-    source = recipe.check_data(record["task"], None if found == "hub" else found)
-    config = {**record["config"], "seed": record["data"]["validation_seed"], "trust_remote_code": trust_remote_code}
-    data = recipe.prepare(config, source)
+    context = record_context(record, trust_remote_code)
+    data, source = prepare_data(record, context, data_dir)
     with tempfile.TemporaryDirectory() as work:
-        runs = {seed: reproduce_seed(record, seed, data, source, Path(work)) for seed in seeds}
-    summary = {}
-    for key in [k for k, v in runs[seeds[0]].items() if isinstance(v, (int, float))]:
-        values = [runs[s][key] for s in seeds]
-        summary[key] = {"mean": statistics.fmean(values),
-                        "std": statistics.stdev(values) if len(values) > 1 else 0.0}
-    data_named = portable_source(str(source), data_dir)  # as the record names data: no path of this machine
-    config_path = str(relative_to_cwd(path))
-    options = [*(["--threads", str(threads)] if threads else []), *(["--data-dir", data_named] if data_dir else [])]
-    report = {"config": config_path, "seeds": seeds, "runs": runs, "summary": summary, "data": data_named,
-              "git_commit": git_commit(), "versions": package_versions(),
-              "reproduce": command_line("llmm_tune.reproduce", [config_path, "--seeds", *map(str, seeds), *options]),
-              "recorded": {"validation": record["validation"], "held_out": record["held_out"]}}
+        runs = {seed: reproduce_seed(record, context, seed, data, source, Path(work)) for seed in seeds}
+    report = reproduction_report(path, record, runs, seeds, str(source), data_dir, threads)
     out = path.with_name(path.stem + ".reproduced.yaml")
     write_text(out, yaml.safe_dump(report, sort_keys=False))
-    for key, stats in summary.items():
+    for key, stats in report["summary"].items():
         print(f"{key}: {stats['mean']:.4f} +- {stats['std']:.4f} over seeds {seeds}")
     print(f"recorded by the search: val {record['validation']['value']:.4f}, {record['held_out']['split']} "
           f"{record['held_out']['scores']} (seed {record['seed']}); written {out}")
     return report
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m llmm_tune.reproduce", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def reproduction_report(path: Path, record: dict, runs: dict, seeds: list[int], source: str, data_dir: str | None,
+                        threads: int | None) -> dict:
+    """The runs, their mean and standard deviation, and what reproduces them (no path of this machine)."""
+    summary = {}
+    for key in [k for k, v in runs[seeds[0]].items() if isinstance(v, (int, float))]:
+        values = [runs[s][key] for s in seeds]
+        summary[key] = {"mean": statistics.fmean(values),
+                        "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+    data_named = portable_source(source, data_dir)  # as the record names data
+    config_path = str(relative_to_cwd(path))
+    options = [*(["--threads", str(threads)] if threads else []), *(["--data-dir", data_named] if data_dir else [])]
+    return {"config": config_path, "seeds": seeds, "runs": runs, "summary": summary, "data": data_named,
+            "git_commit": git_commit(), "versions": package_versions(),
+            "reproduce": command_line("llmm_tune.reproduce", [config_path, "--seeds", *map(str, seeds), *options]),
+            "recorded": {"validation": record["validation"], "held_out": record["held_out"]}}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = command_parser("reproduce", __doc__)
     parser.add_argument("config", type=Path, help="best.yaml or configs/<row>.yaml from llmm_tune.export")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds, one run each")
     parser.add_argument("--data-dir", help="data folder (default: $LLMM_DATA_DIR, else the record's)")
-    parser.add_argument("--threads", type=int, help="CPU threads (the search's per-trial CPUs match it exactly)")
+    parser.add_argument("--threads", type=int, help="CPU threads (the search's per-trial CPUs match it exactly; "
+                                                    "default: torch's)")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="needed when the search used it: the model's repository runs its own code")
-    args = parser.parse_args()
-    try:
-        reproduce(args.config, args.seeds, args.data_dir, args.threads, args.trust_remote_code)
-    except UsageError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    return parser
+
+
+def run(argv: list[str]) -> dict:
+    args = build_parser().parse_args(argv)
+    return reproduce(args.config, args.seeds, args.data_dir, args.threads, args.trust_remote_code)
+
+
+def main() -> None:
+    run_command(run)
 
 
 if __name__ == "__main__":

@@ -10,9 +10,9 @@ def __getattr__(name: str):  # the rest of the family interface: GLUE's
     return getattr(glue, name)
 
 
-def train(config: dict, data, report, resume: str | None = None) -> None:
+def train(config: dict, context, data, report, resume: str | None = None) -> None:
     def report_then_crash(metrics: dict, directory: str) -> None:
         report(metrics, directory)
         raise RuntimeError("injected bug: index 7 is out of bounds")
 
-    glue.train(config, data, report_then_crash, resume)
+    glue.train(config, context, data, report_then_crash, resume)

@@ -10,7 +10,7 @@ def __getattr__(name: str):  # the rest of the family interface: GLUE's
     return getattr(glue, name)
 
 
-def score(config: dict, checkpoint: str, source: str) -> dict[str, float]:
+def score(config: dict, context, checkpoint: str, source: str) -> dict[str, float]:
     if config["seed"] == 1:
         raise RuntimeError("injected bug: seed 1 cannot be scored")
-    return glue.score(config, checkpoint, source)
+    return glue.score(config, context, checkpoint, source)

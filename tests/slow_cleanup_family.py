@@ -15,8 +15,8 @@ def __getattr__(name: str):  # the rest of the family interface: GLUE's
     return getattr(glue, name)
 
 
-def train(config: dict, data, report, resume: str | None = None) -> None:
+def train(config: dict, context, data, report, resume: str | None = None) -> None:
     try:
-        glue.train(config, data, report, resume)
+        glue.train(config, context, data, report, resume)
     finally:
         time.sleep(CLEANUP_SECONDS)  # as a stopped trial's clean-up on a loaded machine (freeing a large model)

@@ -151,7 +151,7 @@ BAD_INPUTS = [
      ["fsdp shards each trial's model over its workers", "--workers-per-trial 2"]),
     ("fsdp for a family with its own loop",
      lambda t: [continual_space(t, ["SST-2"]), "--data-dir", str(SHARED_DATA), "--fsdp", "--workers-per-trial", "2"],
-     ["--fsdp: the continual family trains with a loop of its own", "drop --fsdp"]),
+     ["--fsdp: the continual family trains each trial in one process", "drop --fsdp"]),
     ("more GPUs than the machine", lambda t: ["glue_cola", "--data-dir", str(SHARED_DATA), "--gpus-per-trial", "1"],
      ["--gpus-per-trial 1", "exceeds the 0 GPU(s)"]),
 ]

@@ -13,6 +13,7 @@ import torch
 from llmm_tune.errors import UsageError
 from llmm_tune.train.lm_scoring import IGNORE, encode, greedy_generate, pad, response_loss, target_logprobs
 from llmm_tune.train.pretrained import load_causal_lm, load_tokenizer
+from llmm_tune.tune.context import TrialContext
 from llmm_tune.tune.spaces import load_spec
 from tests.search_fixtures import SHARED_DATA, tiny_causal_lm
 from trainables import causal_lm
@@ -121,7 +122,7 @@ def test_gradient_checkpointing_replays_the_adapters_noise(tiny_model_dir, token
     config = tiny_config(tiny_model_dir, K=2, scale=4.0)  # large noise: a different draw changes the gradient
 
     def gradients(checkpointing: bool) -> tuple[float, dict]:
-        model = causal_lm.build_model({**config, "gradient_checkpointing": checkpointing}, "cpu").train()
+        model = causal_lm.build_model({**config, "gradient_checkpointing": checkpointing}, GSM8K, "cpu").train()
         torch.manual_seed(3)
         loss = response_loss(model, batch)
         loss.backward()
@@ -171,7 +172,7 @@ def test_hh_rlhf_keys_are_the_first_human_turn():
 
 @needs_data
 def test_splits_keep_held_out_keys_apart_and_are_seeded():
-    config = {**load_spec("hh_rlhf", "cpu", "llmm").fixed, "task": "hh_rlhf"}
+    config = load_spec("hh_rlhf", "cpu", "llmm").fixed
     train, validation, test = splits(TASKS["hh_rlhf"], str(SHARED_DATA), config)
     keys = [{e.key for e in split} for split in (train, validation, test)]
     assert not keys[0] & keys[2] and not keys[1] & keys[2] and not keys[0] & keys[1]  # grouped by first turn
@@ -183,7 +184,7 @@ def test_splits_keep_held_out_keys_apart_and_are_seeded():
     other = splits(TASKS["hh_rlhf"], str(SHARED_DATA), {**config, "seed": 1})
     assert [e.key for e in other[2]] == [e.key for e in test]  # the test split never depends on the trial seed
     assert [e.key for e in other[1]] != [e.key for e in validation]
-    gsm = splits(TASKS["gsm8k"], str(SHARED_DATA), {**load_spec("gsm8k", "cpu", "llmm").fixed, "task": "gsm8k"})
+    gsm = splits(TASKS["gsm8k"], str(SHARED_DATA), load_spec("gsm8k", "cpu", "llmm").fixed)
     assert not {e.key for e in gsm[1]} & {e.key for e in gsm[2]}  # no question shared with test
 
 
@@ -209,10 +210,13 @@ def test_a_bad_row_names_its_file_and_line_or_is_skipped_and_counted(tmp_path, c
     assert "skipped 1 bad row(s)" in capsys.readouterr().out
 
 
+GSM8K = TrialContext.of("causal_lm", "gsm8k", "nll")
+
+
 def tiny_config(model_dir, **overrides) -> dict:
     spec = load_spec("gsm8k", "cpu", "llmm")
-    config = {**spec.fixed, **spec.warm_start[0], "task": "gsm8k", "metric": "nll", "mode": "min",
-              "model": str(model_dir), "max_train_examples": 24, "validation_size": 8, "test_examples": 4,
+    config = {**spec.fixed, **spec.warm_start[0], "model": str(model_dir), "max_train_examples": 24,
+              "validation_size": 8, "test_examples": 4,
               "batch_size": 4, "epochs": 2, "evals_per_epoch": 2, "max_new_tokens": 8, "rank": 4,
               "loftq_iters": 1, "max_source_length": 64, "max_target_length": 48}
     return {**config, **overrides}
@@ -221,7 +225,7 @@ def tiny_config(model_dir, **overrides) -> dict:
 @needs_data
 def test_a_resumed_trial_ends_in_the_same_state_as_an_uninterrupted_one(tiny_model_dir, tmp_path):
     config = tiny_config(tiny_model_dir)
-    data = causal_lm.prepare(config, str(SHARED_DATA))
+    data = causal_lm.prepare(config, GSM8K, str(SHARED_DATA))
 
     def run(resume=None) -> tuple[list[dict], list]:
         reports, kept = [], []
@@ -231,7 +235,7 @@ def test_a_resumed_trial_ends_in_the_same_state_as_an_uninterrupted_one(tiny_mod
             kept.append(shutil.copytree(directory, tmp_path / f"{'resumed' if resume else 'run'}{len(kept)}"))
 
         torch.manual_seed(123)  # whatever the global RNG holds before, a trial's outcome must not depend on it
-        causal_lm.train(config, data, report, resume=resume)
+        causal_lm.train(config, GSM8K, data, report, resume=resume)
         return reports, kept
 
     reports, checkpoints = run()
@@ -245,11 +249,11 @@ def test_a_resumed_trial_ends_in_the_same_state_as_an_uninterrupted_one(tiny_mod
 
     final, again = (load_file(str(c[-1] / "adapter.safetensors")) for c in (checkpoints, resumed_checkpoints))
     assert final.keys() == again.keys() and all(torch.equal(final[k], again[k]) for k in final)
-    scores = causal_lm.score(config, str(checkpoints[-1]), str(SHARED_DATA))
+    scores = causal_lm.score(config, GSM8K, str(checkpoints[-1]), str(SHARED_DATA))
     assert {"nll", "exact_match_strict", "exact_match_flexible", "untuned_exact_match_flexible"} <= set(scores)
     assert scores["nll"] == pytest.approx(reports[-1]["val_nll"], rel=0.5)  # same model, other examples
     untuned_runs = causal_lm._untuned.cache_info().misses
-    other_seed = causal_lm.score({**config, "seed": 1}, str(checkpoints[-1]), str(SHARED_DATA))
+    other_seed = causal_lm.score({**config, "seed": 1}, GSM8K, str(checkpoints[-1]), str(SHARED_DATA))
     assert other_seed["nll"] == scores["nll"]  # the same test examples whatever the training seed
     assert causal_lm._untuned.cache_info().misses == untuned_runs  # so the untuned model is not decoded again
 
@@ -257,13 +261,14 @@ def test_a_resumed_trial_ends_in_the_same_state_as_an_uninterrupted_one(tiny_mod
 @needs_data
 @pytest.mark.parametrize("metric", ["exact_match_flexible", "exact_match_strict"])
 def test_selecting_on_exact_match_reports_it_on_validation_and_test(tiny_model_dir, tmp_path, metric):
-    config = tiny_config(tiny_model_dir, metric=metric, mode="max", epochs=1, evals_per_epoch=1)
+    config = tiny_config(tiny_model_dir, epochs=1, evals_per_epoch=1)
+    context = TrialContext.of("causal_lm", "gsm8k", metric)
     kept, reports = [], []
 
     def report(metrics: dict, directory: str) -> None:
         reports.append(metrics)
         kept.append(shutil.copytree(directory, tmp_path / "checkpoint"))
 
-    causal_lm.train(config, causal_lm.prepare(config, str(SHARED_DATA)), report)
+    causal_lm.train(config, context, causal_lm.prepare(config, context, str(SHARED_DATA)), report)
     assert len(reports) == 1 and 0 <= reports[0][f"val_{metric}"] <= 1  # decoded on validation, as it selects
-    assert metric in causal_lm.score(config, str(kept[0]), str(SHARED_DATA))  # compare reads it on test
+    assert metric in causal_lm.score(config, context, str(kept[0]), str(SHARED_DATA))  # compare reads it on test

@@ -212,54 +212,68 @@ def test_a_search_on_s3_survives_a_kill_resumes_and_exports_leaving_nothing_on_l
 LAYOUTS = {"copies": ("uniform", []), "fsdp": ("normal_float", ["--fsdp"])}
 
 
+@pytest.fixture(scope="module")
+def two_worker_run(assets, tmp_path_factory):
+    """The uninterrupted search of one two-worker trial of a layout (run once per module, when a test first asks):
+    its space, its reports and its export."""
+    runs: dict[str, dict] = {}
+
+    def run(layout: str) -> dict:
+        if layout not in runs:
+            out = tmp_path_factory.mktemp(f"two-workers-{layout}")
+            quant_method, flags = LAYOUTS[layout]
+            point = {"quant_method": quant_method, "bits": 4, "rank": 4, "lr": 5e-3, "scale": 100, "K": 0}
+            model = tiny_bert(out / "model", dropout=0.0)
+            space = tiny_space(out, model, "two_workers", warm_start=[point], epochs=3, evals_per_epoch=2,
+                               searched={"K": {"choice": [0]}, "rank": {"choice": [4]},
+                                         "quant_method": {"choice": [quant_method]}})
+            search = run_module("llmm_tune.search", str(space), "--profile", "cpu", "--data-dir", str(assets["data"]),
+                                "--storage", str(out / "runs"), "--results", str(out / "results"), "--name", "dp",
+                                "--num-samples", "1", "--workers-per-trial", "2", "--cpus-per-trial", "1", *flags)
+            assert search.returncode == 0, search.stdout[-3000:] + search.stderr[-3000:]
+            (result_file,) = (out / "runs" / "dp").glob("trial_*/result.json")
+            runs[layout] = {"space": space, "results": out / "results",
+                            "reports": [json.loads(line) for line in result_file.read_text().splitlines()]}
+        return runs[layout]
+
+    return run
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_a_trial_of_two_workers_trains_on_two_shards_and_matches_one_worker(assets, tmp_path, layout):
+def test_a_trial_of_two_workers_trains_on_two_shards_and_matches_one_worker(assets, two_worker_run, layout):
     """Without randomness (K = 0: no adapter noise; no dropout), 2 workers with one batch each per step do
     the arithmetic of 1 worker accumulating 2 batches per step, so the validation loss agrees to float
     rounding (stated tolerance: 1e-4). With FSDP each worker stores about half of the model."""
     import torch
 
     from llmm_tune.train.sharding import stored_bytes
+    from llmm_tune.tune.context import TrialContext
     from trainables.glue import build_model, prepare, train
 
-    quant_method, flags = LAYOUTS[layout]
-    point = {"quant_method": quant_method, "bits": 4, "rank": 4, "lr": 5e-3, "scale": 100, "K": 0}
-    model = tiny_bert(tmp_path / "model", dropout=0.0)
-    space = tiny_space(tmp_path, model, "two_workers", warm_start=[point], epochs=3, evals_per_epoch=2,
-                       searched={"K": {"choice": [0]}, "rank": {"choice": [4]},
-                                 "quant_method": {"choice": [quant_method]}})
-    run = run_module("llmm_tune.search", str(space), "--profile", "cpu", "--data-dir", str(assets["data"]),
-                     "--storage", str(tmp_path / "runs"), "--results", str(tmp_path / "results"), "--name", "dp",
-                     "--num-samples", "1", "--workers-per-trial", "2", "--cpus-per-trial", "1", *flags)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    (result_file,) = (tmp_path / "runs" / "dp").glob("trial_*/result.json")
-    results = [json.loads(line) for line in result_file.read_text().splitlines()]
+    run = two_worker_run(layout)
+    results = run["reports"]
     last = results[-1]
     assert len(set(last["shard_digests"])) == 2  # each worker its own batches
-    share = [stored / stored_bytes(build_model(last["config"], "cpu")) for stored in last["stored_bytes_by_worker"]]
+    cola = TrialContext.of("glue", "cola")
+    share = [stored / stored_bytes(build_model(last["config"], cola, "cpu"))
+             for stored in last["stored_bytes_by_worker"]]
     assert all(0.4 < s < 0.6 for s in share) if layout == "fsdp" else share == [1.0, 1.0], share
     config = {**last["config"], "grad_accum": 2}
-    data = prepare(config, str(assets["data"]))
+    data = prepare(config, cola, str(assets["data"]))
     assert sum(last["shard_examples_by_worker"]) == len(data.train)  # together, all of train (256 = 16 batches of 16)
     torch.set_num_threads(1)
     single = []
-    train(config, data, lambda metrics, directory: single.append(metrics))
+    train(config, cola, data, lambda metrics, directory: single.append(metrics))
     assert [r["step"] for r in results] == [r["step"] for r in single]
     assert last["val_loss"] == pytest.approx(single[-1]["val_loss"], abs=1e-4)
-    assert exported(tmp_path / "results")[0]["val_mcc"] != ""  # the export found the Train run's checkpoint
-    TWO_WORKER_RUNS[layout] = {"space": space, "val_loss": last["val_loss"], "steps": [r["step"] for r in results]}
+    assert exported(run["results"])[0]["val_mcc"] != ""  # the export found the Train run's checkpoint
 
 
-TWO_WORKER_RUNS: dict[str, dict] = {}  # the uninterrupted runs of the test above, per layout
-
-
-def test_a_killed_worker_of_a_sharded_two_worker_trial_resumes_from_its_checkpoint(assets, tmp_path):
+def test_a_killed_worker_of_a_sharded_two_worker_trial_resumes_from_its_checkpoint(assets, two_worker_run, tmp_path):
     """Ray Train restarts the workers from the run's latest checkpoint, scattered over the shards again (the
     unsharded load is test_faults' resume)."""
     layout = "fsdp"
-    reference = TWO_WORKER_RUNS.get(layout)
-    if reference is None:
-        pytest.skip("needs the uninterrupted two-worker run of the test before")
+    reference = two_worker_run(layout)  # the same trial, uninterrupted
     process = start_module("llmm_tune.search", str(reference["space"]), "--profile", "cpu", "--data-dir",
                            str(assets["data"]), "--storage", str(tmp_path / "runs"), "--no-export", "--name", "dp-kill",
                            "--num-samples", "1", "--workers-per-trial", "2", "--cpus-per-trial", "1",
@@ -277,9 +291,9 @@ def test_a_killed_worker_of_a_sharded_two_worker_trial_resumes_from_its_checkpoi
     output, _ = process.communicate(timeout=900)
     assert process.returncode == 0, output[-3000:]
     steps = [r["step"] for r in reported()]
-    assert steps[-1] == reference["steps"][-1]  # it got to the end
+    assert steps[-1] == reference["reports"][-1]["step"]  # it got to the end
     assert steps.count(steps[0]) == 1, steps  # resumed from a checkpoint: a restart from scratch repeats it
-    assert reported()[-1]["val_loss"] == pytest.approx(reference["val_loss"], abs=1e-4)
+    assert reported()[-1]["val_loss"] == pytest.approx(reference["reports"][-1]["val_loss"], abs=1e-4)
 
 
 def test_the_shipped_cluster_files_hold_together_and_run_searches_this_parser_accepts():

@@ -13,6 +13,7 @@ import pytest
 
 from llmm_tune.compare import best_trial, paired_interval, write_tables
 from llmm_tune.errors import UsageError
+from llmm_tune.tune.experiment import ExperimentRecord
 from tests.search_fixtures import run_module, subset_glue, tiny_bert, tiny_space
 
 
@@ -31,8 +32,10 @@ def test_the_paired_interval_of_hand_made_scores():
 def hand_made(family: str, task: str, metric: str, mode: str, split_scores: dict[str, dict[str, list[float]]],
               bits: dict[str, int | None]) -> tuple[dict, dict]:
     """`chosen` and `runs` as compare builds them, for methods whose seed s scored split_scores[m][name][s]."""
-    meta = {"family": family, "task": task, "metric": metric, "mode": mode, "git_commit": "c0ffee",
-            "versions": {"torch": "2.13.0"}}
+    meta = ExperimentRecord(name=f"{task}-search", family=family, task=task, space=task, space_yaml="", profile="cpu",
+                            method="llmm", metric=metric, mode=mode, seed=0, model="minilm", num_samples=3,
+                            overrides={}, options={}, command="", git_commit="c0ffee", versions={"torch": "2.13.0"},
+                            started="")
     chosen = {m: (meta, pd.Series({"trial": f"t-{m}", f"val_{metric}": 0.75, "lr": 1.23e-4, "rank": 8,
                                    "bits": bits[m], "K": 1 if bits[m] else 0, "scale": 400.0 if bits[m] else None,
                                    "quant_method": "normal_float" if bits[m] else None}), 100.0)
@@ -43,9 +46,13 @@ def hand_made(family: str, task: str, metric: str, mode: str, split_scores: dict
     return chosen, runs
 
 
-def table_row(table: str, method: str) -> list[str]:
-    (line,) = [line for line in table.splitlines() if line.startswith(f"| {method} ")]
-    return [cell.strip() for cell in line.strip("|").split("|")]
+def table_row(table: str, method: str) -> dict[str, str]:
+    """A method's row of the Markdown table, its cells by their column's header."""
+    lines = [line for line in table.splitlines() if line.startswith("|")]
+    names = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    assert set(lines[1]) <= set("|:- ") and len(set(names)) == len(names), lines[:2]  # the header, then its rule
+    (line,) = [line for line in lines[2:] if line.startswith(f"| {method} ")]
+    return dict(zip(names, [cell.strip() for cell in line.strip("|").split("|")], strict=True))
 
 
 def test_the_table_of_hand_made_runs_gives_each_methods_mean_spread_difference_and_other_metrics(tmp_path):
@@ -58,12 +65,16 @@ def test_the_table_of_hand_made_runs_gives_each_methods_mean_spread_difference_a
     assert "accuracy: higher is better" in table and "dev f1 mean" in table and "untuned" not in table
     accuracy = dev["lora"]["dev_accuracy"]
     difference, low, high = paired_interval(accuracy, dev["llmm"]["dev_accuracy"])
-    lora = table_row(table, "lora")
-    assert lora[3:9] == [f"{statistics.fmean(accuracy):.4f}", f"{statistics.stdev(accuracy):.4f}",
-                         f"{statistics.fmean(dev['lora']['dev_f1']):.4f}", f"{difference:+.4f}",
-                         f"[{low:+.4f}, {high:+.4f}]", "100"]  # mean, std, F1, difference, interval, search
-    assert lora[9:] == ["33", "-", "-", "8", "0", "1.2e-04", "-"]  # retraining seconds 10 + 11 + 12; no quantiser
-    assert table_row(table, "llmm")[6:8] == ["-", "-"] and table_row(table, "llmm")[10:12] == ["normal_float", "4"]
+    lora = {"dev accuracy mean": f"{statistics.fmean(accuracy):.4f}",
+            "dev accuracy std": f"{statistics.stdev(accuracy):.4f}",
+            "dev f1 mean": f"{statistics.fmean(dev['lora']['dev_f1']):.4f}", "difference to llmm": f"{difference:+.4f}",
+            "95% interval": f"[{low:+.4f}, {high:+.4f}]", "search trial-s": "100",
+            "retrain s": "33",  # retraining seconds 10 + 11 + 12
+            "quant_method": "-", "bits": "-", "rank": "8", "K": "0", "lr": "1.2e-04", "scale": "-"}  # no quantiser
+    llmm = {"difference to llmm": "-", "95% interval": "-", "quant_method": "normal_float", "bits": "4"}
+    for method, expected in (("lora", lora), ("llmm", llmm)):
+        row = table_row(table, method)
+        assert {name: row[name] for name in expected} == expected, row
     # the commits the searches and each retraining were made at, not the checkout writing the table
     assert "commit c0ffee, run-commit-0, run-commit-1, run-commit-2 |" in table and "torch=2.13.0" in table
     assert len(pd.read_csv(tmp_path / "scores.csv")) == 6 and (tmp_path / "seeds.png").stat().st_size > 0
@@ -77,7 +88,7 @@ def test_a_lower_is_better_metric_is_labelled_and_a_family_that_does_not_score_i
     write_tables(args, chosen, runs, tmp_path, ["gsm8k"], "gsm8k")
     table = (tmp_path / "table.md").read_text()
     assert "nll: lower is better" in table and "test exact_match_flexible mean" in table
-    assert table_row(table, "qlora")[6] == f"{-0.0267:+.4f}"  # below llmm: the better method's difference < 0
+    assert table_row(table, "qlora")["difference to llmm"] == f"{-0.0267:+.4f}"  # below llmm: the better one's < 0
     for run in runs.values():
         del run["test_nll"]
     with pytest.raises(UsageError, match="causal_lm family's score\\(\\) returns no nll"):

@@ -3,6 +3,7 @@ restore too), full-rank updates kept to the end, the metrics, and resuming at a 
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 
 import pytest
@@ -10,6 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 import trainables.continual as continual
+from llmm_tune.train.fit import Schedule, train_steps
+from llmm_tune.tune.context import TrialContext
 from llmm_tune.tune.spaces import SPACES_DIR, load_spec
 from tests.search_fixtures import SHARED_DATA, tiny_causal_lm
 from trainables.gorp import Basis, GradientSummary, average_accuracy, backward_transfer
@@ -68,17 +71,20 @@ def test_aa_and_bwt_of_a_hand_made_accuracy_matrix():
     assert backward_transfer([[0.5, 0.2], [0.7, 0.9]]) == pytest.approx(0.2)  # positive: learnt more of task 1
 
 
+CL_LOCAL = TrialContext.of("continual", "cl_local")
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Two-task sequences on a tiny Llama: with the memory projection uninterrupted, the same resumed after
     task 1 (a fresh model restored from the checkpoint), and without the projection."""
     root = tmp_path_factory.mktemp("continual")
     spec = load_spec("cl_local", "cpu", "llmm")
-    config = {**spec.fixed, **spec.warm_start[0], "task": spec.task, "metric": "aa", "mode": "max",
-              "model": str(tiny_causal_lm(root / "llama")), "order": ["COPA", "SST-2"], "max_train_examples": 24,
+    config = {**spec.fixed, **spec.warm_start[0], "model": str(tiny_causal_lm(root / "llama")),
+              "order": ["COPA", "SST-2"], "max_train_examples": 24,
               "validation_size": 8, "test_examples": 8, "batch_size": 4, "rank": 4, "galore_rank": 4,
               "galore_lr": 1e-3, "update_proj_gap": 2}
-    data = continual.prepare(config, str(SHARED_DATA))
+    data = continual.prepare(config, CL_LOCAL, str(SHARED_DATA))
 
     def run(name: str, resume=None, **changes) -> list[dict]:
         kept = []
@@ -87,7 +93,7 @@ def runs(tmp_path_factory):
             target = shutil.copytree(directory, root / f"{name}-{len(kept)}")
             kept.append({"metrics": metrics, "state": load_file(str(target / continual.STATE_FILE)), "dir": target})
 
-        continual.train({**config, **changes}, data, report, resume=resume)
+        continual.train({**config, **changes}, CL_LOCAL, data, report, resume=resume)
         return kept
 
     uninterrupted = run("gorp")
@@ -100,7 +106,7 @@ def test_a_resumed_sequence_matches_an_uninterrupted_one(runs):
     assert resumed["metrics"]["task"] == 2 and first["metrics"]["task"] == 1
     assert {k: v for k, v in resumed["metrics"].items() if k != "seconds"} == \
         {k: v for k, v in last["metrics"].items() if k != "seconds"}
-    assert resumed["state"].keys() == last["state"].keys()
+    assert last["state"] and resumed["state"].keys() == last["state"].keys()
     assert all(torch.equal(resumed["state"][k], last["state"][k]) for k in last["state"])
 
 
@@ -122,7 +128,7 @@ def test_the_basis_of_task_1_is_in_use_while_task_2_trains_after_a_restore(runs)
                             / state[f"pairs.{n}.A"][rank:].norm()) for n in layers)
         return full, adapter
 
-    assert all(after_first[f"basis_out.{n}"].shape[1] > 0 for n in gate_names(after_first))
+    assert gate_names(after_first) and all(after_first[f"basis_out.{n}"].shape[1] > 0 for n in gate_names(after_first))
     full, adapter = task_2_overlap(runs["resumed"][0]["state"])
     assert full < 1e-4 and adapter < 1e-4
     full, adapter = task_2_overlap(runs["sequential"][1]["state"])
@@ -132,8 +138,9 @@ def test_the_basis_of_task_1_is_in_use_while_task_2_trains_after_a_restore(runs)
 def test_full_rank_updates_of_task_1_survive_to_the_end_of_the_sequence(runs):
     """The public release reloads the pristine base for each task, so only the last task's update is left:
     here the restored run's final weights still hold task 1's update along task 1's directions."""
-    pristine = continual.Sequence(runs["config"], "cpu").pristine
+    pristine = continual.Sequence(runs["config"], CL_LOCAL, "cpu").pristine
     after_first, final = runs["gorp"][0]["state"], runs["resumed"][0]["state"]
+    assert gate_names(final)
     for name in gate_names(final):
         U = after_first[f"basis_out.{name}"]
         task_1 = U.T @ (after_first[f"after.0.{name}"] - pristine[name])
@@ -143,7 +150,7 @@ def test_full_rank_updates_of_task_1_survive_to_the_end_of_the_sequence(runs):
 
 def test_the_export_scores_every_intermediate_model_once_on_test(runs):
     config, last = runs["config"], runs["gorp"][1]
-    scores = continual.score(config, str(last["dir"]), str(SHARED_DATA))
+    scores = continual.score(config, CL_LOCAL, str(last["dir"]), str(SHARED_DATA))
     found = scores["accuracy_matrix"]
     assert found["tasks"] == ["COPA", "SST-2"] and [len(r) for r in found["after_each_task"]] == [1, 2]
     assert scores["aa"] == pytest.approx(sum(found["after_each_task"][-1]) / 2)
@@ -171,6 +178,7 @@ def test_a_continual_search_judges_each_sequence_by_its_end_and_exports_aa_bwt_a
     assert done.returncode == 0, done.stderr[-3000:]
     out = tmp_path / "results" / "cl_local"
     trials = pd.read_csv(out / "trials.csv")
+    assert len(trials) == 2
     for _, trial in trials.iterrows():  # a trial's value is its last report, not its best
         progress = pd.read_csv(tmp_path / "runs" / "cl_tiny-llmm-cpu" / f"trial_{trial['trial']}" / "progress.csv")
         assert trial["val_aa"] == pytest.approx(progress["val_aa"].iloc[-1])
@@ -183,7 +191,7 @@ def test_a_continual_search_judges_each_sequence_by_its_end_and_exports_aa_bwt_a
 
 def test_the_model_after_a_task_is_the_model_its_checkpoint_restores(runs, tmp_path):
     """What validation scores after a task is what the export re-creates: the finished pair counts once."""
-    sequence = continual.Sequence(runs["config"], "cpu")
+    sequence = continual.Sequence(runs["config"], CL_LOCAL, "cpu")
     sequence.start_task(projection=True)
     with torch.no_grad():
         for layer in sequence.layers.values():
@@ -193,8 +201,31 @@ def test_the_model_after_a_task_is_the_model_its_checkpoint_restores(runs, tmp_p
     ids = torch.tensor([[1, 5, 9, 13, 17]])
     trained = sequence.model(input_ids=ids).logits
     sequence.save(str(tmp_path), ("COPA",))
-    restored = continual.Sequence(runs["config"], "cpu")
+    restored = continual.Sequence(runs["config"], CL_LOCAL, "cpu")
     restored.load(str(tmp_path))
     restored.model.eval()
-    assert not torch.allclose(trained, continual.Sequence(runs["config"], "cpu").model(input_ids=ids).logits)
+    assert not torch.allclose(trained, continual.Sequence(runs["config"], CL_LOCAL, "cpu").model(input_ids=ids).logits)
     assert torch.allclose(trained, restored.model(input_ids=ids).logits, atol=1e-5)
+
+
+def test_each_task_trains_in_the_shared_step_loop_with_gorp_between_backward_and_step(runs, monkeypatch):
+    """Each task runs `llmm_tune.train.fit.train_steps`, whose hook (GORP's projections and full-rank step)
+    comes once per optimizer step of the task's Schedule (4 batches accumulated, then the epoch's last 2) with
+    every trained weight's accumulated gradient present."""
+    calls: list[bool] = []
+
+    def spy(schedule, data, model, loss, optimizer, scheduler, max_grad_norm, hooks, start=0):
+        trained = [p for p in model.parameters() if p.requires_grad and p.numel()]
+
+        def before_step() -> None:
+            calls.append(all(p.grad is not None for p in trained))
+            hooks.before_step()
+
+        yield from train_steps(schedule, data, model, loss, optimizer, scheduler, max_grad_norm,
+                               dataclasses.replace(hooks, before_step=before_step), start)
+
+    monkeypatch.setattr(continual, "train_steps", spy)
+    config, reports = {**runs["config"], "grad_accum": 4}, []
+    continual.train(config, CL_LOCAL, runs["data"], lambda metrics, directory: reports.append(metrics))
+    steps = [Schedule.of(config, len(task.train)).total_steps for task in runs["data"].tasks]
+    assert steps == [2, 2] and calls == [True] * 4 and len(reports) == 2

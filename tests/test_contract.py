@@ -5,6 +5,7 @@ metric, resumes from a checkpoint to the same state, and scores the held-out spl
 from __future__ import annotations
 
 import math
+import os
 import shutil
 
 import pytest
@@ -12,11 +13,16 @@ import torch
 from safetensors.torch import load_file
 
 from llmm_tune.errors import UsageError
+from llmm_tune.tune.context import TrialContext
 from llmm_tune.tune.spaces import METHOD_CHOICES, PROFILES, SPACES_DIR, load_spec
 from tests.search_fixtures import SHARED_DATA, tiny_bert, tiny_causal_lm
 from trainables.continual_data import order_of
 
 SPACES = sorted(SPACES_DIR.glob("*.yaml"))
+# The shared data lacks files of these tasks (GLUE's MNLI, QNLI and QQP training splits; tasks of O-LoRA's benchmark
+# that orders 1-6 use): only they may skip in CI (CI=true), where any other missing data fails the test.
+INCOMPLETE_IN_SHARED_DATA = {"glue_mnli", "glue_qnli", "glue_qqp", *(f"cl_order{i}" for i in range(1, 7))}
+IN_CI = os.environ.get("CI", "").lower() not in ("", "0", "false")
 # What makes a trial tiny, per setting; a family takes the ones it has.
 TINY = {"max_train_examples": 16, "validation_size": 8, "test_examples": 4, "batch_size": 4, "epochs": 1,
         "evals_per_epoch": 2, "grad_accum": 1, "max_steps": None, "loftq_iters": 1, "rank": 4, "max_length": 32,
@@ -30,6 +36,10 @@ def tiny_models(tmp_path_factory):
     return {"glue": tiny_bert(root / "bert"), "causal_lm": llama, "continual": llama}
 
 
+def test_the_search_spaces_are_found():
+    assert SPACES, f"no search space in {SPACES_DIR}"  # else the test below is one skip ("empty parameter set")
+
+
 @pytest.mark.parametrize("path", SPACES, ids=[p.stem for p in SPACES])
 def test_every_search_space_resolves_trains_resumes_and_scores(path, tiny_models, tmp_path):
     for profile in PROFILES:
@@ -40,17 +50,20 @@ def test_every_search_space_resolves_trains_resumes_and_scores(path, tiny_models
     try:
         source = recipe.check_data(spec.task, SHARED_DATA)
     except UsageError as error:
-        pytest.skip(f"no complete offline data for {spec.task}: {error}")
+        reason = f"no complete offline data for {spec.task} in {SHARED_DATA}: {error}"
+        if IN_CI and (path.stem not in INCOMPLETE_IN_SHARED_DATA or not SHARED_DATA.is_dir()):
+            pytest.fail(f"{reason} (in CI, only the tasks the shared data lacks may skip)")
+        pytest.skip(reason)
     point = spec.warm_start[0] if spec.warm_start else {
         name: d.choices[0] if hasattr(d, "choices") else type(d.low)((d.low + d.high) / 2)
         for name, d in spec.distributions().items()}
-    config = {**spec.fixed, **point, "task": spec.task, "metric": spec.metric, "mode": spec.mode,
-              "model": str(tiny_models[spec.family]),
+    context = TrialContext.of(spec.family, spec.task, spec.metric)
+    config = {**spec.fixed, **point, "model": str(tiny_models[spec.family]),
               **{k: v for k, v in TINY.items() if k in recipe.SETTINGS}}
     if "order" in recipe.SETTINGS:  # a task sequence: its first two tasks, one report after each
-        config["order"] = list(order_of(config))[:2]
-    data = recipe.prepare(config, source)
-    time_attr, _ = recipe.clock(config)
+        config["order"] = list(order_of(config, spec.task))[:2]
+    data = recipe.prepare(config, context, source)
+    time_attr, _ = recipe.clock(config, context)
 
     def run(resume=None) -> tuple[list[dict], list]:
         reports, kept = [], []
@@ -60,7 +73,7 @@ def test_every_search_space_resolves_trains_resumes_and_scores(path, tiny_models
             kept.append(shutil.copytree(directory, tmp_path / f"{'resumed' if resume else 'run'}-{len(kept)}"))
 
         torch.manual_seed(7)
-        recipe.train(config, data, report, resume=resume)
+        recipe.train(config, context, data, report, resume=resume)
         return reports, kept
 
     reports, checkpoints = run()
@@ -69,10 +82,12 @@ def test_every_search_space_resolves_trains_resumes_and_scores(path, tiny_models
         assert math.isfinite(report[f"val_{spec.metric}"]) and time_attr in report
     resumed, resumed_checkpoints = run(resume=str(checkpoints[0]))
     assert len(resumed) == 1 and resumed[0][f"val_{spec.metric}"] == reports[1][f"val_{spec.metric}"]
-    for file in checkpoints[-1].glob("*.safetensors"):
+    weights = sorted(checkpoints[-1].glob("*.safetensors"))
+    assert weights, f"no weights in the checkpoint {checkpoints[-1]}"
+    for file in weights:
         final, again = load_file(str(file)), load_file(str(resumed_checkpoints[-1] / file.name))
         assert final.keys() == again.keys() and all(torch.equal(final[k], again[k]) for k in final)
-    scores = recipe.score(config, str(checkpoints[-1]), source)
+    scores = recipe.score(config, context, str(checkpoints[-1]), source)
     numbers = {k: v for k, v in scores.items() if not isinstance(v, dict)}
     # any of the task's metrics may select, and compare reads the held-out value of the one that did
     assert set(recipe.TASKS[spec.task].metrics) <= set(numbers), scores

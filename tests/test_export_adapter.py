@@ -13,7 +13,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, BitsAndBytesConfig
 
 from llmm_tune import LlmmConfig, apply_llmm
-from llmm_tune.export_adapter import EXPORT_FILE, to_peft
+from llmm_tune.method.peft_export import EXPORT_FILE, to_peft
 from llmm_tune.train.pretrained import load_classifier
 from tests.search_fixtures import tiny_bert, tiny_causal_lm
 

@@ -8,6 +8,8 @@ import glob
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -16,8 +18,9 @@ import psutil
 import pytest
 import torch
 
+from llmm_tune.tune.context import TrialContext
 from llmm_tune.tune.searcher import JOURNAL, FailureAwareOptunaSearch
-from tests.search_fixtures import run_module, start_module, subset_glue, tiny_bert, tiny_space
+from tests.search_fixtures import ENV, ROOT, run_module, start_module, subset_glue, tiny_bert, tiny_space
 from trainables.glue import prepare, train
 
 
@@ -105,9 +108,10 @@ def test_killed_trial_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted_r
     assert any(r["iterations_since_restore"] < r["training_iteration"] for r in results)  # resumed, not restarted
     config = results[-1]["config"]
     torch.set_num_threads(1)  # as the trial ran (--cpus-per-trial 1)
-    data = prepare(config, str(assets["data"]))
+    cola = TrialContext.of("glue", "cola")
+    data = prepare(config, cola, str(assets["data"]))
     uninterrupted = []
-    train(config, data, lambda metrics, directory: uninterrupted.append(metrics))
+    train(config, cola, data, lambda metrics, directory: uninterrupted.append(metrics))
     # resuming restores adapter, optimizer, schedule, RNG and data position: same result to float noise
     assert results[-1]["val_loss"] == pytest.approx(uninterrupted[-1]["val_loss"], abs=1e-5)
     assert results[-1]["best_val_mcc"] == pytest.approx(max(r["val_mcc"] for r in uninterrupted), abs=1e-6)
@@ -195,22 +199,63 @@ def test_a_crash_that_repeats_after_a_restore_ends_the_trial_without_more_retrie
     assert len(ended) == 1 and "log: " in ended[0]
 
 
-def test_ctrl_c_saves_the_search_exports_nothing_and_says_how_to_continue(assets):
-    space = tiny_space(assets["root"], assets["model"], "interrupted", epochs=8)
-    process = start_module("llmm_tune.search", *search_args(assets, space, "interrupted", "--num-samples", "2",
+@pytest.mark.parametrize(("sent", "running"), [(signal.SIGINT, True), (signal.SIGTERM, True), (signal.SIGTERM, False)],
+                         ids=["ctrl_c", "sigterm", "sigterm_before_the_trials"])
+def test_ctrl_c_or_sigterm_saves_the_search_exports_nothing_and_says_how_to_continue(assets, sent, running):
+    """SIGINT is what Ctrl+C sends the driver; SIGTERM what Kubernetes, Slurm and `ray job stop` send on
+    preemption, which Ray's C++ signal handler in the driver would answer with a stack dump and a dead search;
+    it may come while the trials run or before they start."""
+    code = 128 + sent
+    name = f"interrupted-{code}" + ("" if running else "-early")
+    space = tiny_space(assets["root"], assets["model"], name, epochs=8)
+    process = start_module("llmm_tune.search", *search_args(assets, space, name, "--num-samples", "2",
                                                             "--cpus-per-trial", "1"))
-    experiment = assets["root"] / "runs" / "interrupted"
-    wait_for(lambda: len(result_lines(experiment)) >= 1, process)
-    process.send_signal(signal.SIGINT)  # what Ctrl+C sends the driver
-    output, _ = process.communicate(timeout=120)
-    assert process.returncode == 130, output[-3000:]
-    last = output.strip().splitlines()[-1]
-    assert last.startswith("search interrupted with 0 of 2 trials ended; nothing exported; continue with: "
-                           "python -m llmm_tune.search ") and "--resume --name interrupted --storage " in last
-    assert not (assets["root"] / "results" / "interrupted" / "cola").exists()
-    finish(start_module("llmm_tune.search", *search_args(assets, space, "interrupted", "--resume")))
-    rows = exported_trials(assets, "interrupted")
+    experiment = assets["root"] / "runs" / name
+    seen = []
+    if running:
+        wait_for(lambda: len(result_lines(experiment)) >= 1, process)
+    else:  # once the search has said where its logs are, Ray is up and Tune about to start
+        while not seen or not seen[-1].startswith("logs: "):
+            seen.append(process.stdout.readline())
+            assert seen[-1], "".join(seen)[-3000:]
+    process.send_signal(sent)
+    output = "".join(seen) + process.communicate(timeout=120)[0]
+    assert process.returncode == code, output[-3000:]
+    assert "SIGTERM received" not in output and "Stack trace" not in output, output[-3000:]
+    lines = output.strip().splitlines()
+    assert [line for line in lines if "continue with: " in line] == lines[-1:], output[-3000:]
+    assert lines[-1].startswith("search interrupted with 0 of 2 trials ended; nothing exported; continue with: "
+                                "python -m llmm_tune.search ") and f"--resume --name {name} --storage " in lines[-1]
+    assert not (assets["root"] / "results" / name / "cola").exists()
+    finish(start_module("llmm_tune.search", *search_args(assets, space, name, "--resume")))
+    rows = exported_trials(assets, name)
     assert len(rows) == 2 and {r["status"] for r in rows} == {"TERMINATED"}
+
+
+SIGTERM_OUTSIDE_TUNES_RUN = """
+import importlib, signal, sys
+from llmm_tune.tune import termination
+tune = importlib.import_module("ray.tune.tune")
+termination.stop_on_sigterm()
+if sys.argv[1] == "before":
+    signal.raise_signal(signal.SIGTERM)
+    stop = tune._setup_signal_catching()  # what Tune's run calls before its loop
+    print(stop.is_set(), stop.is_set(), termination.interrupted_code())  # the loop's checks before and after step 1
+else:
+    tune._setup_signal_catching()  # Tune's run set up, ran and returned: the search exports
+    signal.raise_signal(signal.SIGTERM)
+    print("not stopped")
+"""
+
+
+def test_sigterm_before_tunes_run_stops_it_after_its_first_step_and_after_it_ends_the_process():
+    """Before Tune's run, the run stops after its first step, which makes the trials (a state saved without them
+    would not resume); after it, the export ends at once with one line."""
+    before, after = (subprocess.run([sys.executable, "-c", SIGTERM_OUTSIDE_TUNES_RUN, when], cwd=ROOT, env=ENV,
+                                    capture_output=True, text=True, timeout=300) for when in ("before", "after"))
+    assert before.returncode == 0 and before.stdout.split() == ["False", "True", "143"], before.stderr[-3000:]
+    assert after.returncode == 143 and "not stopped" not in after.stdout, after.stderr[-3000:]
+    assert after.stderr.strip().splitlines()[-1].startswith("search terminated (SIGTERM) after its trials ended")
 
 
 def test_a_trial_whose_clean_up_outlasts_tunes_default_wait_does_not_fail_the_next_trial_on_its_actor(assets):

@@ -15,8 +15,11 @@ from llmm_tune import (
     predict_mc,
     save_adapter,
 )
+from llmm_tune.method import loftq as loftq_module
+from llmm_tune.method.loftq import CACHE, LoftQCache, LoftQInit, loftq
 from llmm_tune.method.model import llmm_layers, trainable_state
-from llmm_tune.method.quant import PackedLinear, dense_weight
+from llmm_tune.method.quant import PackedLinear, dense_weight, dequantize, quantize, quantized_linear
+from llmm_tune.tune.storage import Store
 
 
 def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -207,19 +210,50 @@ def test_nf4_base_trains_after_evaluations_on_a_cpu_with_avx512_bf16(minilm, fas
 
 
 @pytest.mark.parametrize("bits,method,double_quant", [(4, "normal_float", False), (4, "normal_float", True),
-                                                      (2, "uniform", False)])
-def test_loftq_kept_on_disk_rebuilds_the_same_layers(tiny_llama, tmp_path, bits, method, double_quant):
+                                                      (2, "uniform", False), (8, "normal_float", False)])
+def test_loftq_computed_remembered_or_stored_builds_the_layers_a_search_always_built(tiny_llama, tmp_path, monkeypatch,
+                                                                                     bits, method, double_quant):
+    """The build that computes LoftQ uses its float residual; every other build of a search (memory or store)
+    the residual read back from its stored codes, as the trials after the first always did."""
     config = LlmmConfig(rank=4, K=1, bits=bits, quant_method=method, double_quant=double_quant, loftq_iters=2)
-    computed = apply_llmm(copy.deepcopy(tiny_llama), config, loftq_cache=str(tmp_path))
+    CACHE.clear()
+    computed = apply_llmm(copy.deepcopy(tiny_llama), config, loftq_cache=tmp_path)
     (stored,) = list(tmp_path.iterdir())
-    loaded = apply_llmm(copy.deepcopy(tiny_llama), config, loftq_cache=str(tmp_path))
-    assert list(tmp_path.iterdir()) == [stored]  # read, not computed again
-    for a, b in zip(llmm_layers(computed).values(), llmm_layers(loaded).values()):
-        assert torch.equal(dense_weight(a.base), dense_weight(b.base))
-        assert torch.equal(a.A_mean, b.A_mean) and torch.equal(a.B_mean, b.B_mean)
+    with monkeypatch.context() as patch:
+        patch.setattr(loftq_module, "compute", None)  # from here on, computing again would fail
+        remembered = apply_llmm(copy.deepcopy(tiny_llama), config, loftq_cache=tmp_path)
+        CACHE.clear()
+        read = apply_llmm(copy.deepcopy(tiny_llama), config, loftq_cache=Store(str(tmp_path)))
+    assert list(tmp_path.iterdir()) == [stored]
+    CACHE.clear()
+    alone = apply_llmm(copy.deepcopy(tiny_llama), config)  # no store: computed here, its float residual
+    for name, layer in llmm_layers(computed).items():
+        weight = tiny_llama.get_submodule(name).weight
+        result = loftq(weight, 4, bits, method, 2, config.scaling, double_quant)
+        codes, absmax = quantize(result.to_quantize, bits, method)
+        from_codes = quantized_linear(dequantize(codes, absmax, bits, method, weight.shape), None, bits, method,
+                                      double_quant)
+        from_float = quantized_linear(result.to_quantize, None, bits, method, double_quant)
+        for built, base in ((layer, from_float), (llmm_layers(alone)[name], from_float),
+                            (llmm_layers(remembered)[name], from_codes), (llmm_layers(read)[name], from_codes)):
+            assert torch.equal(dense_weight(built.base), dense_weight(base))
+            assert torch.equal(built.A_mean, result.A) and torch.equal(built.B_mean, result.B)
     other = apply_llmm(copy.deepcopy(tiny_llama), LlmmConfig(rank=8, K=1, bits=bits, quant_method=method,
                                                              loftq_iters=2), loftq_cache=str(tmp_path))
     assert len(list(tmp_path.iterdir())) == 2 and llmm_layers(other)  # another setting, another entry
+
+
+def test_loftq_cache_keeps_the_most_recent_entries_within_its_budget():
+    entry = LoftQInit({"layer.A": torch.zeros(256)}, 4, "normal_float")  # 1 KiB
+    cache = LoftQCache(budget=2 * entry.nbytes)
+    for name in ("a", "b", "a", "c"):
+        cache.remember(name, entry)
+    assert list(cache.entries) == ["a", "c"]
+
+
+def test_a_uri_needs_a_store(tiny_llama):
+    with pytest.raises(ValueError, match=r"pass a store for it instead, llmm_tune.tune.storage.Store\('s3://b/x'\)"):
+        apply_llmm(tiny_llama, LlmmConfig(rank=4, loftq_iters=1), loftq_cache="s3://b/x")
 
 
 def test_double_quant_is_only_for_4_bit_normal_float():

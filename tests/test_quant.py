@@ -2,6 +2,7 @@ import bitsandbytes.functional as bnbf
 import pytest
 import torch
 
+from llmm_tune.method.loftq import loftq
 from llmm_tune.method.quant import (
     BITS,
     METHODS,
@@ -10,7 +11,6 @@ from llmm_tune.method.quant import (
     dense_weight,
     fake_quantize,
     levels,
-    loftq,
     pack,
     quantized_linear,
     stored_values,

@@ -26,6 +26,25 @@ def test_data_inside_the_project_tree_is_recorded_relative_to_the_project(tmp_pa
     assert data.portable_source(str(tmp_path), None) == "$LLMM_DATA_DIR"  # the variable, not this machine's path
 
 
+def test_a_data_folder_given_through_a_link_is_recorded_as_given_not_as_the_links_target(tmp_path, monkeypatch):
+    """A fresh clone's ../shared may be a link to this machine's data: records name ../shared/data all the same."""
+    monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
+    base = tmp_path.resolve()  # as the project root is
+    project, target = base / "project", base / "elsewhere" / "mounted"
+    project.mkdir()
+    (target / "data").mkdir(parents=True)
+    (base / "shared").symlink_to(target, target_is_directory=True)
+    monkeypatch.setattr(data, "ROOT", project)
+    monkeypatch.chdir(project)
+    given = data.resolve_data_dir("../shared/data")  # what a search hands its trials and records
+    assert given == base / "shared" / "data"
+    assert data.portable_source(str(given), "../shared/data") == "../shared/data"
+    assert data.portable_source(str(base / "shared" / "data"), None) == "../shared/data"
+    found = data.locate_source("../shared/data")  # reproduce and export read the record back
+    assert found == base / "shared" / "data"
+    assert data.portable_source(str(found), None) == "../shared/data"
+
+
 def test_a_recorded_source_resolves_here_or_names_the_fix(tmp_path, monkeypatch):
     monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
     assert data.locate_source("hub") == "hub"

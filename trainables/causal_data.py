@@ -83,6 +83,7 @@ class CausalTask:
     parse: Callable[[dict], Example | str]
     source: Source
     test_seed: int = 42  # the published carve of Alpaca's evaluation set
+    grouped: bool = False  # examples sharing a key (HH-RLHF: a first Human turn) stay on one side of a split
 
 
 SOURCES = {
@@ -94,8 +95,9 @@ SOURCES = {
         "harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled"))},
         ("Anthropic/hh-rlhf", None), {"train": "train", "test": "test"}),
 }
-TASKS = {name: CausalTask(name, parse, SOURCES[name]) for name, parse in
-         (("gsm8k", gsm8k), ("alpaca", alpaca), ("hh_rlhf", hh_rlhf))}
+TASKS = {"gsm8k": CausalTask("gsm8k", gsm8k, SOURCES["gsm8k"]),
+         "alpaca": CausalTask("alpaca", alpaca, SOURCES["alpaca"]),
+         "hh_rlhf": CausalTask("hh_rlhf", hh_rlhf, SOURCES["hh_rlhf"], grouped=True)}
 
 
 def missing_files(task: CausalTask, data_dir: Path) -> list[Path]:
@@ -158,7 +160,7 @@ def splits(task: CausalTask, source: str, config: dict) -> tuple[list[Example], 
     also in test. Examples sharing a key stay on one side (HH-RLHF: its first Human turn)."""
     train, test = train_and_test(task, source, config)
     kept, held = split_off([e.key for e in train], config["validation_size"], config["seed"],
-                           excluded={e.key for e in test}, grouped=task.name == "hh_rlhf")
+                           excluded={e.key for e in test}, grouped=task.grouped)
     train, validation = [train[i] for i in kept], [train[i] for i in held]
     return sample(train, config["max_train_examples"], config["seed"]), validation, scored_test(task, test, config)
 
@@ -178,8 +180,7 @@ def train_and_test(task: CausalTask, source: str, config: dict) -> tuple[list[Ex
         if config["test_size"] is None:
             raise UsageError(f"{task.name} from {source} has no test split; set test_size (a fraction or a count)")
         pool = rows["all"]
-        kept, held = split_off([e.key for e in pool], config["test_size"], task.test_seed,
-                               grouped=task.name == "hh_rlhf")
+        kept, held = split_off([e.key for e in pool], config["test_size"], task.test_seed, grouped=task.grouped)
         return [pool[i] for i in kept], [pool[i] for i in held]
     return rows["train"], rows["test"]
 

@@ -10,6 +10,7 @@ shared fit loop, validating on the target NLL (and, when selection asks for it, 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from llmm_tune.train.data import BAD_ROW_POLICIES, hub_reachable
 from llmm_tune.train.fit import FIT_SETTINGS, Reporter, default_device, fit
 from llmm_tune.train.lm_scoring import encode, greedy_generate, mean_nll, pad, response_loss, target_logprobs
 from llmm_tune.train.pretrained import is_causal_lm, load_causal_lm, load_tokenizer
+from llmm_tune.tune.context import TrialContext
 from llmm_tune.tune.family import Task
 from trainables.causal_data import TASKS as FORMATS
 from trainables.causal_data import CausalTask, Example, exact_match, missing_files, splits, test_split
@@ -57,11 +59,11 @@ TASKS = {
 }
 
 
-def causal_task(config: dict) -> CausalTask:
-    return TASKS[config["task"]].details
+def causal_task(context: TrialContext) -> CausalTask:
+    return TASKS[context.task].details
 
 
-def clock(config: dict) -> tuple[str, float]:
+def clock(config: dict, context: TrialContext) -> tuple[str, float]:
     return "epoch", config["epochs"]
 
 
@@ -89,8 +91,8 @@ class CausalData:
     train_lengths: list[int]
 
 
-def tokenizer_for(config: dict):
-    tokenizer = load_tokenizer(config["model"], trust_remote_code=config.get("trust_remote_code", False))
+def tokenizer_for(model: str, trust_remote_code: bool):
+    tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token_id is None:  # Llama-2 has none; padding positions are masked by length anyway
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -103,24 +105,24 @@ def tokenize(examples: list[Example], tokenizer, config: dict, replies: list[str
                                      config["max_target_length"]) for e, reply in zip(examples, replies)])
 
 
-def prepare(config: dict, source: str) -> CausalData:
-    if not is_causal_lm(config["model"], config.get("trust_remote_code", False)):
+def prepare(config: dict, context: TrialContext, source: str) -> CausalData:
+    if not is_causal_lm(config["model"], context.trust_remote_code):
         raise UsageError(f"model {config['model']!r} is not a causal LM; the causal_lm family needs a decoder with a "
                          "language-modelling head (smollm2, meta-llama/Llama-2-7b-hf, ...): set model in the YAML")
-    train, validation, _ = splits(causal_task(config), source, config)
-    tokenizer = tokenizer_for(config)
+    train, validation, _ = splits(causal_task(context), source, config)
+    tokenizer = tokenizer_for(config["model"], context.trust_remote_code)
     train_set = tokenize(train, tokenizer, config)
     return CausalData(train_set, tokenize(validation, tokenizer, config), validation,
                       [len(ids) for ids in train_set["input_ids"]])
 
 
-def build_model(config: dict, device: str) -> nn.Module:
+def build_model(config: dict, context: TrialContext, device: str) -> nn.Module:
     torch.manual_seed(config["seed"])
-    model = load_causal_lm(config["model"], trust_remote_code=config.get("trust_remote_code", False))
+    model = load_causal_lm(config["model"], trust_remote_code=context.trust_remote_code)
     model.config.use_cache = False  # training; generation turns the cache on per call
     if config["gradient_checkpointing"]:  # non-reentrant: recomputation replays the adapters' noise draws
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    adapted = apply_llmm(model, llmm_config(config), init_device=device, loftq_cache=config.get("loftq_cache"))
+    adapted = apply_llmm(model, llmm_config(config), init_device=device, loftq_cache=context.loftq_store())
     return adapted.to(device)
 
 
@@ -146,16 +148,16 @@ def gsm8k_exact_match(model: nn.Module, examples: list[Example], tokenizer, conf
             "exact_match_flexible": exact_match(generations, golds, strict=False)}
 
 
-def evaluate(model: nn.Module, examples: list[Example], encoded: Dataset, tokenizer, config: dict, device: str,
-             generate: bool) -> dict[str, float]:
-    """Target NLL and perplexity, plus preference accuracy (HH-RLHF) and, with `generate`, exact match (GSM8K)."""
+def evaluate(model: nn.Module, examples: list[Example], encoded: Dataset, tokenizer, config: dict, task: Task,
+             device: str, generate: bool) -> dict[str, float]:
+    """Target NLL and perplexity, plus the task's own metrics: preference accuracy (HH-RLHF) and, with `generate`,
+    exact match of the extracted answer (GSM8K)."""
     logprobs = target_logprobs(model, list(encoded), tokenizer.pad_token_id, device, config["eval_tokens"])
     nll = mean_nll(logprobs)
     scores = {"nll": nll, "perplexity": math.exp(min(nll, 50.0))}
-    task = config["task"]
-    if task == "hh_rlhf":
+    if "preference_accuracy" in task.metrics:
         scores["preference_accuracy"] = preference_accuracy(model, examples, logprobs, tokenizer, config, device)
-    if task == "gsm8k" and generate:
+    if "exact_match_flexible" in task.metrics and generate:
         if device == "cpu" and hasattr(model, "llmm_config"):  # decoding re-reads every weight per token: a
             # merged float model is faster here than dequantising the base at every step
             model = merge_llmm(copy.deepcopy(model))
@@ -163,15 +165,16 @@ def evaluate(model: nn.Module, examples: list[Example], encoded: Dataset, tokeni
     return scores
 
 
-def train(config: dict, data: CausalData, report: Reporter, resume: str | None = None,
+def train(config: dict, context: TrialContext, data: CausalData, report: Reporter, resume: str | None = None,
           device: str | None = None) -> None:
     device = device or default_device()
-    model = build_model(config, device)
-    tokenizer = tokenizer_for(config)
-    generate = config["metric"].startswith("exact_match")  # decoding on validation only when it selects
+    model = build_model(config, context, device)
+    tokenizer = tokenizer_for(config["model"], context.trust_remote_code)
+    generate = context.metric.startswith("exact_match")  # decoding on validation only when it selects
 
     def validate() -> dict[str, float]:
-        return evaluate(model, data.validation_examples, data.validation, tokenizer, config, device, generate)
+        return evaluate(model, data.validation_examples, data.validation, tokenizer, config, context.definition,
+                        device, generate)
 
     fit(config, model, data.train, data.train_lengths, functools.partial(pad, pad_id=tokenizer.pad_token_id),
         validate, report, resume, device, loss=response_loss)
@@ -179,28 +182,35 @@ def train(config: dict, data: CausalData, report: Reporter, resume: str | None =
 
 # What the untuned model's test scores depend on. Not the seed: the test examples are drawn with the task's own
 # seed, so one process (a search's export, compare's retraining worker) decodes the untuned model once.
-UNTUNED_KEYS = ("model", "task", "max_source_length", "max_target_length", "test_size", "test_examples",
-                "on_bad_row", "max_new_tokens", "eval_tokens", "batch_size", "trust_remote_code")
+UNTUNED_KEYS = ("model", "max_source_length", "max_target_length", "test_size", "test_examples", "on_bad_row",
+                "max_new_tokens", "eval_tokens", "batch_size")
 
 
 @functools.cache
-def _untuned(config_items: tuple, source: str) -> dict[str, float]:
+def _untuned(config_items: tuple, context: TrialContext, source: str) -> dict[str, float]:
     """The pretrained model's scores on the same test examples (computed once per process)."""
     config = dict(config_items)
     device = default_device()
-    tokenizer = tokenizer_for(config)
-    test = test_split(causal_task(config), source, config)
-    model = load_causal_lm(config["model"], trust_remote_code=config.get("trust_remote_code", False)).to(device)
-    return evaluate(model, test, tokenize(test, tokenizer, config), tokenizer, config, device, generate=True)
+    tokenizer = tokenizer_for(config["model"], context.trust_remote_code)
+    test = test_split(causal_task(context), source, config)
+    model = load_causal_lm(config["model"], trust_remote_code=context.trust_remote_code).to(device)
+    return evaluate(model, test, tokenize(test, tokenizer, config), tokenizer, config, context.definition, device,
+                    generate=True)
 
 
-def score(config: dict, checkpoint: str, source: str) -> dict[str, float]:
+def score(config: dict, context: TrialContext, checkpoint: str, source: str) -> dict[str, float]:
     """Test metrics of a checkpoint (GSM8K: strict and flexible exact match by greedy decoding; Alpaca:
     perplexity; HH-RLHF: perplexity and preference accuracy), each beside the untuned model's."""
     device = default_device()
-    tokenizer = tokenizer_for(config)
-    test = test_split(causal_task(config), source, config)
-    model = load_adapter(build_model(config, device), checkpoint).eval()
-    tuned = evaluate(model, test, tokenize(test, tokenizer, config), tokenizer, config, device, generate=True)
-    untuned = _untuned(tuple((k, config.get(k)) for k in UNTUNED_KEYS), source)
+    tokenizer = tokenizer_for(config["model"], context.trust_remote_code)
+    test = test_split(causal_task(context), source, config)
+    model = load_adapter(build_model(config, context, device), checkpoint).eval()
+    tuned = evaluate(model, test, tokenize(test, tokenizer, config), tokenizer, config, context.definition, device,
+                     generate=True)
+    untuned = _untuned(tuple((k, config.get(k)) for k in UNTUNED_KEYS), without_cache(context), source)
     return {**tuned, **{f"untuned_{k}": v for k, v in untuned.items()}}
+
+
+def without_cache(context: TrialContext) -> TrialContext:
+    """The context as the untuned model's scores depend on it (not on where LoftQ is kept): one key per task."""
+    return dataclasses.replace(context, loftq_cache=None)

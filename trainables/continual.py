@@ -24,20 +24,26 @@ from datasets import Dataset
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
-from torch.utils.data import DataLoader
-from transformers import get_linear_schedule_with_warmup
-from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from llmm_tune import apply_llmm
-from llmm_tune.errors import TrialFailure, UsageError
+from llmm_tune.errors import UsageError
 from llmm_tune.files import atomic_path
 from llmm_tune.method.config import METHOD_SETTINGS, llmm_config
 from llmm_tune.method.model import llmm_layers, matches
 from llmm_tune.settings import COMMON, Setting, fraction, optional, positive, positive_int, size
 from llmm_tune.train.data import BAD_ROW_POLICIES
-from llmm_tune.train.fit import FIT_SETTINGS, Reporter, default_device
+from llmm_tune.train.fit import (
+    FIT_SETTINGS,
+    Batches,
+    Hooks,
+    Reporter,
+    Schedule,
+    default_device,
+    train_steps,
+)
 from llmm_tune.train.lm_scoring import encode, greedy_generate, pad, response_loss
 from llmm_tune.train.pretrained import load_causal_lm
+from llmm_tune.tune.context import TrialContext
 from llmm_tune.tune.family import Task
 from trainables.causal_data import Example
 from trainables.causal_lm import tokenizer_for
@@ -98,8 +104,8 @@ LABEL_TOKENS = 32  # a label longer than this is cut in training (the longest he
 STATE_FILE = "continual_state.safetensors"
 
 
-def clock(config: dict) -> tuple[str, float]:
-    return "task", float(len(order_of(config)))
+def clock(config: dict, context: TrialContext) -> tuple[str, float]:
+    return "task", float(len(order_of(config, context.task)))
 
 
 def check_data(task: str, data_dir: Path | None) -> str:
@@ -134,11 +140,11 @@ class ContinualData:
                 + "/".join(str(len(t.validation)) for t in self.tasks))
 
 
-def prepare(config: dict, source: str) -> ContinualData:
-    order = order_of(config)
+def prepare(config: dict, context: TrialContext, source: str) -> ContinualData:
+    order = order_of(config, context.task)
     root = Path(source)
-    check_files(root, order, "the order" if config.get("order") else config["task"])
-    tokenizer = tokenizer_for(config)
+    check_files(root, order, "the order" if config.get("order") else context.task)
+    tokenizer = tokenizer_for(config["model"], context.trust_remote_code)
     tasks = []
     for name in order:
         train, validation = train_and_validation(root, name, config)
@@ -157,9 +163,9 @@ class Sequence:
     """A model learning an order of tasks: its adapter layers (each on `FrozenPairs` of the earlier tasks),
     the full-rank weights, the memory bases, the full-rank weights after each task and the accuracy matrix."""
 
-    def __init__(self, config: dict, device: str):
+    def __init__(self, config: dict, context: TrialContext, device: str):
         torch.manual_seed(config["seed"])
-        model = load_causal_lm(config["model"], trust_remote_code=config.get("trust_remote_code", False))
+        model = load_causal_lm(config["model"], trust_remote_code=context.trust_remote_code)
         model.config.use_cache = False
         lora = tuple(config["lora_modules"])
         self.model = apply_llmm(model, llmm_config(config, init="zero", target_modules=lora)).to(device)
@@ -265,49 +271,39 @@ def accuracy(sequence: Sequence, examples: list[Example], tokenizer, max_new_tok
 
 
 def train_task(sequence: Sequence, task: TaskData, index: int, config: dict, collate, device: str) -> float:
-    """One task of the order; returns its mean training loss. The task's randomness (new pair, batch order,
-    adapter noise) comes from (seed, task index) alone, so a sequence resumed at a task boundary repeats an
-    uninterrupted one exactly."""
+    """One task of the order, trained by the shared step loop; returns its mean training loss. GORP's steps in
+    it: between backward and the adapters' step, their gradients lose the memory's directions (feeding the
+    task's summaries first) and the full-rank weights take their projected step; after it, the factors lose
+    them too; after the task, the memory grows. The task's randomness (new pair, batch order, adapter noise)
+    comes from (seed, task index) alone, so a sequence resumed at a task boundary repeats an uninterrupted one."""
     torch.manual_seed(config["seed"] * 1_000_003 + index)
     projection = config["projection"]
     sequence.start_task(projection)
-    model = sequence.model
     lora = [p for layer in sequence.layers.values() for p in (layer.A_mean, layer.B_mean, layer.A_moments,
                                                               layer.B_moments) if p.numel()]
     optimizer = torch.optim.AdamW(lora, lr=config["lr"], weight_decay=config["weight_decay"])
     full_rank = ProjectedAdam(sequence.full, sequence.out_bases if projection else None, config["galore_lr"],
                               config["galore_rank"], config["galore_scale"], config["update_proj_gap"])
     summaries = {name: GradientSummary(layer.A_mean.shape[1], device) for name, layer in sequence.layers.items()}
-    batch_size, accum = config["batch_size"], config["grad_accum"]
-    batches_per_epoch = -(-len(task.train) // batch_size)
-    total = -(-batches_per_epoch // accum) * config["epochs"]
-    scheduler = get_linear_schedule_with_warmup(optimizer, round(config["warmup_ratio"] * total), total)
+    schedule = Schedule.of(config, len(task.train))
+
+    def before_step() -> None:
+        if projection:
+            sequence.project_adapters(gradients=True, summaries=summaries)
+        full_rank.step(optimizer.param_groups[0]["lr"] / config["lr"])  # the full-rank weights follow the schedule
+        full_rank.zero_grad()
+
+    def diverged(value: float, _: int) -> str:
+        return f"diverged: training loss {value} in task {task.name}; lower lr or galore_lr"
+
+    data = Batches(task.train, task.lengths, collate, device, config["seed"] * 1_000_003 + index * 1_009)
     losses = []
-    model.train()
-    for epoch in range(config["epochs"]):
-        order = torch.Generator().manual_seed(config["seed"] * 1_000_003 + index * 1_009 + epoch)
-        indices = list(LengthGroupedSampler(batch_size, lengths=task.lengths, generator=order))
-        batches = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
-        loader = DataLoader(task.train, batch_sampler=batches, collate_fn=collate, generator=torch.Generator())
-        for number, batch in enumerate(loader, start=1):
-            loss = response_loss(model, batch.to(device))
-            if not torch.isfinite(loss):
-                raise TrialFailure(f"diverged: training loss {loss.item()} in task {task.name}; lower lr or galore_lr")
-            (loss / accum).backward()
-            losses.append(loss.item())
-            if number % accum and number < len(batches):
-                continue
-            if projection:
-                sequence.project_adapters(gradients=True, summaries=summaries)
-            torch.nn.utils.clip_grad_norm_(lora, config["max_grad_norm"])
-            factor = optimizer.param_groups[0]["lr"] / config["lr"]  # the full-rank weights follow the schedule
-            optimizer.step()
-            full_rank.step(factor)
-            scheduler.step()
-            if projection:
-                sequence.project_adapters(gradients=False)
-            optimizer.zero_grad(set_to_none=True)
-            full_rank.zero_grad()
+    sequence.model.train()
+    for step in train_steps(schedule, data, sequence.model, response_loss, optimizer, schedule.lr_schedule(optimizer),
+                            config["max_grad_norm"], Hooks(before_step, diverged)):
+        losses += step.losses
+        if projection:
+            sequence.project_adapters(gradients=False)
     if projection:
         threshold = config["energy_threshold"]
         for name, basis in sequence.out_bases.items():
@@ -318,11 +314,11 @@ def train_task(sequence: Sequence, task: TaskData, index: int, config: dict, col
     return sum(losses) / max(1, len(losses))
 
 
-def train(config: dict, data: ContinualData, report: Reporter, resume: str | None = None,
+def train(config: dict, context: TrialContext, data: ContinualData, report: Reporter, resume: str | None = None,
           device: str | None = None) -> None:
     device = device or default_device()
-    sequence = Sequence(config, device)
-    tokenizer = tokenizer_for(config)
+    sequence = Sequence(config, context, device)
+    tokenizer = tokenizer_for(config["model"], context.trust_remote_code)
     order = tuple(t.name for t in data.tasks)
     done = sequence.load(resume) if resume else 0
     collate = functools.partial(pad, pad_id=tokenizer.pad_token_id)
@@ -342,16 +338,16 @@ def train(config: dict, data: ContinualData, report: Reporter, resume: str | Non
             report(metrics, directory)
 
 
-def score(config: dict, checkpoint: str, source: str) -> dict:
+def score(config: dict, context: TrialContext, checkpoint: str, source: str) -> dict:
     """Every intermediate model of the sequence re-created from the checkpoint and scored once on the test
     splits: the accuracy matrix (row t: after task t, tasks 1..t; the last row: every task, and the untuned
     model's row 0), AA and BWT from it."""
     device = default_device()
-    sequence = Sequence(config, device)
-    tokenizer = tokenizer_for(config)
+    sequence = Sequence(config, context, device)
+    tokenizer = tokenizer_for(config["model"], context.trust_remote_code)
     done = sequence.load(checkpoint)
     pairs = {name: (layer.base.A, layer.base.B) for name, layer in sequence.layers.items()}
-    order = order_of(config)
+    order = order_of(config, context.task)
     tests = [test_split(Path(source), name, config) for name in order]
     new_tokens = answer_tokens(tokenizer, [e for t in tests for e in t])
 

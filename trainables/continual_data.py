@@ -31,6 +31,7 @@ ORDERS = {
 }
 # Offline: order 4 without the five tasks the shared copy lacks splits of (yahoo, dbpedia, yelp, IMDB, MultiRC).
 ORDERS["cl_local"] = tuple(t for t in _LONG if t not in ("yahoo", "dbpedia", "yelp", "IMDB", "MultiRC"))
+TEST_SEED = 42  # which test examples are scored, the same for every trial and seed
 SPLIT_FILES = {"train": "train.json", "test": "test.json"}  # dev.json is a copy of test.json: never used
 TEMPLATE = "Task:{group}\nDataset:{name}\n{instruction}Option: {labels} \n{text}\nAnswer:"
 
@@ -40,9 +41,9 @@ def is_order(value) -> bool:
                              and len(set(value)) == len(value))
 
 
-def order_of(config: dict) -> tuple[str, ...]:
+def order_of(config: dict, task: str) -> tuple[str, ...]:
     """The trial's sequence: the `order` setting, else the task's published order."""
-    return tuple(config["order"]) if config.get("order") else ORDERS[config["task"]]
+    return tuple(config["order"]) if config.get("order") else ORDERS[task]
 
 
 def task_folder(root: Path, name: str) -> Path:
@@ -104,7 +105,7 @@ def train_and_validation(root: Path, name: str, config: dict) -> tuple[list[Exam
 
 def test_split(root: Path, name: str, config: dict) -> list[Example]:
     """The task's test split (the same seeded `test_examples` of it for every trial)."""
-    return sample(load_task(root, name, "test", config["on_bad_row"]), config["test_examples"], 42)
+    return sample(load_task(root, name, "test", config["on_bad_row"]), config["test_examples"], TEST_SEED)
 
 
 def exact_match(generations: list[str], examples: list[Example]) -> float:

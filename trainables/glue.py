@@ -24,6 +24,7 @@ from llmm_tune.settings import COMMON, Setting, optional, positive_int, size
 from llmm_tune.train.data import BAD_ROW_POLICIES, by_length, carve_validation, hub_reachable, lengths
 from llmm_tune.train.fit import FIT_SETTINGS, Reporter, default_device, fit
 from llmm_tune.train.pretrained import load_classifier, load_tokenizer, model_config
+from llmm_tune.tune.context import TrialContext
 from trainables.glue_data import HUB_DATASET, TASKS, GlueTask, load_splits
 
 SETTINGS: dict[str, Setting] = {
@@ -38,11 +39,11 @@ HELD_OUT = "dev"  # the split `score` reads
 DATA_SETTINGS = ("model", "max_length", "validation_size", "max_train_examples", "seed", "on_bad_row")
 
 
-def glue_task(config: dict) -> GlueTask:
-    return TASKS[config["task"]].details
+def glue_task(context: TrialContext) -> GlueTask:
+    return TASKS[context.task].details
 
 
-def clock(config: dict) -> tuple[str, float]:
+def clock(config: dict, context: TrialContext) -> tuple[str, float]:
     return "epoch", config["epochs"]
 
 
@@ -87,27 +88,26 @@ def tokenize(split: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int
     return encoded.rename_column("label", "labels")
 
 
-def prepare(config: dict, source: str) -> GlueData:
-    model_config(config["model"], config.get("trust_remote_code", False))  # a model that cannot load stops here
-    train, dev = load_splits(glue_task(config), source, config["on_bad_row"])
+def prepare(config: dict, context: TrialContext, source: str) -> GlueData:
+    model_config(config["model"], context.trust_remote_code)  # a model that cannot load stops here
+    train, dev = load_splits(glue_task(context), source, config["on_bad_row"])
     train, validation = carve_validation(train, _texts(train), set(_texts(dev)), config["validation_size"],
                                          config["seed"])
     if config["max_train_examples"] is not None and config["max_train_examples"] < len(train):
         train = train.shuffle(seed=config["seed"]).select(range(config["max_train_examples"]))
-    tokenizer = load_tokenizer(config["model"], trust_remote_code=config.get("trust_remote_code", False))
+    tokenizer = load_tokenizer(config["model"], trust_remote_code=context.trust_remote_code)
     train = tokenize(train, tokenizer, config["max_length"])
     return GlueData(train, by_length(tokenize(validation, tokenizer, config["max_length"])), lengths(train))
 
 
-def build_model(config: dict, device: str) -> nn.Module:
+def build_model(config: dict, context: TrialContext, device: str) -> nn.Module:
     torch.manual_seed(config["seed"])  # the task head's initialisation
-    model = load_classifier(config["model"], glue_task(config).num_labels,
-                            trust_remote_code=config.get("trust_remote_code", False))
-    return apply_llmm(model, llmm_config(config), init_device=device, loftq_cache=config.get("loftq_cache")).to(device)
+    model = load_classifier(config["model"], glue_task(context).num_labels, trust_remote_code=context.trust_remote_code)
+    return apply_llmm(model, llmm_config(config), init_device=device, loftq_cache=context.loftq_store()).to(device)
 
 
-def collator(config: dict) -> DataCollatorWithPadding:
-    tokenizer = load_tokenizer(config["model"], trust_remote_code=config.get("trust_remote_code", False))
+def collator(config: dict, context: TrialContext) -> DataCollatorWithPadding:
+    tokenizer = load_tokenizer(config["model"], trust_remote_code=context.trust_remote_code)
     return DataCollatorWithPadding(tokenizer, return_tensors="pt")
 
 
@@ -125,26 +125,27 @@ def evaluate(model: nn.Module, split: Dataset, task: GlueTask, collate, batch_si
     return {"loss": loss_sum / len(split), **task.score(np.concatenate(labels), np.concatenate(logits))}
 
 
-def train(config: dict, data: GlueData, report: Reporter, resume: str | None = None, device: str | None = None) -> None:
+def train(config: dict, context: TrialContext, data: GlueData, report: Reporter, resume: str | None = None,
+          device: str | None = None) -> None:
     """Fine-tune, evaluating on the validation split `evals_per_epoch` times per epoch."""
     device = device or default_device()
-    model = build_model(config, device)
-    collate = collator(config)
+    model = build_model(config, context, device)
+    collate = collator(config, context)
 
     def validate() -> dict[str, float]:
-        return evaluate(model, data.validation, glue_task(config), collate, config["batch_size"] * 2, device)
+        return evaluate(model, data.validation, glue_task(context), collate, config["batch_size"] * 2, device)
 
     fit(config, model, data.train, data.train_lengths, collate, validate, report, resume, device)
 
 
-def score(config: dict, checkpoint: str, source: str) -> dict[str, float]:
+def score(config: dict, context: TrialContext, checkpoint: str, source: str) -> dict[str, float]:
     """The GLUE dev loss and metrics of a checkpoint (its first `test_examples` rows when that is set)."""
     device = default_device()
-    task = glue_task(config)
+    task = glue_task(context)
     dev = load_splits(task, source, config["on_bad_row"])[1]
     if config["test_examples"] is not None:
         dev = dev.select(range(min(config["test_examples"], len(dev))))
-    tokenizer = load_tokenizer(config["model"], trust_remote_code=config.get("trust_remote_code", False))
+    tokenizer = load_tokenizer(config["model"], trust_remote_code=context.trust_remote_code)
     dev = by_length(tokenize(dev, tokenizer, config["max_length"]))
-    model = load_adapter(build_model(config, device), checkpoint).eval()
-    return evaluate(model, dev, task, collator(config), config["batch_size"] * 2, device)
+    model = load_adapter(build_model(config, context, device), checkpoint).eval()
+    return evaluate(model, dev, task, collator(config, context), config["batch_size"] * 2, device)

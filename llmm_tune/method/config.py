@@ -1,4 +1,5 @@
-"""LlmmConfig: every setting of the method, validated on construction."""
+"""LlmmConfig: every setting of the method, validated on construction against METHOD_SETTINGS (the rules a
+search space is checked against too); BASELINES: what LoftQ, QLoRA and LoRA fix of those settings."""
 
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ INITS = ("loftq", "zero")
 class LlmmConfig:
     """Settings of a quantised distributional-LoRA fine-tune.
 
-    The baselines come from the same config: `K=0` is plain LoRA on the LoftQ initialisation
-    (LoftQ), `init="zero"` with 4-bit normal_float is QLoRA, `bits=None` is full-precision LoRA.
+    The baselines come from the same config (`BASELINES` says what each fixes): `K=0` is plain LoRA on the
+    LoftQ initialisation (LoftQ), `init="zero"` with 4-bit normal_float is QLoRA, `bits=None` is
+    full-precision LoRA.
     """
 
     rank: int = 16
@@ -33,22 +35,16 @@ class LlmmConfig:
     head_modules: tuple[str, ...] = ("classifier", "score", "pooler")  # trained in full
 
     def __post_init__(self) -> None:
+        """Each field against its rule in METHOD_SETTINGS (what a search space is checked against too), then
+        the rules that join fields."""
         def check(ok: bool, field: str, need: str) -> None:
             if not ok:
                 raise ValueError(f"LlmmConfig.{field} must be {need}, got {getattr(self, field)!r}")
 
-        check(_is_int(self.rank) and self.rank >= 1, "rank", "an integer >= 1")
-        check(_is_int(self.K) and self.K >= 0, "K", "an integer >= 0")
-        check(_is_number(self.scale) and self.scale > 0, "scale", "a number > 0")
-        check(self.bits is None or self.bits in BITS, "bits", f"one of {BITS} or None")
-        check(self.quant_method in METHODS, "quant_method", f"one of {METHODS}")
-        check(_is_int(self.loftq_iters) and self.loftq_iters >= 1, "loftq_iters", "an integer >= 1")
-        check(isinstance(self.double_quant, bool), "double_quant", "true or false")
+        for field, setting in METHOD_SETTINGS.items():
+            check(setting.test(getattr(self, field)), field, setting.need)
         check(not self.double_quant or (self.bits, self.quant_method) == (4, "normal_float"), "double_quant",
               "false unless bits is 4 and quant_method normal_float (bitsandbytes compresses NF4 scales only)")
-        check(_is_number(self.alpha) and self.alpha > 0, "alpha", "a number > 0")
-        check(_is_number(self.dropout) and 0 <= self.dropout < 1, "dropout", "in [0, 1)")
-        check(self.init is None or self.init in INITS, "init", f"one of {INITS} or None")
         check(not (self.init == "loftq" and self.bits is None), "init",
               "'zero' or None when bits is None (LoftQ needs a quantised base)")
         for field in ("target_modules", "head_modules"):
@@ -78,26 +74,29 @@ class LlmmConfig:
         return cls(**values)
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-# The method's settings as a search space sees them (None: a setting a baseline does not use).
+# The method's settings as a search space sees them, whose rules LlmmConfig checks its fields with; a space must
+# give the ones without a default.
 METHOD_SETTINGS: dict[str, Setting] = {
     "rank": Setting(positive_int, "an integer >= 1"),
     "scale": Setting(positive, "a number > 0"),
     "K": Setting(non_negative_int, "an integer >= 0"),
     "bits": Setting(lambda v: v is None or v in BITS, f"one of {list(BITS)} (or null for no quantisation)"),
     "quant_method": Setting(lambda v: v in METHODS, f"one of {list(METHODS)}"),
-    "loftq_iters": Setting(positive_int, "an integer >= 1", 5),
-    "double_quant": Setting(lambda v: isinstance(v, bool), "true or false (4-bit normal_float only)", False),
-    "alpha": Setting(positive, "a number > 0", 16.0),
-    "dropout": Setting(fraction, "a number in [0, 1)", 0.0),
-    "init": Setting(lambda v: v in (None, *INITS), "loftq, zero or null", None),
+    "loftq_iters": Setting(positive_int, "an integer >= 1", LlmmConfig.loftq_iters),
+    "double_quant": Setting(lambda v: isinstance(v, bool), "true or false (4-bit normal_float only)",
+                            LlmmConfig.double_quant),
+    "alpha": Setting(positive, "a number > 0", LlmmConfig.alpha),
+    "dropout": Setting(fraction, "a number in [0, 1)", LlmmConfig.dropout),
+    "init": Setting(lambda v: v in (None, *INITS), "loftq, zero or null", LlmmConfig.init),
+}
+
+# What --method fixes, so that each baseline shares the space and budget of the method itself; None marks a
+# setting the baseline does not use (the noise scale without moments, say).
+BASELINES: dict[str, dict[str, object]] = {
+    "llmm": {},
+    "loftq": {"K": 0, "scale": None},
+    "qlora": {"K": 0, "scale": None, "init": "zero", "bits": 4, "quant_method": "normal_float"},
+    "lora": {"K": 0, "scale": None, "init": "zero", "bits": None, "quant_method": None},
 }
 
 

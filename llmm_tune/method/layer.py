@@ -4,6 +4,9 @@ Each factor X in {A, B} is a Gaussian measure: a mean plus K moment directions. 
 draw eps ~ N(0, I_K / s) per factor per forward (shared across the batch) gives
 X = X_mean + sum_k eps_k X_moments[k]; the backward pass returns g to the mean and
 sqrt(s) * eps_k * g to moment k (the scaled gradient). Evaluation uses the mean.
+
+Like peft's lora.Linear, the layer owns its life: its initialisation (LoftQ or plain LoRA), its delta
+weight, and its merge into a plain linear layer; the model only finds targets and swaps layers.
 """
 
 from __future__ import annotations
@@ -13,6 +16,10 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from llmm_tune.method.config import LlmmConfig
+from llmm_tune.method.loftq import LoftQResult
+from llmm_tune.method.quant import dense_weight, quantized_linear
 
 
 class GaussianFactor(torch.autograd.Function):
@@ -48,6 +55,23 @@ class LlmmLinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.sample_in_eval = False  # Monte-Carlo prediction: draw even in eval mode
 
+    @classmethod
+    def wrap(cls, linear: nn.Linear, config: LlmmConfig, loftq: LoftQResult | None = None) -> LlmmLinear:
+        """`linear` adapted under `config`: with `loftq`, its base quantises LoftQ's residual and the factors
+        start at LoftQ's; without, the base is `linear` quantised (or kept, bits None) and the factors start as
+        plain LoRA's (A as peft's kaiming-uniform default, B = 0), as QLoRA and LoRA do."""
+        weight, bias = linear.weight, linear.bias
+        if loftq is not None:
+            base = quantized_linear(loftq.to_quantize.to(weight.device), bias, config.bits, config.quant_method,
+                                    config.double_quant)
+            A, B = loftq.A.to(weight.device), loftq.B.to(weight.device)
+        else:
+            base = linear if config.bits is None else quantized_linear(weight, bias, config.bits,
+                                                                       config.quant_method, config.double_quant)
+            A = nn.init.kaiming_uniform_(weight.new_empty(config.rank, weight.shape[1]), a=math.sqrt(5))
+            B = weight.new_zeros(weight.shape[0], config.rank)
+        return cls(base.requires_grad_(False), A, B, config.K, config.scale, config.scaling, config.dropout)
+
     def draw(self, mean: Tensor, moments: Tensor) -> Tensor:
         if moments.shape[0] == 0 or not (self.training or self.sample_in_eval):
             return mean
@@ -59,6 +83,29 @@ class LlmmLinear(nn.Module):
         B = self.draw(self.B_mean, self.B_moments)
         update = F.linear(F.linear(self.dropout(x).to(A.dtype), A), B)
         return self.base(x) + (self.scaling * update).to(x.dtype)
+
+    def delta_weight(self) -> Tensor:
+        """What the adapter adds to the base weight in eval mode (the means): scaling * B_mean A_mean."""
+        return self.scaling * self.B_mean @ self.A_mean
+
+    @torch.no_grad()
+    def merged(self) -> nn.Linear:
+        """A plain frozen linear layer with W = dequant(Q) + scaling B_mean A_mean (METHOD.md section 2)."""
+        return self._linear(dense_weight(self.base) + self.delta_weight())
+
+    @torch.no_grad()
+    def dequantized(self) -> nn.Linear:
+        """A plain frozen linear layer holding the dequantised base weight alone (the adapter dropped)."""
+        return self._linear(dense_weight(self.base))
+
+    @torch.no_grad()
+    def _linear(self, weight: Tensor) -> nn.Linear:
+        bias = self.base.bias
+        linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device)
+        linear.weight.copy_(weight)
+        if bias is not None:
+            linear.bias.copy_(bias)
+        return linear.requires_grad_(False)
 
     def extra_repr(self) -> str:
         r, K = self.A_mean.shape[0], self.A_moments.shape[0]

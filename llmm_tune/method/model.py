@@ -1,35 +1,24 @@
-"""Wrap any Hugging Face model with Llmm: inject, save, load, merge, predict, measure."""
+"""Wrap any Hugging Face model with Llmm: find the target layers and swap them (`LlmmLinear` builds, merges
+itself), save and load adapters, merge, predict, measure."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-import math
+import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from safetensors import safe_open
-from safetensors.torch import load as load_tensors
-from safetensors.torch import save as save_tensors
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from llmm_tune.files import atomic_path
 from llmm_tune.method.config import LlmmConfig
 from llmm_tune.method.layer import LlmmLinear
-from llmm_tune.method.quant import (
-    LoftQResult,
-    cached_loftq,
-    dense_weight,
-    dequantize,
-    pack,
-    quantize,
-    quantized_linear,
-    unpack,
-    weight_bytes,
-)
-from llmm_tune.tune import storage
+from llmm_tune.method.loftq import CACHE, LoftQStore, as_store
+from llmm_tune.method.quant import weight_bytes
 
 # LoftQ and MeMoTune adapt every linear layer of the transformer blocks; peft's defaults (query
 # and value only) are the fallback for other architectures.
@@ -65,97 +54,43 @@ def _in_head(name: str, heads: tuple[str, ...]) -> bool:
     return any(part in heads for part in name.split("."))
 
 
-def _build_layer(linear: nn.Linear, config: LlmmConfig, init: LoftQResult | None) -> LlmmLinear:
-    weight, bias = linear.weight, linear.bias
-    if init is not None:
-        base = quantized_linear(init.to_quantize.to(weight.device), bias, config.bits, config.quant_method,
-                                config.double_quant)
-        A, B = init.A.to(weight.device), init.B.to(weight.device)
-    else:  # plain LoRA init (QLoRA, LoRA): A as peft's kaiming-uniform default, B = 0
-        base = linear if config.bits is None else quantized_linear(weight, bias, config.bits,
-                                                                   config.quant_method, config.double_quant)
-        A = nn.init.kaiming_uniform_(weight.new_empty(config.rank, weight.shape[1]), a=math.sqrt(5))
-        B = weight.new_zeros(weight.shape[0], config.rank)
-    return LlmmLinear(base.requires_grad_(False), A, B, config.K, config.scale, config.scaling,
-                      config.dropout)
-
-
-class LoftQStore:
-    """LoftQ initialisations of a model's layers, kept in `cache` (a folder or URI) when given: the
-    initialisation of a large model takes minutes, and every trial of a search with the same weights
-    and settings needs the same one. A stored layer is its quantised residual (packed codes and
-    scales) and its two factors, so rebuilding the layer is exact and cheap."""
-
-    def __init__(self, model: nn.Module, names: list[str], config: LlmmConfig, init_device: str | None,
-                 cache: str | None):
-        self.config, self.init_device, self.path = config, init_device, None
-        self.stored: dict[str, Tensor] = {}
-        self.computed: dict[str, Tensor] = {}
-        if cache is not None:
-            key = hashlib.blake2b(json.dumps([config.rank, config.bits, config.quant_method, config.loftq_iters,
-                                              config.scaling, config.double_quant]).encode(), digest_size=16)
-            for name in names:
-                weight = model.get_submodule(name).weight
-                key.update(f"{name}{tuple(weight.shape)}".encode())
-                key.update(weight.detach().float().cpu().numpy().tobytes())
-            self.path = storage.join(cache, f"loftq-{key.hexdigest()}.safetensors")
-            if storage.exists(self.path):
-                self.stored = load_tensors(storage.read_bytes(self.path))
-
-    def init(self, name: str, weight: Tensor) -> LoftQResult:
-        c = self.config
-        if self.stored:
-            s = self.stored
-            residual = dequantize(unpack(s[f"{name}.codes"], c.bits), s[f"{name}.absmax"], c.bits, c.quant_method,
-                                  weight.shape)
-            return LoftQResult(residual, s[f"{name}.A"], s[f"{name}.B"], [])
-        result = cached_loftq(weight.to(self.init_device or weight.device), c.rank, c.bits, c.quant_method,
-                              c.loftq_iters, c.scaling, c.double_quant)
-        if self.path is not None:
-            codes, absmax = quantize(result.to_quantize, c.bits, c.quant_method)
-            self.computed |= {f"{name}.codes": pack(codes, c.bits).cpu(), f"{name}.absmax": absmax.cpu(),
-                              f"{name}.A": result.A.contiguous().cpu(), f"{name}.B": result.B.contiguous().cpu()}
-        return result
-
-    def save(self) -> None:
-        if self.computed:
-            storage.write_bytes(self.path, save_tensors(self.computed))
-
-
 def apply_llmm(model: nn.Module, config: LlmmConfig, init_device: str | None = None,
-               loftq_cache: str | None = None) -> nn.Module:
+               loftq_cache: str | os.PathLike | LoftQStore | None = None) -> nn.Module:
     """Replace every target linear layer by a quantised base plus a distributional adapter.
 
     Only adapter parameters and the modules named in `config.head_modules` stay trainable.
-    `init_device` (e.g. "cuda") runs LoftQ's SVDs there while the model stays where it is;
-    `loftq_cache` (a folder or URI) keeps the LoftQ initialisation for later runs (`LoftQStore`).
+    `init_device` (e.g. "cuda") runs LoftQ's SVDs there while the model stays where it is. LoftQ
+    initialisations are kept in this process's memory (`loftq.CACHE`) and, with `loftq_cache` (a local
+    folder, or a `LoftQStore` such as `llmm_tune.tune.storage.Store(uri)` for any location), for later runs.
     """
     targets = config.target_modules or default_target_modules(model)
     model.requires_grad_(False)
-    chosen = [
-        name for name, module in model.named_modules()
+    chosen = {
+        name: module for name, module in model.named_modules()
         if isinstance(module, nn.Linear) and matches(name, targets)
         and not _in_head(name, config.head_modules)
-    ]
+    }
     if not chosen:
         raise ValueError(
             f"LlmmConfig.target_modules {list(targets)} match no linear layer of "
             f"{type(model).__name__}; pass suffixes of names listed by model.named_modules()"
         )
-    store = LoftQStore(model, chosen, config, init_device, loftq_cache) if config.resolved_init == "loftq" else None
-    for name in chosen:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        linear = getattr(parent, child)
-        init = store.init(name, linear.weight) if store else None
-        setattr(parent, child, _build_layer(linear, config, init))
-    if store:
-        store.save()
+    store = as_store(loftq_cache)
+    init = (CACHE.get({name: linear.weight for name, linear in chosen.items()}, config, init_device, store)
+            if config.resolved_init == "loftq" else None)
+    for name, linear in chosen.items():
+        loftq = init.layer(name, linear.weight.shape) if init else None
+        _replace(model, name, LlmmLinear.wrap(linear, config, loftq))
     for name, module in model.named_modules():
         if name.rpartition(".")[2] in config.head_modules:
             module.requires_grad_(True)
     model.llmm_config = config
     return model
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child, module)
 
 
 def llmm_layers(model: nn.Module) -> dict[str, LlmmLinear]:
@@ -216,26 +151,17 @@ def load_llmm(model: nn.Module, directory: str | Path, init_device: str | None =
 
 def merge_llmm(model: nn.Module) -> nn.Module:
     """Replace each Llmm layer by a plain nn.Linear with W = dequant(Q) + scaling B_mean A_mean."""
-    return _to_linear(model, lambda layer: dense_weight(layer.base) + layer.scaling * layer.B_mean @ layer.A_mean)
+    return _unwrap(model, LlmmLinear.merged)
 
 
 def dequantize_llmm(model: nn.Module) -> nn.Module:
     """Replace each Llmm layer by a plain nn.Linear holding its dequantised base weight (the adapter dropped)."""
-    return _to_linear(model, lambda layer: dense_weight(layer.base))
+    return _unwrap(model, LlmmLinear.dequantized)
 
 
-@torch.no_grad()
-def _to_linear(model: nn.Module, weight_of) -> nn.Module:
+def _unwrap(model: nn.Module, linear_of: Callable[[LlmmLinear], nn.Linear]) -> nn.Module:
     for name, layer in llmm_layers(model).items():
-        weight = weight_of(layer)
-        bias = layer.base.bias
-        merged = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None,
-                           device=weight.device)
-        merged.weight.copy_(weight)
-        if bias is not None:
-            merged.bias.copy_(bias)
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, merged.requires_grad_(False))
+        _replace(model, name, linear_of(layer))
     del model.llmm_config
     return model
 

@@ -1,4 +1,5 @@
-"""Block-wise low-bit quantisers, LoftQ initialisation and low-bit storage of frozen base weights.
+"""Block-wise low-bit quantisers and low-bit storage of frozen base weights (LoftQ, which corrects them, is in
+`loftq`).
 
 METHOD.md section 1. Weights are quantised in blocks of 64 with one absmax scale per block;
 `normal_float` uses QLoRA's NF levels (0 exactly representable), `uniform` evenly spaced levels.
@@ -11,11 +12,7 @@ from __future__ import annotations
 
 import copy
 import functools
-import hashlib
 import math
-import os
-from collections import OrderedDict
-from dataclasses import dataclass
 
 import bitsandbytes as bnb
 import bitsandbytes.functional as bnbf
@@ -91,64 +88,6 @@ def unpack(packed: Tensor, bits: int) -> Tensor:
     per_byte = 8 // bits
     shifts = torch.arange(per_byte, device=packed.device, dtype=torch.int32) * bits
     return ((packed.to(torch.int32)[:, None] >> shifts) & (2**bits - 1)).view(-1).to(torch.uint8)
-
-
-@dataclass
-class LoftQResult:
-    """The residual to quantise for storage, LoRA factors (already divided by sqrt(scaling)), and
-    the error ||W - (Q + scaling B A)||_F of the kept iterate after each iteration."""
-
-    to_quantize: Tensor
-    A: Tensor
-    B: Tensor
-    errors: list[float]
-
-
-def loftq(weight: Tensor, rank: int, bits: int, method: str, iters: int, scaling: float,
-          double_quant: bool = False) -> LoftQResult:
-    """LoftQ: alternate block quantisation of W - scaling B A (exactly as the base layer will store it) and
-    a rank-r SVD of W - Q.
-
-    Absmax requantisation is not an exact projection, so the raw error can rise after a few
-    iterations (seen at 2 bits); the best iterate is kept, so the returned error never increases.
-    """
-    W = weight.detach().float()
-    A = W.new_zeros(rank, W.shape[1])
-    B = W.new_zeros(W.shape[0], rank)
-    best = LoftQResult(W, A, B, [])
-    for _ in range(iters):
-        residual = W - scaling * B @ A
-        Q = stored_values(residual, bits, method, double_quant)
-        U, S, Vh = torch.linalg.svd(W - Q, full_matrices=False)
-        root = S[:rank].sqrt() / math.sqrt(scaling)  # W - Q ~ scaling * B A
-        B, A = U[:, :rank] * root, root[:, None] * Vh[:rank]
-        error = torch.linalg.norm(W - Q - scaling * B @ A).item()
-        if not best.errors or error < best.errors[-1]:
-            best = LoftQResult(residual, A, B, best.errors + [error])
-        else:
-            best.errors.append(best.errors[-1])
-    return best
-
-
-_CACHE: OrderedDict[tuple, LoftQResult] = OrderedDict()
-CACHE_BYTES = int(os.environ.get("LLMM_LOFTQ_CACHE_MB", "1024")) * 2**20
-
-
-def cached_loftq(weight: Tensor, rank: int, bits: int, method: str, iters: int, scaling: float,
-                 double_quant: bool = False) -> LoftQResult:
-    """`loftq`, memoised on the weight's content: the trials of a search that a worker runs one after
-    another share the pretrained weights, so each quantiser setting is initialised once per worker.
-    Least recently used entries are dropped beyond LLMM_LOFTQ_CACHE_MB (default 1024)."""
-    digest = hashlib.blake2b(weight.detach().float().cpu().numpy().tobytes(), digest_size=16).hexdigest()
-    key = (digest, tuple(weight.shape), rank, bits, method, iters, scaling, double_quant, str(weight.device))
-    if key in _CACHE:
-        _CACHE.move_to_end(key)
-        return _CACHE[key]
-    result = loftq(weight, rank, bits, method, iters, scaling, double_quant)
-    _CACHE[key] = result
-    while sum(r.to_quantize.nbytes + r.A.nbytes + r.B.nbytes for r in _CACHE.values()) > CACHE_BYTES:
-        _CACHE.popitem(last=False)
-    return result
 
 
 class PackedLinear(nn.Module):

@@ -20,11 +20,12 @@ BAD_ROW_POLICIES = ("error", "skip")
 
 
 def resolve_data_dir(option: str | None) -> Path | None:
-    """The data directory from --data-dir or LLMM_DATA_DIR (absolute: trials run elsewhere)."""
+    """The data directory from --data-dir or LLMM_DATA_DIR (absolute: trials run elsewhere), its links kept as
+    given (a record names the folder as the user did, not where a link of this machine points)."""
     value = option or os.environ.get(DATA_DIR_ENV)
     if not value:
         return None
-    path = Path(value).expanduser().resolve()
+    path = Path(os.path.abspath(Path(value).expanduser()))
     if not path.is_dir():
         raise UsageError(f"data directory {value} does not exist; pass --data-dir DIR or set {DATA_DIR_ENV} "
                          "to the folder holding the data (e.g. ../shared/data)")
@@ -52,7 +53,7 @@ def portable_source(source: str, data_dir_option: str | None) -> str:
         return "hub"
     if not data_dir_option and os.environ.get(DATA_DIR_ENV):
         return f"${DATA_DIR_ENV}"
-    path = Path(source).resolve()
+    path = Path(os.path.abspath(source))  # not resolved: ../shared may be a link to a folder of this machine
     if path.is_relative_to(ROOT.parent):
         return os.path.relpath(path, ROOT)
     return str(path)
@@ -69,7 +70,7 @@ def locate_source(recorded: str, data_dir_option: str | None = None) -> Path | s
     if recorded == f"${DATA_DIR_ENV}":
         raise UsageError(f"the record reads its data from ${DATA_DIR_ENV}, which is not set here; set it or pass "
                          "--data-dir DIR")
-    path = (ROOT / recorded).resolve()
+    path = Path(os.path.normpath(ROOT / recorded))  # links kept, as portable_source names them
     if not path.is_dir():
         raise UsageError(f"the record's data folder {recorded} (relative to {ROOT}) does not exist here; pass "
                          f"--data-dir DIR or set {DATA_DIR_ENV} to where the data is")

@@ -4,7 +4,6 @@ starts: a trial whose workers never fit would wait forever."""
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 from dataclasses import dataclass
@@ -42,22 +41,32 @@ class Layout:
                    record["max_concurrent"])
 
 
-def check_job_paths(args: argparse.Namespace) -> None:
+@dataclass(frozen=True)
+class LayoutRequest:
+    """What the command line asked of a trial's shape; None: what fits."""
+
+    cpus_per_trial: float | None = None
+    gpus_per_trial: float | None = None
+    workers_per_trial: int = 1
+    max_concurrent: int | None = None
+
+
+def check_job_paths(storage_location: str, results: str | None, data_dir: str | None) -> None:
     """Inside a Ray job the working directory is Ray's temporary copy of the checkout: a relative path
     would put results where nobody finds them again, so it is refused."""
     if not in_ray_job():
         return
-    for flag, value in (("--storage", args.storage), ("--results", None if args.no_export else args.results),
-                        ("--data-dir", args.data_dir), (f"${DATA_DIR_ENV}", os.environ.get(DATA_DIR_ENV))):
+    for flag, value in (("--storage", storage_location), ("--results", results), ("--data-dir", data_dir),
+                        (f"${DATA_DIR_ENV}", os.environ.get(DATA_DIR_ENV))):
         if value and not storage.is_uri(value) and not os.path.isabs(os.path.expanduser(value)):
             raise UsageError(f"{flag} {value} is relative, but inside a Ray job the working directory is a temporary "
                              "copy of your checkout; pass an absolute path every node sees (for --storage also an "
                              "s3:// or gs:// URI)")
 
 
-def address(args: argparse.Namespace) -> str | None:
+def address(option: str | None) -> str | None:
     """The cluster to join: --address, or the job's own cluster inside `ray job submit`."""
-    return args.address or ("auto" if in_ray_job() else None)
+    return option or ("auto" if in_ray_job() else None)
 
 
 def start_ray(cluster: str | None) -> dict[str, float]:
@@ -84,15 +93,15 @@ def machine() -> dict[str, float]:
     return {"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}
 
 
-def plan_layout(args: argparse.Namespace, resources: dict[str, float], where: str) -> Layout:
+def plan_layout(asked: LayoutRequest, resources: dict[str, float], where: str) -> Layout:
     """The trial layout asked for, with defaults that fit `resources` (`where`: "this machine" or "the
     cluster")."""
     cpus_here, gpus_here = resources.get("CPU", 1.0), resources.get("GPU", 0.0)
-    gpus = args.gpus_per_trial if args.gpus_per_trial is not None else (1.0 if gpus_here else 0.0)
+    gpus = asked.gpus_per_trial if asked.gpus_per_trial is not None else (1.0 if gpus_here else 0.0)
     # Without GPUs, several narrow trials beat one wide one on these small models (MiniLM on 2 cores:
     # two 1-thread trials do 6.6 steps/s together, one 2-thread trial 5.0).
-    cpus = args.cpus_per_trial or float(max(1, int(cpus_here) // 4) if gpus == 0 else min(4, cpus_here))
-    workers = args.workers_per_trial
+    cpus = asked.cpus_per_trial or float(max(1, int(cpus_here) // 4) if gpus == 0 else min(4, cpus_here))
+    workers = asked.workers_per_trial
     if gpus > gpus_here:
         raise UsageError(f"--gpus-per-trial {gpus:g} exceeds the {gpus_here:g} GPU(s) of {where}; lower it"
                          + (" or pass --address of a cluster with more" if where == "this machine" else ""))
@@ -103,7 +112,7 @@ def plan_layout(args: argparse.Namespace, resources: dict[str, float], where: st
     if fit < 1:
         raise UsageError(f"--workers-per-trial {workers} of {cpus:g} CPU + {gpus:g} GPU each needs more than the "
                          f"{cpus_here:g} CPU + {gpus_here:g} GPU of {where}; lower it or the resources per worker")
-    return Layout(cpus, gpus, workers, args.max_concurrent or max(1, int(fit)))
+    return Layout(cpus, gpus, workers, asked.max_concurrent or max(1, int(fit)))
 
 
 def check_layout(layout: Layout) -> None:

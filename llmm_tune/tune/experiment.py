@@ -1,5 +1,5 @@
-"""What makes a result reproducible: the command, the settings, package versions and git commit.
-Written once into each experiment folder (`llmm_experiment.json`) and copied into every export."""
+"""What makes a result reproducible: the command, the settings, package versions and git commit, in the typed
+record written once into each experiment folder (`llmm_experiment.json`) and copied into every export."""
 
 from __future__ import annotations
 
@@ -7,13 +7,16 @@ import json
 import shlex
 import subprocess
 import sys
+from dataclasses import asdict, dataclass, field, fields
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from llmm_tune.project import ROOT
 from llmm_tune.tune import storage
+from llmm_tune.tune.context import TrialContext
 
 METADATA_FILE = "llmm_experiment.json"
+LOFTQ_CACHE = "loftq"  # <experiment>/loftq/: LoftQ initialisations every trial of the search shares
 PACKAGES = ("llmm-tune", "torch", "transformers", "peft", "bitsandbytes", "ray", "optuna", "datasets")
 
 
@@ -56,11 +59,57 @@ def fresh_name(storage_dir: Path, base: str) -> str:
     return name
 
 
-def write_metadata(experiment: str, metadata: dict) -> None:
-    storage.write_text(storage.join(str(experiment), METADATA_FILE), json.dumps(metadata, indent=2, default=str))
+@dataclass
+class ExperimentRecord:
+    """An experiment as `llmm_tune.search` started it, written once into its folder and read by every command
+    that continues, exports or compares it. Records written by older versions load through `from_dict`."""
+
+    name: str
+    family: str
+    task: str
+    space: str  # the space's name, or its file as given
+    space_yaml: str  # the space itself: a search resumes and exports without the file
+    profile: str
+    method: str
+    metric: str
+    mode: str
+    seed: int  # the searcher's and the validation split's
+    model: str
+    num_samples: int
+    overrides: dict  # the fixed settings the command line set (seed, model, on_bad_row, fsdp)
+    options: dict  # the search's command-line options, parsed (compare reuses a search only with the same ones)
+    command: str
+    git_commit: str
+    versions: dict
+    started: str
+    resources: dict = field(default_factory=dict)  # cluster.Layout's record
+    data: str = "hub"  # as records name the data: portable (data.portable_source)
+    data_dir: str | None = None  # this machine's data folder, to resume here
+    trust_remote_code: bool = False
+    sampler: str = "tpe"
+    early_stopping: bool = True
+
+    @classmethod
+    def from_dict(cls, values: dict) -> ExperimentRecord:
+        """A record as written, older ones too: before `overrides` they kept seed, model, on_bad_row and fsdp
+        apart, before `options` compare re-read the command."""
+        known = {f.name for f in fields(cls)}
+        legacy = {k: values[k] for k in ("seed", "model", "on_bad_row") if k in values}
+        values = {"overrides": {**legacy, **({"fsdp": True} if values.get("fsdp") else {})}, "options": {},
+                  **values}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+    def context(self, experiment: str) -> TrialContext:
+        """The context of this experiment's trials, its LoftQ initialisations kept in the experiment."""
+        return TrialContext.of(self.family, self.task, self.metric, self.trust_remote_code,
+                               storage.join(str(experiment), LOFTQ_CACHE))
+
+    def write(self, experiment: str) -> None:
+        storage.write_text(storage.join(str(experiment), METADATA_FILE),
+                           json.dumps(asdict(self), indent=2, default=str))
 
 
-def read_metadata(experiment: str) -> dict | None:
-    """The experiment's metadata, or None when `experiment` is not an llmm-tune experiment."""
+def read_record(experiment: str) -> ExperimentRecord | None:
+    """The experiment's record, or None when `experiment` is not an llmm-tune experiment."""
     path = storage.join(str(experiment), METADATA_FILE)
-    return json.loads(storage.read_text(path)) if storage.exists(path) else None
+    return ExperimentRecord.from_dict(json.loads(storage.read_text(path))) if storage.exists(path) else None

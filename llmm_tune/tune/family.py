@@ -6,14 +6,16 @@ A family is a module (`trainables.<name>` or any importable dotted path) with th
     TASKS: dict[str, Task]           its tasks, each with its metrics and their directions
     DATA_SETTINGS: tuple[str, ...]   settings `prepare` reads: fixed per search, never searched
     HELD_OUT: str                    the name of the split `score` reads ("dev", "test")
-    check_data(task, data_dir) -> str                 "hub" or the data folder; UsageError naming the fix
-    prepare(config, source) -> data                   train and validation data, shared by all trials
-    train(config, data, report, resume=None) -> None  report(metrics, checkpoint_dir) per evaluation
-    score(config, checkpoint, source) -> dict         every metric of the task on the held-out split, scored
-                                                      once, for the table
-    clock(config) -> (str, float)                     the reported key ASHA counts in, and its final value
+    check_data(task, data_dir) -> str                          "hub" or the data folder; UsageError naming the fix
+    prepare(config, context, source) -> data                   train and validation data, shared by all trials
+    train(config, context, data, report, resume=None) -> None  report(metrics, checkpoint_dir) per evaluation
+    score(config, context, checkpoint, source) -> dict         every metric of the task on the held-out split,
+                                                               scored once, for the table
+    clock(config, context) -> (str, float)                     the reported key ASHA counts in, and its final value
 
-Optional: `build_model(config, device) -> nn.Module`, the model a checkpoint's adapter loads into
+`config` holds the trial's settings alone; `context` (`llmm_tune.tune.context.TrialContext`) the rest: task,
+selection metric and direction, which report stands, trust_remote_code, where LoftQ initialisations are kept.
+Optional: `build_model(config, context, device) -> nn.Module`, the model a checkpoint's adapter loads into
 (`llmm_tune.export_adapter` needs it).
 
 `train` reports `val_<metric>` for the metrics of its task it computes (the selection metric always);

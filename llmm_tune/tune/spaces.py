@@ -14,25 +14,18 @@ import optuna
 import yaml
 
 from llmm_tune.errors import UsageError
+from llmm_tune.method.config import BASELINES
 from llmm_tune.project import SPACES_DIR
 from llmm_tune.settings import REQUIRED, positive, positive_int
-from llmm_tune.tune.family import MODES, load_family
+from llmm_tune.tune.family import MODES, Task, load_family
 
 PROFILES = ("paper", "cpu")
-METHOD_CHOICES = ("llmm", "loftq", "qlora", "lora")
+METHOD_CHOICES = tuple(BASELINES)  # --method
 SAMPLERS = ("loguniform", "uniform", "int", "choice")
 TOP_KEYS = {"extends", "family", "task", "metric", "space", "fixed", "early_stopping", "profiles", "warm_start"}
 PROFILE_KEYS = {"space", "fixed", "num_samples", "warm_start", "metric", "early_stopping"}  # a profile's replaces
 # the top-level one (space and fixed: key by key)
 EARLY_STOPPING = {"metric": None, "mode": None, "grace_period": 1, "reduction_factor": 2}  # None: the selection's
-# What --method fixes so the baselines share the space and budget of the method itself;
-# None marks a setting the baseline does not use (the noise scale without moments, say).
-METHOD_FIXED = {
-    "llmm": {},
-    "loftq": {"K": 0, "scale": None},
-    "qlora": {"K": 0, "scale": None, "init": "zero", "bits": 4, "quant_method": "normal_float"},
-    "lora": {"K": 0, "scale": None, "init": "zero", "bits": None, "quant_method": None},
-}
 
 
 @dataclass
@@ -164,16 +157,33 @@ def load_spec(task_or_path: str, profile: str, method: str, num_samples: int | N
     if not isinstance(raw.get("family"), str):
         _fail(path, "family", "missing; name the task family: glue, causal_lm, continual or a module path")
     recipe = load_family(raw["family"])
-    settings, tasks = recipe.SETTINGS, recipe.TASKS
-    if raw.get("task") not in tasks:
+    if raw.get("task") not in recipe.TASKS:
         _fail(path, "task", f"{raw.get('task')!r} is not a task of family {raw['family']}; choose one of "
-                            f"{', '.join(tasks)} or the family that has it")
+                            f"{', '.join(recipe.TASKS)} or the family that has it")
     profiles = _mapping(path, "profiles", raw.get("profiles"), set(PROFILES))
     if profile not in profiles:
         _fail(path, "profiles", f"no {profile!r} profile; add profiles.{profile} or choose "
                                 f"--profile {' or '.join(profiles) or 'another'}")
     chosen = _mapping(path, f"profiles.{profile}", profiles[profile], PROFILE_KEYS)
+    space, fixed = _settings(path, raw, chosen, profile, recipe, method)
+    task = recipe.TASKS[raw["task"]]
+    metric = chosen.get("metric", raw.get("metric", task.metric))
+    if metric not in task.metrics:
+        _fail(path, "metric", f"{metric!r} is not reported by {task.name}; choose one of {', '.join(task.metrics)}")
+    stopping = _early_stopping(path, raw, chosen, profile, task, metric)
+    samples = num_samples if num_samples is not None else chosen.get("num_samples", 10)
+    if not positive_int(samples):
+        _fail(path, f"profiles.{profile}.num_samples", f"must be an integer >= 1, got {samples!r}")
+    warm, adjustments = _warm_start(path, recipe.SETTINGS, chosen.get("warm_start", raw.get("warm_start")), space)
+    return SearchSpec(path, text, raw["family"], task.name, metric, task.metrics[metric], space, fixed, stopping,
+                      samples, warm, adjustments)
 
+
+def _settings(path: Path, raw: dict, chosen: dict, profile: str, recipe: ModuleType,
+              method: str) -> tuple[dict, dict]:
+    """(searched, fixed) settings: the top level's, the profile's over them, defaults for the rest, then what
+    the method fixes; every setting of the family has a value, and none that shapes the data is searched."""
+    settings = recipe.SETTINGS
     space, fixed = {}, {}
     for where, section in (("", raw), (f"profiles.{profile}.", chosen)):
         section_space = _mapping(path, f"{where}space", section.get("space"), set(settings))
@@ -193,7 +203,7 @@ def load_spec(task_or_path: str, profile: str, method: str, num_samples: int | N
     for name, setting in settings.items():
         if setting.default is not REQUIRED and name not in space:
             fixed.setdefault(name, setting.default)
-    for name, value in METHOD_FIXED[method].items():
+    for name, value in BASELINES[method].items():
         fixed[name] = value
         space.pop(name, None)
     missing = sorted(name for name in settings if name not in fixed and name not in space)
@@ -202,12 +212,11 @@ def load_spec(task_or_path: str, profile: str, method: str, num_samples: int | N
     searched_data = sorted(set(space) & set(recipe.DATA_SETTINGS))
     if searched_data:
         _fail(path, "space", f"{searched_data} shape the data every trial shares; move them to fixed")
+    return space, fixed
 
-    task = tasks[raw["task"]]
-    metric = chosen.get("metric", raw.get("metric", task.metric))
-    if metric not in task.metrics:
-        _fail(path, "metric", f"{metric!r} is not reported by {task.name}; choose one of {', '.join(task.metrics)}")
-    mode = task.metrics[metric]
+
+def _early_stopping(path: Path, raw: dict, chosen: dict, profile: str, task: Task, metric: str) -> dict:
+    """ASHA's settings: the profile's or the top level's over the defaults; metric and mode the selection's."""
     where = f"profiles.{profile}.early_stopping" if "early_stopping" in chosen else "early_stopping"
     stopping = {**EARLY_STOPPING, **_mapping(path, where, chosen.get("early_stopping", raw.get("early_stopping")),
                                              set(EARLY_STOPPING))}
@@ -219,12 +228,7 @@ def load_spec(task_or_path: str, profile: str, method: str, num_samples: int | N
     if not (positive(stopping["grace_period"]) and positive(stopping["reduction_factor"])
             and stopping["reduction_factor"] > 1):
         _fail(path, where, "grace_period must be > 0 and reduction_factor > 1")
-    samples = num_samples if num_samples is not None else chosen.get("num_samples", 10)
-    if not positive_int(samples):
-        _fail(path, f"profiles.{profile}.num_samples", f"must be an integer >= 1, got {samples!r}")
-    warm, adjustments = _warm_start(path, settings, chosen.get("warm_start", raw.get("warm_start")), space)
-    return SearchSpec(path, text, raw["family"], task.name, metric, mode, space, fixed, stopping, samples, warm,
-                      adjustments)
+    return stopping
 
 
 def _warm_start(path: Path, settings: dict, points, space: dict) -> tuple[list[dict], list[str]]:

@@ -1,12 +1,14 @@
 """Where experiments live: a local folder, an NFS mount or an object store (`s3://`, `gs://`), all
 through pyarrow filesystems, so the driver, every trial and the export read and write the same files.
 Endpoints and credentials come from the usual environment variables (AWS_ENDPOINT_URL,
-AWS_ACCESS_KEY_ID, GOOGLE_APPLICATION_CREDENTIALS, ...), as pyarrow reads them."""
+AWS_ACCESS_KEY_ID, GOOGLE_APPLICATION_CREDENTIALS, ...), as pyarrow reads them. `Store` gives the method's
+LoftQ cache that reach."""
 
 from __future__ import annotations
 
 import os
 import posixpath
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -80,6 +82,21 @@ def list_names(location: str) -> list[str]:
 def delete(location: str) -> None:
     fs, path = filesystem(location)
     fs.delete_file(path)
+
+
+@dataclass(frozen=True)
+class Store:
+    """A LoftQ store (`llmm_tune.method.loftq.LoftQStore`) at any location, so that every trial of a search
+    reads the initialisation the first one computed: `apply_llmm(..., loftq_cache=Store(location))`."""
+
+    location: str
+
+    def read(self, name: str) -> bytes | None:
+        path = join(self.location, name)
+        return read_bytes(path) if exists(path) else None
+
+    def write(self, name: str, data: bytes) -> None:
+        write_bytes(join(self.location, name), data)
 
 
 def writable(location: str, flag: str) -> str:

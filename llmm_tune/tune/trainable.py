@@ -1,48 +1,37 @@
-"""THE Tune trainable: runs one trial of any family, resumes it from Tune's checkpoint, tracks the best
-validation value in the task's direction, and ends the trial (not the search) when it fails for a
-reason: divergence, out of memory, or the same crash again after a restore."""
+"""THE Tune trainable: runs one trial of any family through the runner, resumes it from Tune's checkpoint, and
+ends the trial (not the search) when it fails for a reason: divergence, out of memory, or the same crash again
+after a restore."""
 
 from __future__ import annotations
 
-import ctypes
-import gc
 import json
-import os
-import sys
 import traceback
-from pathlib import Path
 
 import torch
 
 from llmm_tune.errors import FAILURE_KEY, failure_reason
 from llmm_tune.tune import storage
-from llmm_tune.tune.family import load_family, replaces
+from llmm_tune.tune.context import TrialContext
+from llmm_tune.tune.runner import prepare_process, release_memory, run_recipe
 
-BEST_FILE = "llmm_best.json"  # in every checkpoint: the best selection value up to it
 CRASHES = "crashes"  # <experiment>/crashes/<trial id>.json and .log: the last crash of each trial
-LOFTQ_CACHE = "loftq"  # <experiment>/loftq/: LoftQ initialisations every trial of the search shares
 
 
-def trainable(config: dict, family: str, data, experiment: str, layout: dict) -> None:
+def trainable(config: dict, context: TrialContext, data, experiment: str, layout: dict) -> None:
     """Ray Tune function trainable; `experiment` is the experiment's folder or URI, `layout` its
-    `cluster.Layout` record (more than one worker per trial: a Ray Train run, see `distributed`)."""
+    `cluster.Layout` record (more than one worker per trial: a Ray Train run, see `workers`)."""
     from ray import tune
 
     prepare_process()
     trial_id = tune.get_context().get_trial_id()
-    config = {**config, "loftq_cache": storage.join(experiment, LOFTQ_CACHE)}
     try:
         if layout["workers_per_trial"] > 1:
             from llmm_tune.tune.workers import run_workers
 
-            run_workers(config, family, data, experiment, layout, trial_id)
+            run_workers(config, context, data, experiment, layout, trial_id)
         else:
             torch.set_num_threads(max(1, int(layout["cpus_per_trial"])))
-
-            def send(metrics: dict, directory: str) -> None:
-                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
-
-            run_trial(load_family(family), config, data, send, tune.get_checkpoint())
+            run_single(config, context, data)
         return
     except Exception as error:  # divergence, out of memory, a repeated crash: end the trial, not the search
         reason = failure_reason(error) or repeated_crash(error, experiment, trial_id)
@@ -53,52 +42,19 @@ def trainable(config: dict, family: str, data, experiment: str, layout: dict) ->
     tune.report({FAILURE_KEY: reason})
 
 
-def prepare_process() -> None:
-    """Quiet library logs; give a stopped trial's thread time to end; and Ray's Tee (the trial's log files)
-    lacks isatty, which transformers calls when it reports weights a checkpoint lacks (a new task head)."""
-    from llmm_tune.tune.console import quiet_logs
+def run_single(config: dict, context: TrialContext, data) -> None:
+    """A one-process trial: every report to Tune with its checkpoint, from Tune's latest one when resumed."""
+    from ray import tune
 
-    quiet_logs()
-    # When Tune reuses this actor for the next trial, it waits this long for the stopped trial's thread to end
-    # (read in this process, so set here it holds on any cluster). Tune's default, 2 s, is shorter than a
-    # stopped trial's clean-up on a loaded machine, and the next trial then failed with "Trainable runner reuse
-    # requires reset_config()" (seen on 2 cores under a second workload).
-    os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", "120")
-    for stream in (sys.stdout, sys.stderr):
-        if not hasattr(stream, "isatty"):
-            stream.isatty = lambda: False
+    def send(metrics: dict, directory: str, stands: bool) -> None:
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
 
-
-def run_trial(recipe, config: dict, data, send, checkpoint) -> None:
-    """Train with `recipe`, from `checkpoint` (a Ray checkpoint) when given; each evaluation's metrics,
-    with `best_val_<metric>` (the trial's value so far: its best report, or its last for a task that selects
-    the last) go out with their checkpoint directory
-    through `send(metrics, directory)`."""
-    metric, mode, task = config["metric"], config["mode"], recipe.TASKS[config["task"]]
-    best = {"value": None}
-
-    def report(metrics: dict, directory: str) -> None:
-        if replaces(task, mode, metrics[f"val_{metric}"], best["value"]):
-            best["value"] = metrics[f"val_{metric}"]
-        (Path(directory) / BEST_FILE).write_text(json.dumps(best))
-        send({**metrics, f"best_val_{metric}": best["value"]}, directory)
-
+    checkpoint = tune.get_checkpoint()
     if checkpoint is None:
-        recipe.train(config, data, report)
+        run_recipe(context, config, data, send)
         return
     with checkpoint.as_directory() as directory:
-        best.update(json.loads((Path(directory) / BEST_FILE).read_text()))
-        recipe.train(config, data, report, resume=directory)
-
-
-def release_memory() -> None:
-    """Free what a finished trial held. glibc keeps freed heap pages for reuse, and a worker that ran
-    several trials of a causal LM grew from 6.5 to 9.5 GB resident: hand them back to the system."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    if sys.platform == "linux":
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        run_recipe(context, config, data, send, resume=directory)
 
 
 def repeated_crash(error: BaseException, experiment: str, trial_id: str) -> str | None:

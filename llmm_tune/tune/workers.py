@@ -1,9 +1,10 @@
 """A trial as a data-parallel Ray Train run: `--workers-per-trial N` launches a TorchTrainer from the
 Tune trainable (Ray 2.60 runs Train V2, where passing a trainer to the Tuner is deprecated). Every
-worker runs the family's own `train`; `fit` wraps the model in DistributedDataParallel and gives each
-worker its shard of the batches. Metrics reach Tune (ASHA, the searcher) through Ray's
+worker runs the family's own `train` through the runner; `fit` wraps the model in DistributedDataParallel and
+gives each worker its shard of the batches. Metrics reach Tune (ASHA, the searcher) through Ray's
 TuneReportCallback, with every worker's shard merged in; checkpoints stay with the Train run (rank 0's,
-under `<experiment>/train/<trial>`), whose latest one a restarted trial resumes from."""
+under `<experiment>/train/<trial>`): the one that stands for the trial (its best, or its last for a task that
+selects the last) is kept, and a restarted trial resumes from the latest."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from llmm_tune.errors import FAILURE_KEY, failure_reason
 from llmm_tune.tune import storage
-from llmm_tune.tune.family import load_family
+from llmm_tune.tune.context import TrialContext
+from llmm_tune.tune.runner import prepare_process, release_memory, run_recipe
 
 TRAIN_RUNS = "train"  # <experiment>/train/<trial id>/: the Ray Train run of each multi-worker trial
 
@@ -36,18 +38,21 @@ def worker_loop(args: dict) -> None:
     import ray.train
     import torch
 
-    from llmm_tune.tune.trainable import prepare_process, release_memory, run_trial
-
     prepare_process()
     torch.set_num_threads(max(1, int(args["cpus"])))
     rank = ray.train.get_context().get_world_rank()
 
-    def send(metrics: dict, directory: str) -> None:  # every worker reports; rank 0's checkpoint is kept
+    def send(metrics: dict, directory: str, stands: bool) -> None:  # every worker reports; rank 0's checkpoint
         checkpoint = ray.train.Checkpoint.from_directory(directory) if rank == 0 else None
         ray.train.report(metrics, checkpoint=checkpoint)
 
     try:
-        run_trial(load_family(args["family"]), args["config"], args["data"], send, ray.train.get_checkpoint())
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            run_recipe(args["context"], args["config"], args["data"], send)
+        else:
+            with checkpoint.as_directory() as directory:
+                run_recipe(args["context"], args["config"], args["data"], send, resume=directory)
     except Exception as error:  # divergence and out of memory end the trial with their reason, on every worker
         reason = failure_reason(error)
         if reason is None:
@@ -57,21 +62,20 @@ def worker_loop(args: dict) -> None:
         release_memory()
 
 
-def run_workers(config: dict, family: str, data, experiment: str, layout: dict, trial_id: str) -> None:
+def run_workers(config: dict, context: TrialContext, data, experiment: str, layout: dict, trial_id: str) -> None:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     gpus = layout["gpus_per_trial"]
     trainer = TorchTrainer(
         worker_loop,
-        train_loop_config={"config": config, "family": family, "data": data, "cpus": layout["cpus_per_trial"]},
+        train_loop_config={"config": config, "context": context, "data": data, "cpus": layout["cpus_per_trial"]},
         scaling_config=ScalingConfig(num_workers=layout["workers_per_trial"], use_gpu=gpus > 0,
                                      resources_per_worker={"CPU": layout["cpus_per_trial"], "GPU": gpus}),
         torch_config=TorchConfig(backend="nccl" if gpus > 0 else "gloo"),
         run_config=RunConfig(
             name=trial_id, storage_path=storage.join(experiment, TRAIN_RUNS), callbacks=[ShardsToTune()],
-            checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=f"val_{config['metric']}",
-                                               checkpoint_score_order=config["mode"]),
+            checkpoint_config=CheckpointConfig(num_to_keep=1, **context.checkpoint_ranking()),
             # a lost worker restarts the group from the latest checkpoint; Tune's own retries come after
             failure_config=FailureConfig(max_failures=2)),
     )

@@ -1,0 +1,59 @@
+"""What a trial knows besides its settings: its family and task, the metric that selects and its direction,
+which report stands for it, whether the model's own code may run, and where LoftQ initialisations are kept.
+Built once where a search, a reproduction or a compare starts, and handed to every consumer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import ModuleType
+
+from llmm_tune.tune.family import Task, load_family
+
+
+@dataclass(frozen=True)
+class TrialContext:
+    family: str
+    task: str
+    metric: str  # the selection metric, reported as val_<metric>
+    mode: str  # "max" or "min": the metric's better direction
+    selects: str  # the report that stands for a trial: its "best", or its "last" (a task sequence)
+    trust_remote_code: bool = False
+    loftq_cache: str | None = None  # a folder or URI every trial of the search shares; None: memory only
+
+    @classmethod
+    def of(cls, family: str, task: str, metric: str | None = None, trust_remote_code: bool = False,
+           loftq_cache: str | None = None) -> TrialContext:
+        """The context of `task` of `family` selecting on `metric` (default: the task's); the direction and which
+        report stands are the task's."""
+        definition: Task = load_family(family).TASKS[task]
+        metric = metric or definition.metric
+        return cls(family, task, metric, definition.metrics[metric], definition.selects, trust_remote_code,
+                   loftq_cache)
+
+    @property
+    def recipe(self) -> ModuleType:
+        return load_family(self.family)
+
+    @property
+    def definition(self) -> Task:
+        return self.recipe.TASKS[self.task]
+
+    @property
+    def value_key(self) -> str:
+        """The reported key a trial is selected on."""
+        return f"val_{self.metric}"
+
+    def checkpoint_ranking(self) -> dict:
+        """How Ray ranks a trial's checkpoints to keep the one that stands (keyword arguments of its
+        CheckpointConfig): by the selection metric, or, for a task judged by its last report, the latest."""
+        if self.selects == "last":
+            return {"checkpoint_score_attribute": None}
+        return {"checkpoint_score_attribute": self.value_key, "checkpoint_score_order": self.mode}
+
+    def loftq_store(self):
+        """Where `apply_llmm` keeps LoftQ initialisations for the other trials (a folder or an object store)."""
+        if self.loftq_cache is None:
+            return None
+        from llmm_tune.tune.storage import Store
+
+        return Store(self.loftq_cache)
