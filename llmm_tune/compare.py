@@ -149,7 +149,8 @@ def retrain(chosen: dict, seeds: list[int], runs: dict, runs_path: Path, cluster
                 method, seed = todo.pop(0)
                 meta, best, _ = chosen[method]
                 resources, config = meta.resources, trial_config(best, meta)
-                context = TrialContext.of(meta.family, meta.task, meta.metric, meta.trust_remote_code)
+                context = TrialContext.of(meta.family, meta.task, meta.metric, meta.trust_remote_code,
+                                          dataset=TrialContext.dataset_in(meta.space_yaml))
                 task = ray.remote(retrain_seed).options(num_cpus=resources["cpus_per_trial"],
                                                         num_gpus=resources["gpus_per_trial"])
                 threads = max(1, int(resources["cpus_per_trial"]))

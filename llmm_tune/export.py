@@ -2,16 +2,19 @@
 
 Writes to `results/<task>/`: every trial (trials.csv); per (method, quantiser, rank) the trial
 best on validation, scored once on the held-out split (GLUE dev, a test split) by its family
-(table.md, table.tex, configs/<row>.yaml); the best of those (best.yaml); Optuna's optimisation
-history and parameter importances (PNG). Several experiments of one task (say --method llmm and
---method loftq) share one table. Works on finished and running experiments alike.
+(table.md, table.tex, configs/<row>.yaml); the best of those (best.yaml); the first experiment's
+optimisation history, parameter importances, learning curves and parallel coordinates (PNG). Several
+experiments of one task (say --method llmm and --method loftq) share one table. Works on finished and
+running experiments alike.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 import pyarrow.fs as pafs
@@ -27,8 +30,13 @@ from llmm_tune.tune.context import TrialContext
 from llmm_tune.tune.experiment import ExperimentRecord, read_record
 from llmm_tune.tune.family import load_family
 
+if TYPE_CHECKING:
+    import optuna
+    from matplotlib.figure import Figure
+
 TABLE_KEYS = ("method", "quant_method", "bits", "rank", "task", "lr", "scale", "K")
 VERSION_KEYS = ("torch", "transformers", "peft", "bitsandbytes", "ray", "optuna")
+MIN_IMPORTANCE_TRIALS = 10  # importances from fewer trials are mostly noise
 
 
 def collect(experiment: str) -> tuple[ExperimentRecord, pd.DataFrame, dict]:
@@ -45,6 +53,7 @@ def collect(experiment: str) -> tuple[ExperimentRecord, pd.DataFrame, dict]:
     rows, checkpoints = [], {}
     for trial in analysis.trials:
         last = trial.last_result or {}
+        clock, budget = context.recipe.clock(trial.config, context)
         rows.append({"experiment": meta.name, "trial": trial.trial_id, "number": _trial_number(trial),
                      "status": trial.status, **trial.config, "method": meta.method, "task": meta.task,
                      "evaluations": last.get("training_iteration", 0),
@@ -52,6 +61,9 @@ def collect(experiment: str) -> tuple[ExperimentRecord, pd.DataFrame, dict]:
                      # last for a task sequence
                      context.value_key: trial.metric_analysis.get(context.value_key, {}).get(kept),
                      "failure": last.get("failure"), "seconds": last.get("time_total_s"),
+                     # ended by ASHA before the end of its budget (as the console says it)
+                     "stopped_early": trial.status == "TERMINATED" and last.get("failure") is None
+                     and last.get(clock, budget) < budget,
                      "git_commit": meta.git_commit,
                      "versions": " ".join(f"{k}={meta.versions.get(k)}" for k in VERSION_KEYS),
                      "search_command": meta.command})
@@ -126,12 +138,18 @@ def reproduction_record(best: pd.Series, meta: ExperimentRecord, held_out: dict,
         "validation": {"metric": meta.metric, "mode": meta.mode, "value": _plain(best[f"val_{meta.metric}"]),
                        "split": f"{config['validation_size']} of train, seed {meta.seed}, nothing of {split}"},
         "held_out": {"split": split, "scores": held_out},
-        "data": {"source": meta.data, "validation_seed": meta.seed},
+        "data": {"source": meta.data, "validation_seed": meta.seed, **dataset_record(meta.space_yaml)},
         "seed": config["seed"], "trust_remote_code": meta.trust_remote_code,
         "git_commit": meta.git_commit, "versions": meta.versions,
         "search_command": meta.command,
         "reproduce": f"python -m llmm_tune.reproduce {relative_to_cwd(path)} --seeds {config['seed']}",
     }
+
+
+def dataset_record(space_yaml: str) -> dict:
+    """The user's data as the search resolved it (files named portably, their content hashes), when it had its own."""
+    dataset = TrialContext.dataset_in(space_yaml)
+    return {} if dataset is None else {"dataset": json.loads(dataset)}
 
 
 def relative_to_cwd(path: Path) -> Path:
@@ -163,43 +181,118 @@ def latex(table: pd.DataFrame, records: list[dict], caption: str) -> str:
     return "\n".join(lines)
 
 
-def plots(trials: pd.DataFrame, metas: list[ExperimentRecord], out: Path) -> list[str]:
-    """Optuna's optimisation history and parameter importances, from a study rebuilt from the trials."""
+def plots(trials: pd.DataFrame, meta: ExperimentRecord, experiment: str, out: Path) -> list[str]:
+    """The experiment's optimisation history, parameter importances, learning curves and configurations in
+    parallel coordinates; a plot that cannot be drawn is skipped, saying why. Returns what was written, with a
+    caution for importances that rest on few trials."""
     import matplotlib
 
     matplotlib.use("Agg")
-    import optuna
+    from matplotlib import pyplot
     from optuna.visualization import matplotlib as optuna_plots
+    from ray.tune import ExperimentAnalysis
 
     from llmm_tune.tune.spaces import load_spec
 
-    meta = metas[0]
     spec = load_spec(meta.space, meta.profile, meta.method, meta.num_samples, text=meta.space_yaml)
-    distributions = spec.distributions()
-    study = optuna.create_study(direction="maximize" if meta.mode == "max" else "minimize",
-                                study_name=f"{meta.task} {meta.method}")
-    value_column = f"val_{meta.metric}"
-    for _, row in trials[trials["experiment"] == trials["experiment"].iloc[0]].iterrows():
-        if pd.isna(row[value_column]):
-            continue
-        params = {k: _plain(row[k]) for k in distributions}
-        study.add_trial(optuna.trial.create_trial(params=params, distributions=distributions,
-                                                  value=float(row[value_column])))
+    own, column = trials[trials["experiment"] == meta.name], f"val_{meta.metric}"
+    clock, budget = spec.recipe.clock(spec.fixed, meta.context(experiment))
+    study = rebuilt_study(own, meta, spec.distributions())
+    few = len(study.trials) < MIN_IMPORTANCE_TRIALS
+    caution = f" (on {len(study.trials)} trials: too few to trust)" if few else ""
+    rungs = asha_rungs(spec.early_stopping, budget) if meta.early_stopping else []
+    draws = {"history.png": lambda: history_figure(own, column, meta.mode),
+             "importance.png": lambda: importance_figure(study, column, caution),
+             "curves.png": lambda: curves_figure(ExperimentAnalysis(experiment).trial_dataframes, own, column, clock,
+                                                 rungs),
+             "parallel.png": lambda: optuna_plots.plot_parallel_coordinate(study, target_name=column).figure}
     written = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # experimental-API and few-trials notices: the plots are still right
-        for name, draw in (("history.png", optuna_plots.plot_optimization_history),
-                           ("importance.png", optuna_plots.plot_param_importances)):
-            try:
-                axes = draw(study)
-            except (ValueError, RuntimeError) as error:  # e.g. importances need 2+ varied trials
-                print(f"skipped {name}: {error}")
-                continue
-            with atomic_path(out / name) as tmp:
-                axes.figure.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-            matplotlib.pyplot.close(axes.figure)
-            written.append(name)
+        for name, draw in draws.items():
+            with pyplot.style.context("default"):  # Optuna's plots would leave their style (ggplot) to the next
+                try:
+                    figure = draw()
+                except (ValueError, RuntimeError) as error:  # e.g. importances need 2+ varied trials
+                    print(f"skipped {name}: {error}")
+                    continue
+                with atomic_path(out / name) as tmp:
+                    figure.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+            pyplot.close(figure)
+            written.append(name + (caution if name == "importance.png" else ""))
     return written
+
+
+def rebuilt_study(trials: pd.DataFrame, meta: ExperimentRecord, distributions: dict) -> optuna.Study:
+    """An in-memory Optuna study of the scored trials (settings and value), for Optuna's plots: it holds what the
+    export reads, wherever the search kept its own study."""
+    import optuna
+
+    study = optuna.create_study(direction="maximize" if meta.mode == "max" else "minimize",
+                                study_name=f"{meta.task} {meta.method}")
+    column = f"val_{meta.metric}"
+    for _, row in trials[trials[column].notna()].iterrows():
+        study.add_trial(optuna.trial.create_trial(params={k: _plain(row[k]) for k in distributions},
+                                                  distributions=distributions, value=float(row[column])))
+    return study
+
+
+def history_figure(trials: pd.DataFrame, column: str, mode: str) -> Figure:
+    """Each scored trial's value by its number in trials.csv, those ASHA stopped early marked apart, and the best so
+    far (Optuna's own history numbers the trials from 0 and knows no early stopping)."""
+    from matplotlib import pyplot
+    from matplotlib.ticker import MaxNLocator
+
+    scored = trials[trials[column].notna()].sort_values("number")
+    stopped = scored["stopped_early"].astype(bool)
+    figure, axes = pyplot.subplots(figsize=(6.4, 4))
+    axes.scatter(scored["number"][~stopped], scored[column][~stopped], label="trial")
+    axes.scatter(scored["number"][stopped], scored[column][stopped], marker="x", color="tab:orange",
+                 label="stopped early by ASHA")
+    best = scored[column].cummax() if mode == "max" else scored[column].cummin()
+    axes.step(scored["number"], best, where="post", color="tab:red", label="best so far")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.set(xlabel="trial (trials.csv number)", ylabel=column, title="Optimisation history")
+    axes.legend()
+    return figure
+
+
+def importance_figure(study: optuna.Study, column: str, caution: str) -> Figure:
+    """Optuna's parameter importances, the caution (importances from few trials) in the title."""
+    from optuna.visualization import matplotlib as optuna_plots
+
+    axes = optuna_plots.plot_param_importances(study, target_name=column)
+    axes.set_title(axes.get_title(loc="left") + caution, loc="left")  # where Optuna puts its title
+    return axes.figure
+
+
+def curves_figure(histories: dict[str, pd.DataFrame], trials: pd.DataFrame, column: str, clock: str,
+                  rungs: list[float]) -> Figure:
+    """Each trial's value at each report against the family's clock, one line per trial, with ASHA's rungs (where
+    it may stop a trial) as vertical lines."""
+    from matplotlib import pyplot
+
+    figure, axes = pyplot.subplots(figsize=(6.4, 4))
+    for _, trial in trials.iterrows():
+        reports = histories.get(trial["trial"])
+        if reports is not None and column in reports:
+            reports = reports[reports[column].notna()]
+            axes.plot(reports[clock], reports[column], marker=".", label=f"trial {trial['number']}")
+    for milestone in rungs:
+        axes.axvline(milestone, color="grey", linestyle=":", linewidth=1)
+    axes.set(xlabel=clock, ylabel=column, title="Learning curves" + (" (dotted: ASHA's rungs)" if rungs else ""))
+    axes.legend(fontsize="small", ncol=2)
+    return figure
+
+
+def asha_rungs(stopping: dict, budget: float) -> list[float]:
+    """Where ASHA may stop a trial, as Ray's ASHAScheduler places its rungs: grace_period times each power of
+    reduction_factor, below the budget."""
+    rungs, milestone = [], stopping["grace_period"]
+    while milestone < budget:
+        rungs.append(milestone)
+        milestone *= stopping["reduction_factor"]
+    return rungs
 
 
 def export(experiments: list[str], results: Path) -> Path:
@@ -219,7 +312,7 @@ def export(experiments: list[str], results: Path) -> Path:
     chosen = table_rows(experiments, collected)
     shown, records = write_records(chosen, out)
     write_tables(shown, records, chosen[0], out)
-    written = plots(trials, metas, out)
+    written = plots(trials, metas[0], experiments[0], out)
     print(f"exported {len(trials)} trials of {len(experiments)} experiment(s) to {out}: trials.csv, table.md, "
           f"table.tex, best.yaml, configs/, {', '.join(written)}")
     print(shown.drop(columns=["reproduce", "commit"]).to_string(index=False))

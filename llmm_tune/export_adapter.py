@@ -1,40 +1,47 @@
 """A trained configuration as a standard peft LoRA adapter plus its base:
 `python -m llmm_tune.export_adapter results/cola/best.yaml --out DIR`.
 
-DIR/adapter/ is written by peft itself (adapter_config.json with r, lora_alpha and the target modules, and
-adapter_model.safetensors holding the adapter means, which is what Llmm predicts with in eval mode).
-DIR/base/ is the pretrained model with each adapted layer's quantised weight dequantised and the trained
-task head in place (vLLM refuses an adapter with modules_to_save), with its tokenizer. DIR/export.json says
-how to load it: with 4-bit normal_float, the `bnb_4bit` arguments of transformers' BitsAndBytesConfig
-quantise exactly the adapted layers again, to the same codes (each block's largest weight is its scale
-times the code 1, so re-quantising a dequantised NF4 block finds the same scale and codes); other formats
-(2, 8 bit, uniform) load in full precision, as bitsandbytes has no such formats. `merge_llmm` stays the
-way to one merged model.
+DIR/adapter/ is written by peft itself (adapter_config.json with r, lora_alpha, the target modules, the task type
+and, for a classifier, the trained head as `modules_to_save`; adapter_model.safetensors holding the adapter means,
+which is what Llmm predicts with in eval mode). Its `base_model_name_or_path` is the base's hub id (a packaged
+model's, e.g. sentence-transformers/all-MiniLM-L6-v2; a local folder's own name), never a path of this machine.
+DIR/base/ is the pretrained model with each adapted layer's quantised weight dequantised, the trained task head in
+place and the task's label names (id2label), with its tokenizer (model_max_length: the training max_length).
+DIR/export.json says how to load it and the lengths the model was trained with: with 4-bit normal_float, the
+`bnb_4bit` arguments of transformers' BitsAndBytesConfig quantise exactly the adapted layers again, to the same
+codes; other formats (2, 8 bit, uniform) load in full precision, as bitsandbytes has no such formats.
+DIR/README.md (and the console) show both ways to load it. `merge_llmm` stays the way to one merged model.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 from pathlib import Path
+
+from torch import nn
 
 from llmm_tune.cli import command_parser
 from llmm_tune.cli import main as run_command
 from llmm_tune.errors import UsageError
-from llmm_tune.method.peft_export import to_peft
+from llmm_tune.files import write_text
+from llmm_tune.method.peft_export import EXPORT_FILE, to_peft
+from llmm_tune.tune.context import TrialContext
+
+LENGTHS = ("max_length", "max_source_length", "max_target_length")  # a trial's token lengths, as families name them
 
 
-def trained_model(record: dict, storage: str, data_dir: str | None):
+def trained_model(record: dict, context: TrialContext, storage: str, data_dir: str | None) -> nn.Module:
     """The record's trained model: its checkpoint in the experiment under `storage` when still there, else
     trained again with the record's seed (what `reproduce` checks gives the same numbers)."""
     from llmm_tune import load_adapter
     from llmm_tune.export import collect
-    from llmm_tune.reproduce import prepare_data, record_config, record_context
+    from llmm_tune.reproduce import prepare_data, record_config
     from llmm_tune.tune import storage as stores
     from llmm_tune.tune.experiment import METADATA_FILE
     from llmm_tune.tune.runner import train_standing
 
-    context = record_context(record)
     if not hasattr(context.recipe, "build_model"):
         raise UsageError(f"family {record['family']} trains no single LoRA adapter per model (a continual trial "
                          "stacks one pair per task); export_adapter takes glue and causal_lm records")
@@ -53,10 +60,44 @@ def trained_model(record: dict, storage: str, data_dir: str | None):
         return load_adapter(model, checkpoint).eval()
 
 
+def base_model_name(model: str) -> str:
+    """The base's name, the same on every machine: a packaged model's hub id, a hub id as given, a local folder's
+    own name (its path is this machine's)."""
+    from llmm_tune.train.pretrained import HUB_IDS
+
+    if model in HUB_IDS:
+        return HUB_IDS[model]
+    return Path(model).name if Path(model).exists() else model
+
+
+def name_labels(model: nn.Module, task_details: object) -> None:
+    """The task's label names as the model config's id2label and label2id (transformers' LABEL_i stay for a task
+    without names: a regression, or a family that names none)."""
+    names = getattr(task_details, "label_names", None)
+    if names:
+        model.config.id2label = dict(enumerate(names))
+        model.config.label2id = {name: i for i, name in enumerate(names)}
+
+
+def how_to_load(folder: str, record: dict) -> str:
+    """Python that loads the export in `folder`: exactly, offline, from its own base; or on the hub's base."""
+    head = "CausalLM" if record["task_type"] == "CAUSAL_LM" else "SequenceClassification"
+    quantised = (f", quantization_config=BitsAndBytesConfig(**json.load(open('{folder}/{EXPORT_FILE}'))"
+                 "['bnb_4bit'])") if record["bnb_4bit"] else ""
+    labels = f", num_labels={record['num_labels']}" if record["num_labels"] else ""
+    return (f"# exactly as trained, offline, from this export's base (its tokenizer too: {folder}/base)\n"
+            f"base = AutoModelFor{head}.from_pretrained('{folder}/base'{quantised})\n"
+            f"model = PeftModel.from_pretrained(base, '{folder}/adapter')\n"
+            f"# or on the hub's base, {record['base_model_name_or_path']}: its full-precision weights, the same only "
+            f"when the base was not quantised (bits: {record['bits']}) and is the hub's own\n"
+            f"model = AutoPeftModelFor{head}.from_pretrained('{folder}/adapter'{labels})\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = command_parser("export_adapter", __doc__)
     parser.add_argument("record", type=Path, help="best.yaml or configs/<row>.yaml written by llmm_tune.export")
-    parser.add_argument("--out", type=Path, required=True, help="folder for base/, adapter/ and export.json")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="folder for base/, adapter/, export.json and README.md")
     parser.add_argument("--storage", default="ray_results", help="where the search kept its experiment")
     parser.add_argument("--data-dir", help="data folder, when the trial must be trained again (default: "
                                            "$LLMM_DATA_DIR, else the record's)")
@@ -64,18 +105,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(argv: list[str]) -> dict:
-    from llmm_tune.reproduce import read_record
+    from llmm_tune.reproduce import read_record, record_context
     from llmm_tune.train.pretrained import load_tokenizer
     from llmm_tune.tune.console import quiet_logs
 
     args = build_parser().parse_args(argv)
     quiet_logs()
     record = read_record(args.record)
-    model = trained_model(record, args.storage, args.data_dir)
-    written = to_peft(model, args.out, load_tokenizer(record["config"]["model"]))
-    load = ("BitsAndBytesConfig(**export.json['bnb_4bit'])" if written["bnb_4bit"] else "full precision")
-    print(f"wrote {args.out}/base (load with {load}) and {args.out}/adapter (PeftModel.from_pretrained(base, "
-          f"'{args.out}/adapter'))")
+    context = record_context(record)
+    model = trained_model(record, context, args.storage, args.data_dir)
+    name_labels(model, context.definition.details)
+    training = {k: record["config"][k] for k in LENGTHS if k in record["config"]}
+    tokenizer = load_tokenizer(record["config"]["model"], trust_remote_code=context.trust_remote_code)
+    if "max_length" in training:  # one truncation for every text (a causal LM's prompt and reply have their own)
+        tokenizer.model_max_length = training["max_length"]
+    written = to_peft(model, args.out, base_model_name(record["config"]["model"]), tokenizer, training)
+    write_text(args.out / "README.md", f"# {record['task']}: {record['method']} adapter\n\nDIR is this folder; "
+               f"trained with {json.dumps(training)}.\n\n```python\n{how_to_load('DIR', written)}```\n")
+    print(f"wrote {args.out}/base and {args.out}/adapter; load with (also in {args.out}/README.md):\n"
+          + how_to_load(str(args.out), written))
     return written
 
 

@@ -32,7 +32,6 @@ from llmm_tune.search import add_profile_option, add_trial_shape_options, check_
 from llmm_tune.train.data import resolve_data_dir
 from llmm_tune.train.fit import Schedule
 from llmm_tune.tune.cluster import machine, plan_layout
-from llmm_tune.tune.context import TrialContext
 from llmm_tune.tune.spaces import SearchSpec, load_spec
 
 PROBE_STEPS = 16
@@ -62,7 +61,7 @@ def probe(spec: SearchSpec, source: str, steps: int, score: bool) -> dict:
     recipe = spec.recipe
     started = time.perf_counter()
     config = trial_config(spec)
-    context = TrialContext.of(spec.family, spec.task, spec.metric)
+    context = spec.context()
     data = recipe.prepare(config, context, source)
     figures = {"device": "cuda" if torch.cuda.is_available() else "cpu", "threads": torch.get_num_threads(),
                "prepare_s": time.perf_counter() - started, "train_examples": len(data.train)}
@@ -146,7 +145,7 @@ def measure(args: argparse.Namespace, spec: SearchSpec) -> tuple[dict, str]:
         figures = json.loads(Path(args.figures).read_text())
         how = f"recorded in {args.figures} ({figures['device']}, {figures['threads']} threads)"
     else:
-        source = spec.recipe.check_data(spec.task, resolve_data_dir(args.data_dir))
+        source = spec.context().source(resolve_data_dir(args.data_dir))
         here = plan_layout(layout_request(args), machine(), "this machine")
         torch.set_num_threads(max(1, int(here.cpus)))
         figures = probe(spec, source, args.probe_steps, not args.no_score)
@@ -181,7 +180,7 @@ def plan(args: argparse.Namespace) -> dict:
                          f"{spec.family} trains otherwise: time a short search of it instead (--num-samples 1)")
     figures, how = measure(args, spec)
     layout, per_gpu = planned_layout(args, figures)
-    time_attr, epochs = recipe.clock(spec.fixed, TrialContext.of(spec.family, spec.task, spec.metric))
+    time_attr, epochs = recipe.clock(spec.fixed, spec.context())
     config = trial_config(spec)
     schedule = Schedule.of(config, figures["train_examples"], layout.workers)
     steps = schedule.total_steps

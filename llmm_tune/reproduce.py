@@ -9,6 +9,7 @@ or where --data-dir / LLMM_DATA_DIR point.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import tempfile
 from pathlib import Path
@@ -20,7 +21,7 @@ from llmm_tune.cli import main as run_command
 from llmm_tune.errors import UsageError
 from llmm_tune.export import relative_to_cwd
 from llmm_tune.files import write_text
-from llmm_tune.train.data import locate_source, portable_source
+from llmm_tune.train.data import DATASET_SOURCE, locate_source, portable_source
 from llmm_tune.tune.context import TrialContext
 from llmm_tune.tune.experiment import command_line, git_commit, package_versions
 from llmm_tune.tune.runner import train_standing
@@ -29,7 +30,9 @@ from llmm_tune.tune.runner import train_standing
 def record_context(record: dict, trust_remote_code: bool | None = None) -> TrialContext:
     """The context an export record's trial ran in (`trust_remote_code`: as given here, else the record's)."""
     trust = record.get("trust_remote_code", False) if trust_remote_code is None else trust_remote_code
-    return TrialContext.of(record["family"], record["task"], record["validation"]["metric"], trust)
+    dataset = record["data"].get("dataset")
+    return TrialContext.of(record["family"], record["task"], record["validation"]["metric"], trust,
+                           dataset=None if dataset is None else json.dumps(dataset, sort_keys=True))
 
 
 def record_config(record: dict) -> dict:
@@ -49,7 +52,7 @@ def reproduce_seed(record: dict, context: TrialContext, seed: int, data, source:
 def prepare_data(record: dict, context: TrialContext, data_dir: str | None) -> tuple[object, str]:
     """(the record's train and validation data, its source) found on this machine, as the search split them."""
     found = locate_source(record["data"]["source"], data_dir)
-    source = context.recipe.check_data(record["task"], None if found == "hub" else found)
+    source = context.source(None if found in ("hub", DATASET_SOURCE) else found)
     config = {**record_config(record), "seed": record["data"]["validation_seed"]}
     return context.recipe.prepare(config, context, source), source
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import shutil
 import tempfile
@@ -22,6 +23,7 @@ import torch
 from llmm_tune.cli import Interrupted, command_parser
 from llmm_tune.cli import main as run_command
 from llmm_tune.errors import UsageError
+from llmm_tune.files import write_text
 from llmm_tune.method.config import BASELINES
 from llmm_tune.train.data import BAD_ROW_POLICIES, portable_source, resolve_data_dir
 from llmm_tune.tune import storage
@@ -52,7 +54,7 @@ DEFAULT_STORAGE = "ray_results"
 # What a multi-worker trial itself holds while its Ray Train workers run: a little memory, no CPU, so the
 # workers can take every CPU (Tune needs a non-empty request).
 TRAIN_DRIVER = {"memory": 64 * 2**20}
-NOT_OPTIONS = ("task", "name", "resume")  # what names the experiment rather than how it searches
+NOT_OPTIONS = ("task", "name", "resume", "write_space")  # what names the experiment rather than how it searches
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,7 +87,37 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-export", action="store_true", help="skip the export at the end")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="let the model's hub repository run its own Python code (off by default)")
+    add_data_options(parser)
     return parser
+
+
+def add_data_options(parser: argparse.ArgumentParser) -> None:
+    """Your own data, for the spaces with a `dataset:` block (sft, classify, or your YAML's)."""
+    group = parser.add_argument_group("your data (search sft|classify --data ..., or a YAML with a dataset: block)")
+    group.add_argument("--data", help="a data file (.jsonl .json .csv .tsv .parquet, or .gz of the text ones), a "
+                                      "folder of train/test files, or a hub dataset id")
+    group.add_argument("--test-data", help="a held-out file (default: the data's test split, else a seeded 10%% of it)")
+    group.add_argument("--format", help="the data's format (default: inferred from its columns); sft: text, "
+                                        "prompt_completion, messages, alpaca, preference; classify: single, pair")
+    group.add_argument("--columns", help="our column names mapped to yours, e.g. prompt=question,completion=answer "
+                                         "or text=review,label=stars")
+    group.add_argument("--chat-template", help="a Jinja chat template file, for messages data with a model "
+                                               "without one")
+    group.add_argument("--write-space", metavar="FILE",
+                       help="write the resolved search space (with the inferred format and labels) to FILE and stop")
+
+
+def dataset_options(options: dict) -> dict:
+    """The command line's data options as keys of a `dataset:` block."""
+    given = {"path": options.get("data"), "test": options.get("test_data"), "format": options.get("format"),
+             "chat_template": options.get("chat_template")}
+    if options.get("columns"):
+        pairs = [item.split("=", 1) for item in options["columns"].split(",")]
+        if not all(len(pair) == 2 and all(pair) for pair in pairs):
+            raise UsageError(f"--columns {options['columns']}: expected ours=yours pairs separated by commas, e.g. "
+                             "prompt=question,completion=answer")
+        given["columns"] = {ours.strip(): yours.strip() for ours, yours in pairs}
+    return {key: value for key, value in given.items() if value is not None}
 
 
 def add_profile_option(parser: argparse.ArgumentParser) -> None:
@@ -162,9 +194,9 @@ def space_overrides(options: dict) -> dict:
 
 
 def resolve_spec(space: str, profile: str, method: str, num_samples: int | None, overrides: dict,
-                 text: str | None = None) -> SearchSpec:
-    """The search space resolved for a profile and a method, with the command line's fixed settings."""
-    spec = load_spec(space, profile, method, num_samples, text=text)
+                 text: str | None = None, dataset: dict | None = None) -> SearchSpec:
+    """The search space resolved for a profile and a method, with the command line's fixed settings and data."""
+    spec = load_spec(space, profile, method, num_samples, text=text, dataset=dataset)
     if overrides.get("fsdp") and "fsdp" not in spec.recipe.SETTINGS:
         raise UsageError(f"--fsdp: the {spec.family} family trains each trial in one process (fit's sharding "
                          "does not apply to it); drop --fsdp")
@@ -226,7 +258,7 @@ def new_experiment(args: argparse.Namespace, argv: list[str], storage_dir: str) 
     profile = choose_profile(args.profile)
     options = {k: v for k, v in vars(args).items() if k not in NOT_OPTIONS}
     overrides = space_overrides(options)
-    spec = resolve_spec(args.task, profile, args.method, args.num_samples, overrides)
+    spec = resolve_spec(args.task, profile, args.method, args.num_samples, overrides, dataset=dataset_options(options))
     if spec.fixed.get("fsdp") and args.workers_per_trial < 2:
         raise UsageError("fsdp shards each trial's model over its workers; add --workers-per-trial 2 or more")
     if args.name and storage.exists(storage.join(storage_dir, args.name)):
@@ -266,8 +298,14 @@ def run(argv: list[str]) -> str:
     storage_dir = storage.writable(args.storage, "--storage")
     spec, experiment, record = (resumed_experiment(args, storage_dir) if args.resume
                                 else new_experiment(args, argv, storage_dir))
+    if args.write_space:
+        write_text(args.write_space, spec.text)
+        print(f"wrote the resolved search space to {args.write_space}; edit it and run: "
+              f"python -m llmm_tune.search {args.write_space}")
+        return experiment
+    context = record.context(experiment)
     data_dir = resolve_data_dir(args.data_dir or record.data_dir)
-    source = spec.recipe.check_data(spec.task, data_dir)
+    source = context.source(data_dir)
     record.data_dir = str(data_dir) if data_dir else None  # this machine's, to resume here
     record.data = portable_source(source, args.data_dir)  # what records carry
     results = None if args.no_export else Path(storage.writable(args.results, "--results"))
@@ -276,7 +314,6 @@ def run(argv: list[str]) -> str:
         record.resources = plan_layout(layout_request(args), machine(), "this machine").to_record()
     for note in spec.adjustments:
         print(note)
-    context = record.context(experiment)
     data = spec.recipe.prepare(spec.fixed, context, source)  # bad rows and models fail here, before Ray
     resume = (f"python -m llmm_tune.search {args.task} --resume --name {record.name}"
               + (f" --storage {args.storage}" if args.storage != DEFAULT_STORAGE else ""))
@@ -290,7 +327,7 @@ def run(argv: list[str]) -> str:
             check_layout(layout)
         record.write(experiment)
         print(f"experiment {experiment} | {spec.task} {record.method} {record.profile} | {spec.num_samples} trials, "
-              f"{describe(layout)} | {data_sizes(data)} | data: {source}")
+              f"{describe(layout)} | {data_sizes(data)} | data: {data_named(spec, source)}")
         print(f"logs: {log} and each trial's folder; resume with: {resume}")
         run_trials(build_tuner(spec, record, context, data, experiment, args.resume, args.optuna_storage), log, resume)
     ended = ended_trials(experiment)
@@ -338,6 +375,11 @@ def data_sizes(data) -> str:
     """What the console says of the prepared data: the family's own summary, else its splits' sizes."""
     return getattr(data, "sizes", None) or " | ".join(f"{k} {len(v)}" for k, v in vars(data).items()
                                                       if hasattr(v, "__len__") and k in ("train", "validation"))
+
+
+def data_named(spec: SearchSpec, source: str) -> str:
+    """The data as the console names it: the space's own data block's path, else the folder or "hub"."""
+    return json.loads(spec.dataset)["path"] if spec.dataset else source
 
 
 def ended_trials(experiment: str) -> int:

@@ -1,11 +1,13 @@
 import os
 
-import pytest
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
-
+# before huggingface_hub is imported (by transformers, datasets): it reads them once, at import
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 

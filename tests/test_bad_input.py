@@ -16,6 +16,13 @@ import yaml
 
 from llmm_tune import search
 from tests.search_fixtures import ENV, SHARED_DATA, run_module
+from tests.user_data import alpaca_rows, build, chat, model_without_chat_template, rows_file
+
+TEXT = "text"
+
+
+def data_file(kind: str, folder: Path) -> str:
+    return str(build(kind, folder)[0])
 
 SPACE = yaml.safe_load((Path(search.__file__).parent.parent / "search_spaces" / "glue_cola.yaml").read_text())
 
@@ -154,6 +161,37 @@ BAD_INPUTS = [
      ["--fsdp: the continual family trains each trial in one process", "drop --fsdp"]),
     ("more GPUs than the machine", lambda t: ["glue_cola", "--data-dir", str(SHARED_DATA), "--gpus-per-trial", "1"],
      ["--gpus-per-trial 1", "exceeds the 0 GPU(s)"]),
+    # your own data (search sft|classify --data ...)
+    ("user data missing", lambda t: ["sft", "--data", str(t / "nothing.jsonl")], ["nothing.jsonl not found", "--data"]),
+    ("no data given", lambda t: ["sft"], ["needs path", "--data PATH_OR_HUB_ID"]),
+    ("unknown hub id, offline", lambda t: ["sft", "--data", "someone/no_such_dataset"],
+     ["'someone/no_such_dataset' is neither a file or folder here nor reachable on the Hugging Face hub", "--data"]),
+    ("unknown format", lambda t: ["sft", "--data", data_file(TEXT, t), "--format", "csvish"],
+     ["unknown format 'csvish'", "text, prompt_completion, messages, alpaca, preference"]),
+    ("ambiguous format",
+     lambda t: ["sft", "--data", rows_file(t, "x.jsonl", [dict(text="a", prompt="b", completion="c")])],
+     ["several formats fit (text, prompt_completion) the columns ['completion', 'prompt', 'text']", "--format"]),
+    ("no format fits", lambda t: ["sft", "--data", rows_file(t, "x.jsonl", [dict(foo="a", bar="b")])],
+     ["no format fits the columns ['bar', 'foo']", "messages: messages", "--columns ours=yours"]),
+    ("column mapping names no column", lambda t: ["sft", "--data", data_file(TEXT, t), "--columns", "text=body"],
+     ["['body'] not in", "its columns are ['text']"]),
+    ("bad --columns", lambda t: ["sft", "--data", data_file(TEXT, t), "--columns", "text"], ["ours=yours pairs"]),
+    ("row without a required field",
+     lambda t: ["sft", "--data", rows_file(t, "qa.jsonl", [dict(prompt="1+1?", completion="2")] * 20
+                                           + [dict(prompt="2+2?")]), "--model", "smollm2"],
+     ["qa.jsonl:21: expected text in 'prompt' and a non-empty 'completion'", "--on-bad-row skip"]),
+    ("conversation without an assistant turn",
+     lambda t: ["sft", "--data", rows_file(t, "chat.jsonl", [chat(r) for r in alpaca_rows(20)]
+                                           + [{"messages": [{"role": "user", "content": "hi"}]}])],
+     ["chat.jsonl:21: the conversation has no assistant turn"]),
+    ("one class only", lambda t: ["classify", "--data", rows_file(t, "x.jsonl", [dict(text="a", label="ok")] * 9)],
+     ["single class (['ok'])", "two or more"]),
+    ("messages for a model without a chat template",
+     lambda t: ["sft", "--data", data_file("messages", t), "--model", model_without_chat_template(t)],
+     ["has no chat template", "--chat-template FILE"]),
+    ("test data with other columns",
+     lambda t: ["sft", "--data", data_file(TEXT, t), "--test-data", rows_file(t, "test.jsonl", [dict(body="x")])],
+     ["test data has columns ['body'] but train has ['text']"]),
 ]
 
 

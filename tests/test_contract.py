@@ -4,6 +4,7 @@ metric, resumes from a checkpoint to the same state, and scores the held-out spl
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -13,12 +14,14 @@ import torch
 from safetensors.torch import load_file
 
 from llmm_tune.errors import UsageError
-from llmm_tune.tune.context import TrialContext
 from llmm_tune.tune.spaces import METHOD_CHOICES, PROFILES, SPACES_DIR, load_spec
 from tests.search_fixtures import SHARED_DATA, tiny_bert, tiny_causal_lm
+from tests.user_data import CAUSAL_FORMATS, CLASSIFICATION_FORMATS, build
 from trainables.continual_data import order_of
 
-SPACES = sorted(SPACES_DIR.glob("*.yaml"))
+DATASET_SPACES = {"sft": CAUSAL_FORMATS, "classify": CLASSIFICATION_FORMATS}  # spaces that take the user's data
+SPACES = [p for p in sorted(SPACES_DIR.glob("*.yaml")) if p.stem not in DATASET_SPACES]
+USER_CASES = [(space, kind) for space, kinds in DATASET_SPACES.items() for kind in kinds]
 # The shared data lacks files of these tasks (GLUE's MNLI, QNLI and QQP training splits; tasks of O-LoRA's benchmark
 # that orders 1-6 use): only they may skip in CI (CI=true), where any other missing data fails the test.
 INCOMPLETE_IN_SHARED_DATA = {"glue_mnli", "glue_qnli", "glue_qqp", *(f"cl_order{i}" for i in range(1, 7))}
@@ -38,6 +41,7 @@ def tiny_models(tmp_path_factory):
 
 def test_the_search_spaces_are_found():
     assert SPACES, f"no search space in {SPACES_DIR}"  # else the test below is one skip ("empty parameter set")
+    assert all((SPACES_DIR / f"{space}.yaml").is_file() for space in DATASET_SPACES)
 
 
 @pytest.mark.parametrize("path", SPACES, ids=[p.stem for p in SPACES])
@@ -46,18 +50,40 @@ def test_every_search_space_resolves_trains_resumes_and_scores(path, tiny_models
         for method in METHOD_CHOICES:
             load_spec(path.stem, profile, method)
     spec = load_spec(path.stem, "cpu", "llmm")
-    recipe = spec.recipe
     try:
-        source = recipe.check_data(spec.task, SHARED_DATA)
+        source = spec.recipe.check_data(spec.task, SHARED_DATA)
     except UsageError as error:
         reason = f"no complete offline data for {spec.task} in {SHARED_DATA}: {error}"
         if IN_CI and (path.stem not in INCOMPLETE_IN_SHARED_DATA or not SHARED_DATA.is_dir()):
             pytest.fail(f"{reason} (in CI, only the tasks the shared data lacks may skip)")
         pytest.skip(reason)
+    trains_resumes_and_scores(spec, source, tiny_models, tmp_path)
+
+
+@pytest.mark.parametrize("space, kind", USER_CASES, ids=[f"{space}-{kind}" for space, kind in USER_CASES])
+def test_every_user_data_format_resolves_trains_resumes_and_scores(space, kind, tiny_models, tmp_path):
+    """The spaces that take the user's data, over a file of each format built from the shared data."""
+    path, options = build(kind, tmp_path)
+    dataset = {"path": str(path), **options}
+    for profile in PROFILES:
+        for method in METHOD_CHOICES:
+            load_spec(space, profile, method, dataset=dataset)
+    spec = load_spec(space, "cpu", "llmm", dataset=dataset)
+    block = json.loads(spec.dataset)
+    assert block["format"] == ("pair" if kind == "regression" else kind), block  # inferred from the columns
+    if space == "classify":  # the label set read from train: real numbers make a regression
+        assert (block["labels"] == "regression") == (kind == "regression"), block
+    trains_resumes_and_scores(spec, spec.context().source(None), tiny_models, tmp_path)
+
+
+def trains_resumes_and_scores(spec, source: str, tiny_models: dict, tmp_path) -> None:
+    """A tiny slice of the space's data prepares, trains with two reports, resumes from the first checkpoint to the
+    same state, and scores every metric of its task on the held-out split."""
+    recipe = spec.recipe
     point = spec.warm_start[0] if spec.warm_start else {
         name: d.choices[0] if hasattr(d, "choices") else type(d.low)((d.low + d.high) / 2)
         for name, d in spec.distributions().items()}
-    context = TrialContext.of(spec.family, spec.task, spec.metric)
+    context = spec.context()
     config = {**spec.fixed, **point, "model": str(tiny_models[spec.family]),
               **{k: v for k, v in TINY.items() if k in recipe.SETTINGS}}
     if "order" in recipe.SETTINGS:  # a task sequence: its first two tasks, one report after each
@@ -90,7 +116,7 @@ def test_every_search_space_resolves_trains_resumes_and_scores(path, tiny_models
     scores = recipe.score(config, context, str(checkpoints[-1]), source)
     numbers = {k: v for k, v in scores.items() if not isinstance(v, dict)}
     # any of the task's metrics may select, and compare reads the held-out value of the one that did
-    assert set(recipe.TASKS[spec.task].metrics) <= set(numbers), scores
+    assert set(context.definition.metrics) <= set(numbers), scores
     assert numbers and all(isinstance(v, float) and (math.isfinite(v) or k.endswith("accuracy"))
                            for k, v in numbers.items()), scores
     if len(numbers) < len(scores):  # the rest is described by the family for the table

@@ -1,26 +1,31 @@
 """An Llmm model exported as a standard peft adapter plus its base gives the Llmm model's eval-mode logits when
 reloaded with `PeftModel.from_pretrained`: GLUE classifier and causal LM, 4-bit normal_float (the base
-quantised again by bitsandbytes) and a packed 2-bit base."""
+quantised again by bitsandbytes) and a packed 2-bit base. The export names its base by a hub id, so that
+`AutoPeftModel*` loads it (with the trained head) wherever that model is, and no file names a path of this machine."""
 
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import bitsandbytes as bnb
+import huggingface_hub
 import pytest
 import torch
-from peft import PeftModel
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, BitsAndBytesConfig
+import yaml
+from peft import AutoPeftModelForCausalLM, AutoPeftModelForSequenceClassification, PeftModel
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, BitsAndBytesConfig
 
-from llmm_tune import LlmmConfig, apply_llmm
+from llmm_tune import LlmmConfig, apply_llmm, export_adapter
 from llmm_tune.method.peft_export import EXPORT_FILE, to_peft
-from llmm_tune.train.pretrained import load_classifier
-from tests.search_fixtures import tiny_bert, tiny_causal_lm
+from llmm_tune.train.pretrained import CACHE_DIR, HUB_IDS, load_classifier
+from tests.search_fixtures import ROOT, tiny_bert, tiny_causal_lm
 
 FORMATS = [(4, "normal_float"), (2, "uniform")]
 
 
-def trained(model: torch.nn.Module, bits: int, method: str) -> torch.nn.Module:
+def trained(model: torch.nn.Module, bits: int | None, method: str) -> torch.nn.Module:
     """Llmm layers whose means are as a fine-tune leaves them (B no longer zero)."""
     torch.manual_seed(1)
     model = apply_llmm(model, LlmmConfig(rank=4, K=2, scale=100, bits=bits, quant_method=method, init="zero"))
@@ -51,10 +56,11 @@ def test_an_exported_classifier_reloads_in_peft_with_the_same_logits(bits, metho
     inputs = {"input_ids": torch.tensor([[101, 2023, 2003, 1037, 3231, 102]]),
               "attention_mask": torch.ones(1, 6, dtype=torch.long)}
     expected = model(**inputs).logits
-    to_peft(model, tmp_path / "out")
+    to_peft(model, tmp_path / "out", "tiny-bert")
     peft_model, record = reload(tmp_path / "out", AutoModelForSequenceClassification)
     adapter = json.loads((tmp_path / "out" / "adapter" / "adapter_config.json").read_text())
-    assert adapter["r"] == 4 and adapter["lora_alpha"] == 16 and not adapter.get("modules_to_save")
+    assert adapter["r"] == 4 and adapter["lora_alpha"] == 16 and adapter["task_type"] == "SEQ_CLS"
+    assert {"classifier", "pooler"} <= set(adapter["modules_to_save"])  # the head Llmm trained in full
     assert (record["bnb_4bit"] is not None) == (bits == 4)
     assert torch.allclose(peft_model(**inputs).logits, expected, atol=1e-4)
 
@@ -64,9 +70,68 @@ def test_an_exported_causal_lm_reloads_in_peft_with_the_same_logits(bits, method
     model = trained(AutoModelForCausalLM.from_pretrained(tiny_causal_lm(tmp_path / "llama")), bits, method)
     ids = torch.tensor([[1, 7, 42, 99, 5, 17]])
     expected = model(input_ids=ids).logits
-    to_peft(model, tmp_path / "out")
+    to_peft(model, tmp_path / "out", "tiny-llama")
     peft_model, _ = reload(tmp_path / "out", AutoModelForCausalLM)
     adapter = json.loads((tmp_path / "out" / "adapter" / "adapter_config.json").read_text())
+    assert adapter["task_type"] == "CAUSAL_LM" and not adapter["modules_to_save"]  # vLLM serves no such adapter
     assert sorted(adapter["target_modules"]) == sorted(
         ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     assert torch.allclose(peft_model(input_ids=ids).logits, expected, atol=1e-4)
+
+
+COMMIT = "0" * 40
+# record (as best.yaml holds it) -> the tiny model standing for the packaged one, and the AutoPeftModel class
+CASES = {
+    "classifier": ({"family": "glue", "task": "cola", "metric": "mcc", "config": {"model": "minilm", "max_length": 32}},
+                   lambda folder: load_classifier(str(tiny_bert(folder, dropout=0.0)), num_labels=2),
+                   AutoPeftModelForSequenceClassification),
+    "causal_lm": ({"family": "causal_lm", "task": "gsm8k", "metric": "nll",
+                   "config": {"model": "smollm2", "max_source_length": 24, "max_target_length": 8}},
+                  lambda folder: AutoModelForCausalLM.from_pretrained(tiny_causal_lm(folder)),
+                  AutoPeftModelForCausalLM),
+}
+
+
+def hub_cache(root: Path, hub_id: str, model: Path) -> Path:
+    """A Hugging Face hub cache holding the folder `model` as the hub's `hub_id`, as a machine that downloaded
+    it has it."""
+    repo = root / f"models--{hub_id.replace('/', '--')}"
+    shutil.copytree(model, repo / "snapshots" / COMMIT)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(COMMIT)
+    return root
+
+
+@pytest.mark.parametrize("kind", CASES)
+def test_auto_peft_model_loads_an_exported_adapter_on_its_hub_base_and_no_file_names_this_machine(kind, tmp_path,
+                                                                                                  monkeypatch):
+    """The command's export of a full-precision base (the lora baseline: the hub's weights are the trained base).
+    The model's eval logits again up to float32 rounding (peft adds B(A x) to the base's output where Llmm's layer
+    computes the same sum in another order: ~1e-7 on logits of order 1), with the trained head that the hub's base
+    lacks (its classifier is initialised at random)."""
+    entry, build, auto = CASES[kind]
+    model = trained(build(tmp_path / "model"), None, "normal_float")
+    inputs = {"input_ids": torch.tensor([[101, 2023, 2003, 1037, 3231, 102]]),
+              "attention_mask": torch.ones(1, 6, dtype=torch.long)}
+    expected = model(**inputs).logits
+    record = {"family": entry["family"], "task": entry["task"], "method": "lora", "config": entry["config"],
+              "validation": {"metric": entry["metric"]}, "data": {"source": "hub"}}
+    (tmp_path / "best.yaml").write_text(yaml.safe_dump(record))
+    monkeypatch.setattr(export_adapter, "trained_model", lambda *args: model)  # what the search's checkpoint gives
+    out = tmp_path / "out"
+    written = export_adapter.run([str(tmp_path / "best.yaml"), "--out", str(out)])
+    assert written["base_model_name_or_path"] == HUB_IDS[entry["config"]["model"]]
+    cache = hub_cache(tmp_path / "hub", written["base_model_name_or_path"], tmp_path / "model")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import, before conftest set it
+    loaded = auto.from_pretrained(out / "adapter", cache_dir=cache).eval()
+    assert torch.allclose(loaded(**inputs).logits, expected, atol=1e-5)
+    for path in [p for p in out.rglob("*") if p.is_file()]:
+        for machine_path in (tmp_path, ROOT, CACHE_DIR):  # ROOT holds the virtualenv with the packaged models
+            assert str(machine_path).encode() not in path.read_bytes(), (path, machine_path)
+    assert "model = PeftModel.from_pretrained(base, 'DIR/adapter')" in (out / "README.md").read_text()
+    lengths = {k: v for k, v in entry["config"].items() if k != "model"}
+    assert json.loads((out / EXPORT_FILE).read_text())["training"] == lengths
+    if kind == "classifier":
+        assert json.loads((out / "base" / "config.json").read_text())["id2label"] == {"0": "unacceptable",
+                                                                                      "1": "acceptable"}
+        assert AutoTokenizer.from_pretrained(out / "base").model_max_length == lengths["max_length"]

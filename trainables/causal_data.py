@@ -3,8 +3,7 @@ folder or the hub, split so that nothing of the held-out side leaks into trainin
 
 from __future__ import annotations
 
-import gzip
-import json
+import os
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -14,6 +13,8 @@ import numpy as np
 
 from llmm_tune.errors import UsageError
 from llmm_tune.train.data import BadRows, split_off
+from llmm_tune.train.dataset import load_rows
+from llmm_tune.train.dataset import read_file as read_rows
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,50 @@ def hh_rlhf(row: dict) -> Example | str:
     return Example(first_turn, prompt, reply, {"rejected": rejected[cut:]} if paired else {})
 
 
+def text(row: dict) -> Example | str:
+    value = row.get("text")
+    return Example(value, "", value) if isinstance(value, str) and value else "expected a non-empty 'text'"
+
+
+def prompt_completion(row: dict) -> Example | str:
+    prompt, completion = row.get("prompt"), row.get("completion")
+    if not isinstance(prompt, str) or not isinstance(completion, str) or not completion:
+        return "expected text in 'prompt' and a non-empty 'completion'"
+    return Example(prompt, prompt, completion)
+
+
+def preference(row: dict) -> Example | str:
+    """Fine-tune on the chosen reply, keep the rejected one for preference accuracy. Without a `prompt` column
+    the transcripts' shared beginning is the prompt (TRL's implicit prompt)."""
+    chosen, rejected, prompt = row.get("chosen"), row.get("rejected"), row.get("prompt")
+    if not isinstance(chosen, str) or not isinstance(rejected, str) or not isinstance(prompt, (str, type(None))):
+        return "expected text in 'chosen' and 'rejected' (and 'prompt' when given)"
+    if prompt is None:
+        prompt = os.path.commonprefix([chosen, rejected])
+        chosen, rejected = chosen[len(prompt):], rejected[len(prompt):]
+    if not prompt or not chosen or chosen == rejected:
+        return "expected a prompt (or transcripts sharing their beginning) and two different replies"
+    return Example(prompt, prompt, chosen, {"rejected": rejected})
+
+
+ROLES = ("system", "user", "assistant")
+
+
+def messages(row: dict) -> Example | str:
+    """A conversation, rendered later with the model's chat template (`Example.extra["messages"]`); the loss
+    falls on the assistant turns only."""
+    turns = row.get("messages")
+    if not isinstance(turns, list) or not all(isinstance(t, dict) and t.get("role") in ROLES
+                                              and isinstance(t.get("content"), str) for t in turns):
+        return f"expected 'messages': a list of {{role, content}} with role one of {', '.join(ROLES)}"
+    if not any(t["role"] == "assistant" for t in turns):
+        return "the conversation has no assistant turn (nothing to learn); add one or drop the row"
+    turns = [{"role": t["role"], "content": t["content"]} for t in turns]
+    key = next((t["content"] for t in turns if t["role"] == "user"), turns[0]["content"])
+    last = max(i for i, t in enumerate(turns) if t["role"] == "assistant")
+    return Example(key, "", turns[last]["content"], {"messages": turns})
+
+
 @dataclass(frozen=True)
 class Source:
     """Where a task's rows come from: its files under the data folder, or its hub dataset."""
@@ -81,9 +126,10 @@ class Source:
 class CausalTask:
     name: str
     parse: Callable[[dict], Example | str]
-    source: Source
+    source: Source | None  # None: the rows come from `dataset`
     test_seed: int = 42  # the published carve of Alpaca's evaluation set
     grouped: bool = False  # examples sharing a key (HH-RLHF: a first Human turn) stay on one side of a split
+    dataset: dict | None = field(default=None, compare=False)  # the user's data (llmm_tune.train.dataset)
 
 
 SOURCES = {
@@ -100,30 +146,19 @@ TASKS = {"gsm8k": CausalTask("gsm8k", gsm8k, SOURCES["gsm8k"]),
          "hh_rlhf": CausalTask("hh_rlhf", hh_rlhf, SOURCES["hh_rlhf"], grouped=True)}
 
 
+# A user's data format: the columns it needs and how a row becomes an example.
+FORMATS: dict[str, tuple[tuple[str, ...], Callable[[dict], Example | str]]] = {
+    "text": (("text",), text),
+    "prompt_completion": (("prompt", "completion"), prompt_completion),
+    "messages": (("messages",), messages),
+    "alpaca": (("instruction", "output"), alpaca),
+    "preference": (("chosen", "rejected"), preference),
+}
+
+
 def missing_files(task: CausalTask, data_dir: Path) -> list[Path]:
     folder = data_dir / task.source.folder
     return [folder / name for names in task.source.files.values() for name in names if not (folder / name).is_file()]
-
-
-def read_rows(path: Path) -> Iterator[tuple[str, object]]:
-    """(where, row) of a .jsonl, .jsonl.gz or JSON-list file; `where` names file and line (or item)."""
-    try:
-        if path.suffix == ".json":
-            items = json.loads(path.read_text())
-            if not isinstance(items, list):
-                raise UsageError(f"{path}: expected a JSON list of rows; fix the file")
-            yield from ((f"{path}: item {i + 1}", item) for i, item in enumerate(items))
-            return
-        opener = gzip.open if path.suffix == ".gz" else open
-        with opener(path, "rt", encoding="utf-8") as f:
-            for line_number, line in enumerate(f, start=1):
-                if line.strip():
-                    try:
-                        yield f"{path}:{line_number}", json.loads(line)
-                    except json.JSONDecodeError:
-                        yield f"{path}:{line_number}", "not valid JSON"
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise UsageError(f"cannot read {path}: {error}; check the file") from None
 
 
 def _examples(task: CausalTask, rows: Iterator[tuple[str, object]], bad_rows: BadRows, where: str) -> list[Example]:
@@ -141,6 +176,9 @@ def _examples(task: CausalTask, rows: Iterator[tuple[str, object]], bad_rows: Ba
 def load(task: CausalTask, source: str, on_bad_row: str) -> dict[str, list[Example]]:
     """The task's rows by split: "train" and "test", or "all" when the test split must be carved."""
     bad_rows = BadRows(on_bad_row)
+    if task.dataset is not None:
+        train, test = load_rows(task.dataset, on_bad_row)
+        return {"train": _examples(task, train, bad_rows, "train"), "test": _examples(task, test, bad_rows, "test")}
     if source == "hub":
         from datasets import load_dataset
 

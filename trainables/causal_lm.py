@@ -25,13 +25,31 @@ from llmm_tune.errors import UsageError
 from llmm_tune.method.config import METHOD_SETTINGS, llmm_config
 from llmm_tune.settings import COMMON, Setting, optional, positive_int, size
 from llmm_tune.train.data import BAD_ROW_POLICIES, hub_reachable
+from llmm_tune.train.dataset import resolve
 from llmm_tune.train.fit import FIT_SETTINGS, Reporter, default_device, fit
-from llmm_tune.train.lm_scoring import encode, greedy_generate, mean_nll, pad, response_loss, target_logprobs
+from llmm_tune.train.lm_scoring import (
+    encode,
+    encode_conversation,
+    greedy_generate,
+    mean_nll,
+    pad,
+    response_loss,
+    target_logprobs,
+)
 from llmm_tune.train.pretrained import is_causal_lm, load_causal_lm, load_tokenizer
 from llmm_tune.tune.context import TrialContext
 from llmm_tune.tune.family import Task
-from trainables.causal_data import TASKS as FORMATS
-from trainables.causal_data import CausalTask, Example, exact_match, missing_files, splits, test_split
+from trainables.causal_data import (
+    FORMATS,
+    CausalTask,
+    Example,
+    exact_match,
+    messages,
+    missing_files,
+    splits,
+    test_split,
+)
+from trainables.causal_data import TASKS as SHIPPED
 
 SETTINGS: dict[str, Setting] = {
     **COMMON, **METHOD_SETTINGS, **FIT_SETTINGS,
@@ -52,15 +70,33 @@ DATA_SETTINGS = ("model", "max_source_length", "max_target_length", "validation_
 HELD_OUT = "test"
 TASKS = {
     "gsm8k": Task("gsm8k", {"nll": "min", "perplexity": "min", "exact_match_flexible": "max",
-                            "exact_match_strict": "max"}, "nll", FORMATS["gsm8k"]),
-    "alpaca": Task("alpaca", {"perplexity": "min", "nll": "min"}, "perplexity", FORMATS["alpaca"]),
+                            "exact_match_strict": "max"}, "nll", SHIPPED["gsm8k"]),
+    "alpaca": Task("alpaca", {"perplexity": "min", "nll": "min"}, "perplexity", SHIPPED["alpaca"]),
     "hh_rlhf": Task("hh_rlhf", {"perplexity": "min", "nll": "min", "preference_accuracy": "max"}, "perplexity",
-                    FORMATS["hh_rlhf"]),
+                    SHIPPED["hh_rlhf"]),
 }
 
 
 def causal_task(context: TrialContext) -> CausalTask:
-    return TASKS[context.task].details
+    return context.definition.details
+
+
+def resolve_dataset(block: dict, where: str) -> dict:
+    """A `dataset:` block checked against its data (llmm_tune.train.dataset); a chat template given as a file
+    is read into it, so records carry the template itself."""
+    template = block.get("chat_template")
+    if isinstance(template, str) and Path(template).expanduser().is_file():
+        block = {**block, "chat_template": Path(template).expanduser().read_text()}
+    return resolve(block, {name: columns for name, (columns, _) in FORMATS.items()}, where)
+
+
+def dataset_task(name: str, block: dict) -> Task:
+    """The user's fine-tuning task: selected on validation NLL; preference data also reports how often the
+    chosen reply is the likelier one."""
+    metrics = {"nll": "min", "perplexity": "min"}
+    if block["format"] == "preference":
+        metrics["preference_accuracy"] = "max"
+    return Task(name, metrics, "nll", CausalTask(name, FORMATS[block["format"]][1], None, dataset=block))
 
 
 def clock(config: dict, context: TrialContext) -> tuple[str, float]:
@@ -91,26 +127,45 @@ class CausalData:
     train_lengths: list[int]
 
 
-def tokenizer_for(model: str, trust_remote_code: bool):
+def tokenizer_for(model: str, trust_remote_code: bool, chat_template: str | None = None):
     tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token_id is None:  # Llama-2 has none; padding positions are masked by length anyway
         tokenizer.pad_token = tokenizer.eos_token
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
     return tokenizer
 
 
+def task_tokenizer(config: dict, context: TrialContext):
+    """The model's tokenizer, with the chat template the user's data block names (if any)."""
+    dataset = causal_task(context).dataset or {}
+    return tokenizer_for(config["model"], context.trust_remote_code, dataset.get("chat_template"))
+
+
 def tokenize(examples: list[Example], tokenizer, config: dict, replies: list[str] | None = None) -> Dataset:
-    """Each example's prompt and target (or the given replies instead), the prompt masked in the labels."""
+    """Each example's prompt and target (or the given replies instead), the prompt masked in the labels; a
+    conversation rendered by the chat template, its assistant turns alone in the labels."""
     replies = replies or [e.target for e in examples]
-    return Dataset.from_list([encode(tokenizer, e.prompt, reply, config["max_source_length"],
-                                     config["max_target_length"]) for e, reply in zip(examples, replies)])
+    limit = config["max_source_length"] + config["max_target_length"]
+    return Dataset.from_list([
+        encode_conversation(tokenizer, e.extra["messages"], limit) if "messages" in e.extra
+        else encode(tokenizer, e.prompt, reply, config["max_source_length"], config["max_target_length"])
+        for e, reply in zip(examples, replies)])
+
+
+def check_chat_template(config: dict, context: TrialContext) -> None:
+    if causal_task(context).parse is messages and task_tokenizer(config, context).chat_template is None:
+        raise UsageError(f"model {config['model']!r} has no chat template for the messages data; pass "
+                         "--chat-template FILE (a Jinja template) or choose a model that has one (an instruct model)")
 
 
 def prepare(config: dict, context: TrialContext, source: str) -> CausalData:
     if not is_causal_lm(config["model"], context.trust_remote_code):
         raise UsageError(f"model {config['model']!r} is not a causal LM; the causal_lm family needs a decoder with a "
                          "language-modelling head (smollm2, meta-llama/Llama-2-7b-hf, ...): set model in the YAML")
+    check_chat_template(config, context)
     train, validation, _ = splits(causal_task(context), source, config)
-    tokenizer = tokenizer_for(config["model"], context.trust_remote_code)
+    tokenizer = task_tokenizer(config, context)
     train_set = tokenize(train, tokenizer, config)
     return CausalData(train_set, tokenize(validation, tokenizer, config), validation,
                       [len(ids) for ids in train_set["input_ids"]])
@@ -169,7 +224,7 @@ def train(config: dict, context: TrialContext, data: CausalData, report: Reporte
           device: str | None = None) -> None:
     device = device or default_device()
     model = build_model(config, context, device)
-    tokenizer = tokenizer_for(config["model"], context.trust_remote_code)
+    tokenizer = task_tokenizer(config, context)
     generate = context.metric.startswith("exact_match")  # decoding on validation only when it selects
 
     def validate() -> dict[str, float]:
@@ -191,7 +246,7 @@ def _untuned(config_items: tuple, context: TrialContext, source: str) -> dict[st
     """The pretrained model's scores on the same test examples (computed once per process)."""
     config = dict(config_items)
     device = default_device()
-    tokenizer = tokenizer_for(config["model"], context.trust_remote_code)
+    tokenizer = task_tokenizer(config, context)
     test = test_split(causal_task(context), source, config)
     model = load_causal_lm(config["model"], trust_remote_code=context.trust_remote_code).to(device)
     return evaluate(model, test, tokenize(test, tokenizer, config), tokenizer, config, context.definition, device,
@@ -202,7 +257,7 @@ def score(config: dict, context: TrialContext, checkpoint: str, source: str) -> 
     """Test metrics of a checkpoint (GSM8K: strict and flexible exact match by greedy decoding; Alpaca:
     perplexity; HH-RLHF: perplexity and preference accuracy), each beside the untuned model's."""
     device = default_device()
-    tokenizer = tokenizer_for(config["model"], context.trust_remote_code)
+    tokenizer = task_tokenizer(config, context)
     test = test_split(causal_task(context), source, config)
     model = load_adapter(build_model(config, context, device), checkpoint).eval()
     tuned = evaluate(model, test, tokenize(test, tokenizer, config), tokenizer, config, context.definition, device,

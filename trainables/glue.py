@@ -22,10 +22,12 @@ from llmm_tune.errors import UsageError
 from llmm_tune.method.config import METHOD_SETTINGS, llmm_config
 from llmm_tune.settings import COMMON, Setting, optional, positive_int, size
 from llmm_tune.train.data import BAD_ROW_POLICIES, by_length, carve_validation, hub_reachable, lengths
+from llmm_tune.train.dataset import load_rows, resolve
 from llmm_tune.train.fit import FIT_SETTINGS, Reporter, default_device, fit
 from llmm_tune.train.pretrained import load_classifier, load_tokenizer, model_config
 from llmm_tune.tune.context import TrialContext
-from trainables.glue_data import HUB_DATASET, TASKS, GlueTask, load_splits
+from trainables.glue_data import FORMATS, HUB_DATASET, TASKS, GlueTask, label_set, load_splits
+from trainables.glue_data import dataset_task as dataset_task  # the family's: a task from the user's data
 
 SETTINGS: dict[str, Setting] = {
     **COMMON, **METHOD_SETTINGS, **FIT_SETTINGS,
@@ -40,7 +42,15 @@ DATA_SETTINGS = ("model", "max_length", "validation_size", "max_train_examples",
 
 
 def glue_task(context: TrialContext) -> GlueTask:
-    return TASKS[context.task].details
+    return context.definition.details
+
+
+def resolve_dataset(block: dict, where: str) -> dict:
+    """A `dataset:` block checked against its data (llmm_tune.train.dataset), with train's label set recorded."""
+    block = resolve(block, FORMATS, where)
+    if "labels" not in block:
+        block["labels"] = label_set(load_rows(block, "skip")[0], where)
+    return block
 
 
 def clock(config: dict, context: TrialContext) -> tuple[str, float]:
@@ -142,10 +152,23 @@ def score(config: dict, context: TrialContext, checkpoint: str, source: str) -> 
     """The GLUE dev loss and metrics of a checkpoint (its first `test_examples` rows when that is set)."""
     device = default_device()
     task = glue_task(context)
-    dev = load_splits(task, source, config["on_bad_row"])[1]
+    train, dev = load_splits(task, source, config["on_bad_row"])
     if config["test_examples"] is not None:
         dev = dev.select(range(min(config["test_examples"], len(dev))))
     tokenizer = load_tokenizer(config["model"], trust_remote_code=context.trust_remote_code)
-    dev = by_length(tokenize(dev, tokenizer, config["max_length"]))
-    model = load_adapter(build_model(config, context, device), checkpoint).eval()
-    return evaluate(model, dev, task, collator(config, context), config["batch_size"] * 2, device)
+    scores = evaluate(model_of(config, context, checkpoint, device),
+                      by_length(tokenize(dev, tokenizer, config["max_length"])), task, collator(config, context),
+                      config["batch_size"] * 2, device)
+    if task.dataset is not None and task.label_names is not None:  # the user's classes: the bar to clear
+        scores["majority_accuracy"] = majority_accuracy(train["label"], dev["label"])
+    return scores
+
+
+def model_of(config: dict, context: TrialContext, checkpoint: str, device: str) -> nn.Module:
+    return load_adapter(build_model(config, context, device), checkpoint).eval()
+
+
+def majority_accuracy(train_labels: list[int], held_out_labels: list[int]) -> float:
+    """The held-out accuracy of always answering train's most frequent class."""
+    majority = np.bincount(train_labels).argmax()
+    return float(np.mean(np.asarray(held_out_labels) == majority))

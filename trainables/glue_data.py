@@ -15,7 +15,9 @@ from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
 from llmm_tune.errors import UsageError
+from llmm_tune.settings import is_number
 from llmm_tune.train.data import BadRows
+from llmm_tune.train.dataset import load_rows
 from llmm_tune.tune.family import Task
 
 HUB_DATASET = "nyu-mll/glue"
@@ -58,8 +60,10 @@ class GlueTask:
     hub_columns: tuple[str, ...]  # text columns of nyu-mll/glue
     num_labels: int  # 1: regression
     score: Callable[[np.ndarray, np.ndarray], dict[str, float]]
-    local: LocalFiles
+    local: LocalFiles | None  # None: the rows come from `dataset`
     hub_dev: str = "validation"
+    label_names: tuple[str, ...] | None = None  # label i's name (None: regression)
+    dataset: dict | None = field(default=None, compare=False)  # the user's data (llmm_tune.train.dataset)
 
 
 def _task(glue: GlueTask, *metrics: str) -> Task:
@@ -67,36 +71,62 @@ def _task(glue: GlueTask, *metrics: str) -> Task:
     return Task(glue.name, {**{m: "max" for m in metrics}, "loss": "min"}, metrics[0], glue)
 
 
+# A user's classification data: one text or a pair, and a label (integers, strings, or real numbers: regression).
+FORMATS = {"single": ("text", "label"), "pair": ("text", "text_pair", "label")}
+
+
+def dataset_task(name: str, block: dict) -> Task:
+    """The user's classification (or regression) task: the label set read from train, as the block records it."""
+    labels = block["labels"]
+    columns = FORMATS[block["format"]][:-1]
+    if labels == "regression":
+        return _task(GlueTask(name, columns, 1, _regression, None, dataset=block), "pearson", "spearman")
+    names = tuple(str(label) for label in labels)
+    metrics = ("accuracy", "f1", "mcc") if len(labels) == 2 else ("accuracy", "mcc")
+    return _task(GlueTask(name, columns, len(labels), _classification(*metrics), None, label_names=names,
+                          dataset=block), *metrics)
+
+
 _NLI = {"entailment": 0, "not_entailment": 1}
 TASKS = {t.name: t for t in [
     _task(GlueTask("cola", ("sentence",), 2, _classification("mcc"),
-                   LocalFiles("CoLA", "train.tsv", "dev.tsv", (3, 1), fields=4)), "mcc"),
+                   LocalFiles("CoLA", "train.tsv", "dev.tsv", (3, 1), fields=4),
+                   label_names=("unacceptable", "acceptable")), "mcc"),
     _task(GlueTask("mrpc", ("sentence1", "sentence2"), 2, _classification("accuracy", "f1"),
                    LocalFiles("MRPC", "train.tsv", "dev.tsv", ("#1 String", "#2 String", "Quality"),
-                              encoding="utf-8-sig")), "accuracy", "f1"),
+                              encoding="utf-8-sig"), label_names=("not_equivalent", "equivalent")),
+          "accuracy", "f1"),
     _task(GlueTask("stsb", ("sentence1", "sentence2"), 1, _regression,
                    LocalFiles("STS-B", "train.tsv", "dev.tsv", ("sentence1", "sentence2", "score"))),
           "pearson", "spearman"),
     _task(GlueTask("sst2", ("sentence",), 2, _classification("accuracy"),
-                   LocalFiles("SST-2", "train.tsv", "dev.tsv", ("sentence", "label"))), "accuracy"),
+                   LocalFiles("SST-2", "train.tsv", "dev.tsv", ("sentence", "label")),
+                   label_names=("negative", "positive")), "accuracy"),
     _task(GlueTask("rte", ("sentence1", "sentence2"), 2, _classification("accuracy"),
-                   LocalFiles("RTE", "train.parquet", "validation.parquet", ("sentence1", "sentence2", "label"))),
+                   LocalFiles("RTE", "train.parquet", "validation.parquet", ("sentence1", "sentence2", "label")),
+                   label_names=tuple(_NLI)),
           "accuracy"),
     _task(GlueTask("qnli", ("question", "sentence"), 2, _classification("accuracy"),
-                   LocalFiles("QNLI", "train.tsv", "dev.tsv", ("question", "sentence", "label"), label_map=_NLI)),
+                   LocalFiles("QNLI", "train.tsv", "dev.tsv", ("question", "sentence", "label"), label_map=_NLI),
+                   label_names=tuple(_NLI)),
           "accuracy"),
     _task(GlueTask("mnli", ("premise", "hypothesis"), 3, _classification("accuracy"),
                    LocalFiles("MNLI", "train.tsv", "dev_matched.tsv", ("sentence1", "sentence2", "gold_label"),
                               label_map={"entailment": 0, "neutral": 1, "contradiction": 2}),
-                   hub_dev="validation_matched"), "accuracy"),
+                   hub_dev="validation_matched", label_names=("entailment", "neutral", "contradiction")), "accuracy"),
     _task(GlueTask("qqp", ("question1", "question2"), 2, _classification("accuracy", "f1"),
-                   LocalFiles("QQP", "train.tsv", "dev.tsv", ("question1", "question2", "is_duplicate"))),
+                   LocalFiles("QQP", "train.tsv", "dev.tsv", ("question1", "question2", "is_duplicate")),
+                   label_names=("not_duplicate", "duplicate")),
           "accuracy", "f1"),
 ]}
 
 
 def load_splits(task: GlueTask, source: str, on_bad_row: str = "error") -> tuple[Dataset, Dataset]:
     """(train, dev) with columns text_a, [text_b,] label."""
+    if task.dataset is not None:
+        bad_rows = BadRows(on_bad_row)
+        return tuple(Dataset.from_dict(_user_columns(task, rows, bad_rows, split))
+                     for split, rows in zip(("train", "test"), load_rows(task.dataset, on_bad_row)))
     if source == "hub":
         glue = load_dataset(HUB_DATASET, task.name)
         names = dict(zip(task.hub_columns, ["text_a", "text_b"]))
@@ -138,6 +168,42 @@ def read_local(task: GlueTask, path: Path, bad_rows: BadRows) -> dict[str, list]
         columns["label"].append(label)
     bad_rows.done(path)
     return columns
+
+
+def _user_columns(task: GlueTask, rows: list[tuple[str, dict]], bad_rows: BadRows, split: str) -> dict[str, list]:
+    """A user's rows as columns text_a, [text_b,] label (the label's index in the recorded label set)."""
+    names = ["text_a", "text_b"][:len(task.hub_columns)]
+    columns: dict[str, list] = {name: [] for name in [*names, "label"]}
+    index = None if task.label_names is None else {label: i for i, label in enumerate(task.dataset["labels"])}
+    for at, row in rows:
+        texts = [row.get(c) for c in task.hub_columns]
+        label = row.get("label")
+        if not all(isinstance(t, str) and t for t in texts):
+            bad_rows.add(f"{at}: expected text in {list(task.hub_columns)}")
+        elif index is not None and label not in index:
+            bad_rows.add(f"{at}: label {label!r} is not one of train's {list(index)}")
+        elif index is None and not is_number(label):
+            bad_rows.add(f"{at}: label {label!r} is not a number (a regression task)")
+        else:
+            for name, value in zip(names, texts):
+                columns[name].append(value)
+            columns["label"].append(float(label) if index is None else index[label])
+    bad_rows.done(split)
+    return columns
+
+
+def label_set(rows: list[tuple[str, dict]], where: str) -> list | str:
+    """Train's labels as the block records them: the sorted distinct values, or "regression" when they are
+    real numbers that are not all whole."""
+    values = [row.get("label") for _, row in rows]
+    if any(isinstance(v, float) and not float(v).is_integer() for v in values if is_number(v)):
+        return "regression"
+    distinct = sorted({int(v) if is_number(v) else v for v in values if v is not None and v != ""},
+                      key=lambda v: (isinstance(v, str), v))
+    if len(distinct) < 2:
+        raise UsageError(f"{where}: the label column holds a single class ({distinct}); a classifier needs two or "
+                         "more (check --columns label=...)")
+    return distinct
 
 
 def _read_tsv(path: Path, spec: LocalFiles, bad_rows: BadRows) -> tuple[list[tuple[int, list[str]]], list[int]]:

@@ -17,6 +17,7 @@ from llmm_tune.settings import count
 DATA_DIR_ENV = "LLMM_DATA_DIR"
 
 BAD_ROW_POLICIES = ("error", "skip")
+DATASET_SOURCE = "dataset"  # a task whose search space names its data (`dataset:`): no data folder, no hub task
 
 
 def resolve_data_dir(option: str | None) -> Path | None:
@@ -48,9 +49,10 @@ def hub_reachable(dataset: str) -> bool:
 def portable_source(source: str, data_dir_option: str | None) -> str:
     """How a record names its data so it resolves on another machine: "hub", "$LLMM_DATA_DIR" when the
     folder came from that variable, else the folder relative to the project root when it lies inside
-    the project's parent (e.g. ../shared/data), else the absolute path."""
-    if source == "hub":
-        return "hub"
+    the project's parent (e.g. ../shared/data), else the absolute path. A space's own data block names
+    its files itself (`dataset`)."""
+    if source in ("hub", DATASET_SOURCE):
+        return source
     if not data_dir_option and os.environ.get(DATA_DIR_ENV):
         return f"${DATA_DIR_ENV}"
     path = Path(os.path.abspath(source))  # not resolved: ../shared may be a link to a folder of this machine
@@ -62,6 +64,8 @@ def portable_source(source: str, data_dir_option: str | None) -> str:
 def locate_source(recorded: str, data_dir_option: str | None = None) -> Path | str:
     """The data a record names, found on this machine: --data-dir or LLMM_DATA_DIR first, else the
     recorded folder (relative to the project root), else "hub"."""
+    if recorded == DATASET_SOURCE:
+        return recorded
     override = resolve_data_dir(data_dir_option)
     if override is not None:
         return override

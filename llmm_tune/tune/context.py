@@ -4,10 +4,15 @@ Built once where a search, a reproduction or a compare starts, and handed to eve
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
 
-from llmm_tune.tune.family import Task, load_family
+import yaml
+
+from llmm_tune.train.data import DATASET_SOURCE
+from llmm_tune.tune.family import Task, load_family, task_definition
 
 
 @dataclass(frozen=True)
@@ -19,16 +24,17 @@ class TrialContext:
     selects: str  # the report that stands for a trial: its "best", or its "last" (a task sequence)
     trust_remote_code: bool = False
     loftq_cache: str | None = None  # a folder or URI every trial of the search shares; None: memory only
+    dataset: str | None = None  # the space's resolved `dataset:` block as JSON (the user's data), else None
 
     @classmethod
     def of(cls, family: str, task: str, metric: str | None = None, trust_remote_code: bool = False,
-           loftq_cache: str | None = None) -> TrialContext:
+           loftq_cache: str | None = None, dataset: str | None = None) -> TrialContext:
         """The context of `task` of `family` selecting on `metric` (default: the task's); the direction and which
         report stands are the task's."""
-        definition: Task = load_family(family).TASKS[task]
+        definition = task_definition(family, task, dataset)
         metric = metric or definition.metric
         return cls(family, task, metric, definition.metrics[metric], definition.selects, trust_remote_code,
-                   loftq_cache)
+                   loftq_cache, dataset)
 
     @property
     def recipe(self) -> ModuleType:
@@ -36,12 +42,23 @@ class TrialContext:
 
     @property
     def definition(self) -> Task:
-        return self.recipe.TASKS[self.task]
+        return task_definition(self.family, self.task, self.dataset)
+
+    def source(self, data_dir: Path | None) -> str:
+        """Where the task's data comes from: the space's own data block, else the family's check of the data
+        folder or the hub (a UsageError naming the fix)."""
+        return DATASET_SOURCE if self.dataset else self.recipe.check_data(self.task, data_dir)
 
     @property
     def value_key(self) -> str:
         """The reported key a trial is selected on."""
         return f"val_{self.metric}"
+
+    @staticmethod
+    def dataset_in(space_yaml: str) -> str | None:
+        """The resolved `dataset:` block of a search space's YAML, as the context carries it."""
+        block = yaml.safe_load(space_yaml).get("dataset")
+        return None if block is None else json.dumps(block, sort_keys=True)
 
     def checkpoint_ranking(self) -> dict:
         """How Ray ranks a trial's checkpoints to keep the one that stands (keyword arguments of its

@@ -102,7 +102,7 @@ class ExperimentRecord:
     def context(self, experiment: str) -> TrialContext:
         """The context of this experiment's trials, its LoftQ initialisations kept in the experiment."""
         return TrialContext.of(self.family, self.task, self.metric, self.trust_remote_code,
-                               storage.join(str(experiment), LOFTQ_CACHE))
+                               storage.join(str(experiment), LOFTQ_CACHE), TrialContext.dataset_in(self.space_yaml))
 
     def write(self, experiment: str) -> None:
         storage.write_text(storage.join(str(experiment), METADATA_FILE),

@@ -16,7 +16,10 @@ A family is a module (`trainables.<name>` or any importable dotted path) with th
 `config` holds the trial's settings alone; `context` (`llmm_tune.tune.context.TrialContext`) the rest: task,
 selection metric and direction, which report stands, trust_remote_code, where LoftQ initialisations are kept.
 Optional: `build_model(config, context, device) -> nn.Module`, the model a checkpoint's adapter loads into
-(`llmm_tune.export_adapter` needs it).
+(`llmm_tune.export_adapter` needs it). A family that takes the user's data from a space's `dataset:` block
+(`llmm_tune.train.dataset`) also defines `resolve_dataset(block, where) -> dict` (the block checked against its
+data and completed, once, where the search starts) and `dataset_task(name, block) -> Task` (the task it
+defines, a pure function of the resolved block).
 
 `train` reports `val_<metric>` for the metrics of its task it computes (the selection metric always);
 which one selects, and in which direction, is data (`Task.metrics`), never assumed by the driver; so is
@@ -26,7 +29,9 @@ which report stands for the trial (`Task.selects`). A family may also define
 
 from __future__ import annotations
 
+import functools
 import importlib
+import json
 import math
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -69,6 +74,16 @@ def load_family(name: str) -> ModuleType:
         raise UsageError(f"family module {module_name} lacks {missing}; a family defines {', '.join(INTERFACE)} "
                          "(see llmm_tune/family.py)")
     return module
+
+
+@functools.cache
+def _dataset_task(family: str, name: str, dataset: str) -> Task:
+    return load_family(family).dataset_task(name, json.loads(dataset))
+
+
+def task_definition(family: str, name: str, dataset: str | None) -> Task:
+    """The task `name` of `family`: one it ships, or the one a resolved `dataset:` block (as JSON) defines."""
+    return load_family(family).TASKS[name] if dataset is None else _dataset_task(family, name, dataset)
 
 
 def better(mode: str, a: float, b: float | None) -> bool:

@@ -6,13 +6,19 @@ pruned (no metric) or, given a NaN, drop the report with a warning and leave the
 running forever. Here it is marked infeasible through an Optuna constraint instead: TPE then
 ranks it below every feasible trial and steers away from that region, and `study.best_trial`
 never picks it.
+
+The study reads as trials.csv does: it names its metric (`val_<metric>`, the trial's standing value, which
+the searcher is told as `best_val_<metric>`), and each Optuna trial carries Ray's trial id and Tune's number
+for it (user attrs `ray_trial_id` and `number`), so optuna-dashboard and trials.csv name the same trials.
 """
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import optuna
+from optuna.exceptions import ExperimentalWarning
 from optuna.samplers import RandomSampler, TPESampler
 from optuna.storages import BaseStorage, JournalStorage
 from optuna.storages.journal import JournalFileBackend
@@ -23,11 +29,30 @@ from llmm_tune.errors import FAILURE_KEY
 from llmm_tune.tune import storage
 from llmm_tune.tune.family import worst
 
+RAY_TRIAL_ID, NUMBER = "ray_trial_id", "number"  # the user attrs naming a trial as Ray and trials.csv do
+
 
 class FailureAwareOptunaSearch(OptunaSearch):
     @property
     def study(self):
         return self._ot_study
+
+    def _setup_study(self, mode: str) -> None:
+        super()._setup_study(mode)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ExperimentalWarning)  # set_metric_names: the API since Optuna 3.2
+            self._ot_study.set_metric_names([self._metric.removeprefix("best_")])  # run_recipe's prefix
+
+    def suggest(self, trial_id: str) -> dict | None:
+        """Optuna's proposal, its trial named by Ray's id and Tune's number: Tune numbers the trials 1, 2, ... in
+        the order the searcher proposes them (the experiment tag's head, trials.csv's `number`)."""
+        new = trial_id not in self._ot_trials
+        config = super().suggest(trial_id)
+        if new:
+            ot_trial = self._ot_trials[trial_id]
+            ot_trial.set_user_attr(RAY_TRIAL_ID, trial_id)
+            ot_trial.set_user_attr(NUMBER, len(self._ot_trials))
+        return config
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if FAILURE_KEY not in result:  # a failure report has no metric to record

@@ -5,6 +5,7 @@ key and the fix, before anything starts."""
 from __future__ import annotations
 
 import copy
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,12 +18,14 @@ from llmm_tune.errors import UsageError
 from llmm_tune.method.config import BASELINES
 from llmm_tune.project import SPACES_DIR
 from llmm_tune.settings import REQUIRED, positive, positive_int
+from llmm_tune.tune.context import TrialContext
 from llmm_tune.tune.family import MODES, Task, load_family
 
 PROFILES = ("paper", "cpu")
 METHOD_CHOICES = tuple(BASELINES)  # --method
 SAMPLERS = ("loguniform", "uniform", "int", "choice")
-TOP_KEYS = {"extends", "family", "task", "metric", "space", "fixed", "early_stopping", "profiles", "warm_start"}
+TOP_KEYS = {"extends", "family", "task", "metric", "space", "fixed", "early_stopping", "profiles", "warm_start",
+            "dataset"}
 PROFILE_KEYS = {"space", "fixed", "num_samples", "warm_start", "metric", "early_stopping"}  # a profile's replaces
 # the top-level one (space and fixed: key by key)
 EARLY_STOPPING = {"metric": None, "mode": None, "grace_period": 1, "reduction_factor": 2}  # None: the selection's
@@ -44,6 +47,7 @@ class SearchSpec:
     num_samples: int
     warm_start: list[dict]
     adjustments: list[str]  # how warm-start points were moved into this space
+    dataset: str | None = None  # the resolved `dataset:` block as JSON (TrialContext.dataset), else None
 
     def distributions(self) -> dict[str, optuna.distributions.BaseDistribution]:
         return {name: _distribution(entry) for name, entry in self.space.items()}
@@ -51,6 +55,10 @@ class SearchSpec:
     @property
     def recipe(self) -> ModuleType:
         return load_family(self.family)
+
+    def context(self) -> TrialContext:
+        """The trials' context, as far as the space decides it (no LoftQ cache, no remote code)."""
+        return TrialContext.of(self.family, self.task, self.metric, dataset=self.dataset)
 
 
 def space_path(task_or_path: str) -> Path:
@@ -124,8 +132,9 @@ def _check_space(path: Path, where: str, settings: dict, space: dict) -> None:
 
 
 def _parse(path: Path, text: str | None, seen: tuple[Path, ...] = ()) -> tuple[dict, str]:
-    """The file's mapping and its text; a file that `extends: other.yaml` (beside it) is that file with its own
-    keys laid over it, mapping by mapping, and its text is the merged YAML (records carry the whole space)."""
+    """The file's mapping and its text; a file that `extends: other.yaml` (beside it, or a shipped space by name:
+    `extends: sft`) is that file with its own keys laid over it, mapping by mapping, and its text is the merged
+    YAML (records carry the whole space)."""
     text = path.read_text() if text is None else text
     try:
         raw = yaml.safe_load(text)
@@ -136,9 +145,11 @@ def _parse(path: Path, text: str | None, seen: tuple[Path, ...] = ()) -> tuple[d
     raw = _mapping(path, "top level", raw, TOP_KEYS)
     if "extends" not in raw:
         return raw, text
-    base = path.parent / str(raw.pop("extends"))
+    named = str(raw.pop("extends"))
+    base = path.parent / named if (path.parent / named).is_file() else SPACES_DIR / f"{named}.yaml"
     if not base.is_file() or base.resolve() in seen:
-        _fail(path, "extends", f"{base} is not a search-space file (or extends itself); name a YAML file beside it")
+        _fail(path, "extends", f"{named} is not a search-space file (or extends itself); name a YAML file beside it "
+                               "or a shipped space (glue_cola, sft, ...)")
     merged = _overlay(_parse(base, None, (*seen, path.resolve()))[0], raw)
     return merged, yaml.safe_dump(merged, sort_keys=False)
 
@@ -149,24 +160,30 @@ def _overlay(base: dict, own: dict) -> dict:
 
 
 def load_spec(task_or_path: str, profile: str, method: str, num_samples: int | None = None,
-              text: str | None = None) -> SearchSpec:
+              text: str | None = None, dataset: dict | None = None) -> SearchSpec:
     """Parse and validate a search-space file (or its recorded `text`) and resolve it for `profile` and
-    `method`, against the settings and tasks of the family it names."""
+    `method`, against the settings and tasks of the family it names; `dataset` (the command line's data
+    options) is laid over the space's `dataset:` block."""
     path = Path(task_or_path) if text is not None else space_path(task_or_path)
     raw, text = _parse(path, text)
     if not isinstance(raw.get("family"), str):
         _fail(path, "family", "missing; name the task family: glue, causal_lm, continual or a module path")
     recipe = load_family(raw["family"])
-    if raw.get("task") not in recipe.TASKS:
+    if dataset or "dataset" in raw:
+        raw["dataset"] = _resolved_dataset(path, raw, recipe, dataset or {})
+        text = yaml.safe_dump(raw, sort_keys=False)
+        task = recipe.dataset_task(raw.get("task"), raw["dataset"])
+    elif raw.get("task") in recipe.TASKS:
+        task = recipe.TASKS[raw["task"]]
+    else:
         _fail(path, "task", f"{raw.get('task')!r} is not a task of family {raw['family']}; choose one of "
-                            f"{', '.join(recipe.TASKS)} or the family that has it")
+                            f"{', '.join(recipe.TASKS)}, the family that has it, or give a dataset: block")
     profiles = _mapping(path, "profiles", raw.get("profiles"), set(PROFILES))
     if profile not in profiles:
         _fail(path, "profiles", f"no {profile!r} profile; add profiles.{profile} or choose "
                                 f"--profile {' or '.join(profiles) or 'another'}")
     chosen = _mapping(path, f"profiles.{profile}", profiles[profile], PROFILE_KEYS)
     space, fixed = _settings(path, raw, chosen, profile, recipe, method)
-    task = recipe.TASKS[raw["task"]]
     metric = chosen.get("metric", raw.get("metric", task.metric))
     if metric not in task.metrics:
         _fail(path, "metric", f"{metric!r} is not reported by {task.name}; choose one of {', '.join(task.metrics)}")
@@ -175,8 +192,23 @@ def load_spec(task_or_path: str, profile: str, method: str, num_samples: int | N
     if not positive_int(samples):
         _fail(path, f"profiles.{profile}.num_samples", f"must be an integer >= 1, got {samples!r}")
     warm, adjustments = _warm_start(path, recipe.SETTINGS, chosen.get("warm_start", raw.get("warm_start")), space)
+    dataset = json.dumps(raw["dataset"], sort_keys=True) if "dataset" in raw else None
     return SearchSpec(path, text, raw["family"], task.name, metric, task.metrics[metric], space, fixed, stopping,
-                      samples, warm, adjustments)
+                      samples, warm, adjustments, dataset)
+
+
+def _resolved_dataset(path: Path, raw: dict, recipe: ModuleType, options: dict) -> dict:
+    """The space's data block with the command line's options over it, checked against its data (once: a
+    record's block is resolved already)."""
+    if not hasattr(recipe, "dataset_task"):
+        _fail(path, "dataset", f"family {raw['family']} takes no dataset block; use glue (classification) or "
+                               "causal_lm (fine-tuning on text)")
+    if not isinstance(raw.get("task"), str) or not raw["task"]:
+        _fail(path, "task", "name your task (a word for the results folder), e.g. task: my_tickets")
+    block = {**(_mapping(path, "dataset", raw.get("dataset")) or {}), **options}
+    if options:  # data named anew: what was resolved for other data does not hold
+        block = {k: v for k, v in block.items() if k not in ("files", "hashes", "labels") or k in options}
+    return recipe.resolve_dataset(block, f"{path}: dataset")
 
 
 def _settings(path: Path, raw: dict, chosen: dict, profile: str, recipe: ModuleType,

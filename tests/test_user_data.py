@@ -1,0 +1,122 @@
+"""Your model, your data: a `dataset:` block (or `search sft|classify --data ...`) reads the user's rows in each
+format, trains the assistant turns of a conversation only, records the data portably with content hashes, and a
+search over it exports tables and records that `reproduce` checks against the data it finds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from llmm_tune.errors import UsageError
+from llmm_tune.train import dataset
+from llmm_tune.train.lm_scoring import IGNORE, encode_conversation
+from llmm_tune.tune.spaces import load_spec
+from tests.search_fixtures import run_module, tiny_bert
+from tests.user_data import alpaca_rows, build, rows_file
+from trainables import causal_data, glue_data
+from trainables.causal_lm import tokenizer_for
+
+
+def test_a_conversation_is_learnt_on_its_assistant_turns_alone_with_their_end_of_turn_tokens():
+    tokenizer = tokenizer_for("smollm2", False)
+    turns = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+             {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "2+2?"},
+             {"role": "assistant", "content": "4"}]
+    encoded = encode_conversation(tokenizer, turns, 1000)
+    learnt = [token for token, label in zip(encoded["input_ids"], encoded["labels"]) if label != IGNORE]
+    assert tokenizer.decode(learnt) == "Hello!<|im_end|>\n4<|im_end|>\n"
+    assert tokenizer.decode(encoded["input_ids"]) == tokenizer.apply_chat_template(turns, tokenize=False)
+    assert encode_conversation(tokenizer, turns, 5)["input_ids"] == encoded["input_ids"][:5]
+
+
+def test_preference_transcripts_without_a_prompt_column_share_their_beginning_as_the_prompt():
+    example = causal_data.preference({"chosen": "Human: hi\nAssistant: hello", "rejected": "Human: hi\nAssistant: go"})
+    assert (example.prompt, example.target, example.extra["rejected"]) == ("Human: hi\nAssistant: ", "hello", "go")
+    assert isinstance(causal_data.preference({"chosen": "same", "rejected": "same"}), str)  # a bad row
+
+
+@pytest.mark.parametrize("labels, names, indices", [
+    (["pos", "neg", "pos", "neutral"], ["neg", "neutral", "pos"], [2, 0, 2, 1]),
+    ([2, 1, 2, 10], [1, 2, 10], [1, 0, 1, 2]),  # numbers in numeric order, not as text
+])
+def test_a_label_set_is_read_from_train_recorded_and_maps_every_row(labels, names, indices, tmp_path):
+    path = rows_file(tmp_path, "rows.jsonl", [{"text": f"t{i}", "label": v} for i, v in enumerate(labels * 5)])
+    block = load_spec("classify", "cpu", "llmm", dataset={"path": path, "test_size": 4}).dataset
+    task = glue_data.dataset_task("classify", json.loads(block)).details
+    assert json.loads(block)["labels"] == names and task.label_names == tuple(str(n) for n in names)
+    train, test = glue_data.load_splits(task, "dataset")
+    rows = {text: label for split in (train, test) for text, label in zip(split["text_a"], split["label"])}
+    assert [rows[f"t{i}"] for i in range(len(labels))] == indices
+
+
+def test_bad_rows_are_skipped_and_counted_when_asked(tmp_path, capsys):
+    path = rows_file(tmp_path, "qa.jsonl", [{"prompt": f"q{i}", "completion": "a"} for i in range(30)]
+                     + [{"prompt": "q"}, "not an object"])
+    block = json.loads(load_spec("sft", "cpu", "llmm", dataset={"path": path}).dataset)
+    task = causal_data.CausalTask("sft", causal_data.prompt_completion, None, dataset=block)
+    with pytest.raises(UsageError, match=r"qa.jsonl:32: not a JSON object; .* --on-bad-row skip"):
+        causal_data.load(task, "dataset", "error")
+    rows = causal_data.load(task, "dataset", "skip")
+    assert len(rows["train"]) + len(rows["test"]) == 30
+    out = capsys.readouterr().out
+    assert "skipped 1 bad row(s)" in out and "qa.jsonl:31: expected text in 'prompt'" in out
+
+
+def test_the_resolved_block_names_files_portably_with_hashes_and_a_changed_file_is_reported(tmp_path, capsys):
+    path, _ = build("text", tmp_path)
+    block = dataset.resolve({"path": str(path)}, {"text": ("text",)})
+    assert block["files"] == {"all": dataset.portable(path)} and block["hashes"]["all"].startswith("sha256:")
+    assert dataset.resolve(block, {"text": ("text",)}) == block  # a record's block is not resolved again
+    dataset.load_rows(block, "error")
+    assert "warning" not in capsys.readouterr().out
+    path.write_text(path.read_text().replace("Question", "Q", 1))
+    dataset.load_rows(block, "error")
+    assert "is not the data the record was made with" in capsys.readouterr().out
+
+
+def test_a_data_file_inside_the_projects_parent_is_named_relative_to_the_project(monkeypatch, tmp_path):
+    project = tmp_path / "project"
+    project.mkdir()
+    monkeypatch.setattr(dataset, "ROOT", project)
+    assert dataset.portable(tmp_path / "shared" / "x.jsonl") == "../shared/x.jsonl"
+    assert dataset.located("../shared/x.jsonl") == tmp_path / "shared" / "x.jsonl"
+
+
+def test_a_search_on_your_own_data_writes_its_space_exports_and_reproduces_warning_of_changed_data(tmp_path):
+    """The user's flow: --write-space, edit the YAML, search it; the export's record carries the data block and
+    the classifier's label names; `reproduce` retrains from the record and says when the data has changed."""
+    rows = [dict(text=r["instruction"][:60], label=["short", "long"][len(r["output"]) > 300]) for r in alpaca_rows(120)]
+    data = rows_file(tmp_path, "lengths.jsonl", rows)
+    written = tmp_path / "space.yaml"
+    run = run_module("llmm_tune.search", "classify", "--data", data, "--write-space", str(written))
+    assert run.returncode == 0 and "format single (inferred from the columns ['text', 'label'])" in run.stdout, run
+    space = yaml.safe_load(written.read_text())
+    space["profiles"]["cpu"] = {"fixed": {"model": str(tiny_bert(tmp_path / "bert")), "epochs": 1, "batch_size": 16,
+                                          "max_length": 32, "evals_per_epoch": 1, "loftq_iters": 1},
+                                "space": {"rank": {"choice": [4]}, "bits": {"choice": [4]}}, "num_samples": 1}
+    written.write_text(yaml.safe_dump(space))
+    run = run_module("llmm_tune.search", str(written), "--profile", "cpu", "--storage", str(tmp_path / "runs"),
+                     "--results", str(tmp_path / "results"))
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    best = tmp_path / "results" / "classify" / "best.yaml"
+    record = yaml.safe_load(best.read_text())
+    assert record["data"]["dataset"]["labels"] == ["long", "short"] and "majority_accuracy" in \
+        record["held_out"]["scores"]
+    Path(data).write_text(Path(data).read_text().replace('"text": "', '"text": "Now ', 1))
+    again = run_module("llmm_tune.reproduce", str(best), "--seeds", "0", "--threads", "1")
+    assert again.returncode == 0 and "is not the data the record was made with" in again.stdout, again
+
+
+def test_a_users_space_extends_a_shipped_one_by_name_and_names_its_data_in_yaml(tmp_path):
+    path, _ = build("prompt_completion", tmp_path)
+    space = tmp_path / "tickets.yaml"
+    space.write_text(yaml.safe_dump({"extends": "sft", "task": "tickets", "fixed": {"seed": 3},
+                                     "dataset": {"path": str(path), "columns": {"prompt": "question",
+                                                                                "completion": "answer"}}}))
+    spec = load_spec(str(space), "cpu", "llmm")
+    assert (spec.task, spec.family, spec.fixed["seed"], spec.fixed["model"]) == ("tickets", "causal_lm", 3, "smollm2")
+    assert json.loads(spec.dataset)["format"] == "prompt_completion"
+    assert load_spec(str(space), "cpu", "llmm", text=spec.text).dataset == spec.dataset  # as a record resumes it
