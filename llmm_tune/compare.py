@@ -38,6 +38,7 @@ from llmm_tune.errors import UsageError
 from llmm_tune.export import VERSION_KEYS, best_row, collect, data_source, latex, setting_text, trial_config
 from llmm_tune.files import atomic_path, write_text
 from llmm_tune.method.config import BASELINES
+from llmm_tune.train.progress import Progress
 from llmm_tune.tune import storage
 from llmm_tune.tune.cluster import address
 from llmm_tune.tune.context import TrialContext
@@ -142,6 +143,7 @@ def retrain(chosen: dict, seeds: list[int], runs: dict, runs_path: Path, cluster
         return
     start_ray(cluster)
     failed = []
+    progress = Progress("compare: retraining runs", len(todo)).start()
     try:
         running: dict = {}
         while todo or running:
@@ -159,6 +161,7 @@ def retrain(chosen: dict, seeds: list[int], runs: dict, runs_path: Path, cluster
                 print(f"{method}: training trial {best['trial']}'s configuration with seed {seed}")
             (finished,), _ = ray.wait(list(running), num_returns=1)
             method, seed, config = running.pop(finished)
+            progress.advance()
             try:
                 scores = ray.get(finished)
             except ray.exceptions.RayError as error:  # one failed run stops neither the others nor what they keep
@@ -170,6 +173,7 @@ def retrain(chosen: dict, seeds: list[int], runs: dict, runs_path: Path, cluster
             with atomic_path(runs_path) as tmp:
                 tmp.write_text(json.dumps(runs, indent=1))
     finally:
+        progress.finish()
         ray.shutdown()
     if failed:
         raise UsageError(f"retraining {', '.join(failed)} failed (the cause is above); the finished ones are kept "

@@ -25,6 +25,7 @@ from llmm_tune.cli import main as run_command
 from llmm_tune.errors import UsageError
 from llmm_tune.files import atomic_path, write_text
 from llmm_tune.train.data import locate_source
+from llmm_tune.train.progress import Progress
 from llmm_tune.tune import storage
 from llmm_tune.tune.context import TrialContext
 from llmm_tune.tune.experiment import ExperimentRecord, read_record
@@ -324,16 +325,22 @@ def table_rows(experiments: list[str], collected: list[tuple]) -> list[tuple]:
     score, trial row, record, held-out scores), best first."""
     meta = collected[0][0]
     value, mode = f"val_{meta.metric}", meta.mode
-    chosen = []
+    picks = []  # (trial row, record, experiment, checkpoint)
     for experiment, (meta, df, checkpoints) in zip(experiments, collected):
         scored = df[df[value].notna() & df["trial"].isin(checkpoints)]
         for _, group in scored.fillna({"bits": -1, "quant_method": "-"}).groupby(["quant_method", "bits", "rank"]):
             best = df.loc[best_row(group, value, mode).name]  # the row as collected (group holds fill values)
-            held_out = score_held_out(trial_config(best, meta), checkpoints[best["trial"]], meta, experiment)
-            chosen.append((best[value], best, meta, held_out))
-    if not chosen:
+            picks.append((best, meta, experiment, checkpoints[best["trial"]]))
+    if not picks:
         raise UsageError(f"no trial of {', '.join(str(e) for e in experiments)} has a checkpoint yet; "
                          "export again once trials have reported")
+    chosen = []
+    with Progress(f"export: scoring the held-out split ({load_family(meta.family).HELD_OUT}), rows", len(picks)) \
+            as progress:
+        for best, meta, experiment, checkpoint in picks:
+            held_out = score_held_out(trial_config(best, meta), checkpoint, meta, experiment)
+            chosen.append((best[value], best, meta, held_out))
+            progress.advance()
     return sorted(chosen, key=lambda item: -item[0] if mode == "max" else item[0])
 
 

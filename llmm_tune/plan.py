@@ -31,7 +31,9 @@ from llmm_tune.method.config import BASELINES
 from llmm_tune.search import add_profile_option, add_trial_shape_options, check_counts, choose_profile, layout_request
 from llmm_tune.train.data import resolve_data_dir
 from llmm_tune.train.fit import Schedule
+from llmm_tune.train.progress import Progress
 from llmm_tune.tune.cluster import machine, plan_layout
+from llmm_tune.tune.context import TrialContext
 from llmm_tune.tune.spaces import SearchSpec, load_spec
 
 PROBE_STEPS = 16
@@ -57,41 +59,48 @@ def peak_memory_gib() -> float:
 def probe(spec: SearchSpec, source: str, steps: int, score: bool) -> dict:
     """Figures of one trial measured here: build (model load + LoftQ, cold and from the disk cache),
     seconds per optimizer step (the first two apart), per evaluation, to score the held-out split, and
-    peak memory."""
+    peak memory; a progress line every 30 seconds while it runs."""
+    with Progress("plan: probing one trial (prepare, two short runs, scoring)", 3 + score) as progress:
+        config, context = trial_config(spec), spec.context()
+        started = time.perf_counter()
+        data = spec.recipe.prepare(config, context, source)
+        progress.advance()
+        figures = {"device": "cuda" if torch.cuda.is_available() else "cpu", "threads": torch.get_num_threads(),
+                   "prepare_s": time.perf_counter() - started, "train_examples": len(data.train)}
+        with tempfile.TemporaryDirectory() as work:
+            return figures | timed_runs(spec, config, context, data, source, steps, score, Path(work), progress)
+
+
+def timed_runs(spec: SearchSpec, config: dict, context: TrialContext, data, source: str, steps: int, score: bool,
+               work: Path, progress: Progress) -> dict:
+    """Two runs on the same LoftQ cache: the first (2 steps) computes LoftQ, the second (2 + steps) reads it.
+    Their difference is the time of `steps` ordinary steps: the first batches of an epoch are its longest
+    (length grouping puts them first) and carry the warm-up of the kernels. Then the held-out scoring."""
     recipe = spec.recipe
-    started = time.perf_counter()
-    config = trial_config(spec)
-    context = spec.context()
-    data = recipe.prepare(config, context, source)
-    figures = {"device": "cuda" if torch.cuda.is_available() else "cpu", "threads": torch.get_num_threads(),
-               "prepare_s": time.perf_counter() - started, "train_examples": len(data.train)}
-    with tempfile.TemporaryDirectory() as work:
-        reports: list[tuple[float, dict, str]] = []
+    reports: list[tuple[float, dict, str]] = []
 
-        def keep(metrics: dict, directory: str) -> None:
-            reports.append((time.perf_counter(), metrics, shutil.copytree(directory, Path(work) / str(len(reports)))))
+    def keep(metrics: dict, directory: str) -> None:
+        reports.append((time.perf_counter(), metrics, shutil.copytree(directory, work / str(len(reports)))))
 
-        # Two runs on the same LoftQ cache: the first (2 steps) computes LoftQ, the second (2 + steps) reads
-        # it. Their difference is the time of `steps` ordinary steps: the first batches of an epoch are its
-        # longest (length grouping puts them first) and carry the warm-up of the kernels.
-        cached = dataclasses.replace(context, loftq_cache=str(Path(work) / "loftq"))
-        runs = []
-        for max_steps in (2, 2 + steps):
-            if torch.cuda.is_available():
-                torch.cuda.reset_peak_memory_stats()
-            began = time.perf_counter()
-            recipe.train({**config, "max_steps": max_steps}, cached, data, keep)
-            ended, metrics, _ = reports[-1]
-            runs.append({"build_s": ended - began - metrics["seconds"], "eval_s": metrics["eval_seconds"],
-                         "train_s": metrics["seconds"] - metrics["eval_seconds"]})
-        figures |= {"build_cold_s": runs[0]["build_s"], "build_warm_s": runs[1]["build_s"],
-                    "eval_s": runs[1]["eval_s"], "step_s": (runs[1]["train_s"] - runs[0]["train_s"]) / steps,
-                    "first_steps_s": runs[0]["train_s"] / 2}
-        figures["peak_memory_gib"] = peak_memory_gib()
-        if score:
-            began = time.perf_counter()
-            recipe.score(config, cached, reports[0][2], source)
-            figures["score_s"] = time.perf_counter() - began
+    cached = dataclasses.replace(context, loftq_cache=str(work / "loftq"))
+    runs = []
+    for max_steps in (2, 2 + steps):
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        began = time.perf_counter()
+        recipe.train({**config, "max_steps": max_steps}, cached, data, keep)
+        ended, metrics, _ = reports[-1]
+        runs.append({"build_s": ended - began - metrics["seconds"], "eval_s": metrics["eval_seconds"],
+                     "train_s": metrics["seconds"] - metrics["eval_seconds"]})
+        progress.advance()
+    figures = {"build_cold_s": runs[0]["build_s"], "build_warm_s": runs[1]["build_s"],
+               "eval_s": runs[1]["eval_s"], "step_s": (runs[1]["train_s"] - runs[0]["train_s"]) / steps,
+               "first_steps_s": runs[0]["train_s"] / 2, "peak_memory_gib": peak_memory_gib()}
+    if score:
+        began = time.perf_counter()
+        recipe.score(config, cached, reports[0][2], source)
+        figures["score_s"] = time.perf_counter() - began
+        progress.advance()
     return figures
 
 

@@ -26,7 +26,7 @@ from llmm_tune.errors import UsageError
 from llmm_tune.files import write_text
 from llmm_tune.method.config import BASELINES
 from llmm_tune.train.data import BAD_ROW_POLICIES, portable_source, resolve_data_dir
-from llmm_tune.tune import storage
+from llmm_tune.tune import storage, trackers
 from llmm_tune.tune.cluster import (
     Layout,
     LayoutRequest,
@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-export", action="store_true", help="skip the export at the end")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="let the model's hub repository run its own Python code (off by default)")
+    parser.add_argument("--tracker", action="append", choices=("mlflow", "wandb"),
+                        help="log the search and its trials to MLflow or Weights & Biases (repeatable; where to, from "
+                             "MLFLOW_TRACKING_URI / WANDB_PROJECT and their other usual variables)")
     add_data_options(parser)
     return parser
 
@@ -235,7 +238,8 @@ def build_tuner(spec: SearchSpec, record: ExperimentRecord, context: TrialContex
                                     reuse_actors=True, trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}"),
         run_config=tune.RunConfig(
             name=name, storage_path=parent, verbose=0, log_to_file=True,
-            callbacks=[Progress(spec.metric, spec.mode, spec.num_samples, clock, context.selects)],
+            callbacks=[Progress(spec.metric, spec.mode, spec.num_samples, clock, context.selects),
+                       *trackers.callbacks(record.tracker_names, record)],
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1, **context.checkpoint_ranking()),
             failure_config=tune.FailureConfig(max_failures=2),
         ),
@@ -315,6 +319,9 @@ def run(argv: list[str]) -> str:
     for note in spec.adjustments:
         print(note)
     data = spec.recipe.prepare(spec.fixed, context, source)  # bad rows and models fail here, before Ray
+    tracked = record.tracker_names
+    trackers.check_installed(tracked)
+    trackers.start(tracked, record)  # the search's own run in each tracker, reopened on resume
     resume = (f"python -m llmm_tune.search {args.task} --resume --name {record.name}"
               + (f" --storage {args.storage}" if args.storage != DEFAULT_STORAGE else ""))
     with search_log(experiment) as log:
@@ -330,15 +337,22 @@ def run(argv: list[str]) -> str:
               f"{describe(layout)} | {data_sizes(data)} | data: {data_named(spec, source)}")
         print(f"logs: {log} and each trial's folder; resume with: {resume}")
         run_trials(build_tuner(spec, record, context, data, experiment, args.resume, args.optuna_storage), log, resume)
+    finish(spec, record, experiment, results, resume)
+    return experiment
+
+
+def finish(spec: SearchSpec, record: ExperimentRecord, experiment: str, results: Path | None, resume: str) -> None:
+    """A search that ran all its trials is exported and its tracker runs end; a stopped one says how to continue."""
     ended = ended_trials(experiment)
     if ended < spec.num_samples:  # Ctrl+C or SIGTERM: Tune saved its state and returned early
         raise Interrupted(f"search interrupted with {ended} of {spec.num_samples} trials ended; nothing exported; "
                           f"continue with: {resume}", code=interrupted_code())
+    table = None
     if results is not None:
         from llmm_tune.export import export
 
-        export([experiment], results)
-    return experiment
+        table = export([experiment], results)
+    trackers.finish(record.tracker_names, record, table)
 
 
 @contextlib.contextmanager

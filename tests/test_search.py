@@ -50,7 +50,8 @@ def test_search_runs_both_trials_and_exports_every_artifact(searched):
 
 CONSOLE = [r"experiment \S+ \| cola llmm cpu \| 2 trials", r"logs: \S+llmm_search.log and each trial's folder; resume "
            r"with: python -m llmm_tune.search \S+ --resume --name tiny", r"\[\d+m\d\ds\] trials: ",
-           r"trial \w+ done: val mcc -?\d\.\d{4} \(best of \d+ evaluations", r"exported 2 trials of 1 experiment"]
+           r"trial \w+ done: val mcc -?\d\.\d{4} \(best of \d+ evaluations", r"exported 2 trials of 1 experiment",
+           r"export: scoring the held-out split \(dev\), rows: \d/\d in \d+m\d\ds$"]
 
 
 def test_the_console_shows_choices_status_ended_trials_and_the_table_only(searched):

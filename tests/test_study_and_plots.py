@@ -1,7 +1,9 @@
-"""The search's Optuna study and the export's plots read as trials.csv does. A search of a family without a model
-(tests/instant_family.py): its study names the metric and each trial by Ray's id and trials.csv's number; its export
-draws every plot. The history names the metric, numbers trials as trials.csv does and marks those ASHA stopped; the
-learning curves run against the family's clock with ASHA's rungs where Ray puts them."""
+"""The search where users already look: Optuna's study, the export's plots, MLflow and W&B, read back as trials.csv
+says. A search of a family without a model (tests/instant_family.py), tracked by both: its study names the metric
+and each trial by Ray's id and trials.csv's number; its export draws every plot; MLflow holds the search as a
+parent run with its settings and table and each trial nested with its config and every report; W&B (offline) a
+run per trial in the search's group. The history names the metric, numbers trials as trials.csv does and marks
+those ASHA stopped; the learning curves run against the family's clock with ASHA's rungs where Ray puts them."""
 
 from __future__ import annotations
 
@@ -14,7 +16,9 @@ from ray.tune.schedulers import ASHAScheduler
 
 from llmm_tune.export import asha_rungs, curves_figure, history_figure, importance_figure
 from llmm_tune.tune.searcher import JOURNAL, NUMBER, RAY_TRIAL_ID
+from llmm_tune.tune.trackers import TRIAL_TAG
 from tests.search_fixtures import run_module, tiny_space
+from tests.wandb_records import run_of
 
 PLOTS = ("history.png", "importance.png", "curves.png", "parallel.png")
 
@@ -24,13 +28,45 @@ def searched(tmp_path_factory) -> dict:
     """A finished search of 4 trials of 4 epochs each, and its export."""
     root = tmp_path_factory.mktemp("study")
     space = tiny_space(root, root / "no-model", "instant", family="tests.instant_family", epochs=4)
+    trackers = {"MLFLOW_TRACKING_URI": f"sqlite:///{root}/mlflow.db", "WANDB_MODE": "offline",
+                "WANDB_DIR": str(root), "WANDB_PROJECT": "llmm-test"}
     run = run_module("llmm_tune.search", str(space), "--profile", "cpu", "--num-samples", "4", "--storage",
                      str(root / "runs"), "--results", str(root / "results"), "--name", "instant",
-                     "--cpus-per-trial", "1")
+                     "--cpus-per-trial", "1", "--tracker", "mlflow", "--tracker", "wandb", env=trackers)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     journal = JournalStorage(JournalFileBackend(str(root / "runs" / "instant" / JOURNAL)))
     return {"study": optuna.load_study(study_name="instant", storage=journal), "out": root / "results" / "cola",
-            "trials": pd.read_csv(root / "results" / "cola" / "trials.csv"), "console": run.stdout}
+            "trials": pd.read_csv(root / "results" / "cola" / "trials.csv"), "console": run.stdout,
+            "mlflow": trackers["MLFLOW_TRACKING_URI"], "wandb": root / "wandb"}
+
+
+def test_mlflow_holds_the_search_as_a_parent_run_and_every_trial_nested_with_its_config_and_reports(searched):
+    from mlflow import MlflowClient
+
+    client, trials = MlflowClient(searched["mlflow"]), searched["trials"]
+    runs = client.search_runs([client.get_experiment_by_name("llmm-tune/cola").experiment_id])
+    (search,) = [r for r in runs if r.data.tags.get("llmm.kind") == "search"]
+    assert search.info.status == "FINISHED" and search.data.params["num_samples"] == "4"
+    assert {a.path for a in client.list_artifacts(search.info.run_id, "results")} >= {"results/table.md",
+                                                                                       "results/trials.csv"}
+    nested = {r.data.tags[TRIAL_TAG]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == search.info.run_id}
+    assert sorted(nested) == sorted(trials["trial"]) and len(runs) == 5
+    for _, trial in trials.iterrows():
+        run = nested[trial["trial"]]
+        assert float(run.data.params["lr"]) == pytest.approx(trial["lr"])
+        history = client.get_metric_history(run.info.run_id, "val_mcc")  # every report, the best as trials.csv's
+        assert len(history) == trial["evaluations"] and max(m.value for m in history) == pytest.approx(trial["val_mcc"])
+
+
+def test_wandb_offline_keeps_a_run_per_trial_in_the_searchs_group_with_config_and_every_report(searched):
+    runs = {run["id"]: run for run in map(run_of, searched["wandb"].glob("offline-run-*"))}
+    trials = searched["trials"]
+    assert set(runs) == {*trials["trial"], "instant-search"}
+    assert {run["group"] for run in runs.values()} == {"instant"} and runs["instant-search"]["job_type"] == "search"
+    for _, trial in trials.iterrows():
+        run = runs[trial["trial"]]
+        assert run["config"]["lr"] == pytest.approx(trial["lr"]) and len(run["history"]) == trial["evaluations"]
+        assert max(row["val_mcc"] for row in run["history"]) == pytest.approx(trial["val_mcc"])
 
 
 def test_the_study_names_its_metric_and_each_trial_as_trials_csv_does(searched):

@@ -9,6 +9,7 @@ shared fit loop, validating on the target NLL (and, when selection asks for it, 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -37,6 +38,7 @@ from llmm_tune.train.lm_scoring import (
     target_logprobs,
 )
 from llmm_tune.train.pretrained import is_causal_lm, load_causal_lm, load_tokenizer
+from llmm_tune.train.progress import Progress
 from llmm_tune.tune.context import TrialContext
 from llmm_tune.tune.family import Task
 from trainables.causal_data import (
@@ -194,19 +196,21 @@ def preference_accuracy(model: nn.Module, examples: list[Example], chosen: list[
     return sum(wins) / len(wins)
 
 
-def gsm8k_exact_match(model: nn.Module, examples: list[Example], tokenizer, config: dict,
-                      device: str) -> dict[str, float]:
-    generations = greedy_generate(model, tokenizer, [e.prompt for e in examples], config["max_new_tokens"],
-                                  config["batch_size"] * 4, device)
+def gsm8k_exact_match(model: nn.Module, examples: list[Example], tokenizer, config: dict, device: str,
+                      progress: str | None = None) -> dict[str, float]:
+    """Exact match of greedy decoding; with `progress`, a line every 30 seconds of how far it is."""
+    with Progress(progress, len(examples)) if progress else contextlib.nullcontext() as tracker:
+        generations = greedy_generate(model, tokenizer, [e.prompt for e in examples], config["max_new_tokens"],
+                                      config["batch_size"] * 4, device, progress=tracker)
     golds = [e.extra["gold"] for e in examples]
     return {"exact_match_strict": exact_match(generations, golds, strict=True),
             "exact_match_flexible": exact_match(generations, golds, strict=False)}
 
 
 def evaluate(model: nn.Module, examples: list[Example], encoded: Dataset, tokenizer, config: dict, task: Task,
-             device: str, generate: bool) -> dict[str, float]:
+             device: str, generate: bool, progress: str | None = None) -> dict[str, float]:
     """Target NLL and perplexity, plus the task's own metrics: preference accuracy (HH-RLHF) and, with `generate`,
-    exact match of the extracted answer (GSM8K)."""
+    exact match of the extracted answer (GSM8K), its decoding's progress shown as `progress` says."""
     logprobs = target_logprobs(model, list(encoded), tokenizer.pad_token_id, device, config["eval_tokens"])
     nll = mean_nll(logprobs)
     scores = {"nll": nll, "perplexity": math.exp(min(nll, 50.0))}
@@ -216,7 +220,7 @@ def evaluate(model: nn.Module, examples: list[Example], encoded: Dataset, tokeni
         if device == "cpu" and hasattr(model, "llmm_config"):  # decoding re-reads every weight per token: a
             # merged float model is faster here than dequantising the base at every step
             model = merge_llmm(copy.deepcopy(model))
-        scores |= gsm8k_exact_match(model, examples, tokenizer, config, device)
+        scores |= gsm8k_exact_match(model, examples, tokenizer, config, device, progress)
     return scores
 
 
@@ -250,7 +254,7 @@ def _untuned(config_items: tuple, context: TrialContext, source: str) -> dict[st
     test = test_split(causal_task(context), source, config)
     model = load_causal_lm(config["model"], trust_remote_code=context.trust_remote_code).to(device)
     return evaluate(model, test, tokenize(test, tokenizer, config), tokenizer, config, context.definition, device,
-                    generate=True)
+                    generate=True, progress=f"decoding {context.task}'s test split with the untuned model")
 
 
 def score(config: dict, context: TrialContext, checkpoint: str, source: str) -> dict[str, float]:
@@ -261,7 +265,7 @@ def score(config: dict, context: TrialContext, checkpoint: str, source: str) -> 
     test = test_split(causal_task(context), source, config)
     model = load_adapter(build_model(config, context, device), checkpoint).eval()
     tuned = evaluate(model, test, tokenize(test, tokenizer, config), tokenizer, config, context.definition, device,
-                     generate=True)
+                     generate=True, progress=f"decoding {context.task}'s test split with the tuned model")
     untuned = _untuned(tuple((k, config.get(k)) for k in UNTUNED_KEYS), without_cache(context), source)
     return {**tuned, **{f"untuned_{k}": v for k, v in untuned.items()}}
 

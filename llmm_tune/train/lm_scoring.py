@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from transformers import BatchEncoding, DynamicCache, PreTrainedTokenizerBase
 
 from llmm_tune.errors import UsageError
+from llmm_tune.train.progress import Progress
 
 IGNORE = -100  # label of a position that carries no loss
 
@@ -124,7 +125,8 @@ def mean_nll(logprobs: Sequence[tuple[float, int]]) -> float:
 
 @torch.inference_mode()
 def greedy_generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
-                    max_new_tokens: int, batch_size: int, device: str, stop_at_eos: bool = True) -> list[str]:
+                    max_new_tokens: int, batch_size: int, device: str, stop_at_eos: bool = True,
+                    progress: Progress | None = None) -> list[str]:
     """Greedy continuations (deterministic) of prompts batched by length, left-padded, with a KV cache; each
     stops at EOS (or, with `stop_at_eos=False`, runs `max_new_tokens`: for timing). Written out rather than
     `model.generate`, which keeps decoding every finished sequence until the batch's longest is done: here
@@ -165,4 +167,6 @@ def greedy_generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompt
                            use_cache=True).logits
         for index, tokens in generated.items():
             outputs[index] = tokenizer.decode(tokens, skip_special_tokens=True)
+        if progress is not None:
+            progress.advance(len(generated))
     return outputs

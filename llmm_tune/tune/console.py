@@ -17,7 +17,8 @@ from llmm_tune.errors import FAILURE_KEY
 from llmm_tune.tune.family import better
 
 LOG_FILE = "llmm_search.log"
-NOISY_LOGGERS = ("ray", "ray.tune", "ray.train", "ray.data", "optuna", "filelock")
+# the loggers whose records go to the search log (llmm_tune.progress: also printed, by the progress lines)
+LOGGED = ("ray", "ray.tune", "ray.train", "ray.data", "optuna", "filelock", "llmm_tune.progress")
 
 
 def quiet_logs() -> None:
@@ -52,7 +53,7 @@ def log_to_file(path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    for name in NOISY_LOGGERS:
+    for name in LOGGED:
         logger = logging.getLogger(name)
         for old in [h for h in logger.handlers if isinstance(h, logging.StreamHandler)
                     and not isinstance(h, logging.FileHandler)]:

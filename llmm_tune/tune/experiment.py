@@ -88,6 +88,7 @@ class ExperimentRecord:
     trust_remote_code: bool = False
     sampler: str = "tpe"
     early_stopping: bool = True
+    trackers: dict = field(default_factory=dict)  # per tracker, the search's own run (llmm_tune.tune.trackers)
 
     @classmethod
     def from_dict(cls, values: dict) -> ExperimentRecord:
@@ -98,6 +99,11 @@ class ExperimentRecord:
         values = {"overrides": {**legacy, **({"fsdp": True} if values.get("fsdp") else {})}, "options": {},
                   **values}
         return cls(**{k: v for k, v in values.items() if k in known})
+
+    @property
+    def tracker_names(self) -> list[str]:
+        """The trackers the search logs to (`--tracker`), the same when it resumes."""
+        return self.options.get("tracker") or []
 
     def context(self, experiment: str) -> TrialContext:
         """The context of this experiment's trials, its LoftQ initialisations kept in the experiment."""

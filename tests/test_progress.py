@@ -1,0 +1,65 @@
+"""Long work (the export's held-out scoring and decoding, compare's retraining, plan's probe) shows a line at least
+every 30 seconds: done / total, elapsed, an estimate; and one line at its end."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from llmm_tune.train.lm_scoring import greedy_generate
+from llmm_tune.train.progress import Progress
+
+
+class Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_line_says_done_of_total_elapsed_and_what_is_left_at_the_pace_so_far():
+    clock, said = Clock(), []
+    progress = Progress("decoding", 200, say=said.append, clock=clock)
+    assert progress.line() == "decoding: 0/200, 0m00s elapsed, no estimate yet"
+    clock.now += 90
+    progress.advance(50)
+    assert progress.line() == "decoding: 50/200, 1m30s elapsed, about 4m30s left"
+    assert progress.line(final=True) == "decoding: 50/200 in 1m30s"
+
+
+def test_a_line_comes_every_period_while_the_work_runs_even_within_one_long_step_and_once_at_its_end():
+    said = []
+    with Progress("retraining", 3, every=0.05, say=said.append) as progress:
+        time.sleep(0.28)  # one step longer than five periods
+        progress.advance()
+    assert len(said) >= 4 and all(line.startswith("retraining: 0/3, ") for line in said[:-1])
+    assert said[-1].startswith("retraining: 1/3 in ")
+
+
+def test_failed_work_ends_its_lines_without_a_final_one():
+    said = []
+    with pytest.raises(RuntimeError), Progress("probing", 2, every=60, say=said.append):
+        raise RuntimeError("the probe failed")
+    assert said == []
+
+
+def test_decoding_advances_the_progress_by_every_prompt(tiny_llama):
+    from trainables.causal_lm import tokenizer_for
+
+    tokenizer = tokenizer_for("smollm2", False)
+    tiny_llama.resize_token_embeddings(len(tokenizer))
+    said = []
+    prompts = ["1 + 1 =", "The capital of France is", "Hello", "a b c d e f g"]
+    with Progress("decoding", len(prompts), every=60, say=said.append) as progress:
+        greedy_generate(tiny_llama, tokenizer, prompts, 3, 2, "cpu", progress=progress)
+    assert progress.done == len(prompts) and said == [f"decoding: 4/4 in {said[0].split(' in ')[1]}"]
+
+
+def test_by_default_each_line_goes_to_the_console_and_to_the_log(capsys, caplog):
+    caplog.set_level("INFO", logger="llmm_tune.progress")
+    with Progress("scoring", 1, every=60) as progress:
+        progress.advance()
+    assert capsys.readouterr().out.startswith("scoring: 1/1 in ")
+    assert [r.getMessage() for r in caplog.records if r.name == "llmm_tune.progress"][0].startswith("scoring: 1/1")
