@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -130,15 +131,39 @@ def retrain_seed(context: TrialContext, config: dict, seed: int, data_seed: int,
             **{k: v for k, v in scores.items() if isinstance(v, (int, float))}}
 
 
-def retrain(chosen: dict, seeds: list[int], runs: dict, runs_path: Path, cluster: str | None) -> None:
-    """Train each method's chosen configuration with each seed not in `runs` yet, as Ray tasks with a search
-    trial's resources, at most as many at once as the search ran; keep each result as soon as it ends."""
+@dataclass(frozen=True)
+class Retraining:
+    """One run to train: `method` with `seed` at `config`, the configuration of `trial` of `meta`'s search."""
+
+    key: str  # in runs.json: method/seed, or method@reference/seed for a paired run
+    method: str
+    seed: int
+    meta: ExperimentRecord
+    trial: str
+    config: dict
+
+
+def retrainings(chosen: dict, seeds: list[int], paired: bool) -> list[Retraining]:
+    """Each method's own best configuration with every seed; with `paired`, every other method also at the first
+    method's best configuration with only its own settings changed (BASELINES: loftq sets K = 0, qlora its zero
+    init and NF4, lora full precision), so a difference is the method's alone, not its search's luck."""
+    runs = [Retraining(f"{m}/{s}", m, s, meta, best["trial"], trial_config(best, meta))
+            for m, (meta, best, _) in chosen.items() for s in seeds]
+    if paired:
+        reference, (meta, best, _) = next(iter(chosen.items()))
+        runs += [Retraining(f"{m}@{reference}/{s}", m, s, meta, best["trial"],
+                            {**trial_config(best, meta), **BASELINES[m]}) for m in list(chosen)[1:] for s in seeds]
+    return runs
+
+
+def retrain(jobs: list[Retraining], runs: dict, runs_path: Path, cluster: str | None) -> None:
+    """Train each job not in `runs` yet, as Ray tasks with a search trial's resources, at most as many at once as
+    the search ran; keep each result as soon as it ends."""
     import ray
 
     from llmm_tune.tune.cluster import start_ray
 
-    todo = [(method, seed) for method, (_, best, _) in chosen.items() for seed in seeds
-            if f"{method}/{seed}" not in runs or runs[f"{method}/{seed}"]["trial"] != best["trial"]]
+    todo = [job for job in jobs if job.key not in runs or runs[job.key]["trial"] != job.trial]
     if not todo:
         return
     start_ray(cluster)
@@ -147,29 +172,26 @@ def retrain(chosen: dict, seeds: list[int], runs: dict, runs_path: Path, cluster
     try:
         running: dict = {}
         while todo or running:
-            while todo and len(running) < chosen[todo[0][0]][0].resources["max_concurrent"]:
-                method, seed = todo.pop(0)
-                meta, best, _ = chosen[method]
-                resources, config = meta.resources, trial_config(best, meta)
-                context = TrialContext.of(meta.family, meta.task, meta.metric, meta.trust_remote_code,
-                                          dataset=TrialContext.dataset_in(meta.space_yaml))
+            while todo and len(running) < todo[0].meta.resources["max_concurrent"]:
+                job = todo.pop(0)
+                resources = job.meta.resources
+                context = job.meta.context()
                 task = ray.remote(retrain_seed).options(num_cpus=resources["cpus_per_trial"],
                                                         num_gpus=resources["gpus_per_trial"])
                 threads = max(1, int(resources["cpus_per_trial"]))
-                running[task.remote(context, config, seed, meta.seed, data_source(meta), threads)] = (method, seed,
-                                                                                                      config)
-                print(f"{method}: training trial {best['trial']}'s configuration with seed {seed}")
+                running[task.remote(context, job.config, job.seed, job.meta.seed, data_source(job.meta),
+                                    threads)] = job
+                print(f"{job.key.split('/')[0]}: training trial {job.trial}'s configuration with seed {job.seed}")
             (finished,), _ = ray.wait(list(running), num_returns=1)
-            method, seed, config = running.pop(finished)
+            job = running.pop(finished)
             progress.advance()
             try:
                 scores = ray.get(finished)
             except ray.exceptions.RayError as error:  # one failed run stops neither the others nor what they keep
-                print(f"{method}: seed {seed} failed: {error}", file=sys.stderr)  # with the worker's traceback
-                failed.append(f"{method}/{seed}")
+                print(f"{job.method}: seed {job.seed} failed: {error}", file=sys.stderr)  # the worker's traceback
+                failed.append(job.key)
                 continue
-            runs[f"{method}/{seed}"] = {"method": method, "seed": seed, "trial": chosen[method][1]["trial"],
-                                        "config": config, **scores}
+            runs[job.key] = {"method": job.method, "seed": job.seed, "trial": job.trial, "config": job.config, **scores}
             with atomic_path(runs_path) as tmp:
                 tmp.write_text(json.dumps(runs, indent=1))
     finally:
@@ -196,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--methods", nargs="+", choices=tuple(BASELINES), default=list(BASELINES),
                         help="the first is the reference the others are compared with")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="retraining seeds, one run each")
+    parser.add_argument("--paired", action="store_true",
+                        help="also retrain every other method at the first method's (llmm's) best configuration with "
+                             "only its own settings changed, seed by seed: the method's effect without the search's")
     add_profile_option(parser)
     parser.add_argument("--storage", default=DEFAULT_STORAGE, help="where the searches are kept")
     parser.add_argument("--results", default="results", help="results/compare/<task>/ is written under it")
@@ -218,6 +243,9 @@ def run(argv: list[str]) -> Path:
     if any(o in ("--method", "--name", "--resume", "--no-export") for o in options):
         raise UsageError("compare names, resumes and exports its searches itself; drop --method, --name, --resume "
                          "and --no-export")
+    if args.paired and (args.methods[0] != "llmm" or len(args.methods) < 2):
+        raise UsageError("--paired retrains the other methods at llmm's configuration (its K and scale have no "
+                         "value in theirs): pass --methods llmm and at least one baseline, llmm first")
     from llmm_tune.search import choose_profile
 
     profile = choose_profile(args.profile)
@@ -228,8 +256,48 @@ def run(argv: list[str]) -> Path:
     out = Path(args.results) / "compare" / chosen[args.methods[0]][0].task
     runs_path = out / RUNS_FILE
     runs = json.loads(runs_path.read_text()) if runs_path.is_file() else {}
-    retrain(chosen, args.seeds, runs, runs_path, cluster_address(options))
+    retrain(retrainings(chosen, args.seeds, args.paired), runs, runs_path, cluster_address(options))
+    if args.paired:
+        write_paired(args, chosen, runs, out)
     return write_tables(args, chosen, runs, out, argv, space_path(args.task).stem)
+
+
+def changed_settings(method: str, config: dict) -> str:
+    """What `method` changes of the reference's configuration (its BASELINES entry), as `K 2 -> 0, ...`."""
+    changes = [f"{k} {config.get(k)} -> {v}" for k, v in BASELINES[method].items() if config.get(k) != v]
+    return ", ".join(changes) or "nothing"
+
+
+def write_paired(args, chosen: dict, runs: dict, out: Path) -> None:
+    """paired.md and paired.csv: every other method at the reference's best configuration, each seed's held-out
+    score minus the reference's own with that seed, with a 95% paired interval."""
+    reference, (meta, best, _) = next(iter(chosen.items()))
+    split = load_family(meta.family).HELD_OUT
+    score = f"{split}_{meta.metric}"
+    config = trial_config(best, meta)
+    own = [runs[f"{reference}/{s}"][score] for s in args.seeds]
+    rows, made = [], []
+    for method in args.methods[1:]:
+        paired = [runs[f"{method}@{reference}/{s}"] for s in args.seeds]
+        made += [{**run, "paired_with": reference} for run in paired]
+        difference, low, high = paired_interval([run[score] for run in paired], own)
+        rows.append({"method": method, "changed": changed_settings(method, config),
+                     f"{split} {meta.metric} mean": f"{statistics.fmean(run[score] for run in paired):.4f}",
+                     f"{reference} mean": f"{statistics.fmean(own):.4f}",
+                     f"difference to {reference}": f"{difference:+.4f}",
+                     "95% interval": f"[{low:+.4f}, {high:+.4f}]"})
+    table = pd.DataFrame(rows)
+    setting = ", ".join(f"{k} {setting_text(best[k])}" for k in ("quant_method", "bits", "rank", "lr", "scale", "K"))
+    direction = "higher" if meta.mode == "max" else "lower"
+    header = (f"# {meta.task}: every method at {reference}'s best configuration (trial {best['trial']}: {setting}), "
+              f"only its own settings changed, seeds {args.seeds}, scored once on {split}\n\nThe difference is the "
+              f"method's {split} {meta.metric} minus {reference}'s with the same seed ({direction} is better); its 95% "
+              "interval is a paired t-test over seeds. Each method's own tuned result: table.md.\n\n")
+    write_text(out / "paired.md", header + table.to_markdown(index=False, disable_numparse=True) + "\n")
+    with atomic_path(out / "paired.csv") as tmp:
+        pd.DataFrame(made).drop(columns=["config"]).to_csv(tmp, index=False)
+    print(f"wrote {out}: paired.md, paired.csv (at {reference}'s configuration)")
+    print(table.to_string(index=False))
 
 
 def write_tables(args, chosen: dict, runs: dict, out: Path, argv: list[str], space: str) -> Path:

@@ -11,7 +11,8 @@ import statistics
 import pandas as pd
 import pytest
 
-from llmm_tune.compare import best_trial, paired_interval, write_tables
+from llmm_tune.compare import best_trial, paired_interval, retrainings, write_tables
+from llmm_tune.method.config import BASELINES
 from llmm_tune.errors import UsageError
 from llmm_tune.tune.experiment import ExperimentRecord
 from tests.search_fixtures import run_module, subset_glue, tiny_bert, tiny_space
@@ -133,12 +134,23 @@ def test_a_compare_of_two_methods_over_seeds_continues_without_redoing_finished_
     assert f"{paired_interval(lora, llmm)[0]:.4f}" in table
     assert (out / "seeds.png").stat().st_size > 0 and (out / "table.tex").is_file()
 
+    paired = run_module("llmm_tune.compare", *common, "--seeds", "0", "1", "--paired", timeout=900)
+    assert paired.returncode == 0, paired.stderr[-3000:]
+    started = [line.split(":")[0] for line in paired.stdout.splitlines() if ": training trial" in line]
+    assert started == ["lora@llmm", "lora@llmm"]  # the runs done before are kept
+    both = json.loads((out / "runs.json").read_text())
+    assert sorted(both) == sorted([*continued, "lora@llmm/0", "lora@llmm/1"])
+    assert both["lora@llmm/0"]["config"] == {**both["llmm/0"]["config"], **BASELINES["lora"]}
+    row = table_row((out / "paired.md").read_text(), "lora")
+    differences = [both[f"lora@llmm/{s}"]["dev_mcc"] - both[f"llmm/{s}"]["dev_mcc"] for s in (0, 1)]
+    assert row["difference to llmm"] == f"{statistics.fmean(differences):+.4f}" and "bits 4 -> None" in row["changed"]
+
     more = run_module("llmm_tune.compare", *common[:-1], "2", "--seeds", "0", "1", timeout=900)
     assert more.returncode == 2 and "llmm: searching" not in more.stdout
     assert more.stderr.strip().splitlines() == [
         "error: search tiny_cola-llmm-cpu-compare was started with other settings: num_samples 1 (now 2); pass the "
         "options it was started with to continue it, or another --storage and --results to compare afresh"]
-    assert json.loads((out / "runs.json").read_text()) == continued
+    assert json.loads((out / "runs.json").read_text()) == both
 
 
 def test_a_failing_retraining_lets_the_other_seeds_finish_and_ends_the_compare_with_one_line(tmp_path):
@@ -153,3 +165,25 @@ def test_a_failing_retraining_lets_the_other_seeds_finish_and_ends_the_compare_w
     out = tmp_path / "results" / "compare" / "cola"
     assert sorted(json.loads((out / "runs.json").read_text())) == ["llmm/0", "llmm/2"]  # seed 2 ran after seed 1
     assert not (out / "table.md").exists()  # no table from a partial set of seeds
+
+
+def test_paired_runs_put_every_other_method_at_the_references_configuration_with_only_its_own_settings_changed():
+    chosen, _ = hand_made("glue", "cola", "mcc", "max", {m: {} for m in ("llmm", "loftq", "qlora", "lora")},
+                          {"llmm": 4, "loftq": 8, "qlora": 4, "lora": None})
+    reference = {"rank": 8, "K": 1, "bits": 4, "scale": 400.0, "quant_method": "normal_float", "lr": 1.23e-4}
+    jobs = {job.key: job for job in retrainings(chosen, [0, 1], paired=True)}
+    assert sorted(jobs) == sorted([*(f"{m}/{s}" for m in chosen for s in (0, 1)),
+                                   *(f"{m}@llmm/{s}" for m in ("loftq", "qlora", "lora") for s in (0, 1))])
+    for method in ("loftq", "qlora", "lora"):
+        job = jobs[f"{method}@llmm/1"]
+        assert job.trial == "t-llmm" and job.seed == 1 and job.method == method
+        assert job.config == {**{k: v for k, v in reference.items() if k in job.config}, **BASELINES[method]}
+    assert jobs["loftq@llmm/0"].config["bits"] == 4 and jobs["loftq/0"].config["bits"] == 8  # its own: its own best
+    assert not any("@" in key for key in (job.key for job in retrainings(chosen, [0], paired=False)))
+
+
+def test_paired_needs_llmm_first(tmp_path):
+    from llmm_tune import compare
+
+    with pytest.raises(UsageError, match="--paired retrains the other methods at llmm's configuration"):
+        compare.run(["glue_cola", "--methods", "loftq", "llmm", "--paired", "--storage", str(tmp_path)])

@@ -57,7 +57,7 @@ class TrialContext:
     @staticmethod
     def dataset_in(space_yaml: str) -> str | None:
         """The resolved `dataset:` block of a search space's YAML, as the context carries it."""
-        block = yaml.safe_load(space_yaml).get("dataset")
+        block = (yaml.safe_load(space_yaml) or {}).get("dataset")
         return None if block is None else json.dumps(block, sort_keys=True)
 
     def checkpoint_ranking(self) -> dict:

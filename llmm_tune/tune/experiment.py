@@ -105,10 +105,12 @@ class ExperimentRecord:
         """The trackers the search logs to (`--tracker`), the same when it resumes."""
         return self.options.get("tracker") or []
 
-    def context(self, experiment: str) -> TrialContext:
-        """The context of this experiment's trials, its LoftQ initialisations kept in the experiment."""
-        return TrialContext.of(self.family, self.task, self.metric, self.trust_remote_code,
-                               storage.join(str(experiment), LOFTQ_CACHE), TrialContext.dataset_in(self.space_yaml))
+    def context(self, experiment: str | None = None) -> TrialContext:
+        """The context of this experiment's trials, its LoftQ initialisations kept in `experiment` (None: in memory
+        only, as a retraining elsewhere keeps them)."""
+        cache = None if experiment is None else storage.join(str(experiment), LOFTQ_CACHE)
+        return TrialContext.of(self.family, self.task, self.metric, self.trust_remote_code, cache,
+                               TrialContext.dataset_in(self.space_yaml))
 
     def write(self, experiment: str) -> None:
         storage.write_text(storage.join(str(experiment), METADATA_FILE),
