@@ -148,8 +148,7 @@ def raw_splits(block: dict) -> dict[str, list[tuple[str, object]]]:
     """Our split -> its (where, row) pairs as the source holds them (columns not yet mapped)."""
     if block.get("files"):
         files = {split: located(name) for split, name in block["files"].items()}
-    elif Path(block["path"]).expanduser().exists() or block["path"].endswith(SUFFIXES) \
-            or block["path"].startswith((".", "/", "~")):  # a path, not a hub id: split_files names what is missing
+    elif is_local(block):
         files = split_files(block)
     else:
         return read_hub(block)
@@ -158,6 +157,12 @@ def raw_splits(block: dict) -> dict[str, list[tuple[str, object]]]:
         if recorded and content_hash(path) != recorded:
             print(f"warning: {portable(path)} is not the data the record was made with (content hash differs)")
     return {split: list(read_file(path)) for split, path in files.items()}
+
+
+def is_local(block: dict) -> bool:
+    """Whether the block names files here rather than a hub dataset (a missing path: split_files names it)."""
+    path = block["path"]
+    return Path(path).expanduser().exists() or path.endswith(SUFFIXES) or path.startswith((".", "/", "~"))
 
 
 def columns_of(rows: list[tuple[str, object]]) -> list[str]:
@@ -222,10 +227,10 @@ def resolve(block: object, formats: dict[str, tuple[str, ...]], where: str = "da
                       else f"{len(rows)} {split} rows" for split, rows in splits.items())
     print(f"data {block['path']}: format {block['format']} ({'given' if given else 'inferred from the columns'} "
           f"{found}); {sizes}")
-    if not Path(block["path"]).expanduser().exists():
+    if not is_local(block):
         block["files"] = {}  # a hub dataset: its id, config and revision name it
         return block
-    files = split_files(block)
+    files = split_files(block)  # found by raw_splits above already: cheap, reads no rows
     block["files"] = {split: portable(path) for split, path in files.items()}
     block["hashes"] = {split: content_hash(path) for split, path in files.items()}
     block["path"] = portable(Path(block["path"]).expanduser())
