@@ -143,16 +143,17 @@ class Retraining:
     config: dict
 
 
-def retrainings(chosen: dict, seeds: list[int], paired: bool) -> list[Retraining]:
-    """Each method's own best configuration with every seed; with `paired`, every other method also at the first
-    method's best configuration with only its own settings changed (BASELINES: loftq sets K = 0, qlora its zero
-    init and NF4, lora full precision), so a difference is the method's alone, not its search's luck."""
+def retrainings(chosen: dict, methods: list[str], seeds: list[int], paired: bool) -> list[Retraining]:
+    """Each searched method's (`chosen`) own best configuration with every seed; with `paired`, every other of
+    `methods` also at the first method's best configuration with only its own settings changed (BASELINES: loftq
+    sets K = 0, qlora its zero init and NF4, lora full precision), so a difference is the method's alone, not its
+    search's luck."""
     runs = [Retraining(f"{m}/{s}", m, s, meta, best["trial"], trial_config(best, meta))
             for m, (meta, best, _) in chosen.items() for s in seeds]
     if paired:
         reference, (meta, best, _) = next(iter(chosen.items()))
         runs += [Retraining(f"{m}@{reference}/{s}", m, s, meta, best["trial"],
-                            {**trial_config(best, meta), **BASELINES[m]}) for m in list(chosen)[1:] for s in seeds]
+                            {**trial_config(best, meta), **BASELINES[m]}) for m in methods[1:] for s in seeds]
     return runs
 
 
@@ -221,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--paired", action="store_true",
                         help="also retrain every other method at the first method's (llmm's) best configuration with "
                              "only its own settings changed, seed by seed: the method's effect without the search's")
+    parser.add_argument("--paired-only", action="store_true",
+                        help="the paired runs alone, at a fraction of the compute: search the first method only, "
+                             "retrain it and the others at its best configuration; writes paired.md, not table.md")
     add_profile_option(parser)
     parser.add_argument("--storage", default=DEFAULT_STORAGE, help="where the searches are kept")
     parser.add_argument("--results", default="results", help="results/compare/<task>/ is written under it")
@@ -243,7 +247,8 @@ def run(argv: list[str]) -> Path:
     if any(o in ("--method", "--name", "--resume", "--no-export") for o in options):
         raise UsageError("compare names, resumes and exports its searches itself; drop --method, --name, --resume "
                          "and --no-export")
-    if args.paired and (args.methods[0] != "llmm" or len(args.methods) < 2):
+    paired = args.paired or args.paired_only
+    if paired and (args.methods[0] != "llmm" or len(args.methods) < 2):
         raise UsageError("--paired retrains the other methods at llmm's configuration (its K and scale have no "
                          "value in theirs): pass --methods llmm and at least one baseline, llmm first")
     from llmm_tune.search import choose_profile
@@ -251,15 +256,15 @@ def run(argv: list[str]) -> Path:
     profile = choose_profile(args.profile)
     load_spec(args.task, profile, args.methods[0])  # a bad space stops here, before any search
     storage_dir = storage.writable(args.storage, "--storage")
-    experiments = {m: run_search(args.task, m, profile, storage_dir, options) for m in args.methods}
-    chosen = {m: best_trial(e) for m, e in experiments.items()}
+    searched = args.methods[:1] if args.paired_only else args.methods
+    chosen = {m: best_trial(run_search(args.task, m, profile, storage_dir, options)) for m in searched}
     out = Path(args.results) / "compare" / chosen[args.methods[0]][0].task
     runs_path = out / RUNS_FILE
     runs = json.loads(runs_path.read_text()) if runs_path.is_file() else {}
-    retrain(retrainings(chosen, args.seeds, args.paired), runs, runs_path, cluster_address(options))
-    if args.paired:
-        write_paired(args, chosen, runs, out)
-    return write_tables(args, chosen, runs, out, argv, space_path(args.task).stem)
+    retrain(retrainings(chosen, args.methods, args.seeds, paired), runs, runs_path, cluster_address(options))
+    if paired:
+        write_paired(args, chosen, runs, out, argv)
+    return out if args.paired_only else write_tables(args, chosen, runs, out, argv, space_path(args.task).stem)
 
 
 def changed_settings(method: str, config: dict) -> str:
@@ -268,7 +273,19 @@ def changed_settings(method: str, config: dict) -> str:
     return ", ".join(changes) or "nothing"
 
 
-def write_paired(args, chosen: dict, runs: dict, out: Path) -> None:
+def provenance(argv: list[str], chosen: dict, made: list[dict], space: str) -> tuple[str, dict]:
+    """The footer a table ends with (the command, the space, the commits and versions its numbers were made with; a
+    table written again later keeps them) and the same as a record for table.tex."""
+    meta = next(iter(chosen.values()))[0]
+    command = command_line("llmm_tune.compare", argv)
+    commits = sorted({m.git_commit for m, _, _ in chosen.values()}
+                     | {run.get("git_commit", "not recorded") for run in made})
+    footer = (f"\n\nCommand: `{command}` | space: {space} | commit {', '.join(commits)} | "
+              + " ".join(f"{k}={meta.versions.get(k)}" for k in VERSION_KEYS) + "\n")
+    return footer, {"reproduce": command, "git_commit": ", ".join(commits), "versions": meta.versions}
+
+
+def write_paired(args, chosen: dict, runs: dict, out: Path, argv: list[str]) -> None:
     """paired.md and paired.csv: every other method at the reference's best configuration, each seed's held-out
     score minus the reference's own with that seed, with a 95% paired interval."""
     reference, (meta, best, _) = next(iter(chosen.items()))
@@ -293,7 +310,9 @@ def write_paired(args, chosen: dict, runs: dict, out: Path) -> None:
               f"only its own settings changed, seeds {args.seeds}, scored once on {split}\n\nThe difference is the "
               f"method's {split} {meta.metric} minus {reference}'s with the same seed ({direction} is better); its 95% "
               "interval is a paired t-test over seeds. Each method's own tuned result: table.md.\n\n")
-    write_text(out / "paired.md", header + table.to_markdown(index=False, disable_numparse=True) + "\n")
+    footer, _ = provenance(argv, chosen, [*made, *(runs[f"{reference}/{s}"] for s in args.seeds)],
+                           space_path(args.task).stem)
+    write_text(out / "paired.md", header + table.to_markdown(index=False, disable_numparse=True) + footer)
     with atomic_path(out / "paired.csv") as tmp:
         pd.DataFrame(made).drop(columns=["config"]).to_csv(tmp, index=False)
     print(f"wrote {out}: paired.md, paired.csv (at {reference}'s configuration)")
@@ -329,24 +348,17 @@ def write_tables(args, chosen: dict, runs: dict, out: Path, argv: list[str], spa
                      **{k: setting_text(best[k], "{:.0f}") for k in ("bits", "rank", "K")},
                      "lr": setting_text(best["lr"], "{:.1e}"), "scale": setting_text(best["scale"], "{:g}")})
     table = pd.DataFrame(rows)
-    command = command_line("llmm_tune.compare", argv)
-    # the commits and versions the numbers were made with (a table written again later keeps them)
-    commits = sorted({m.git_commit for m, _, _ in chosen.values()}
-                     | {run.get("git_commit", "not recorded") for run in made})
-    versions = meta.versions
+    footer, record = provenance(argv, chosen, made, space)
     direction = "higher" if mode == "max" else "lower"
     header = (f"# {meta.task}: each method tuned with the same search, its best validation configuration "
               f"retrained with seeds {args.seeds} and scored once on {split}\n\n"
               f"{metric}: {direction} is better. The difference is each method's {split} mean minus {reference}'s, "
               f"its 95% interval from a paired t-test over seeds; an interval that holds 0 is no evidence either "
               f"way.\n\n")
-    footer = (f"\n\nCommand: `{command}` | space: {space} | commit {', '.join(commits)} | "
-              + " ".join(f"{k}={versions.get(k)}" for k in VERSION_KEYS) + "\n")
     align = ["left" if c in ("method", "trial", "quant_method") else "right" for c in table]  # numbers as
     # formatted above (tabulate would re-parse "0.7200" as 0.72)
     write_text(out / "table.md", header + table.to_markdown(index=False, disable_numparse=True, colalign=align)
                + footer)
-    record = {"reproduce": command, "git_commit": ", ".join(commits), "versions": versions}
     write_text(out / "table.tex", latex(table, [record] * len(table),
                                         f"{meta.task}: tuned methods over seeds {args.seeds}, {split}"))
     with atomic_path(out / "scores.csv") as tmp:

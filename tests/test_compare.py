@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 
 from llmm_tune.compare import best_trial, paired_interval, retrainings, write_tables
-from llmm_tune.method.config import BASELINES
 from llmm_tune.errors import UsageError
+from llmm_tune.method.config import BASELINES
 from llmm_tune.tune.experiment import ExperimentRecord
 from tests.search_fixtures import run_module, subset_glue, tiny_bert, tiny_space
 
@@ -134,16 +134,19 @@ def test_a_compare_of_two_methods_over_seeds_continues_without_redoing_finished_
     assert f"{paired_interval(lora, llmm)[0]:.4f}" in table
     assert (out / "seeds.png").stat().st_size > 0 and (out / "table.tex").is_file()
 
-    paired = run_module("llmm_tune.compare", *common, "--seeds", "0", "1", "--paired", timeout=900)
+    tables = {name: (out / name).read_text() for name in ("table.md", "scores.csv")}
+    paired = run_module("llmm_tune.compare", *common, "--seeds", "0", "1", "--paired-only", timeout=900)
     assert paired.returncode == 0, paired.stderr[-3000:]
     started = [line.split(":")[0] for line in paired.stdout.splitlines() if ": training trial" in line]
     assert started == ["lora@llmm", "lora@llmm"]  # the runs done before are kept
+    assert "lora: search" not in paired.stdout and tables == {n: (out / n).read_text() for n in tables}  # llmm's only
     both = json.loads((out / "runs.json").read_text())
     assert sorted(both) == sorted([*continued, "lora@llmm/0", "lora@llmm/1"])
     assert both["lora@llmm/0"]["config"] == {**both["llmm/0"]["config"], **BASELINES["lora"]}
     row = table_row((out / "paired.md").read_text(), "lora")
     differences = [both[f"lora@llmm/{s}"]["dev_mcc"] - both[f"llmm/{s}"]["dev_mcc"] for s in (0, 1)]
     assert row["difference to llmm"] == f"{statistics.fmean(differences):+.4f}" and "bits 4 -> None" in row["changed"]
+    assert "--paired-only" in (out / "paired.md").read_text().rsplit("Command: ", 1)[1]  # how to make it again
 
     more = run_module("llmm_tune.compare", *common[:-1], "2", "--seeds", "0", "1", timeout=900)
     assert more.returncode == 2 and "llmm: searching" not in more.stdout
@@ -171,7 +174,7 @@ def test_paired_runs_put_every_other_method_at_the_references_configuration_with
     chosen, _ = hand_made("glue", "cola", "mcc", "max", {m: {} for m in ("llmm", "loftq", "qlora", "lora")},
                           {"llmm": 4, "loftq": 8, "qlora": 4, "lora": None})
     reference = {"rank": 8, "K": 1, "bits": 4, "scale": 400.0, "quant_method": "normal_float", "lr": 1.23e-4}
-    jobs = {job.key: job for job in retrainings(chosen, [0, 1], paired=True)}
+    jobs = {job.key: job for job in retrainings(chosen, list(chosen), [0, 1], paired=True)}
     assert sorted(jobs) == sorted([*(f"{m}/{s}" for m in chosen for s in (0, 1)),
                                    *(f"{m}@llmm/{s}" for m in ("loftq", "qlora", "lora") for s in (0, 1))])
     for method in ("loftq", "qlora", "lora"):
@@ -179,7 +182,10 @@ def test_paired_runs_put_every_other_method_at_the_references_configuration_with
         assert job.trial == "t-llmm" and job.seed == 1 and job.method == method
         assert job.config == {**{k: v for k, v in reference.items() if k in job.config}, **BASELINES[method]}
     assert jobs["loftq@llmm/0"].config["bits"] == 4 and jobs["loftq/0"].config["bits"] == 8  # its own: its own best
-    assert not any("@" in key for key in (job.key for job in retrainings(chosen, [0], paired=False)))
+    assert not any("@" in key for key in (job.key for job in retrainings(chosen, list(chosen), [0], paired=False)))
+    alone = retrainings({"llmm": chosen["llmm"]}, ["llmm", "loftq"], [0, 1], paired=True)  # --paired-only
+    assert sorted(job.key for job in alone) == ["llmm/0", "llmm/1", "loftq@llmm/0", "loftq@llmm/1"]
+    assert {job.trial for job in alone} == {"t-llmm"}
 
 
 def test_paired_needs_llmm_first(tmp_path):

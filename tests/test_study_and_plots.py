@@ -32,7 +32,8 @@ def searched(tmp_path_factory) -> dict:
                 "WANDB_DIR": str(root), "WANDB_PROJECT": "llmm-test"}
     run = run_module("llmm_tune.search", str(space), "--profile", "cpu", "--num-samples", "4", "--storage",
                      str(root / "runs"), "--results", str(root / "results"), "--name", "instant",
-                     "--cpus-per-trial", "1", "--tracker", "mlflow", "--tracker", "wandb", env=trackers)
+                     "--cpus-per-trial", "1", "--tracker", "mlflow", "--tracker", "wandb", env=trackers,
+                     cwd=root)  # MLflow puts a sqlite store's artefacts in ./mlruns
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     journal = JournalStorage(JournalFileBackend(str(root / "runs" / "instant" / JOURNAL)))
     return {"study": optuna.load_study(study_name="instant", storage=journal), "out": root / "results" / "cola",

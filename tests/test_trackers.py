@@ -16,6 +16,7 @@ from llmm_tune.tune.experiment import ExperimentRecord
 def tracking(tmp_path, monkeypatch) -> str:
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)  # MLflow puts a sqlite store's artefacts in ./mlruns
     return uri
 
 
