@@ -28,7 +28,9 @@ class LlmmConfig:
     quant_method: str = "normal_float"
     loftq_iters: int = 5
     double_quant: bool = False  # 4-bit normal_float: block scales in 8 bits too (bitsandbytes' compressed statistics)
-    alpha: float = 16.0  # LoRA output scaling is alpha / rank
+    alpha: float = 16.0  # LoRA output scaling is alpha / rank, unless adapter_scale fixes it
+    adapter_scale: float | None = None  # c, the adapter's output scale: None for alpha / rank (peft's), 1 the release's
+    quantize_embeddings: bool = False  # the input embeddings too: a LoftQ base and a plain low-rank adapter
     dropout: float = 0.0
     target_modules: tuple[str, ...] | None = None  # None: the architecture's defaults
     init: str | None = None  # "loftq" or "zero"; None: loftq when quantised, zero otherwise
@@ -47,6 +49,8 @@ class LlmmConfig:
               "false unless bits is 4 and quant_method normal_float (bitsandbytes compresses NF4 scales only)")
         check(not (self.init == "loftq" and self.bits is None), "init",
               "'zero' or None when bits is None (LoftQ needs a quantised base)")
+        check(not (self.quantize_embeddings and self.bits is None), "quantize_embeddings",
+              "false when bits is None (there is no quantised base)")
         for field in ("target_modules", "head_modules"):
             value = getattr(self, field)
             if value is not None:
@@ -56,7 +60,8 @@ class LlmmConfig:
 
     @property
     def scaling(self) -> float:
-        return self.alpha / self.rank
+        """c in y = Q x + c B A x (METHOD.md sections 1 and 5)."""
+        return self.adapter_scale if self.adapter_scale is not None else self.alpha / self.rank
 
     @property
     def resolved_init(self) -> str:
@@ -86,6 +91,10 @@ METHOD_SETTINGS: dict[str, Setting] = {
     "double_quant": Setting(lambda v: isinstance(v, bool), "true or false (4-bit normal_float only)",
                             LlmmConfig.double_quant),
     "alpha": Setting(positive, "a number > 0", LlmmConfig.alpha),
+    "adapter_scale": Setting(lambda v: v is None or positive(v), "a number > 0, or null for alpha / rank",
+                             LlmmConfig.adapter_scale),
+    "quantize_embeddings": Setting(lambda v: isinstance(v, bool), "true or false (the input embeddings quantised)",
+                                   LlmmConfig.quantize_embeddings),
     "dropout": Setting(fraction, "a number in [0, 1)", LlmmConfig.dropout),
     "init": Setting(lambda v: v in (None, *INITS), "loftq, zero or null", LlmmConfig.init),
 }
@@ -108,6 +117,8 @@ def llmm_config(config: dict, **overrides) -> LlmmConfig:
         "scale": config["scale"] if config["scale"] is not None else defaults.scale,
         "quant_method": config["quant_method"] or defaults.quant_method,
         "loftq_iters": config["loftq_iters"], "dropout": config["dropout"], "init": config["init"],
+        "adapter_scale": config.get("adapter_scale"),  # .get: configurations recorded before these settings
+        "quantize_embeddings": bool(config.get("quantize_embeddings")) and config["bits"] is not None,  # not lora's
         # applies to the 4-bit normal_float trials of a space that also searches other formats
         "double_quant": bool(config.get("double_quant")) and (config["bits"], config["quant_method"])
         == (4, "normal_float"),

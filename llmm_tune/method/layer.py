@@ -11,6 +11,7 @@ weight, and its merge into a plain linear layer; the model only finds targets an
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -56,11 +57,11 @@ class LlmmLinear(nn.Module):
         self.sample_in_eval = False  # Monte-Carlo prediction: draw even in eval mode
 
     @classmethod
-    def wrap(cls, linear: nn.Linear, config: LlmmConfig, loftq: LoftQResult | None = None) -> LlmmLinear:
+    def wrap(cls, linear: nn.Module, config: LlmmConfig, loftq: LoftQResult | None = None) -> LlmmLinear:
         """`linear` adapted under `config`: with `loftq`, its base quantises LoftQ's residual and the factors
         start at LoftQ's; without, the base is `linear` quantised (or kept, bits None) and the factors start as
         plain LoRA's (A as peft's kaiming-uniform default, B = 0), as QLoRA and LoRA do."""
-        weight, bias = linear.weight, linear.bias
+        weight, bias = linear.weight, getattr(linear, "bias", None)
         if loftq is not None:
             base = quantized_linear(loftq.to_quantize.to(weight.device), bias, config.bits, config.quant_method,
                                     config.double_quant)
@@ -89,17 +90,17 @@ class LlmmLinear(nn.Module):
         return self.scaling * self.B_mean @ self.A_mean
 
     @torch.no_grad()
-    def merged(self) -> nn.Linear:
-        """A plain frozen linear layer with W = dequant(Q) + scaling B_mean A_mean (METHOD.md section 2)."""
-        return self._linear(dense_weight(self.base) + self.delta_weight())
+    def merged(self) -> nn.Module:
+        """A plain frozen layer with W = dequant(Q) + scaling B_mean A_mean (METHOD.md section 2)."""
+        return self._plain(dense_weight(self.base) + self.delta_weight())
 
     @torch.no_grad()
-    def dequantized(self) -> nn.Linear:
-        """A plain frozen linear layer holding the dequantised base weight alone (the adapter dropped)."""
-        return self._linear(dense_weight(self.base))
+    def dequantized(self) -> nn.Module:
+        """A plain frozen layer holding the dequantised base weight alone (the adapter dropped)."""
+        return self._plain(dense_weight(self.base))
 
     @torch.no_grad()
-    def _linear(self, weight: Tensor) -> nn.Linear:
+    def _plain(self, weight: Tensor) -> nn.Linear:
         bias = self.base.bias
         linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device)
         linear.weight.copy_(weight)
@@ -110,3 +111,28 @@ class LlmmLinear(nn.Module):
     def extra_repr(self) -> str:
         r, K = self.A_mean.shape[0], self.A_moments.shape[0]
         return f"rank={r}, K={K}, scale={self.scale}, scaling={self.scaling}"
+
+
+class LlmmEmbedding(LlmmLinear):
+    """The input embeddings as the release quantises them (`--quant_embedding`, METHOD.md section 5): the table W
+    (vocabulary x dim) LoftQ-quantised like a linear layer's weight, plus a plain low-rank adapter (the means, no
+    moments): E(ids) = Q[ids] + scaling * B[ids] A, B vocabulary x r, A r x dim. peft's lora.Embedding holds the
+    same adapter transposed: lora_embedding_A = B^T, lora_embedding_B = A^T."""
+
+    @classmethod
+    def wrap(cls, embedding: nn.Embedding, config: LlmmConfig, loftq: LoftQResult | None = None) -> LlmmEmbedding:
+        layer = super().wrap(embedding, dataclasses.replace(config, K=0), loftq)
+        layer.padding_idx, layer.out_dtype = embedding.padding_idx, embedding.weight.dtype
+        return layer
+
+    def forward(self, ids: Tensor) -> Tensor:
+        rows = F.embedding(ids, dense_weight(self.base), self.padding_idx)
+        update = F.embedding(ids, self.B_mean, self.padding_idx) @ self.A_mean
+        return (rows + self.scaling * update).to(self.out_dtype)
+
+    @torch.no_grad()
+    def _plain(self, weight: Tensor) -> nn.Embedding:
+        embedding = nn.Embedding(*weight.shape, padding_idx=self.padding_idx, device=weight.device,
+                                 dtype=self.out_dtype)
+        embedding.weight.copy_(weight)
+        return embedding.requires_grad_(False)

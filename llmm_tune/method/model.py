@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from llmm_tune.files import atomic_path
 from llmm_tune.method.config import LlmmConfig
-from llmm_tune.method.layer import LlmmLinear
+from llmm_tune.method.layer import LlmmEmbedding, LlmmLinear
 from llmm_tune.method.loftq import CACHE, LoftQStore, as_store
 from llmm_tune.method.quant import weight_bytes
 
@@ -56,7 +56,8 @@ def _in_head(name: str, heads: tuple[str, ...]) -> bool:
 
 def apply_llmm(model: nn.Module, config: LlmmConfig, init_device: str | None = None,
                loftq_cache: str | os.PathLike | LoftQStore | None = None) -> nn.Module:
-    """Replace every target linear layer by a quantised base plus a distributional adapter.
+    """Replace every target linear layer by a quantised base plus a distributional adapter (and, with
+    `config.quantize_embeddings`, the input embeddings by a quantised table plus a low-rank adapter).
 
     Only adapter parameters and the modules named in `config.head_modules` stay trainable.
     `init_device` (e.g. "cuda") runs LoftQ's SVDs there while the model stays where it is. LoftQ
@@ -75,17 +76,31 @@ def apply_llmm(model: nn.Module, config: LlmmConfig, init_device: str | None = N
             f"LlmmConfig.target_modules {list(targets)} match no linear layer of "
             f"{type(model).__name__}; pass suffixes of names listed by model.named_modules()"
         )
+    if config.quantize_embeddings:
+        chosen |= input_embeddings(model)
     store = as_store(loftq_cache)
-    init = (CACHE.get({name: linear.weight for name, linear in chosen.items()}, config, init_device, store)
+    init = (CACHE.get({name: module.weight for name, module in chosen.items()}, config, init_device, store)
             if config.resolved_init == "loftq" else None)
-    for name, linear in chosen.items():
-        loftq = init.layer(name, linear.weight.shape) if init else None
-        _replace(model, name, LlmmLinear.wrap(linear, config, loftq))
+    for name, module in chosen.items():
+        loftq = init.layer(name, module.weight.shape) if init else None
+        layer = LlmmEmbedding if isinstance(module, nn.Embedding) else LlmmLinear
+        _replace(model, name, layer.wrap(module, config, loftq))
     for name, module in model.named_modules():
         if name.rpartition(".")[2] in config.head_modules:
             module.requires_grad_(True)
     model.llmm_config = config
     return model
+
+
+def input_embeddings(model: nn.Module) -> dict[str, nn.Embedding]:
+    """The model's input embeddings by name, for `quantize_embeddings`; not when tied to the output layer, which
+    would then keep the full-precision table while the input reads the quantised one."""
+    embedding = model.get_input_embeddings()
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if output is not None and output.weight is embedding.weight:
+        raise ValueError(f"LlmmConfig.quantize_embeddings: {type(model).__name__} ties its input embeddings to its "
+                         "output layer; set quantize_embeddings false for it")
+    return {name: module for name, module in model.named_modules() if module is embedding}
 
 
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -150,7 +165,7 @@ def load_llmm(model: nn.Module, directory: str | Path, init_device: str | None =
 
 
 def merge_llmm(model: nn.Module) -> nn.Module:
-    """Replace each Llmm layer by a plain nn.Linear with W = dequant(Q) + scaling B_mean A_mean."""
+    """Replace each Llmm layer by a plain nn.Linear (nn.Embedding) with W = dequant(Q) + scaling B_mean A_mean."""
     return _unwrap(model, LlmmLinear.merged)
 
 
@@ -159,7 +174,7 @@ def dequantize_llmm(model: nn.Module) -> nn.Module:
     return _unwrap(model, LlmmLinear.dequantized)
 
 
-def _unwrap(model: nn.Module, linear_of: Callable[[LlmmLinear], nn.Linear]) -> nn.Module:
+def _unwrap(model: nn.Module, linear_of: Callable[[LlmmLinear], nn.Module]) -> nn.Module:
     for name, layer in llmm_layers(model).items():
         _replace(model, name, linear_of(layer))
     del model.llmm_config

@@ -24,6 +24,7 @@ from torch import nn
 
 from llmm_tune.files import write_text
 from llmm_tune.method.config import LlmmConfig
+from llmm_tune.method.layer import LlmmEmbedding
 from llmm_tune.method.model import default_target_modules, dequantize_llmm, llmm_layers, matches
 
 EXPORT_FILE = "export.json"
@@ -62,23 +63,28 @@ def to_peft(model: nn.Module, out: Path, base_name: str, tokenizer=None, trainin
     config: LlmmConfig = model.llmm_config
     means = {name: (layer.A_mean.detach().clone(), layer.B_mean.detach().clone())
              for name, layer in llmm_layers(model).items()}
+    embeddings = [name for name, layer in llmm_layers(model).items() if isinstance(layer, LlmmEmbedding)]
     dequantize_llmm(model).requires_grad_(False)
     model.name_or_path = model.config.name_or_path = base_name  # what peft's config and model card name
     model.save_pretrained(out / "base")
     if tokenizer is not None:
         tokenizer.save_pretrained(out / "base")
-    targets = lora_targets(sorted(means), model, config)
+    targets = lora_targets(sorted(set(means) - set(embeddings)), model, config) + embeddings
     others = sorted(name for name, module in model.named_modules() if isinstance(module, nn.Linear)
                     and name not in means)  # what bitsandbytes must leave in full precision
     task = task_type(model)
     peft_model = get_peft_model(model, LoraConfig(
-        r=config.rank, lora_alpha=config.alpha, target_modules=targets, lora_dropout=config.dropout, bias="none",
-        task_type=task, modules_to_save=trained_heads(model, config) or None))
+        r=config.rank, lora_alpha=config.scaling * config.rank, target_modules=targets, lora_dropout=config.dropout,
+        bias="none", task_type=task, modules_to_save=trained_heads(model, config) or None))
     for name, (A, B) in means.items():
         module = peft_model.base_model.model.get_submodule(name)
-        module.lora_A["default"].weight.copy_(A)
-        module.lora_B["default"].weight.copy_(B)
-    peft_model.save_pretrained(out / "adapter", save_embedding_layers=False)  # Llmm trains no embedding
+        if name in embeddings:  # peft's embedding adapter is ours transposed (LlmmEmbedding)
+            module.lora_embedding_A["default"].copy_(B.T)
+            module.lora_embedding_B["default"].copy_(A.T)
+        else:
+            module.lora_A["default"].weight.copy_(A)
+            module.lora_B["default"].weight.copy_(B)
+    peft_model.save_pretrained(out / "adapter", save_embedding_layers=False)  # the base holds the embedding table
     nf4 = (config.bits, config.quant_method) == (4, "normal_float")
     record = {"base": "base", "adapter": "adapter", "base_model_name_or_path": base_name, "task_type": task,
               "num_labels": model.config.num_labels if task == "SEQ_CLS" else None, "bits": config.bits,
