@@ -49,6 +49,7 @@ from llmm_tune.tune.experiment import (
 )
 from llmm_tune.tune.spaces import PROFILES, SearchSpec, load_spec, space_name
 from llmm_tune.tune.termination import interrupted_code, stop_on_sigterm
+from llmm_tune.tune.transfer import DEFAULT_TOP, warm_start_from
 
 DEFAULT_STORAGE = "ray_results"
 # What a multi-worker trial itself holds while its Ray Train workers run: a little memory, no CPU, so the
@@ -79,6 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--name", help="experiment name (default: <task>-<method>-<profile>, numbered if taken)")
     parser.add_argument("--resume", action="store_true", help="continue the experiment --name")
     parser.add_argument("--seed", type=int, help="seed of the searcher and of every trial (default: the space's)")
+    parser.add_argument("--warm-start-from", nargs="+", metavar="PATH",
+                        help="earlier searches (results folders the export wrote, or experiment folders) whose best "
+                             "configurations, moved into this space, run first (default: the space's warm starts only)")
+    parser.add_argument("--warm-starts", type=int, metavar="K",
+                        help=f"how many of each earlier search's best configurations (default: {DEFAULT_TOP})")
     parser.add_argument("--data-dir", help="data folder, when the hub is unreachable (default: $LLMM_DATA_DIR)")
     parser.add_argument("--on-bad-row", choices=BAD_ROW_POLICIES,
                         help="a data row without the expected fields: stop naming it (error, the space's default) "
@@ -162,7 +168,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def check_counts(args: argparse.Namespace) -> None:
     """Counts of trials and resources that are given must be positive."""
-    for name in ("num_samples", "max_concurrent", "workers_per_trial"):
+    for name in ("num_samples", "max_concurrent", "workers_per_trial", "warm_starts"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -263,6 +269,7 @@ def new_experiment(args: argparse.Namespace, argv: list[str], storage_dir: str) 
     options = {k: v for k, v in vars(args).items() if k not in NOT_OPTIONS}
     overrides = space_overrides(options)
     spec = resolve_spec(args.task, profile, args.method, args.num_samples, overrides, dataset=dataset_options(options))
+    warm_starts = warm_start_from(args.warm_start_from or [], spec, args.warm_starts or DEFAULT_TOP)
     if spec.fixed.get("fsdp") and args.workers_per_trial < 2:
         raise UsageError("fsdp shards each trial's model over its workers; add --workers-per-trial 2 or more")
     if args.name and storage.exists(storage.join(storage_dir, args.name)):
@@ -275,7 +282,8 @@ def new_experiment(args: argparse.Namespace, argv: list[str], storage_dir: str) 
         model=spec.fixed["model"], num_samples=spec.num_samples, overrides=overrides, options=options,
         command=command_line("llmm_tune.search", [*argv, *([] if args.name else ["--name", name])]),
         git_commit=git_commit(), versions=package_versions(), started=time.strftime("%Y-%m-%d %H:%M:%S"),
-        trust_remote_code=args.trust_remote_code, sampler=args.sampler, early_stopping=not args.no_early_stopping)
+        trust_remote_code=args.trust_remote_code, sampler=args.sampler, early_stopping=not args.no_early_stopping,
+        warm_starts=warm_starts)
     return spec, storage.join(storage_dir, name), record
 
 

@@ -92,3 +92,14 @@ def start_module(module: str, *args: str) -> subprocess.Popen:
     """Run in its own process group (Ray's processes included), so a test can kill all of it."""
     return subprocess.Popen([sys.executable, "-u", "-m", module, *args], cwd=ROOT, env=ENV, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def earlier_results(folder: Path, trials: list[dict], metric: str = "mcc", mode: str = "max") -> Path:
+    """A results folder as the export writes it, as far as a warm start reads one: trials.csv and best.yaml."""
+    import pandas as pd
+    import yaml
+
+    folder.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(trials).to_csv(folder / "trials.csv", index=False)
+    (folder / "best.yaml").write_text(yaml.safe_dump({"validation": {"metric": metric, "mode": mode}}))
+    return folder

@@ -15,7 +15,7 @@ import ray
 import yaml
 
 from llmm_tune import search
-from tests.search_fixtures import ENV, SHARED_DATA, run_module
+from tests.search_fixtures import ENV, SHARED_DATA, earlier_results, run_module
 from tests.user_data import alpaca_rows, build, chat, model_without_chat_template, rows_file
 
 TEXT = "text"
@@ -189,6 +189,14 @@ BAD_INPUTS = [
     ("messages for a model without a chat template",
      lambda t: ["sft", "--data", data_file("messages", t), "--model", model_without_chat_template(t)],
      ["has no chat template", "--chat-template FILE"]),
+    ("warm start from a folder without results", lambda t: ["glue_cola", "--warm-start-from", str(t)],
+     ["holds neither exported results", "(results/<task>)"]),
+    ("warm start from a search sharing no setting",
+     lambda t: ["glue_cola", "--warm-start-from", str(earlier_results(t / "gorp", [dict(trial="a", learning_rate=1e-3,
+                                                                                       val_mcc=0.3)]))],
+     ["its trials set none of the settings this space searches (lr, scale, rank, K, bits, quant_method)"]),
+    ("no warm starts", lambda t: ["glue_cola", "--warm-start-from", "results/cola", "--warm-starts", "0"],
+     ["--warm-starts must be >= 1, got 0"]),
     ("test data with other columns",
      lambda t: ["sft", "--data", data_file(TEXT, t), "--test-data", rows_file(t, "test.jsonl", [dict(body="x")])],
      ["test data has columns ['body'] but train has ['text']"]),

@@ -17,7 +17,7 @@ from ray.tune.schedulers import ASHAScheduler
 from llmm_tune.export import asha_rungs, curves_figure, history_figure, importance_figure
 from llmm_tune.tune.searcher import JOURNAL, NUMBER, RAY_TRIAL_ID
 from llmm_tune.tune.trackers import TRIAL_TAG
-from tests.search_fixtures import run_module, tiny_space
+from tests.search_fixtures import earlier_results, run_module, tiny_space
 from tests.wandb_records import run_of
 
 PLOTS = ("history.png", "importance.png", "curves.png", "parallel.png")
@@ -28,17 +28,29 @@ def searched(tmp_path_factory) -> dict:
     """A finished search of 4 trials of 4 epochs each, and its export."""
     root = tmp_path_factory.mktemp("study")
     space = tiny_space(root, root / "no-model", "instant", family="tests.instant_family", epochs=4)
+    earlier = earlier_results(root / "earlier", [dict(trial="e1", lr=2e-2, scale=50.0, rank=8, K=1, bits=4,
+                                                      quant_method="normal_float", val_mcc=0.4)])
     trackers = {"MLFLOW_TRACKING_URI": f"sqlite:///{root}/mlflow.db", "WANDB_MODE": "offline",
                 "WANDB_DIR": str(root), "WANDB_PROJECT": "llmm-test"}
     run = run_module("llmm_tune.search", str(space), "--profile", "cpu", "--num-samples", "4", "--storage",
                      str(root / "runs"), "--results", str(root / "results"), "--name", "instant",
-                     "--cpus-per-trial", "1", "--tracker", "mlflow", "--tracker", "wandb", env=trackers,
+                     "--cpus-per-trial", "1", "--tracker", "mlflow", "--tracker", "wandb",
+                     "--warm-start-from", str(earlier), env=trackers,
                      cwd=root)  # MLflow puts a sqlite store's artefacts in ./mlruns
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     journal = JournalStorage(JournalFileBackend(str(root / "runs" / "instant" / JOURNAL)))
     return {"study": optuna.load_study(study_name="instant", storage=journal), "out": root / "results" / "cola",
             "trials": pd.read_csv(root / "results" / "cola" / "trials.csv"), "console": run.stdout,
             "mlflow": trackers["MLFLOW_TRACKING_URI"], "wandb": root / "wandb"}
+
+
+def test_an_earlier_searchs_best_runs_first_moved_into_the_space_and_trials_csv_says_where_it_came_from(searched):
+    trials = searched["trials"].set_index("warm_start")
+    earlier = trials.loc["earlier trial e1 (val_mcc 0.4)"]  # named from the working directory; lr 0.02 clipped
+    assert (earlier["lr"], earlier["scale"], earlier["rank"], earlier["quant_method"]) == (0.01, 50, 8, "normal_float")
+    assert trials.loc["space instant", "lr"] == 5e-3  # then the space's own warm start
+    assert searched["trials"]["warm_start"].isna().sum() == 2  # the searcher's own proposals
+    assert "warm start from" in searched["console"] and "lr=0.02 is outside this space" in searched["console"]
 
 
 def test_mlflow_holds_the_search_as_a_parent_run_and_every_trial_nested_with_its_config_and_reports(searched):

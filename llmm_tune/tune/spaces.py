@@ -275,23 +275,30 @@ def _warm_start(path: Path, settings: dict, points, space: dict) -> tuple[list[d
     for i, point in enumerate(points):
         for name, value in _mapping(path, f"warm_start[{i}]", point, set(settings)).items():
             _check_value(path, f"warm_start[{i}]", settings, name, value)
-        projected = {}
-        for name, entry in space.items():
-            (kind, args), = entry.items()
-            if name not in point:
-                value = args[0] if kind == "choice" else _middle(kind, args)
-                notes.append(f"warm start {i + 1}: no {name} given; enqueued with {name}={value}")
-            elif kind == "choice":
-                value = point[name] if point[name] in args else _nearest(point[name], args)
-            else:
-                value = min(max(point[name], args[0]), args[1])
-            if name in point and value != point[name]:
-                notes.append(f"warm start {i + 1}: published {name}={point[name]} is outside this space; "
-                             f"enqueued with {name}={value}")
-            projected[name] = value
+        projected, changes = project(point, space)
+        notes += [f"warm start {i + 1}: {change}" for change in changes]
         if projected not in result:
             result.append(projected)
     return result, notes
+
+
+def project(point: dict, space: dict) -> tuple[dict, list[str]]:
+    """`point`'s values of the settings `space` searches, moved into it: a value outside goes to the nearest edge
+    or choice, a setting the point lacks takes the first choice or the middle; and what was changed, in words."""
+    projected, changes = {}, []
+    for name, entry in space.items():
+        (kind, args), = entry.items()
+        if name not in point:
+            value = args[0] if kind == "choice" else _middle(kind, args)
+            changes.append(f"no {name} given; enqueued with {name}={value}")
+        elif kind == "choice":  # the space's own choice: 4, not a table's 4.0
+            value = args[args.index(point[name])] if point[name] in args else _nearest(point[name], args)
+        else:
+            value = min(max(point[name], args[0]), args[1])
+        if name in point and value != point[name]:
+            changes.append(f"{name}={point[name]} is outside this space; enqueued with {name}={value}")
+        projected[name] = value
+    return projected, changes
 
 
 def _middle(kind: str, args: list):

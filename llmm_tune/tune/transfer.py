@@ -1,0 +1,94 @@
+"""Warm starts from earlier searches (`search --warm-start-from PATH ...`): the best configurations of exported
+results (a folder the export wrote: trials.csv and best.yaml) or of experiments (a folder under a search's
+--storage), of another task, model or method, moved into this search's space and tried before the searcher's own
+proposals. Optuna's own warm starting (`enqueue_trial`, Ray's `points_to_evaluate`) takes the points; what it does
+not do is read our results, rank them and fit them into another space, which is what this module adds."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from llmm_tune.errors import UsageError
+from llmm_tune.tune.experiment import read_record
+from llmm_tune.tune.spaces import SearchSpec, project
+
+DEFAULT_TOP = 3  # the best configurations taken from each earlier search
+
+
+def earlier_trials(path: str) -> tuple[pd.DataFrame, str, str]:
+    """(one row per trial, the validation column, its mode) of exported results or of an experiment."""
+    folder = Path(path)
+    if (folder / "trials.csv").is_file() and (folder / "best.yaml").is_file():
+        validation = yaml.safe_load((folder / "best.yaml").read_text())["validation"]
+        return pd.read_csv(folder / "trials.csv"), f"val_{validation['metric']}", validation["mode"]
+    record = read_record(path)
+    if record is None:
+        raise UsageError(f"--warm-start-from {path}: holds neither exported results (trials.csv and best.yaml) nor "
+                         "an experiment (llmm_experiment.json); pass a results folder the export wrote "
+                         "(results/<task>) or an experiment folder under a search's --storage")
+    from llmm_tune.export import collect
+
+    _, trials, _ = collect(path)
+    return trials, record.context(path).value_key, record.mode
+
+
+def portable_name(path: str) -> str:
+    """A folder as a record names it: relative to the working directory when inside it, else as given."""
+    absolute = os.path.abspath(path)
+    return os.path.relpath(absolute) if Path(absolute).is_relative_to(Path.cwd()) else path
+
+
+def best_points(path: str, space: dict, top: int) -> list[tuple[dict, str, list[str]]]:
+    """The `top` best trials of the search at `path`, each as (its configuration moved into `space`, where it came
+    from, what the move changed)."""
+    trials, value, mode = earlier_trials(path)
+    shared = sorted(set(space) & set(trials.columns))
+    if not shared:
+        raise UsageError(f"--warm-start-from {path}: its trials set none of the settings this space searches "
+                         f"({', '.join(space)}); warm-start from a search of the same method's settings")
+    if value not in trials:
+        raise UsageError(f"--warm-start-from {path}: its trials.csv has no {value} column; export the search again")
+    ranked = trials[trials[value].notna()].sort_values(value, ascending=mode == "min").head(top)
+    points = []
+    for _, trial in ranked.iterrows():
+        given = {name: _plain(trial[name]) for name in shared if not _missing(trial[name])}
+        projected, changes = project(given, space)
+        origin = f"{portable_name(path)} trial {trial['trial']} ({value} {trial[value]:.4g})"
+        points.append((projected, origin, changes))
+    return points
+
+
+def warm_start_from(paths: list[str], spec: SearchSpec, top: int = DEFAULT_TOP) -> list[dict]:
+    """Put the best configurations of the searches at `paths` first in `spec.warm_start` (the space's own follow),
+    noting each move in `spec.adjustments`; returns every warm start with its origin, for the record."""
+    earlier = [point for path in paths for point in best_points(path, spec.space, top)]
+    origins, points = [], []
+    for projected, origin, changes in earlier:
+        spec.adjustments += [f"warm start from {origin}: {change}" for change in changes]
+        if projected not in points:
+            points.append(projected)
+            origins.append({"origin": origin, "config": projected})
+            spec.adjustments.append(f"warm start {len(points)}: {origin}")
+    own = [point for point in spec.warm_start if point not in points]
+    spec.warm_start = points + own
+    return origins + [{"origin": f"space {spec.path.stem}", "config": point} for point in own]
+
+
+def origin_of(config: dict, warm_starts: list[dict]) -> str | None:
+    """Where the warm start a trial ran came from (None: the searcher proposed it)."""
+    return next((start["origin"] for start in warm_starts
+                 if all(config.get(name) == value for name, value in start["config"].items())), None)
+
+
+def _missing(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _plain(value):
+    """A pandas cell as the YAML/JSON value it was (numpy scalars to Python's)."""
+    return value.item() if hasattr(value, "item") else value
