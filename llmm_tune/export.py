@@ -208,7 +208,8 @@ def plots(trials: pd.DataFrame, meta: ExperimentRecord, experiment: str, out: Pa
              "importance.png": lambda: importance_figure(study, column, caution),
              "curves.png": lambda: curves_figure(ExperimentAnalysis(experiment).trial_dataframes, own, column, clock,
                                                  rungs),
-             "parallel.png": lambda: optuna_plots.plot_parallel_coordinate(study, target_name=column).figure}
+             "parallel.png": lambda: widened(optuna_plots.plot_parallel_coordinate(study, target_name=column).figure,
+                                             len(spec.space))}
     written = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # experimental-API and few-trials notices: the plots are still right
@@ -224,6 +225,12 @@ def plots(trials: pd.DataFrame, meta: ExperimentRecord, experiment: str, out: Pa
             pyplot.close(figure)
             written.append(name + (caution if name == "importance.png" else ""))
     return written
+
+
+def widened(figure, settings: int):
+    """Optuna's parallel coordinates with room per axis, so that one axis's labels (normal_float) clear the next's."""
+    figure.set_size_inches(1.8 * (settings + 1) + 1.5, 4.8)
+    return figure
 
 
 def rebuilt_study(trials: pd.DataFrame, meta: ExperimentRecord, distributions: dict) -> optuna.Study:

@@ -1,0 +1,208 @@
+"""What a lent GPU should tell us, in one command of well under 10 minutes, with no internet:
+
+    python benchmarks/gpu_check.py          # on the GPU machine
+    python benchmarks/gpu_check.py --cpu    # every part up to the CUDA calls, small (what the test runs)
+
+The GPU machine has torch, transformers, peft and accelerate; bring the rest as wheels in .whl/ (one transfer
+holds 64 MiB: bitsandbytes' 43 MB wheel and optuna's fit, Ray's 79 MB does not) and install them first:
+`pip install --no-deps .whl/*.whl`. No model or data is read: the model is a random Llama built here.
+
+Prints, each line after the device's name:
+1. the 4-bit normal_float base on the device through bitsandbytes: train -> eval -> train, then the merged model's
+   and the exported peft adapter's logits against the adapter's own;
+2. a training step of the Llmm adapter against peft's LoRA at the same rank on the same NF4 base (median ms, ratio);
+3. LoftQ's initialisation of one 4096 x 4096 layer (NF4, rank 64, 5 iterations);
+4. where Ray is installed: the same 4 trials at --gpus-per-trial 0.25 and at 1, timed, beside the plan's prediction.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from llmm_tune import LlmmConfig, apply_llmm, load_llmm, merge_llmm, save_adapter  # noqa: E402
+from llmm_tune.method.loftq import loftq  # noqa: E402
+from llmm_tune.method.model import DEFAULT_TARGETS  # noqa: E402
+from llmm_tune.method.quant import quantized_linear  # noqa: E402
+
+SIZES = {"gpu": dict(vocab_size=4096, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4,
+                     num_attention_heads=16, layer=4096, batch=(8, 256), steps=20),
+         "cpu": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, layer=256, batch=(2, 32), steps=3)}
+RANK, K = 16, 2
+
+
+def random_llama(size: dict, device: str) -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = {k: v for k, v in size.items() if k not in ("layer", "batch", "steps")}
+    return LlamaForCausalLM(LlamaConfig(**config, max_position_embeddings=512)).to(device)
+
+
+def synchronised(device: str, fn):
+    """(fn's result, its seconds), waiting for the device."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    result = fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return result, time.perf_counter() - started
+
+
+def train_steps(model: nn.Module, batch: torch.Tensor, steps: int) -> float:
+    """`steps` AdamW steps of the language-model loss on `batch`; the last loss."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    model.train()
+    for _ in range(steps):
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return loss.item()
+
+
+@torch.no_grad()
+def logits(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    return model.eval()(input_ids=batch).logits.float()
+
+
+def nf4_cycle(size: dict, device: str, work: Path) -> str:
+    """Train, evaluate, train again on an NF4 base; then merged and peft-exported logits against the adapter's."""
+    from peft import PeftModel
+    from transformers import BitsAndBytesConfig, LlamaForCausalLM
+
+    from llmm_tune.method.peft_export import to_peft
+
+    batch = torch.randint(0, size["vocab_size"], size["batch"], device=device)
+    config = LlmmConfig(rank=RANK, K=K, scale=400.0, bits=4, quant_method="normal_float", loftq_iters=2)
+    model = apply_llmm(random_llama(size, device), config, init_device=device)
+    first = train_steps(model, batch, size["steps"])
+    logits(model, batch)
+    second = train_steps(model, batch, size["steps"])  # training after an evaluation
+    expected = logits(model, batch)
+    save_adapter(model, work / "llmm")
+    merged = merge_llmm(load_llmm(random_llama(size, device), work / "llmm", init_device=device))
+    merge_error = (logits(merged, batch) - expected).abs().max().item()
+    record = to_peft(model, work / "peft", "random-llama")
+    base = LlamaForCausalLM.from_pretrained(work / "peft" / "base", device_map={"": device},
+                                            quantization_config=BitsAndBytesConfig(**record["bnb_4bit"]))
+    for layer in base.modules():  # on a CPU with AVX512-BF16, bitsandbytes would infer in bf16: keep float32
+        if hasattr(layer, "support_avx512bf16_for_cpu"):
+            layer.support_avx512bf16_for_cpu = False
+    reloaded = PeftModel.from_pretrained(base, work / "peft" / "adapter")
+    peft_error = (logits(reloaded, batch) - expected).abs().max().item()
+    return (f"NF4 base through bitsandbytes: loss {first:.3f} -> {second:.3f} across an evaluation; max |logit "
+            f"difference| to the adapter's: merged {merge_error:.2e}, peft export reloaded {peft_error:.2e}")
+
+
+def peft_lora(size: dict, device: str) -> nn.Module:
+    """peft's LoRA at the same rank on the same NF4 base layers Llmm uses."""
+    from peft import LoraConfig, get_peft_model
+
+    model = random_llama(size, device)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear) and name.rpartition(".")[2] in DEFAULT_TARGETS["llama"]:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, quantized_linear(module.weight, module.bias, 4, "normal_float"))
+    return get_peft_model(model, LoraConfig(r=RANK, lora_alpha=16, target_modules=list(DEFAULT_TARGETS["llama"])))
+
+
+def step_times(size: dict, device: str) -> str:
+    """Median step time of the Llmm adapter and of peft's LoRA, interleaved so that noise hits both alike."""
+    batch = torch.randint(0, size["vocab_size"], size["batch"], device=device)
+    llmm = apply_llmm(random_llama(size, device), LlmmConfig(rank=RANK, K=K, bits=4, init="zero"))
+    models = {"llmm": llmm, "peft": peft_lora(size, device)}
+    times = {name: [] for name in models}
+    for i in range(size["steps"] + 2):  # the first 2 of each warm up
+        for name, model in models.items():
+            _, seconds = synchronised(device, lambda m=model: train_steps(m, batch, 1))
+            if i >= 2:
+                times[name].append(seconds)
+    llmm_ms, peft_ms = (1e3 * statistics.median(times[name]) for name in ("llmm", "peft"))
+    return (f"training step, rank {RANK}, NF4 base, batch {size['batch'][0]}x{size['batch'][1]}: Llmm (K={K}) "
+            f"{llmm_ms:.1f} ms, peft LoRA {peft_ms:.1f} ms, ratio {llmm_ms / peft_ms:.2f}")
+
+
+def loftq_time(size: dict, device: str) -> str:
+    n = size["layer"]
+    weight = torch.randn(n, n, device=device) * 0.02
+    result, seconds = synchronised(device, lambda: loftq(weight, 64, 4, "normal_float", 5, 0.25))
+    return (f"LoftQ of one {n}x{n} layer (NF4, rank 64, 5 iterations): {seconds:.2f} s, relative error "
+            f"{result.errors[-1] / torch.linalg.norm(weight).item():.4f}")
+
+
+def saved_random_llama(size: dict, folder: Path) -> Path:
+    """The random Llama with a word-level tokenizer of its vocabulary (w0, w1, ...), saved as a model folder."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{f"w{i}": i + 3 for i in range(size["vocab_size"] - 3)}}
+    words = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=words, eos_token="<eos>", pad_token="<pad>",
+                            unk_token="<unk>").save_pretrained(folder)
+    model = random_llama(size, "cpu")
+    model.config.pad_token_id, model.config.eos_token_id, model.config.bos_token_id = 0, 1, None
+    model.save_pretrained(folder)
+    return folder
+
+
+def packing(size: dict, work: Path) -> list[str]:
+    """The same 4 trials at a quarter of a GPU each and at a whole one, beside the plan's prediction."""
+    data = work / "text.jsonl"
+    data.write_text("".join(f'{{"text": "{" ".join(f"w{(i * j) % 500}" for j in range(120))}"}}\n'
+                            for i in range(400)))
+    model = saved_random_llama(size, work / "model")
+    common = ["sft", "--data", str(data), "--model", str(model), "--profile", "cpu", "--num-samples", "4"]
+    lines = []
+    for gpus in ("0.25", "1"):
+        plan = subprocess.run([sys.executable, "-m", "llmm_tune.plan", *common, "--gpus-per-trial", gpus],
+                              capture_output=True, text=True, cwd=ROOT)
+        lines += [f"plan at --gpus-per-trial {gpus}: {line.strip()}" for line in plan.stdout.splitlines()
+                  if "wall" in line or "per GPU" in line] or [f"plan failed: {plan.stderr.strip()[-300:]}"]
+        search = [sys.executable, "-m", "llmm_tune.search", *common, "--gpus-per-trial", gpus, "--no-export",
+                  "--storage", str(work / f"runs-{gpus}")]
+        run, seconds = synchronised("cpu", lambda s=search: subprocess.run(s, capture_output=True, text=True, cwd=ROOT))
+        lines.append(f"search of 4 trials at --gpus-per-trial {gpus}: {seconds:.0f} s (exit {run.returncode})")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cpu", action="store_true", help="run every part up to the CUDA calls, small, on the CPU")
+    args = parser.parse_args()
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    if not args.cpu and not torch.cuda.is_available():
+        sys.exit("error: no CUDA device; pass --cpu to run the parts that need none, small")
+    device = "cpu" if args.cpu else "cuda"
+    name = "cpu" if args.cpu else torch.cuda.get_device_name(0)
+    size = SIZES["cpu" if args.cpu else "gpu"]
+    print(f"[{name}] torch {torch.__version__}, {'CPU' if args.cpu else 'CUDA ' + torch.version.cuda}")
+    with tempfile.TemporaryDirectory() as work:
+        lines = [nf4_cycle(size, device, Path(work)), step_times(size, device), loftq_time(size, device)]
+        if args.cpu or importlib.util.find_spec("ray") is None:
+            lines.append("packing at --gpus-per-trial 0.25 against 1: skipped (needs CUDA and Ray)")
+        else:
+            lines += packing(size, Path(work))
+    for line in lines:
+        print(f"[{name}] {line}")
+
+
+if __name__ == "__main__":
+    main()
