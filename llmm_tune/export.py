@@ -30,7 +30,6 @@ from llmm_tune.tune import storage
 from llmm_tune.tune.context import TrialContext
 from llmm_tune.tune.experiment import ExperimentRecord, read_record
 from llmm_tune.tune.family import load_family
-from llmm_tune.tune.transfer import origin_of
 
 if TYPE_CHECKING:
     import optuna
@@ -66,7 +65,7 @@ def collect(experiment: str) -> tuple[ExperimentRecord, pd.DataFrame, dict]:
                      # ended by ASHA before the end of its budget (as the console says it)
                      "stopped_early": trial.status == "TERMINATED" and last.get("failure") is None
                      and last.get(clock, budget) < budget,
-                     "warm_start": origin_of(trial.config, meta.warm_starts),
+                     "warm_start": meta.warm_start_origin(trial.config),
                      "git_commit": meta.git_commit,
                      "versions": " ".join(f"{k}={meta.versions.get(k)}" for k in VERSION_KEYS),
                      "search_command": meta.command})

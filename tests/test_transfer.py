@@ -9,11 +9,14 @@ import math
 import pytest
 
 from llmm_tune.errors import UsageError
+from llmm_tune.tune.experiment import ExperimentRecord
 from llmm_tune.tune.spaces import load_spec
-from llmm_tune.tune.transfer import origin_of, warm_start_from
+from llmm_tune.tune.transfer import warm_start_from
 from tests.search_fixtures import earlier_results
 
 NF, UNIFORM = "normal_float", "uniform"
+RECORD_FIELDS = ("name", "family", "task", "space", "space_yaml", "profile", "method", "metric", "mode", "seed",
+                 "model", "num_samples", "overrides", "options", "command", "git_commit", "versions", "started")
 TRIALS = [  # another task's search, in another space (glue_cola's paper profile: rank 32, lr 5e-3)
     dict(trial="t3", lr=6e-4, scale=300.0, rank=8, K=2, bits=4, quant_method=UNIFORM, val_mcc=0.12),
     dict(trial="t1", lr=5e-3, scale=800.0, rank=32, K=1, bits=4, quant_method=NF, val_mcc=0.31),
@@ -40,8 +43,9 @@ def test_the_best_trials_of_exported_results_run_first_moved_into_this_space_wit
     assert "warm start from results/cola trial t1 (val_mcc 0.31): lr=0.005 is outside this space; enqueued with " \
            "lr=0.0015" in notes
     assert "trial t2 (val_mcc 0.28): no scale given" in notes and "K=0 is outside this space" in notes
-    assert origin_of({**spec.warm_start[0], "epochs": 2}, starts) == "results/cola trial t1 (val_mcc 0.31)"
-    assert origin_of({**spec.warm_start[0], "lr": 1e-3}, starts) is None  # a point the searcher proposed
+    record = ExperimentRecord.from_dict({**{k: None for k in RECORD_FIELDS}, "warm_starts": starts})
+    assert record.warm_start_origin({**spec.warm_start[0], "epochs": 2}) == "results/cola trial t1 (val_mcc 0.31)"
+    assert record.warm_start_origin({**spec.warm_start[0], "lr": 1e-3}) is None  # a point the searcher proposed
 
 
 def test_a_lower_is_better_metric_takes_the_lowest_and_repeated_points_run_once(tmp_path):

@@ -106,6 +106,11 @@ class ExperimentRecord:
         """The trackers the search logs to (`--tracker`), the same when it resumes."""
         return self.options.get("tracker") or []
 
+    def warm_start_origin(self, config: dict) -> str | None:
+        """Where the warm start a trial ran came from (None: the searcher proposed it)."""
+        return next((start["origin"] for start in self.warm_starts
+                     if all(config.get(name) == value for name, value in start["config"].items())), None)
+
     def context(self, experiment: str | None = None) -> TrialContext:
         """The context of this experiment's trials, its LoftQ initialisations kept in `experiment` (None: in memory
         only, as a retraining elsewhere keeps them)."""

@@ -79,12 +79,6 @@ def warm_start_from(paths: list[str], spec: SearchSpec, top: int = DEFAULT_TOP) 
     return origins + [{"origin": f"space {spec.path.stem}", "config": point} for point in own]
 
 
-def origin_of(config: dict, warm_starts: list[dict]) -> str | None:
-    """Where the warm start a trial ran came from (None: the searcher proposed it)."""
-    return next((start["origin"] for start in warm_starts
-                 if all(config.get(name) == value for name, value in start["config"].items())), None)
-
-
 def _missing(value) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
