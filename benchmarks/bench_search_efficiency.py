@@ -1,91 +1,264 @@
-"""Search efficiency: the compute that TPE with ASHA needs to reach the best validation score that random search
-without early stopping finds with the same number of trials (goal: at most a third).
+"""Search efficiency on recorded learning curves (issue 26.2): search strategies replayed over a table that
+`record_curves.py` wrote, through Optuna's own samplers and pruners, over many searcher seeds.
 
-    python benchmarks/bench_search_efficiency.py [--trials 12] [--train-examples 2000] [--data-dir ../shared/data]
+    python benchmarks/bench_search_efficiency.py cola [--trials 16] [--seeds 20]
+    python benchmarks/bench_search_efficiency.py mrpc --transfer-from cola
 
-Both sides are `llmm_tune.search` on CoLA with the packaged MiniLM (the cpu profile's space and budget, no
-warm start, the same seed and validation split, two trials at once): `--sampler tpe` with ASHA, and
-`--sampler random --no-early-stopping`. Compute is trial-seconds (the sum of every trial's own time); the
-curves take the trials in the order they ended, each adding its seconds and its best validation MCC.
-Prints both curves, the compute at which TPE with ASHA first matches random search's best, the ratio, and
-saves the plot to search_efficiency.png.
+Each trial asks Optuna for a configuration in the search's own space (`load_spec(task, "cpu")`: the distributions
+Ray's `OptunaSearch` gets), replays the recorded configuration nearest to it (Gower distance: log-scaled ranges
+and choices weigh alike), and reports the recorded evaluations one by one while the pruner lets it go on. A
+stopped trial is told to the sampler as COMPLETE with its best value so far, as Ray's `OptunaSearch` tells it
+when ASHA stops a trial. Optuna's `SuccessiveHalvingPruner` is the asynchronous successive halving (ASHA) that
+Ray's `ASHAScheduler` runs: rungs at grace period x reduction factor^k, a trial goes on if it is in the top
+1/reduction-factor of the rung. Compute is trial-seconds, the trials one after another.
+
+The reference is random search without early stopping. For each seed: the compute a strategy spends to reach the
+reference's final best (same seed, same number of trials), as a fraction of the reference's compute; and the best
+validation score within fixed fractions of the reference's median compute. Prints median and interquartile range
+over seeds per strategy, writes `<out>/<task>.md` and `<task>.png`.
 """
 
 from __future__ import annotations
 
 import argparse
-import subprocess
+import math
 import sys
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import optuna
 import pandas as pd
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from llmm_tune.export import collect  # noqa: E402
+from llmm_tune.tune.searcher import startup_trials  # noqa: E402
+from llmm_tune.tune.spaces import load_spec  # noqa: E402
+from llmm_tune.tune.transfer import best_points  # noqa: E402
+
+CURVES = ROOT / "benchmarks" / "curves"
+BUDGETS = (0.1, 0.2, 1 / 3, 0.5, 1.0)  # fractions of the reference's median compute
 
 
-def curve(experiment: Path) -> pd.DataFrame:
-    """Trials in the order they ended: cumulative trial-seconds and the best validation MCC so far."""
-    _, trials, _ = collect(str(experiment))
-    ended = [pd.read_csv(experiment / f"trial_{t}" / "progress.csv")["timestamp"].iloc[-1] for t in trials["trial"]]
-    trials = trials.assign(ended=ended).sort_values("ended")
-    return pd.DataFrame({"trial": trials["trial"], "evaluations": trials["evaluations"],
-                         "compute_s": trials["seconds"].cumsum(), "best_mcc": trials["val_mcc"].cummax()})
+class Table:
+    """A recorded table: each configuration's settings and its curve (values, cumulative trial-seconds)."""
+
+    def __init__(self, path: Path):
+        self.frame = pd.read_csv(path)
+        self.metric = next(c for c in self.frame.columns if c.startswith("val_"))
+        by_config = self.frame.groupby("config")
+        self.settings = [c for c in self.frame.columns if c not in ("config", "evaluation", "epoch", self.metric,
+                                                                    "val_loss", "trial_seconds")]
+        self.configs = by_config[self.settings].first()
+        self.curves = {c: (g[self.metric].to_numpy(), g["trial_seconds"].to_numpy()) for c, g in by_config}
+        self.losses = {c: g["val_loss"].to_numpy() for c, g in by_config}
+        self.evaluations_per_epoch = int(round(1 / by_config["epoch"].first().iloc[0]))
+        self.evaluations = int(by_config["evaluation"].max().max())
+
+    def nearest(self, params: dict, space: dict) -> int:
+        """The recorded configuration nearest `params` (Gower distance over the space's settings)."""
+        distance = np.zeros(len(self.configs))
+        for name, entry in space.items():
+            (kind, args), = entry.items()
+            column = self.configs[name]
+            if kind == "choice":
+                distance += (column != params[name]).to_numpy()
+            else:
+                scale = np.log if kind == "loguniform" else (lambda x: x)
+                distance += np.abs(scale(column.to_numpy()) - scale(params[name])) / (scale(args[1]) - scale(args[0]))
+        return int(self.configs.index[np.argmin(distance)])
+
+    def best(self) -> float:
+        return float(self.frame[self.metric].max())
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--trials", type=int, default=12)
-    parser.add_argument("--train-examples", type=int, default=2000)
-    parser.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
-    parser.add_argument("--out", type=Path, default=Path("search_efficiency.png"))
-    args = parser.parse_args()
-    space = yaml.safe_load((ROOT / "search_spaces" / "glue_cola.yaml").read_text())
-    space["profiles"]["cpu"]["warm_start"] = []  # both searchers start from nothing
-    space["profiles"]["cpu"]["fixed"]["max_train_examples"] = args.train_examples
-    work = Path(tempfile.mkdtemp(prefix="search_efficiency_"))
-    (work / "cola_efficiency.yaml").write_text(yaml.safe_dump(space))
-    curves = {}
-    for name, options in (("tpe_asha", ["--sampler", "tpe"]), ("random_full", ["--sampler", "random",
-                                                                               "--no-early-stopping"])):
-        command = [sys.executable, "-m", "llmm_tune.search", str(work / "cola_efficiency.yaml"), "--profile", "cpu",
-                   "--data-dir", args.data_dir, "--num-samples", str(args.trials), "--storage", str(work),
-                   "--name", name, "--no-export", "--cpus-per-trial", "1", *options]
-        subprocess.run(command, check=True, cwd=ROOT)
-        curves[name] = curve(work / name)
-        print(f"\n{name}: best validation MCC so far against cumulative trial-seconds")
-        print(curves[name].to_string(index=False, float_format="{:.4f}".format), flush=True)
-    target = curves["random_full"]["best_mcc"].iloc[-1]
-    random_s = curves["random_full"]["compute_s"].iloc[-1]
-    reached = curves["tpe_asha"][curves["tpe_asha"]["best_mcc"] >= target]
-    print(f"\nrandom search without early stopping: best val MCC {target:.4f} after {random_s:.0f} trial-s "
-          f"({args.trials} trials)")
-    if reached.empty:
-        best = curves["tpe_asha"]["best_mcc"].iloc[-1]
-        print(f"TPE with ASHA did not reach it: best {best:.4f} after {curves['tpe_asha']['compute_s'].iloc[-1]:.0f} "
-              "trial-s")
-    else:
-        spent = reached["compute_s"].iloc[0]
-        print(f"TPE with ASHA reached it after {spent:.0f} trial-s: {spent / random_s:.2f} of random search's compute "
-              "(goal: at most 0.33)")
+@dataclass(frozen=True)
+class Strategy:
+    sampler: Callable[[int, int], optuna.samplers.BaseSampler]  # (seed, trials) -> sampler
+    pruner: Callable[[Table], optuna.pruners.BasePruner]
+    warm_start: str = "none"  # "none", "space" (the profile's points) or "transfer" (--transfer-from's best)
+    rungs_on: str = "metric"  # what ASHA ranks a rung's trials on: the selection metric or the validation "loss"
+
+
+def tpe(startup: Callable[[int], int] = startup_trials):
+    return lambda seed, trials: optuna.samplers.TPESampler(multivariate=True, seed=seed,
+                                                           n_startup_trials=startup(trials))
+
+
+def random_sampler(seed: int, trials: int) -> optuna.samplers.BaseSampler:
+    return optuna.samplers.RandomSampler(seed=seed)
+
+
+def asha(grace_epochs: float = 1, reduction_factor: int = 2):
+    """Optuna's ASHA with Ray's grace period (in epochs) and reduction factor, on the table's evaluations."""
+    return lambda table: optuna.pruners.SuccessiveHalvingPruner(
+        min_resource=max(1, round(grace_epochs * table.evaluations_per_epoch)), reduction_factor=reduction_factor,
+        min_early_stopping_rate=0)
+
+
+def no_pruning(table: Table) -> optuna.pruners.BasePruner:
+    return optuna.pruners.NopPruner()
+
+
+def hyperband(table: Table) -> optuna.pruners.BasePruner:
+    return optuna.pruners.HyperbandPruner(min_resource=table.evaluations_per_epoch, reduction_factor=2,
+                                          max_resource=table.evaluations)
+
+
+STRATEGIES = {
+    "random (reference)": Strategy(random_sampler, no_pruning),
+    "random + ASHA": Strategy(random_sampler, asha()),
+    "TPE": Strategy(tpe(), no_pruning),
+    "TPE + ASHA": Strategy(tpe(), asha()),
+    "TPE + ASHA + space warm starts (default)": Strategy(tpe(), asha(), "space"),
+    "TPE + ASHA on val loss + space warm starts": Strategy(tpe(), asha(), "space", rungs_on="loss"),
+    "TPE + Hyperband": Strategy(tpe(), hyperband),
+    "GP + ASHA": Strategy(lambda seed, trials: optuna.samplers.GPSampler(
+        seed=seed, n_startup_trials=startup_trials(trials)), asha()),
+    "QMC (Sobol) + ASHA": Strategy(lambda seed, trials: optuna.samplers.QMCSampler(seed=seed), asha()),
+}
+
+
+def defaults_sweep(table: Table) -> dict[str, Strategy]:
+    """The default's neighbours, each with the space's warm starts: grace periods (epochs) the budget holds,
+    reduction factors, TPE's random start-up trials."""
+    epochs = table.evaluations / table.evaluations_per_epoch
+    return {**{f"TPE + ASHA on {on} grace {g} rf {rf}": Strategy(tpe(), asha(g, rf), "space", rungs_on=on)
+               for on in ("metric", "loss") for g in (0.5, 1, 2, 3) if g < epochs for rf in (2, 3, 4)},
+            **{f"TPE start-up {n} + ASHA": Strategy(tpe(lambda trials, n=n: n), asha(), "space") for n in (2, 5, 8)}}
+
+
+def replay(table: Table, spec, strategy: Strategy, seed: int, trials: int, warm: list[dict]) -> np.ndarray:
+    """One search: each evaluation it made as (cumulative trial-seconds, value), in order."""
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    study = optuna.create_study(direction="maximize" if spec.mode == "max" else "minimize",
+                                sampler=strategy.sampler(seed, trials), pruner=strategy.pruner(table))
+    for point in warm[:trials]:
+        study.enqueue_trial(point)
+    spent, log = 0.0, []
+    for _ in range(trials):
+        trial = study.ask(spec.distributions())
+        config = table.nearest(trial.params, spec.space)
+        values, seconds = table.curves[config]
+        ranked = values if strategy.rungs_on == "metric" else -table.losses[config]  # the pruner keeps the highest
+        best, used = -math.inf, len(values)
+        for step, value in enumerate(values, start=1):
+            trial.report(float(ranked[step - 1]), step)
+            best = max(best, value)
+            log.append((spent + seconds[step - 1], value))
+            if step < len(values) and trial.should_prune():
+                used = step
+                break
+        spent += seconds[used - 1]
+        study.tell(trial, float(best))  # COMPLETE with its best so far, as Ray's OptunaSearch tells a stopped trial
+    return np.array(log)
+
+
+def transferred(curves: Path, source: str, spec, top: int) -> list[dict]:
+    """The best `top` configurations of another task's table, moved into this space by `--warm-start-from`'s
+    own code (`transfer.best_points`), read from the results folder the export would have written."""
+    table = Table(curves / f"{source}.csv")
+    folder = Path(tempfile.mkdtemp(prefix=f"transfer_{source}_"))
+    finals = table.configs.assign(**{table.metric: table.frame.groupby("config")[table.metric].max()})
+    finals.rename_axis("trial").reset_index().to_csv(folder / "trials.csv", index=False)
+    (folder / "best.yaml").write_text(yaml.safe_dump(
+        {"validation": {"metric": table.metric.removeprefix("val_"), "mode": "max"}}))
+    return [point for point, _, _ in best_points(str(folder), spec.space, top)]
+
+
+def reach(log: np.ndarray, target: float) -> float:
+    """The compute at which a search's evaluations first reach `target` (inf if never)."""
+    hits = log[log[:, 1] >= target - 1e-12]
+    return float(hits[0, 0]) if len(hits) else math.inf
+
+
+def best_within(log: np.ndarray, budget: float) -> float:
+    within = log[log[:, 0] <= budget]
+    return float(within[:, 1].max()) if len(within) else math.nan
+
+
+def quartiles(values: list[float]) -> str:
+    q1, median, q3 = np.quantile(np.array(values), [0.25, 0.5, 0.75], method="inverted_cdf")
+    return f"{median:.2f} [{q1:.2f}, {q3:.2f}]".replace("inf", "∞").replace("nan", "n/a")
+
+
+def summarise(logs: dict[str, list[np.ndarray]], reference: str) -> tuple[pd.DataFrame, dict, float]:
+    """Per strategy: compute to reach the reference's best (fraction of its compute, per seed) and the best value
+    at fixed budgets, as median [IQR] over seeds; and the raw ratios and the median reference compute."""
+    targets = [log[:, 1].max() for log in logs[reference]]
+    spent = [log[-1, 0] for log in logs[reference]]
+    median_spent = float(np.median(spent))
+    rows, ratios = [], {}
+    for name, runs in logs.items():
+        ratios[name] = [reach(log, t) / s for log, t, s in zip(runs, targets, spent)]
+        row = {"strategy": name, "compute to reach random's best (median [IQR])": quartiles(ratios[name]),
+               "reached": f"{sum(math.isfinite(r) for r in ratios[name])}/{len(runs)}"}
+        for fraction in BUDGETS:
+            row[f"best at {fraction:.2g}"] = quartiles([best_within(log, fraction * median_spent) for log in runs])
+        rows.append(row)
+    return pd.DataFrame(rows), ratios, median_spent
+
+
+def plot(logs: dict[str, list[np.ndarray]], ratios: dict, median_spent: float, metric: str, out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot
 
-    figure, axes = pyplot.subplots(figsize=(6, 3.5))
-    for name, points in curves.items():
-        axes.step(points["compute_s"], points["best_mcc"], where="post", label=name.replace("_", " + "))
-    axes.axhline(target, color="grey", linestyle=":")
-    axes.set_xlabel("cumulative trial-seconds")
-    axes.set_ylabel("best validation MCC so far")
-    axes.legend()
-    figure.savefig(args.out, dpi=120, bbox_inches="tight")
-    print(f"saved {args.out}; experiments in {work}")
+    figure, (left, right) = pyplot.subplots(1, 2, figsize=(13, 0.45 * len(logs) + 2.5))
+    names = list(logs)
+    capped = [[min(r, 1.5) for r in ratios[name]] for name in names]
+    left.boxplot(capped, orientation="horizontal", tick_labels=names, whis=(0, 100))
+    left.axvline(1 / 3, color="green", linestyle=":", label="goal: a third")
+    left.set_xlabel("compute to reach random search's best / random search's compute (1.5: not reached)")
+    left.legend(loc="lower right")
+    grid = np.linspace(0, 1.5 * median_spent, 61)
+    for name in names:
+        curves = np.array([[best_within(log, b) for b in grid] for log in logs[name]])
+        right.plot(grid / median_spent, np.nanmedian(curves, axis=0), label=name)
+    right.set_xlabel("compute / random search's median compute")
+    right.set_ylabel(f"best {metric} so far (median over seeds)")
+    right.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(out, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("task", help="a table in benchmarks/curves/ (cola, mrpc)")
+    parser.add_argument("--trials", type=int, default=16, help="trials per search (default: 16)")
+    parser.add_argument("--seeds", type=int, default=20, help="searcher seeds per strategy (default: 20)")
+    parser.add_argument("--transfer-from", help="another task's table: also warm-start from its best configurations")
+    parser.add_argument("--curves", type=Path, default=CURVES, help="where the tables are (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=ROOT / "results" / "search_efficiency")
+    args = parser.parse_args()
+    table = Table(args.curves / f"{args.task}.csv")
+    spec = load_spec(f"glue_{args.task}", "cpu", "llmm")
+    sweep = defaults_sweep(table)
+    strategies = {**STRATEGIES, **sweep}
+    warm = {"none": [], "space": spec.warm_start}
+    if args.transfer_from:
+        for top in (1, 3, 5):
+            warm[f"transfer {top}"] = transferred(args.curves, args.transfer_from, spec, top)
+            strategies[f"TPE + ASHA + {args.transfer_from}'s best {top}"] = Strategy(tpe(), asha(), f"transfer {top}")
+    logs = {name: [replay(table, spec, s, seed, args.trials, warm[s.warm_start]) for seed in range(args.seeds)]
+            for name, s in strategies.items()}
+    summary, ratios, median_spent = summarise(logs, "random (reference)")
+    args.out.mkdir(parents=True, exist_ok=True)
+    plot({n: logs[n] for n in logs if n not in sweep}, ratios, median_spent, table.metric,
+         args.out / f"{args.task}.png")
+    report = (f"# {args.task}: {args.trials} trials per search, {args.seeds} seeds, replayed on "
+              f"benchmarks/curves/{args.task}.csv ({len(table.configs)} configurations; best {table.metric} "
+              f"{table.best():.4f})\n\nCompute: fraction of random search's compute (no early stopping, same "
+              f"seed, same trials; median {median_spent:.0f} trial-s). Best {table.metric} within a fraction of "
+              f"it. Each: median [interquartile range] over seeds.\n\n{summary.to_markdown(index=False)}\n\n"
+              f"command: python benchmarks/bench_search_efficiency.py {' '.join(sys.argv[1:])}\n")
+    (args.out / f"{args.task}.md").write_text(report)
+    print(report)
 
 
 if __name__ == "__main__":

@@ -84,13 +84,18 @@ def study_storage(experiment: str, url: str | None) -> BaseStorage | None:
     return JournalStorage(JournalFileBackend(str(Path(experiment) / JOURNAL)))
 
 
+def startup_trials(num_samples: int) -> int:
+    """TPE's random start-up trials for a search of `num_samples` (after the warm starts)."""
+    return min(10, max(2, num_samples // 4))
+
+
 def make_searcher(distributions: dict, metric: str, mode: str, warm_start: list[dict], num_samples: int,
                   seed: int, study: BaseStorage | None = None, name: str | None = None,
                   sampler_name: str = "tpe") -> FailureAwareOptunaSearch:
     """Multivariate TPE, the warm-start points first; random start-up for a quarter of the budget (or, with
     `sampler_name="random"`, every point at random after the warm starts)."""
     sampler = RandomSampler(seed=seed) if sampler_name == "random" else \
-        TPESampler(multivariate=True, seed=seed, n_startup_trials=min(10, max(2, num_samples // 4)))
+        TPESampler(multivariate=True, seed=seed, n_startup_trials=startup_trials(num_samples))
     return FailureAwareOptunaSearch(distributions, metric=metric, mode=mode, sampler=sampler,
                                     points_to_evaluate=warm_start or None, storage=study,
                                     study_name=name if study else None)
