@@ -116,14 +116,20 @@ def trial_ends(experiment: Path) -> list[float]:
     return sorted(f.stat().st_mtime for f in experiment.glob("*/result.json"))
 
 
+def growth_per_1000(sampled: Sampled, ends: list[float], warm_up: int) -> float:
+    """The driver's resident memory growth per 1,000 trials after the first `warm_up` trials (imports, Ray's
+    start-up and the first trials' allocations are not growth)."""
+    warm_up = min(warm_up, len(ends))
+    first, last = sampled.at(ends[warm_up - 1])[0], sampled.at(ends[-1])[0]
+    return (last - first) / max(1, len(ends) - warm_up) * 1000
+
+
 def print_memory(name: str, sampled: Sampled, ends: list[float], every: int) -> None:
     for count in range(every, len(ends) + 1, every):
         current, peak = sampled.at(ends[count - 1])
         print(f"{name}: after {count:6d} trials, driver memory {current:7.1f} MiB (peak {peak:7.1f} MiB)")
-    first, last = sampled.at(ends[min(every, len(ends)) - 1])[0], sampled.at(ends[-1])[0]
-    growth = (last - first) / max(1, len(ends) - min(every, len(ends))) * 1000
-    print(f"{name}: memory growth {growth:.1f} MiB per 1,000 trials after the first {min(every, len(ends))} "
-          "(goal < 50 MB)")
+    print(f"{name}: memory growth {growth_per_1000(sampled, ends, every):.1f} MiB per 1,000 trials after the first "
+          f"{min(every, len(ends))} (goal < 50 MB)")
 
 
 def ours(trials: int, work: Path, every: int) -> tuple[Sampled, Path]:

@@ -25,7 +25,7 @@ import math
 import sys
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +36,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from llmm_tune.tune.experiment import git_commit  # noqa: E402
 from llmm_tune.tune.searcher import startup_trials  # noqa: E402
 from llmm_tune.tune.spaces import load_spec  # noqa: E402
 from llmm_tune.tune.transfer import best_points  # noqa: E402
@@ -49,7 +50,7 @@ class Table:
 
     def __init__(self, path: Path):
         self.frame = pd.read_csv(path)
-        self.metric = next(c for c in self.frame.columns if c.startswith("val_"))
+        self.metric = next(c for c in self.frame.columns if c.startswith("val_") and c != "val_loss")
         by_config = self.frame.groupby("config")
         self.settings = [c for c in self.frame.columns if c not in ("config", "evaluation", "epoch", self.metric,
                                                                     "val_loss", "trial_seconds")]
@@ -114,7 +115,6 @@ STRATEGIES = {
     "random + ASHA": Strategy(random_sampler, asha()),
     "TPE": Strategy(tpe(), no_pruning),
     "TPE + ASHA": Strategy(tpe(), asha()),
-    "TPE + ASHA + space warm starts (default)": Strategy(tpe(), asha(), "space"),
     "TPE + ASHA on val loss + space warm starts": Strategy(tpe(), asha(), "space", rungs_on="loss"),
     "TPE + Hyperband": Strategy(tpe(), hyperband),
     "GP + ASHA": Strategy(lambda seed, trials: optuna.samplers.GPSampler(
@@ -124,12 +124,14 @@ STRATEGIES = {
 
 
 def defaults_sweep(table: Table) -> dict[str, Strategy]:
-    """The default's neighbours, each with the space's warm starts: grace periods (epochs) the budget holds,
-    reduction factors, TPE's random start-up trials."""
+    """The default's neighbours, each with the space's warm starts: grace periods the budget holds, in whole
+    epochs (Ray's ASHA would place a half-epoch rung at the next whole-epoch report: evaluations fall at 0.48,
+    1.0, 1.48, ... epochs), reduction factors, TPE's random start-up trials."""
     epochs = table.evaluations / table.evaluations_per_epoch
     return {**{f"TPE + ASHA on {on} grace {g} rf {rf}": Strategy(tpe(), asha(g, rf), "space", rungs_on=on)
-               for on in ("metric", "loss") for g in (0.5, 1, 2, 3) if g < epochs for rf in (2, 3, 4)},
-            **{f"TPE start-up {n} + ASHA": Strategy(tpe(lambda trials, n=n: n), asha(), "space") for n in (2, 5, 8)}}
+               for on in ("metric", "loss") for g in (1, 2, 3) if g < epochs for rf in (2, 3, 4)},
+            **{f"TPE start-up {n} + ASHA": Strategy(tpe(lambda trials, n=n: n), asha(), "space")
+               for n in (2, 4, 5, 8)}}
 
 
 def replay(table: Table, spec, strategy: Strategy, seed: int, trials: int, warm: list[dict]) -> np.ndarray:
@@ -160,14 +162,16 @@ def replay(table: Table, spec, strategy: Strategy, seed: int, trials: int, warm:
 
 def transferred(curves: Path, source: str, spec, top: int) -> list[dict]:
     """The best `top` configurations of another task's table, moved into this space by `--warm-start-from`'s
-    own code (`transfer.best_points`), read from the results folder the export would have written."""
+    own code (`transfer.best_points`), read from the results folder the export would have written; then the
+    space's own warm starts."""
     table = Table(curves / f"{source}.csv")
     folder = Path(tempfile.mkdtemp(prefix=f"transfer_{source}_"))
     finals = table.configs.assign(**{table.metric: table.frame.groupby("config")[table.metric].max()})
     finals.rename_axis("trial").reset_index().to_csv(folder / "trials.csv", index=False)
     (folder / "best.yaml").write_text(yaml.safe_dump(
         {"validation": {"metric": table.metric.removeprefix("val_"), "mode": "max"}}))
-    return [point for point, _, _ in best_points(str(folder), spec.space, top)]
+    points = [point for point, _, _ in best_points(str(folder), spec.space, top)]
+    return points + [point for point in spec.warm_start if point not in points]  # then the space's, as `search` does
 
 
 def reach(log: np.ndarray, target: float) -> float:
@@ -238,13 +242,20 @@ def main() -> None:
     args = parser.parse_args()
     table = Table(args.curves / f"{args.task}.csv")
     spec = load_spec(f"glue_{args.task}", "cpu", "llmm")
+    if spec.mode != "max":
+        sys.exit(f"error: glue_{args.task} minimises its metric; the replay keeps the highest value")
     sweep = defaults_sweep(table)
-    strategies = {**STRATEGIES, **sweep}
+    stopping = spec.early_stopping
+    default = f"TPE + ASHA + space warm starts (default: grace {stopping['grace_period']:g}, rf " \
+              f"{stopping['reduction_factor']:g})"
+    strategies = {**STRATEGIES, default: Strategy(tpe(), asha(stopping["grace_period"],
+                                                              stopping["reduction_factor"]), "space"), **sweep}
     warm = {"none": [], "space": spec.warm_start}
-    if args.transfer_from:
+    if args.transfer_from:  # the default's sampler and rungs, warm-started from the other table's best
         for top in (1, 3, 5):
             warm[f"transfer {top}"] = transferred(args.curves, args.transfer_from, spec, top)
-            strategies[f"TPE + ASHA + {args.transfer_from}'s best {top}"] = Strategy(tpe(), asha(), f"transfer {top}")
+            strategies[f"default + {args.transfer_from}'s best {top}"] = replace(strategies[default],
+                                                                                 warm_start=f"transfer {top}")
     logs = {name: [replay(table, spec, s, seed, args.trials, warm[s.warm_start]) for seed in range(args.seeds)]
             for name, s in strategies.items()}
     summary, ratios, median_spent = summarise(logs, "random (reference)")
@@ -256,7 +267,8 @@ def main() -> None:
               f"{table.best():.4f})\n\nCompute: fraction of random search's compute (no early stopping, same "
               f"seed, same trials; median {median_spent:.0f} trial-s). Best {table.metric} within a fraction of "
               f"it. Each: median [interquartile range] over seeds.\n\n{summary.to_markdown(index=False)}\n\n"
-              f"command: python benchmarks/bench_search_efficiency.py {' '.join(sys.argv[1:])}\n")
+              f"command: python benchmarks/bench_search_efficiency.py {' '.join(sys.argv[1:])} (commit "
+              f"{git_commit()}, optuna {optuna.__version__}); the table: benchmarks/curves/{args.task}.txt\n")
     (args.out / f"{args.task}.md").write_text(report)
     print(report)
 

@@ -29,6 +29,10 @@ import yaml
 from scipy.stats import qmc
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from llmm_tune.tune.experiment import git_commit  # noqa: E402
+
 CURVES = ROOT / "benchmarks" / "curves"
 SETTINGS = ("lr", "scale", "rank", "K", "bits", "quant_method")
 
@@ -109,12 +113,10 @@ def main() -> None:
     curves = table(work / "curves", metric, configs)
     CURVES.mkdir(exist_ok=True)
     out = CURVES / f"{args.task.removeprefix('glue_')}.csv"
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=ROOT).stdout.strip()
     out.write_text(curves.to_csv(index=False, float_format="%.6g"))
     out.with_suffix(".txt").write_text(
         f"command: python benchmarks/{Path(__file__).name} {' '.join(sys.argv[1:])}\n"
-        f"commit: {commit}\nmachine: {machine()}, one trial per CPU, two at once\n")
+        f"commit: {git_commit()}\nmachine: {machine()}, one trial per CPU, two at once\n")
     finals = curves.groupby("config")[metric].max()
     print(f"{len(finals)} configurations, {len(curves)} evaluations -> {out}; best {metric} {finals.max():.4f}, "
           f"median {finals.median():.4f}; experiment in {work / 'curves'}")
