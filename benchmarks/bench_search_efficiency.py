@@ -137,7 +137,8 @@ def defaults_sweep(table: Table) -> dict[str, Strategy]:
 def replay(table: Table, spec, strategy: Strategy, seed: int, trials: int, warm: list[dict]) -> np.ndarray:
     """One search: each evaluation it made as (cumulative trial-seconds, value), in order."""
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    study = optuna.create_study(direction="maximize" if spec.mode == "max" else "minimize",
+    # named: HyperbandPruner assigns a trial's bracket from a hash of the study's name (random if unnamed)
+    study = optuna.create_study(study_name=f"replay-{seed}", direction="maximize" if spec.mode == "max" else "minimize",
                                 sampler=strategy.sampler(seed, trials), pruner=strategy.pruner(table))
     for point in warm[:trials]:
         study.enqueue_trial(point)
