@@ -142,9 +142,9 @@ def replay(table: Table, spec, strategy: Strategy, seed: int, trials: int, warm:
                                 sampler=strategy.sampler(seed, trials), pruner=strategy.pruner(table))
     for point in warm[:trials]:
         study.enqueue_trial(point)
-    spent, log = 0.0, []
+    distributions, spent, log = spec.distributions(), 0.0, []
     for _ in range(trials):
-        trial = study.ask(spec.distributions())
+        trial = study.ask(distributions)
         config = table.nearest(trial.params, spec.space)
         values, seconds = table.curves[config]
         ranked = values if strategy.rungs_on == "metric" else -table.losses[config]  # the pruner keeps the highest
