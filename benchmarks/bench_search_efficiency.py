@@ -241,6 +241,9 @@ def main() -> None:
     parser.add_argument("--curves", type=Path, default=CURVES, help="where the tables are (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "search_efficiency")
     args = parser.parse_args()
+    if not (args.curves / f"{args.task}.csv").is_file():
+        sys.exit(f"error: no table {args.curves / args.task}.csv; record it with benchmarks/record_curves.py "
+                 f"glue_{args.task}, or pass --curves DIR")
     table = Table(args.curves / f"{args.task}.csv")
     spec = load_spec(f"glue_{args.task}", "cpu", "llmm")
     if spec.mode != "max":
