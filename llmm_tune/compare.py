@@ -105,7 +105,7 @@ def check_same_settings(record: ExperimentRecord, search: list[str]) -> None:
 
 def best_trial(experiment: str) -> tuple[ExperimentRecord, pd.Series, float]:
     """(record, the trial best on validation, the search's trial-seconds)."""
-    meta, trials, checkpoints = collect(experiment)
+    meta, trials, checkpoints, _ = collect(experiment)
     value = f"val_{meta.metric}"
     scored = trials[trials[value].notna() & trials["trial"].isin(checkpoints)]
     if scored.empty:
@@ -292,8 +292,9 @@ def write_paired(args, chosen: dict, runs: dict, out: Path, argv: list[str]) -> 
     split = load_family(meta.family).HELD_OUT
     score = f"{split}_{meta.metric}"
     config = trial_config(best, meta)
-    own = [runs[f"{reference}/{s}"][score] for s in args.seeds]
-    rows, made = [], []
+    own_runs = [runs[f"{reference}/{s}"] for s in args.seeds]
+    own = [run[score] for run in own_runs]
+    rows, made = [], [{**run, "paired_with": ""} for run in own_runs]
     for method in args.methods[1:]:
         paired = [runs[f"{method}@{reference}/{s}"] for s in args.seeds]
         made += [{**run, "paired_with": reference} for run in paired]
@@ -310,8 +311,7 @@ def write_paired(args, chosen: dict, runs: dict, out: Path, argv: list[str]) -> 
               f"only its own settings changed, seeds {args.seeds}, scored once on {split}\n\nThe difference is the "
               f"method's {split} {meta.metric} minus {reference}'s with the same seed ({direction} is better); its 95% "
               "interval is a paired t-test over seeds. Each method's own tuned result: table.md.\n\n")
-    footer, _ = provenance(argv, chosen, [*made, *(runs[f"{reference}/{s}"] for s in args.seeds)],
-                           space_path(args.task).stem)
+    footer, _ = provenance(argv, chosen, made, space_path(args.task).stem)
     write_text(out / "paired.md", header + table.to_markdown(index=False, disable_numparse=True) + footer)
     with atomic_path(out / "paired.csv") as tmp:
         pd.DataFrame(made).drop(columns=["config"]).to_csv(tmp, index=False)

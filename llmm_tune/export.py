@@ -14,7 +14,7 @@ import argparse
 import json
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import pandas as pd
 import pyarrow.fs as pafs
@@ -38,25 +38,36 @@ if TYPE_CHECKING:
 TABLE_KEYS = ("method", "quant_method", "bits", "rank", "task", "lr", "scale", "K")
 VERSION_KEYS = ("torch", "transformers", "peft", "bitsandbytes", "ray", "optuna")
 MIN_IMPORTANCE_TRIALS = 10  # importances from fewer trials are mostly noise
+NAMED_CURVES = 10  # the learning curves drawn in colour and named in the legend, the best trials'; the rest grey
 
 
-def collect(experiment: str) -> tuple[ExperimentRecord, pd.DataFrame, dict]:
-    """(record, one row per trial, trial id -> the checkpoint that stands for it) of an experiment."""
+class Collected(NamedTuple):
+    """What an experiment holds, read once: Ray's reading of every trial's reports grows with the trials."""
+
+    meta: ExperimentRecord
+    trials: pd.DataFrame  # one row per trial
+    checkpoints: dict  # trial id -> the checkpoint that stands for it
+    histories: dict[str, pd.DataFrame]  # trial id -> its reports
+
+
+def collect(experiment: str) -> Collected:
+    """An experiment's record, trials, standing checkpoints and reports."""
     from ray.tune import ExperimentAnalysis
 
     meta = read_record(experiment)
     if meta is None:
         raise UsageError(f"{experiment} is not an llmm-tune experiment (no llmm_experiment.json); pass a folder "
                          "under the search's --storage")
-    context = meta.context(experiment)
+    context, fixed = meta.context(experiment), meta.spec().fixed
     kept = "last" if context.selects == "last" else context.mode
     analysis = ExperimentAnalysis(experiment)
     rows, checkpoints = [], {}
     for trial in analysis.trials:
         last = trial.last_result or {}
-        clock, budget = context.recipe.clock(trial.config, context)
+        config = {**fixed, **trial.config}  # a trial's config holds what was searched (older ones: everything)
+        clock, budget = context.recipe.clock(config, context)
         rows.append({"experiment": meta.name, "trial": trial.trial_id, "number": _trial_number(trial),
-                     "status": trial.status, **trial.config, "method": meta.method, "task": meta.task,
+                     "status": trial.status, **config, "method": meta.method, "task": meta.task,
                      "evaluations": last.get("training_iteration", 0),
                      # the best of every report (a trial that failed after it reported keeps its score), or the
                      # last for a task sequence
@@ -65,7 +76,7 @@ def collect(experiment: str) -> tuple[ExperimentRecord, pd.DataFrame, dict]:
                      # ended by ASHA before the end of its budget (as the console says it)
                      "stopped_early": trial.status == "TERMINATED" and last.get("failure") is None
                      and last.get(clock, budget) < budget,
-                     "warm_start": meta.warm_start_origin(trial.config),
+                     "warm_start": meta.warm_start_origin(config),
                      "git_commit": meta.git_commit,
                      "versions": " ".join(f"{k}={meta.versions.get(k)}" for k in VERSION_KEYS),
                      "search_command": meta.command})
@@ -75,7 +86,8 @@ def collect(experiment: str) -> tuple[ExperimentRecord, pd.DataFrame, dict]:
             checkpoint = train_checkpoint(analysis.trial_dataframes.get(trial.trial_id), context, experiment)
         if checkpoint is not None:
             checkpoints[trial.trial_id] = checkpoint
-    return meta, pd.DataFrame(rows).sort_values("number", kind="stable"), checkpoints
+    return Collected(meta, pd.DataFrame(rows).sort_values("number", kind="stable"), checkpoints,
+                     analysis.trial_dataframes)
 
 
 def train_checkpoint(results: pd.DataFrame | None, context: TrialContext, experiment: str):
@@ -183,7 +195,7 @@ def latex(table: pd.DataFrame, records: list[dict], caption: str) -> str:
     return "\n".join(lines)
 
 
-def plots(trials: pd.DataFrame, meta: ExperimentRecord, experiment: str, out: Path) -> list[str]:
+def plots(trials: pd.DataFrame, found: Collected, experiment: str, out: Path) -> list[str]:
     """The experiment's optimisation history, parameter importances, learning curves and configurations in
     parallel coordinates; a plot that cannot be drawn is skipped, saying why. Returns what was written, with a
     caution for importances that rest on few trials."""
@@ -192,11 +204,9 @@ def plots(trials: pd.DataFrame, meta: ExperimentRecord, experiment: str, out: Pa
     matplotlib.use("Agg")
     from matplotlib import pyplot
     from optuna.visualization import matplotlib as optuna_plots
-    from ray.tune import ExperimentAnalysis
 
-    from llmm_tune.tune.spaces import load_spec
-
-    spec = load_spec(meta.space, meta.profile, meta.method, meta.num_samples, text=meta.space_yaml)
+    meta = found.meta
+    spec = meta.spec()
     own, column = trials[trials["experiment"] == meta.name], f"val_{meta.metric}"
     clock, budget = spec.recipe.clock(spec.fixed, meta.context(experiment))
     study = rebuilt_study(own, meta, spec.distributions())
@@ -205,8 +215,7 @@ def plots(trials: pd.DataFrame, meta: ExperimentRecord, experiment: str, out: Pa
     rungs = asha_rungs(spec.early_stopping, budget) if meta.early_stopping else []
     draws = {"history.png": lambda: history_figure(own, column, meta.mode),
              "importance.png": lambda: importance_figure(study, column, caution),
-             "curves.png": lambda: curves_figure(ExperimentAnalysis(experiment).trial_dataframes, own, column, clock,
-                                                 rungs),
+             "curves.png": lambda: curves_figure(found.histories, own, column, clock, rungs, meta.mode),
              "parallel.png": lambda: widened(optuna_plots.plot_parallel_coordinate(study, target_name=column).figure,
                                              len(spec.space))}
     written = []
@@ -276,19 +285,29 @@ def importance_figure(study: optuna.Study, column: str, caution: str) -> Figure:
 
 
 def curves_figure(histories: dict[str, pd.DataFrame], trials: pd.DataFrame, column: str, clock: str,
-                  rungs: list[float]) -> Figure:
-    """Each trial's value at each report against the family's clock, one line per trial, with ASHA's rungs (where
-    it may stop a trial) as vertical lines."""
+                  rungs: list[float], mode: str) -> Figure:
+    """Each trial's value at each report against the family's clock, one line per trial (the NAMED_CURVES best in
+    colour and in the legend, the others grey: a legend of hundreds says nothing), with ASHA's rungs (where it may
+    stop a trial) as vertical lines."""
     from matplotlib import pyplot
+    from matplotlib.collections import LineCollection
 
-    figure, axes = pyplot.subplots(figsize=(6.4, 4))
+    curves = []  # (trial row, its scored reports)
     for _, trial in trials.iterrows():
         reports = histories.get(trial["trial"])
         if reports is not None and column in reports:
-            reports = reports[reports[column].notna()]
-            axes.plot(reports[clock], reports[column], marker=".", label=f"trial {trial['number']}")
+            curves.append((trial, reports[reports[column].notna()]))
+    curves.sort(key=lambda curve: (pd.isna(curve[0][column]), curve[0][column] * (1 if mode == "min" else -1)))
+    figure, axes = pyplot.subplots(figsize=(6.4, 4))
+    others = [reports[[clock, column]].to_numpy() for _, reports in curves[NAMED_CURVES:]]
+    if others:
+        axes.add_collection(LineCollection(others, colors="lightgrey", linewidths=0.8,
+                                           label=f"{len(others)} other trials"))
+    for trial, reports in curves[:NAMED_CURVES]:
+        axes.plot(reports[clock], reports[column], marker=".", label=f"trial {trial['number']}")
     for milestone in rungs:
         axes.axvline(milestone, color="grey", linestyle=":", linewidth=1)
+    axes.autoscale_view()
     axes.set(xlabel=clock, ylabel=column, title="Learning curves" + (" (dotted: ASHA's rungs)" if rungs else ""))
     axes.legend(fontsize="small", ncol=2)
     return figure
@@ -310,31 +329,31 @@ def export(experiments: list[str], results: Path) -> Path:
     quiet_logs()
     experiments = [storage.resolve(e) for e in experiments]
     collected = [collect(e) for e in experiments]
-    metas = [m for m, _, _ in collected]
+    metas = [found.meta for found in collected]
     tasks = {(m.family, m.task, m.metric) for m in metas}
     if len(tasks) != 1:
         raise UsageError(f"experiments mix tasks or selection metrics {sorted(tasks)}; export one at a time")
     out = results / metas[0].task
-    trials = pd.concat([df for _, df, _ in collected], ignore_index=True)
+    trials = pd.concat([found.trials for found in collected], ignore_index=True)
     with atomic_path(out / "trials.csv") as tmp:
         trials.to_csv(tmp, index=False)
     chosen = table_rows(experiments, collected)
     shown, records = write_records(chosen, out)
     write_tables(shown, records, chosen[0], out)
-    written = plots(trials, metas[0], experiments[0], out)
+    written = plots(trials, collected[0], experiments[0], out)
     print(f"exported {len(trials)} trials of {len(experiments)} experiment(s) to {out}: trials.csv, table.md, "
           f"table.tex, best.yaml, configs/, {', '.join(written)}")
     print(shown.drop(columns=["reproduce", "commit"]).to_string(index=False))
     return out
 
 
-def table_rows(experiments: list[str], collected: list[tuple]) -> list[tuple]:
+def table_rows(experiments: list[str], collected: list[Collected]) -> list[tuple]:
     """Per experiment, quantiser and rank, the trial best on validation with its held-out scores: (validation
     score, trial row, record, held-out scores), best first."""
-    meta = collected[0][0]
+    meta = collected[0].meta
     value, mode = f"val_{meta.metric}", meta.mode
     picks = []  # (trial row, record, experiment, checkpoint)
-    for experiment, (meta, df, checkpoints) in zip(experiments, collected):
+    for experiment, (meta, df, checkpoints, _) in zip(experiments, collected):
         scored = df[df[value].notna() & df["trial"].isin(checkpoints)]
         for _, group in scored.fillna({"bits": -1, "quant_method": "-"}).groupby(["quant_method", "bits", "rank"]):
             best = df.loc[best_row(group, value, mode).name]  # the row as collected (group holds fill values)

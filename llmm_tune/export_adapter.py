@@ -47,7 +47,7 @@ def trained_model(record: dict, context: TrialContext, storage: str, data_dir: s
                          "stacks one pair per task); export_adapter takes glue and causal_lm records")
     config = record_config(record)
     experiment = stores.join(stores.resolve(storage), record["experiment"])
-    checkpoints = collect(experiment)[2] if stores.exists(stores.join(experiment, METADATA_FILE)) else {}
+    checkpoints = collect(experiment).checkpoints if stores.exists(stores.join(experiment, METADATA_FILE)) else {}
     model = context.recipe.build_model(config, context, "cpu")
     if record["trial"] in checkpoints:
         print(f"adapter of trial {record['trial']} from {experiment}")

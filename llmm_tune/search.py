@@ -220,6 +220,7 @@ def build_tuner(spec: SearchSpec, record: ExperimentRecord, context: TrialContex
     from ray.tune.search import ConcurrencyLimiter
 
     from llmm_tune.tune.console import Progress
+    from llmm_tune.tune.driver import ReturnFreedHeap, trial_folder
     from llmm_tune.tune.searcher import make_searcher, study_storage
     from llmm_tune.tune.trainable import trainable
 
@@ -227,8 +228,10 @@ def build_tuner(spec: SearchSpec, record: ExperimentRecord, context: TrialContex
     # a multi-worker trial is a Ray Train run: its workers reserve their own resources, and the trial
     # itself only waits for them (the concurrency limit keeps the trials within what the cluster holds)
     own = {"cpu": layout.cpus, "gpu": layout.gpus} if layout.workers == 1 else TRAIN_DRIVER
-    trainable = tune.with_resources(tune.with_parameters(trainable, context=context, data=data,
-                                                         experiment=experiment, layout=record.resources), own)
+    # the fixed settings go to the trials once, not in each trial's config: Tune keeps a trial's config several times
+    # in the experiment state it rewrites whole at every checkpoint (benchmarks/bench_many_trials.py)
+    trainable = tune.with_resources(tune.with_parameters(trainable, context=context, data=data, experiment=experiment,
+                                                         layout=record.resources, fixed=spec.fixed), own)
     if resume:
         return tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True)
     searcher = make_searcher(spec.distributions(), f"best_{context.value_key}", spec.mode, spec.warm_start,
@@ -238,13 +241,13 @@ def build_tuner(spec: SearchSpec, record: ExperimentRecord, context: TrialContex
     parent, name = experiment.rstrip("/").rsplit("/", 1) if storage.is_uri(experiment) else \
         (str(Path(experiment).parent), Path(experiment).name)
     return tune.Tuner(
-        trainable, param_space=spec.fixed,
+        trainable,
         tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, layout.concurrent),
                                     scheduler=scheduler(spec, record, clock), num_samples=spec.num_samples,
-                                    reuse_actors=True, trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}"),
+                                    reuse_actors=True, trial_dirname_creator=trial_folder),
         run_config=tune.RunConfig(
             name=name, storage_path=parent, verbose=0, log_to_file=True,
-            callbacks=[Progress(spec.metric, spec.mode, spec.num_samples, clock, context.selects),
+            callbacks=[Progress(spec.metric, spec.mode, spec.num_samples, clock, context.selects), ReturnFreedHeap(),
                        *trackers.callbacks(record.tracker_names, record)],
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1, **context.checkpoint_ranking()),
             failure_config=tune.FailureConfig(max_failures=2),
@@ -295,9 +298,7 @@ def resumed_experiment(args: argparse.Namespace, storage_dir: str) -> tuple[Sear
     if record is None:
         raise UsageError(f"no experiment {args.name!r} under {storage_dir} to resume; check --name and --storage, "
                          "or drop --resume to start it")
-    spec = resolve_spec(record.space, record.profile, record.method, record.num_samples, record.overrides,
-                        text=record.space_yaml)
-    return spec, experiment, record
+    return record.spec(), experiment, record
 
 
 def run(argv: list[str]) -> str:

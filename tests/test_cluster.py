@@ -20,6 +20,7 @@ import psutil
 import pytest
 import yaml
 
+from llmm_tune.tune.experiment import read_record
 from tests.search_fixtures import ENV, ROOT, run_module, start_module, subset_glue, tiny_bert, tiny_space
 
 
@@ -232,8 +233,10 @@ def two_worker_run(assets, tmp_path_factory):
                                 "--num-samples", "1", "--workers-per-trial", "2", "--cpus-per-trial", "1", *flags)
             assert search.returncode == 0, search.stdout[-3000:] + search.stderr[-3000:]
             (result_file,) = (out / "runs" / "dp").glob("trial_*/result.json")
-            runs[layout] = {"space": space, "results": out / "results",
-                            "reports": [json.loads(line) for line in result_file.read_text().splitlines()]}
+            reports = [json.loads(line) for line in result_file.read_text().splitlines()]
+            # the trial's settings: the space's fixed ones and what Ray's config holds, the searched ones
+            config = {**read_record(str(out / "runs" / "dp")).spec().fixed, **reports[-1]["config"]}
+            runs[layout] = {"space": space, "results": out / "results", "reports": reports, "config": config}
         return runs[layout]
 
     return run
@@ -255,10 +258,10 @@ def test_a_trial_of_two_workers_trains_on_two_shards_and_matches_one_worker(asse
     last = results[-1]
     assert len(set(last["shard_digests"])) == 2  # each worker its own batches
     cola = TrialContext.of("glue", "cola")
-    share = [stored / stored_bytes(build_model(last["config"], cola, "cpu"))
+    share = [stored / stored_bytes(build_model(run["config"], cola, "cpu"))
              for stored in last["stored_bytes_by_worker"]]
     assert all(0.4 < s < 0.6 for s in share) if layout == "fsdp" else share == [1.0, 1.0], share
-    config = {**last["config"], "grad_accum": 2}
+    config = {**run["config"], "grad_accum": 2}
     data = prepare(config, cola, str(assets["data"]))
     assert sum(last["shard_examples_by_worker"]) == len(data.train)  # together, all of train (256 = 16 batches of 16)
     torch.set_num_threads(1)

@@ -147,6 +147,9 @@ def test_a_compare_of_two_methods_over_seeds_continues_without_redoing_finished_
     differences = [both[f"lora@llmm/{s}"]["dev_mcc"] - both[f"llmm/{s}"]["dev_mcc"] for s in (0, 1)]
     assert row["difference to llmm"] == f"{statistics.fmean(differences):+.4f}" and "bits 4 -> None" in row["changed"]
     assert "--paired-only" in (out / "paired.md").read_text().rsplit("Command: ", 1)[1]  # how to make it again
+    every_run = pd.read_csv(out / "paired.csv", keep_default_na=False)  # the reference's own runs beside the paired
+    assert sorted(zip(every_run["method"], every_run["paired_with"], every_run["seed"])) == [
+        ("llmm", "", 0), ("llmm", "", 1), ("lora", "llmm", 0), ("lora", "llmm", 1)]
 
     more = run_module("llmm_tune.compare", *common[:-1], "2", "--seeds", "0", "1", timeout=900)
     assert more.returncode == 2 and "llmm: searching" not in more.stdout

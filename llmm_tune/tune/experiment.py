@@ -14,6 +14,7 @@ from pathlib import Path
 from llmm_tune.project import ROOT
 from llmm_tune.tune import storage
 from llmm_tune.tune.context import TrialContext
+from llmm_tune.tune.spaces import SearchSpec, load_spec
 
 METADATA_FILE = "llmm_experiment.json"
 LOFTQ_CACHE = "loftq"  # <experiment>/loftq/: LoftQ initialisations every trial of the search shares
@@ -105,6 +106,13 @@ class ExperimentRecord:
     def tracker_names(self) -> list[str]:
         """The trackers the search logs to (`--tracker`), the same when it resumes."""
         return self.options.get("tracker") or []
+
+    def spec(self) -> SearchSpec:
+        """The search space as the experiment resolved it, with the command line's fixed settings: its trials'
+        settings are these fixed ones and their own searched ones."""
+        spec = load_spec(self.space, self.profile, self.method, self.num_samples, text=self.space_yaml)
+        spec.fixed.update(self.overrides)
+        return spec
 
     def warm_start_origin(self, config: dict) -> str | None:
         """Where the warm start a trial ran came from (None: the searcher proposed it)."""

@@ -30,14 +30,16 @@ def check_installed(trackers: list[str]) -> None:
 
 
 def flat_settings(record) -> dict:
-    """What a search run records as its parameters: how it searched and its fixed settings."""
+    """What a search run records as its parameters: how it searched, its space and its fixed settings (a trial's run
+    holds the settings searched)."""
     import yaml
 
     space = yaml.safe_load(record.space_yaml)
     return {"task": record.task, "method": record.method, "profile": record.profile, "metric": record.metric,
             "num_samples": record.num_samples, "sampler": record.sampler, "seed": record.seed, "model": record.model,
             "git_commit": record.git_commit, "early_stopping": record.early_stopping,
-            **{f"space.{k}": v for k, v in (space.get("space") or {}).items()}}
+            **{f"space.{k}": v for k, v in (space.get("space") or {}).items()},
+            **{f"fixed.{k}": v for k, v in record.spec().fixed.items()}}
 
 
 def start(trackers: list[str], record) -> None:

@@ -17,12 +17,14 @@ from llmm_tune.tune.runner import prepare_process, release_memory, run_recipe
 CRASHES = "crashes"  # <experiment>/crashes/<trial id>.json and .log: the last crash of each trial
 
 
-def trainable(config: dict, context: TrialContext, data, experiment: str, layout: dict) -> None:
-    """Ray Tune function trainable; `experiment` is the experiment's folder or URI, `layout` its
-    `cluster.Layout` record (more than one worker per trial: a Ray Train run, see `workers`)."""
+def trainable(config: dict, context: TrialContext, data, experiment: str, layout: dict, fixed: dict) -> None:
+    """Ray Tune function trainable of the searched settings `config`, trained with the space's `fixed` ones;
+    `experiment` is the experiment's folder or URI, `layout` its `cluster.Layout` record (more than one worker per
+    trial: a Ray Train run, see `workers`)."""
     from ray import tune
 
     prepare_process()
+    config = {**fixed, **config}
     trial_id = tune.get_context().get_trial_id()
     try:
         if layout["workers_per_trial"] > 1:

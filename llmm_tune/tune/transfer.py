@@ -37,7 +37,7 @@ def earlier_trials(path: str) -> tuple[pd.DataFrame, str, str]:
                          "(results/<task>) or an experiment folder under a search's --storage")
     from llmm_tune.export import collect
 
-    _, trials, _ = collect(path)
+    trials = collect(path).trials
     return trials, record.context(path).value_key, record.mode
 
 
