@@ -54,7 +54,7 @@ def under_tune(context: TrialContext, runs: list[dict], data, cpus: int, storage
 
     layout = Layout(cpus=cpus, gpus=0, workers=1, concurrent=1).to_record()
     trial = tune.with_resources(tune.with_parameters(trainable, context=context, data=data, experiment=storage,
-                                                     layout=layout), {"cpu": cpus})
+                                                     layout=layout, fixed={}), {"cpu": cpus})  # runs: whole configs
     tuner = tune.Tuner(trial, param_space=runs[0],
                        tune_config=tune.TuneConfig(search_alg=BasicVariantGenerator(points_to_evaluate=runs,
                                                                                     max_concurrent=1),
