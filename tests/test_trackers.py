@@ -10,6 +10,7 @@ import pytest
 from llmm_tune.errors import UsageError
 from llmm_tune.tune import trackers
 from llmm_tune.tune.experiment import ExperimentRecord
+from llmm_tune.tune.spaces import space_path
 
 
 @pytest.fixture
@@ -22,7 +23,7 @@ def tracking(tmp_path, monkeypatch) -> str:
 
 def record() -> ExperimentRecord:
     return ExperimentRecord(name="cola-llmm-cpu", family="glue", task="cola", space="glue_cola",
-                            space_yaml="space: {lr: {loguniform: [1.0e-5, 1.0e-3]}}\n", profile="cpu", method="llmm",
+                            space_yaml=space_path("glue_cola").read_text(), profile="cpu", method="llmm",
                             metric="mcc", mode="max", seed=0, model="minilm", num_samples=2, overrides={},
                             options={"tracker": ["mlflow"]}, command="python -m llmm_tune.search glue_cola",
                             git_commit="abc", versions={}, started="now")
