@@ -9,9 +9,9 @@ checkpoint each), nothing of ours.
 Prints the wall time per trial of both and their ratio, over the whole run and in the steady state (after the
 first quarter or 1,000 trials: start-up, imports and Ray's launch are not per-trial costs); the driver's resident
 memory, current and peak, after every 1,000 trials (read from /proc every second, matched to the trials' last
-reports); the experiment folder's size and the Optuna journal's; the export's time and peak memory. Goals (issue
-26): overhead within 1.2x of bare Ray Tune, driver memory growth under 50 MB per 1,000 trials, the export of
-10,000 trials under 60 s.
+reports); the experiment folder's size, Ray's experiment state per trial and the Optuna journal's size; the
+export's time and peak memory. Goals (issue 26): overhead within 1.2x of bare Ray Tune, driver memory growth under
+50 MB per 1,000 trials, the export of 10,000 trials under 60 s.
 """
 
 from __future__ import annotations
@@ -118,6 +118,11 @@ def size_mib(path: Path) -> float:
     return sum(f.stat().st_size for f in files) / 2**20
 
 
+def state_kib_per_trial(experiment: Path, trials: int) -> float:
+    """Ray's experiment state (the file it rewrites whole at every checkpoint) per trial."""
+    return size_mib(max(experiment.glob("experiment_state-*.json"), key=lambda f: f.stat().st_mtime)) * 1024 / trials
+
+
 def trial_ends(experiment: Path) -> list[float]:
     """When each trial made its last report (Ray's `timestamp`, whole seconds), in order. Not the files' times: Ray
     writes the trial folders under its storage path when the search ends."""
@@ -181,7 +186,8 @@ def main() -> None:
         work = Path(tmp)
         mine, experiment = ours(args.trials, work, every)
         steady = print_time("ours", mine, trial_ends(experiment), every)
-        print(f"ours: experiment folder {size_mib(experiment):.1f} MiB, Optuna journal "
+        print(f"ours: experiment folder {size_mib(experiment):.1f} MiB, Ray's experiment state "
+              f"{state_kib_per_trial(experiment, args.trials):.1f} KiB a trial, Optuna journal "
               f"{size_mib(experiment / JOURNAL):.2f} MiB")
         export(experiment, work)
         if not args.skip_bare:
@@ -191,7 +197,8 @@ def main() -> None:
             ends = trial_ends(work / "runs" / "bare")
             print_memory("bare", bare, ends, every)
             bare_steady = print_time("bare", bare, ends, every)
-            print(f"bare: experiment folder {size_mib(work / 'runs' / 'bare'):.1f} MiB")
+            print(f"bare: experiment folder {size_mib(work / 'runs' / 'bare'):.1f} MiB, Ray's experiment state "
+                  f"{state_kib_per_trial(work / 'runs' / 'bare', args.trials):.1f} KiB a trial")
             print(f"ratio, ours / bare: {mine.seconds / bare.seconds:.3f} over the whole run, "
                   f"{steady / bare_steady:.3f} per trial after the first {every} (goal <= 1.2)")
 

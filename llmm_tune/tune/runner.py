@@ -78,8 +78,8 @@ def release_memory() -> None:
     several trials of a causal LM grew from 6.5 to 9.5 GB resident: hand them back to the system."""
     gc.collect()
     # What survives the first trial (the libraries' ~600,000 import-time objects) is moved out of the collector's
-    # sight: a full collection then takes microseconds, not the 0.2 s per trial it took with them
-    # (benchmarks/bench_many_trials.py). Frozen objects are still freed by reference counting.
+    # sight: a full collection then takes microseconds, not the 0.2 s per trial it took with them (timed in a process
+    # with the same imports). Frozen objects are still freed by reference counting.
     if gc.get_freeze_count() == 0:
         gc.freeze()
     if torch.cuda.is_available():
