@@ -17,7 +17,7 @@ def trial_folder(trial) -> str:
 class ReturnFreedHeap(Callback):
     """After each trial, the driver's freed heap back to the system. Tune serialises its whole experiment state
     (tens of MB by a thousand trials) at every checkpoint, and glibc keeps freed pages for reuse: our driver grew
-    210 MiB per 1,000 trials without this (`bench_many_trials.py --trials 150`) and 66 to 81 MiB with it
+    210 MiB per 1,000 trials without this (`bench_many_trials.py --trials 150`) and 66 to 92 MiB with it
     (`--trials 400`)."""
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
