@@ -3,27 +3,31 @@
     python benchmarks/gpu_check.py          # on the GPU machine
     python benchmarks/gpu_check.py --cpu    # every part up to the CUDA calls, small (what the test runs)
 
-The GPU machine has torch, transformers, peft and accelerate; bring the rest as wheels in .whl/ (one transfer
-holds 64 MiB: bitsandbytes' 43 MB wheel and optuna's fit, Ray's 79 MB does not) and install them first:
-`pip install --no-deps .whl/*.whl`. No model or data is read: the model is a random Llama built here.
+The GPU machine has torch, transformers, peft and accelerate; bring the rest as wheels made here by
+benchmarks/gpu_wheels.sh (64 MiB a transfer: two transfers, docs/benchmarks.md says how). No model or data is
+read: the model is a random Llama built here.
 
 Prints, each line after the device's name:
 1. the 4-bit normal_float base on the device through bitsandbytes: train -> eval -> train, then the merged model's
    and the exported peft adapter's logits against the adapter's own;
 2. a training step of the Llmm adapter against peft's LoRA at the same rank on the same NF4 base (median ms, ratio);
 3. LoftQ's initialisation of one 4096 x 4096 layer (NF4, rank 64, 5 iterations);
-4. where Ray is installed: the same 4 trials at --gpus-per-trial 0.25 and at 1, timed, beside the plan's prediction.
+4. where Ray is installed: the same 4 trials at --gpus-per-trial 0.25 and at 1, timed, beside the plan's prediction;
+   without Ray: 4 Llmm trainings in plain processes at once against one alone (steps per second).
+A part that fails prints its error and lets the others run; `--only PART` runs one.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -140,6 +144,7 @@ def step_times(size: dict, device: str) -> str:
 def loftq_time(size: dict, device: str) -> str:
     n = size["layer"]
     weight = torch.randn(n, n, device=device) * 0.02
+    loftq(weight[:256, :256], 64, 4, "normal_float", 1, 0.25)  # the solver's one-time start, not LoftQ's time
     result, seconds = synchronised(device, lambda: loftq(weight, 64, 4, "normal_float", 5, 0.25))
     return (f"LoftQ of one {n}x{n} layer (NF4, rank 64, 5 iterations): {seconds:.2f} s, relative error "
             f"{result.errors[-1] / torch.linalg.norm(weight).item():.4f}")
@@ -166,24 +171,77 @@ def packing(size: dict, work: Path) -> list[str]:
     data = work / "text.jsonl"
     data.write_text("".join(f'{{"text": "{" ".join(f"w{(i * j) % 500}" for j in range(120))}"}}\n'
                             for i in range(400)))
-    model = saved_random_llama(size, work / "model")
-    common = ["sft", "--data", str(data), "--model", str(model), "--profile", "cpu", "--num-samples", "4"]
+    space, figures = work / "space.yaml", work / "figures.json"
+    command = [sys.executable, "-m"]
+    subprocess.run([*command, "llmm_tune.search", "sft", "--data", str(data), "--model",
+                    str(saved_random_llama(size, work / "model")), "--profile", "cpu", "--num-samples", "4",
+                    "--write-space", str(space)], check=True, capture_output=True, cwd=ROOT)
     lines = []
-    for gpus in ("0.25", "1"):
-        plan = subprocess.run([sys.executable, "-m", "llmm_tune.plan", *common, "--gpus-per-trial", gpus],
-                              capture_output=True, text=True, cwd=ROOT)
+    for gpus in ("0.25", "1"):  # the plan probes once, then reads the probe's figures
+        probe = ["--save-figures", str(figures)] if gpus == "0.25" else ["--figures", str(figures)]
+        plan = subprocess.run([*command, "llmm_tune.plan", str(space), "--profile", "cpu", "--gpus-per-trial", gpus,
+                               *probe], capture_output=True, text=True, cwd=ROOT)
         lines += [f"plan at --gpus-per-trial {gpus}: {line.strip()}" for line in plan.stdout.splitlines()
                   if "wall" in line or "per GPU" in line] or [f"plan failed: {plan.stderr.strip()[-300:]}"]
-        search = [sys.executable, "-m", "llmm_tune.search", *common, "--gpus-per-trial", gpus, "--no-export",
-                  "--storage", str(work / f"runs-{gpus}")]
+        search = [*command, "llmm_tune.search", str(space), "--profile", "cpu", "--gpus-per-trial", gpus,
+                  "--no-export", "--storage", str(work / f"runs-{gpus}")]
         run, seconds = synchronised("cpu", lambda s=search: subprocess.run(s, capture_output=True, text=True, cwd=ROOT))
-        lines.append(f"search of 4 trials at --gpus-per-trial {gpus}: {seconds:.0f} s (exit {run.returncode})")
+        lines.append(f"search of 4 trials at --gpus-per-trial {gpus}: {seconds:.0f} s (exit {run.returncode})"
+                     + (f": {run.stderr.strip()[-300:]}" if run.returncode else ""))
     return lines
+
+
+def packed_rates(size: dict, device: str, processes: int) -> list[float]:
+    """Training steps per second of each of `processes` Llmm trainings run at once on one device (without Ray):
+    each warms up, then all start their timed steps together."""
+    worker = [sys.executable, __file__, "--worker", *(["--cpu"] if device == "cpu" else [])]
+    runs = [subprocess.Popen(worker, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+            for _ in range(processes)]
+    for run in runs:
+        assert run.stdout.readline().strip() == "ready", "a packing worker failed while warming up"
+    for run in runs:
+        run.stdin.write("go\n")
+        run.stdin.flush()
+    return [float(run.communicate()[0].split()[-1]) for run in runs]
+
+
+def packing_without_ray(size: dict, device: str) -> str:
+    """What fractional packing buys, measured with plain processes where Ray cannot be brought along."""
+    alone, together = packed_rates(size, device, 1)[0], packed_rates(size, device, 4)
+    return (f"4 Llmm trainings at once on one device (no Ray): {sum(together):.1f} steps/s together against "
+            f"{alone:.1f} alone, a gain of {sum(together) / alone:.2f}x from packing 4 trials")
+
+
+def worker_rate(size: dict, device: str) -> None:
+    """One packed training: print its steps per second after two warm-up steps."""
+    batch = torch.randint(0, size["vocab_size"], size["batch"], device=device)
+    model = apply_llmm(random_llama(size, device), LlmmConfig(rank=RANK, K=K, bits=4, init="zero"))
+    train_steps(model, batch, 2)
+    print("ready", flush=True)
+    sys.stdin.readline()
+    _, seconds = synchronised(device, lambda: train_steps(model, batch, 2 * size["steps"]))
+    print(2 * size["steps"] / seconds)
+
+
+def report(name: str, part) -> bool:
+    """Print a part's lines as soon as it ends; a failing part prints its error and lets the others run."""
+    try:
+        lines = part()
+    except Exception as error:  # a lent GPU is minutes long: one broken part must not hide the others' figures
+        traceback.print_exc()
+        print(f"[{name}] FAILED {part.__name__}: {type(error).__name__}: {error}", flush=True)
+        return False
+    for line in [lines] if isinstance(lines, str) else lines:
+        print(f"[{name}] {line}", flush=True)
+    return True
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cpu", action="store_true", help="run every part up to the CUDA calls, small, on the CPU")
+    parser.add_argument("--only", action="append", choices=("nf4", "step", "loftq", "packing"),
+                        help="run this part alone (repeatable; default: every part)")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # one of packing's processes
     args = parser.parse_args()
     from transformers.utils import logging
 
@@ -191,17 +249,20 @@ def main() -> None:
     if not args.cpu and not torch.cuda.is_available():
         sys.exit("error: no CUDA device; pass --cpu to run the parts that need none, small")
     device = "cpu" if args.cpu else "cuda"
-    name = "cpu" if args.cpu else torch.cuda.get_device_name(0)
     size = SIZES["cpu" if args.cpu else "gpu"]
-    print(f"[{name}] torch {torch.__version__}, {'CPU' if args.cpu else 'CUDA ' + torch.version.cuda}")
+    if args.worker:
+        return worker_rate(size, device)
+    name = "cpu" if args.cpu else torch.cuda.get_device_name(0)
+    print(f"[{name}] torch {torch.__version__}, {'CPU' if args.cpu else 'CUDA ' + torch.version.cuda}", flush=True)
     with tempfile.TemporaryDirectory() as work:
-        lines = [nf4_cycle(size, device, Path(work)), step_times(size, device), loftq_time(size, device)]
-        if args.cpu or importlib.util.find_spec("ray") is None:
-            lines.append("packing at --gpus-per-trial 0.25 against 1: skipped (needs CUDA and Ray)")
-        else:
-            lines += packing(size, Path(work))
-    for line in lines:
-        print(f"[{name}] {line}")
+        with_ray = importlib.util.find_spec("ray") is not None and not args.cpu
+        parts = {"nf4": functools.partial(nf4_cycle, size, device, Path(work)),
+                 "step": functools.partial(step_times, size, device),
+                 "loftq": functools.partial(loftq_time, size, device),
+                 "packing": functools.partial(packing, size, Path(work)) if with_ray
+                 else functools.partial(packing_without_ray, size, device)}
+        ok = [report(name, functools.update_wrapper(parts[key], parts[key].func)) for key in args.only or parts]
+    sys.exit(0 if all(ok) else 1)
 
 
 if __name__ == "__main__":

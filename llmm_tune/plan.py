@@ -164,17 +164,27 @@ def measure(args: argparse.Namespace, spec: SearchSpec) -> tuple[dict, str]:
     return figures, how
 
 
-def planned_layout(args: argparse.Namespace, figures: dict):
-    """(the trial layout on the planned machine, trials per GPU by memory or None)."""
+def planned_gpus(args: argparse.Namespace) -> tuple[float, float | None]:
+    """(GPUs of the planned machine, GB per GPU or None): the options', else this machine's."""
+    if args.gpus is not None:
+        return args.gpus, args.gpu_memory
+    gpus = machine()["GPU"]
+    own_memory = round(torch.cuda.get_device_properties(0).total_memory / 1e9, 1) if gpus else None
+    return gpus, args.gpu_memory or own_memory
+
+
+def planned_layout(args: argparse.Namespace, figures: dict, gpus: float, gpu_memory: float | None):
+    """(the trial layout on the planned machine of `gpus` GPUs of `gpu_memory` GB, trials per GPU by memory or
+    None)."""
     # a GPU plan is for GPU machines: their CPUs bind only when given
-    cpus = args.cpus or (math.inf if args.gpus else float(os.cpu_count() or 1))
-    resources = {"CPU": cpus, "GPU": float(args.gpus)}
+    cpus = args.cpus or (math.inf if gpus else float(os.cpu_count() or 1))
+    resources = {"CPU": cpus, "GPU": float(gpus)}
     asked, per_gpu = layout_request(args), None
-    if args.gpus and args.gpu_memory:
-        per_gpu = int(args.gpu_memory // figures["peak_memory_gib"])
+    if gpus and gpu_memory:
+        per_gpu = int(gpu_memory // figures["peak_memory_gib"])
         if per_gpu < 1:
-            raise UsageError(f"a trial peaks at {figures['peak_memory_gib']:.1f} GiB, more than --gpu-memory "
-                             f"{args.gpu_memory:g}; plan with --workers-per-trial or larger GPUs")
+            raise UsageError(f"a trial peaks at {figures['peak_memory_gib']:.1f} GiB, more than the GPU's "
+                             f"{gpu_memory:g} GB; plan with --workers-per-trial or larger GPUs")
         if asked.gpus_per_trial is None:  # pack as many trials per GPU as its memory holds
             asked = dataclasses.replace(asked, gpus_per_trial=1 / per_gpu)
     return plan_layout(asked, resources, "the planned machine"), per_gpu
@@ -188,7 +198,8 @@ def plan(args: argparse.Namespace) -> dict:
         raise UsageError(f"plan models trials of the shared fit loop (epochs, evaluations per epoch); family "
                          f"{spec.family} trains otherwise: time a short search of it instead (--num-samples 1)")
     figures, how = measure(args, spec)
-    layout, per_gpu = planned_layout(args, figures)
+    gpus, gpu_memory = planned_gpus(args)
+    layout, per_gpu = planned_layout(args, figures, gpus, gpu_memory)
     time_attr, epochs = recipe.clock(spec.fixed, spec.context())
     config = trial_config(spec)
     schedule = Schedule.of(config, figures["train_examples"], layout.workers)
@@ -209,7 +220,7 @@ def plan(args: argparse.Namespace) -> dict:
         f"once, {layout.workers} worker(s) of {layout.cpus:g} CPU + {layout.gpus:g} GPU each; figures {how}",
         f"memory per trial: {figures['peak_memory_gib']:.2f} GiB peak (measured: resident high-water mark or CUDA "
         "peak of the probe)"
-        + (f"; {per_gpu} trial(s) fit in a {args.gpu_memory:g} GB GPU (--gpus-per-trial {1 / per_gpu:.3g}), planned "
+        + (f"; {per_gpu} trial(s) fit in a {gpu_memory:g} GB GPU (--gpus-per-trial {1 / per_gpu:.3g}), planned "
            f"with --gpus-per-trial {layout.gpus:.3g}" if per_gpu else ""),
         f"trial start: {figures['build_cold_s']:.1f} s with LoftQ computed, {figures['build_warm_s']:.1f} s from the "
         "experiment's LoftQ cache (measured)",
@@ -226,7 +237,7 @@ def plan(args: argparse.Namespace) -> dict:
         f"wall time of the search: {wall / 60:.1f} min (data {figures['prepare_s']:.0f} s + Ray {RAY_START_S:.0f} s + "
         f"trials {asha['makespan_s'] / 60:.1f} min + LoftQ of the first trials {cold:.0f} s + export)",
     ]
-    if args.gpus and figures["device"] == "cpu":
+    if gpus and figures["device"] == "cpu":
         lines.append("note: these figures come from a CPU; for a GPU plan probe on a GPU machine "
                      "(--save-figures FILE there, --figures FILE here)")
     if layout.gpus and layout.gpus < 1:
@@ -242,8 +253,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_profile_option(parser)
     parser.add_argument("--method", choices=tuple(BASELINES), default="llmm", help="the search's method")
     parser.add_argument("--num-samples", type=int, help="trials (default: the profile's)")
-    parser.add_argument("--gpus", type=float, default=0, help="GPUs of the machine or cluster to plan for")
-    parser.add_argument("--gpu-memory", type=float, help="GB per GPU, for fractional packing")
+    parser.add_argument("--gpus", type=float, help="GPUs of the machine or cluster to plan for (default: this "
+                                                    "machine's)")
+    parser.add_argument("--gpu-memory", type=float, help="GB per GPU, for fractional packing (default: this "
+                                                         "machine's GPU's, when planning for this machine)")
     parser.add_argument("--cpus", type=float,
                         help="CPUs to plan for (default: this machine's; with --gpus, not a limit)")
     add_trial_shape_options(parser)

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+import yaml
 
 from llmm_tune.cli import Interrupted, command_parser
 from llmm_tune.cli import main as run_command
@@ -202,6 +203,17 @@ def space_overrides(options: dict) -> dict:
     return {name: value for name, value in given.items() if value is not None}
 
 
+def written_space(text: str, overrides: dict) -> str:
+    """The space's YAML with the command line's fixed settings (--model, --seed, ...) in the top-level and every
+    profile's `fixed:`, where they win as they do on the command line: the file searches as the command did."""
+    if not overrides:
+        return text
+    raw = yaml.safe_load(text)
+    for block in [raw, *(raw.get("profiles") or {}).values()]:
+        block["fixed"] = {**(block.get("fixed") or {}), **overrides}
+    return yaml.safe_dump(raw, sort_keys=False)
+
+
 def resolve_spec(space: str, profile: str, method: str, num_samples: int | None, overrides: dict,
                  text: str | None = None, dataset: dict | None = None) -> SearchSpec:
     """The search space resolved for a profile and a method, with the command line's fixed settings and data."""
@@ -312,7 +324,7 @@ def run(argv: list[str]) -> str:
     spec, experiment, record = (resumed_experiment(args, storage_dir) if args.resume
                                 else new_experiment(args, argv, storage_dir))
     if args.write_space:
-        write_text(args.write_space, spec.text)
+        write_text(args.write_space, written_space(spec.text, space_overrides(vars(args))))
         print(f"wrote the resolved search space to {args.write_space}; edit it and run: "
               f"python -m llmm_tune.search {args.write_space}")
         return experiment

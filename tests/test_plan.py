@@ -8,7 +8,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from llmm_tune.plan import TUNE_OVERHEAD_S, simulate
+from llmm_tune import plan
+from llmm_tune.plan import TUNE_OVERHEAD_S, planned_gpus, simulate
 from tests.search_fixtures import run_module, subset_glue, tiny_bert, tiny_space
 
 
@@ -28,6 +29,16 @@ def test_asha_stops_trials_at_its_rungs_and_concurrency_shortens_the_search():
     assert 0.25 < one["mean_fraction"] < 0.75
     four = simulate(space(16, grace=1), trial_s=100, budget=4, concurrent=4, evals=[0.5 * k for k in range(1, 9)])
     assert four["makespan_s"] < one["makespan_s"] / 2
+
+
+def test_without_gpu_options_the_plan_is_for_this_machines_gpus_and_their_memory(monkeypatch):
+    monkeypatch.setattr(plan, "machine", lambda: {"CPU": 16.0, "GPU": 1.0})
+    monkeypatch.setattr(plan.torch.cuda, "get_device_properties", lambda index: SimpleNamespace(total_memory=150.1e9))
+    assert planned_gpus(SimpleNamespace(gpus=None, gpu_memory=None)) == (1.0, 150.1)
+    assert planned_gpus(SimpleNamespace(gpus=None, gpu_memory=80.0)) == (1.0, 80.0)
+    assert planned_gpus(SimpleNamespace(gpus=4.0, gpu_memory=None)) == (4.0, None)  # another machine: as given
+    monkeypatch.setattr(plan, "machine", lambda: {"CPU": 2.0, "GPU": 0.0})
+    assert planned_gpus(SimpleNamespace(gpus=None, gpu_memory=None)) == (0.0, None)
 
 
 def test_the_plan_probes_a_trial_and_replans_from_its_recorded_figures(tmp_path):

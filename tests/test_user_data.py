@@ -91,8 +91,11 @@ def test_a_search_on_your_own_data_writes_its_space_exports_and_reproduces_warni
     rows = [dict(text=r["instruction"][:60], label=["short", "long"][len(r["output"]) > 300]) for r in alpaca_rows(120)]
     data = rows_file(tmp_path, "lengths.jsonl", rows)
     written = tmp_path / "space.yaml"
-    run = run_module("llmm_tune.search", "classify", "--data", data, "--write-space", str(written))
+    run = run_module("llmm_tune.search", "classify", "--data", data, "--model", "minilm", "--seed", "7",
+                     "--write-space", str(written))
     assert run.returncode == 0 and "format single (inferred from the columns ['text', 'label'])" in run.stdout, run
+    spec = load_spec(str(written), "paper", "llmm")  # the command line's settings win over the profile's, as they did
+    assert (spec.fixed["model"], spec.fixed["seed"]) == ("minilm", 7)
     space = yaml.safe_load(written.read_text())
     space["profiles"]["cpu"] = {"fixed": {"model": str(tiny_bert(tmp_path / "bert")), "epochs": 1, "batch_size": 16,
                                           "max_length": 32, "evals_per_epoch": 1, "loftq_iters": 1},
