@@ -105,7 +105,8 @@ def check_same_settings(record: ExperimentRecord, search: list[str]) -> None:
 
 def best_trial(experiment: str) -> tuple[ExperimentRecord, pd.Series, float]:
     """(record, the trial best on validation, the search's trial-seconds)."""
-    meta, trials, checkpoints, _ = collect(experiment)
+    found = collect(experiment)
+    meta, trials, checkpoints = found.meta, found.trials, found.checkpoints
     value = f"val_{meta.metric}"
     scored = trials[trials[value].notna() & trials["trial"].isin(checkpoints)]
     if scored.empty:

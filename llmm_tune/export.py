@@ -30,6 +30,7 @@ from llmm_tune.tune import storage
 from llmm_tune.tune.context import TrialContext
 from llmm_tune.tune.experiment import ExperimentRecord, read_record
 from llmm_tune.tune.family import load_family
+from llmm_tune.tune.spaces import SearchSpec
 
 if TYPE_CHECKING:
     import optuna
@@ -45,6 +46,7 @@ class Collected(NamedTuple):
     """What an experiment holds, read once: Ray's reading of every trial's reports grows with the trials."""
 
     meta: ExperimentRecord
+    spec: SearchSpec  # the space as the experiment resolved it
     trials: pd.DataFrame  # one row per trial
     checkpoints: dict  # trial id -> the checkpoint that stands for it
     histories: dict[str, pd.DataFrame]  # trial id -> its reports
@@ -58,7 +60,8 @@ def collect(experiment: str) -> Collected:
     if meta is None:
         raise UsageError(f"{experiment} is not an llmm-tune experiment (no llmm_experiment.json); pass a folder "
                          "under the search's --storage")
-    context, fixed = meta.context(experiment), meta.spec().fixed
+    spec = meta.spec()
+    context, fixed = meta.context(experiment), spec.fixed
     kept = "last" if context.selects == "last" else context.mode
     analysis = ExperimentAnalysis(experiment)
     rows, checkpoints = [], {}
@@ -86,7 +89,7 @@ def collect(experiment: str) -> Collected:
             checkpoint = train_checkpoint(analysis.trial_dataframes.get(trial.trial_id), context, experiment)
         if checkpoint is not None:
             checkpoints[trial.trial_id] = checkpoint
-    return Collected(meta, pd.DataFrame(rows).sort_values("number", kind="stable"), checkpoints,
+    return Collected(meta, spec, pd.DataFrame(rows).sort_values("number", kind="stable"), checkpoints,
                      analysis.trial_dataframes)
 
 
@@ -203,10 +206,8 @@ def plots(trials: pd.DataFrame, found: Collected, experiment: str, out: Path) ->
 
     matplotlib.use("Agg")
     from matplotlib import pyplot
-    from optuna.visualization import matplotlib as optuna_plots
 
-    meta = found.meta
-    spec = meta.spec()
+    meta, spec = found.meta, found.spec
     own, column = trials[trials["experiment"] == meta.name], f"val_{meta.metric}"
     clock, budget = spec.recipe.clock(spec.fixed, meta.context(experiment))
     study = rebuilt_study(own, meta, spec.distributions())
@@ -216,8 +217,7 @@ def plots(trials: pd.DataFrame, found: Collected, experiment: str, out: Path) ->
     draws = {"history.png": lambda: history_figure(own, column, meta.mode),
              "importance.png": lambda: importance_figure(study, column, caution),
              "curves.png": lambda: curves_figure(found.histories, own, column, clock, rungs, meta.mode),
-             "parallel.png": lambda: widened(optuna_plots.plot_parallel_coordinate(study, target_name=column).figure,
-                                             len(spec.space))}
+             "parallel.png": lambda: parallel_figure(study, column, len(spec.space))}
     written = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # experimental-API and few-trials notices: the plots are still right
@@ -235,8 +235,21 @@ def plots(trials: pd.DataFrame, found: Collected, experiment: str, out: Path) ->
     return written
 
 
-def widened(figure, settings: int):
-    """Optuna's parallel coordinates with room per axis, so that one axis's labels (normal_float) clear the next's."""
+def parallel_figure(study: optuna.Study, column: str, settings: int) -> Figure:
+    """Optuna's parallel coordinates with room per axis (one axis's labels, normal_float, clear the next's) and
+    its lines in the darker 55% of its colour map: Blues' light end drew the worst trials white on white."""
+    import numpy as np
+    from matplotlib.collections import LineCollection
+    from matplotlib.colors import ListedColormap
+    from optuna.visualization import matplotlib as optuna_plots
+
+    figure = optuna_plots.plot_parallel_coordinate(study, target_name=column).figure
+    coloured = (c for axes in figure.axes for c in axes.collections
+                if isinstance(c, LineCollection) and c.get_array() is not None)  # not the colour bar's outline
+    for lines in coloured:
+        cmap = lines.get_cmap()
+        span = (0.45, 1.0) if sum(cmap(0.0)[:3]) > sum(cmap(1.0)[:3]) else (0.0, 0.55)  # the light end first?
+        lines.set_cmap(ListedColormap(cmap(np.linspace(*span, 256))))
     figure.set_size_inches(1.8 * (settings + 1) + 1.5, 4.8)
     return figure
 
@@ -353,11 +366,12 @@ def table_rows(experiments: list[str], collected: list[Collected]) -> list[tuple
     meta = collected[0].meta
     value, mode = f"val_{meta.metric}", meta.mode
     picks = []  # (trial row, record, experiment, checkpoint)
-    for experiment, (meta, df, checkpoints, _) in zip(experiments, collected):
+    for experiment, found in zip(experiments, collected):
+        df, checkpoints = found.trials, found.checkpoints
         scored = df[df[value].notna() & df["trial"].isin(checkpoints)]
         for _, group in scored.fillna({"bits": -1, "quant_method": "-"}).groupby(["quant_method", "bits", "rank"]):
             best = df.loc[best_row(group, value, mode).name]  # the row as collected (group holds fill values)
-            picks.append((best, meta, experiment, checkpoints[best["trial"]]))
+            picks.append((best, found.meta, experiment, checkpoints[best["trial"]]))
     if not picks:
         raise UsageError(f"no trial of {', '.join(str(e) for e in experiments)} has a checkpoint yet; "
                          "export again once trials have reported")

@@ -214,17 +214,6 @@ def written_space(text: str, overrides: dict) -> str:
     return yaml.safe_dump(raw, sort_keys=False)
 
 
-def resolve_spec(space: str, profile: str, method: str, num_samples: int | None, overrides: dict,
-                 text: str | None = None, dataset: dict | None = None) -> SearchSpec:
-    """The search space resolved for a profile and a method, with the command line's fixed settings and data."""
-    spec = load_spec(space, profile, method, num_samples, text=text, dataset=dataset)
-    if overrides.get("fsdp") and "fsdp" not in spec.recipe.SETTINGS:
-        raise UsageError(f"--fsdp: the {spec.family} family trains each trial in one process (fit's sharding "
-                         "does not apply to it); drop --fsdp")
-    spec.fixed.update(overrides)
-    return spec
-
-
 def build_tuner(spec: SearchSpec, record: ExperimentRecord, context: TrialContext, data, experiment: str,
                 resume: bool, optuna_storage: str | None):
     """The Tuner of a new experiment, or of `experiment` resumed."""
@@ -283,7 +272,11 @@ def new_experiment(args: argparse.Namespace, argv: list[str], storage_dir: str) 
     profile = choose_profile(args.profile)
     options = {k: v for k, v in vars(args).items() if k not in NOT_OPTIONS}
     overrides = space_overrides(options)
-    spec = resolve_spec(args.task, profile, args.method, args.num_samples, overrides, dataset=dataset_options(options))
+    spec = load_spec(args.task, profile, args.method, args.num_samples, dataset=dataset_options(options),
+                     overrides=overrides)
+    if spec.fixed.get("fsdp") and "fsdp" not in spec.recipe.SETTINGS:
+        raise UsageError(f"--fsdp: the {spec.family} family trains each trial in one process (fit's sharding "
+                         "does not apply to it); drop --fsdp")
     warm_starts = warm_start_from(args.warm_start_from or [], spec, args.warm_starts or DEFAULT_TOP)
     if spec.fixed.get("fsdp") and args.workers_per_trial < 2:
         raise UsageError("fsdp shards each trial's model over its workers; add --workers-per-trial 2 or more")

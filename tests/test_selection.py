@@ -24,7 +24,8 @@ def test_a_two_worker_trial_of_a_task_judged_by_its_last_report_keeps_and_export
     (result_file,) = (tmp_path / "runs" / "last").glob("trial_*/result.json")
     steps = [json.loads(line)["step"] for line in result_file.read_text().splitlines()]
     assert len(steps) == 3 and steps == sorted(steps)  # three reports, MCC 1/step: the first is the best
-    _, trials, checkpoints, _ = collect(str(tmp_path / "runs" / "last"))
+    found = collect(str(tmp_path / "runs" / "last"))
+    trials, checkpoints = found.trials, found.checkpoints
     assert trials["val_mcc"].tolist() == [1.0 / steps[-1]]  # the trial's value is its last report's
     with checkpoints[trials["trial"].iloc[0]].as_directory() as directory:
         with safe_open(f"{directory}/{STATE_FILE}", framework="pt") as f:

@@ -14,7 +14,7 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from ray.tune.schedulers import ASHAScheduler
 
-from llmm_tune.export import NAMED_CURVES, asha_rungs, curves_figure, history_figure, importance_figure
+from llmm_tune.export import NAMED_CURVES, asha_rungs, curves_figure, history_figure, importance_figure, parallel_figure
 from llmm_tune.tune.searcher import JOURNAL, NUMBER, RAY_TRIAL_ID
 from llmm_tune.tune.trackers import TRIAL_TAG
 from tests.search_fixtures import earlier_results, run_module, tiny_space
@@ -144,3 +144,18 @@ def test_learning_curves_of_many_trials_name_the_best_and_draw_the_rest_grey(mod
     (grey,) = axes.collections
     assert len(grey.get_segments()) == 5 and grey.get_label() == "5 other trials"
     assert [text.get_text() for text in axes.get_legend().get_texts()][0] == "5 other trials"
+
+
+@pytest.mark.parametrize("direction", ["maximize", "minimize"])
+def test_parallel_coordinates_draw_the_worst_trials_visibly_not_white_on_white(direction):
+    from matplotlib.collections import LineCollection
+
+    study = optuna.create_study(direction=direction)
+    lr = optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)
+    for i, value in enumerate([0.0, 0.1, 0.3, 0.5]):  # CoLA's MCC 0 of a trial that learnt nothing among them
+        study.add_trial(optuna.trial.create_trial(params={"lr": 1e-4 * 3**i}, distributions={"lr": lr}, value=value))
+    figure = parallel_figure(study, "val_mcc", settings=1)
+    (lines,) = [c for axes in figure.axes for c in axes.collections
+                if isinstance(c, LineCollection) and c.get_array() is not None]
+    colours = lines.to_rgba(lines.get_array())
+    assert len(colours) == 4 and colours[:, :3].mean(axis=1).max() < 0.8  # Optuna's Blues drew 0.0 at 0.97

@@ -110,9 +110,8 @@ class ExperimentRecord:
     def spec(self) -> SearchSpec:
         """The search space as the experiment resolved it, with the command line's fixed settings: its trials'
         settings are these fixed ones and their own searched ones."""
-        spec = load_spec(self.space, self.profile, self.method, self.num_samples, text=self.space_yaml)
-        spec.fixed.update(self.overrides)
-        return spec
+        return load_spec(self.space, self.profile, self.method, self.num_samples, text=self.space_yaml,
+                         overrides=self.overrides)
 
     def warm_start_origin(self, config: dict) -> str | None:
         """Where the warm start a trial ran came from (None: the searcher proposed it)."""
