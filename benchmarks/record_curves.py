@@ -94,10 +94,15 @@ def main() -> None:
     parser.add_argument("--train-examples", type=int, default=800, help="training rows per trial (default: 800)")
     parser.add_argument("--validation-size", type=float, default=None,
                         help="validation rows (a count) or fraction of train (default: the space's)")
-    parser.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
+    parser.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"),
+                        help="the data folder (default: ../shared/data)")
     args = parser.parse_args()
-    space = yaml.safe_load((ROOT / "search_spaces" / f"{args.task}.yaml").read_text())
+    path = ROOT / "search_spaces" / f"{args.task}.yaml"
+    space = yaml.safe_load(path.read_text()) if path.is_file() else {}
+    if "cpu" not in space.get("profiles", {}):
+        parser.error(f"no search_spaces/{args.task}.yaml with a cpu profile; choose glue_cola or glue_mrpc")
     profile = space["profiles"]["cpu"]
+    profile.setdefault("fixed", {})
     configs = design(profile_space(space), profile.get("warm_start", []), args.configs)
     profile["warm_start"], profile["num_samples"] = configs, len(configs)
     profile["fixed"]["max_train_examples"] = args.train_examples
