@@ -173,54 +173,64 @@ def packing(size: dict, work: Path) -> list[str]:
                             for i in range(400)))
     space, figures = work / "space.yaml", work / "figures.json"
     command = [sys.executable, "-m"]
-    subprocess.run([*command, "llmm_tune.search", "sft", "--data", str(data), "--model",
-                    str(saved_random_llama(size, work / "model")), "--profile", "cpu", "--num-samples", "4",
-                    "--write-space", str(space)], check=True, capture_output=True, cwd=ROOT)
+    written = subprocess.run([*command, "llmm_tune.search", "sft", "--data", str(data), "--model",
+                              str(saved_random_llama(size, work / "model")), "--profile", "cpu",
+                              "--write-space", str(space)], capture_output=True, text=True, cwd=ROOT)
+    if written.returncode:
+        raise RuntimeError(f"--write-space failed: {written.stderr.strip()[-300:]}")
+    common = ["--profile", "cpu", "--num-samples", "4"]
     lines = []
     for gpus in ("0.25", "1"):  # the plan probes once, then reads the probe's figures
         probe = ["--save-figures", str(figures)] if gpus == "0.25" else ["--figures", str(figures)]
-        plan = subprocess.run([*command, "llmm_tune.plan", str(space), "--profile", "cpu", "--gpus-per-trial", gpus,
-                               *probe], capture_output=True, text=True, cwd=ROOT)
+        plan = subprocess.run([*command, "llmm_tune.plan", str(space), *common, "--gpus-per-trial", gpus, *probe],
+                              capture_output=True, text=True, cwd=ROOT)
         lines += [f"plan at --gpus-per-trial {gpus}: {line.strip()}" for line in plan.stdout.splitlines()
                   if "wall" in line or "per GPU" in line] or [f"plan failed: {plan.stderr.strip()[-300:]}"]
-        search = [*command, "llmm_tune.search", str(space), "--profile", "cpu", "--gpus-per-trial", gpus,
-                  "--no-export", "--storage", str(work / f"runs-{gpus}")]
+        search = [*command, "llmm_tune.search", str(space), *common, "--gpus-per-trial", gpus, "--no-export",
+                  "--storage", str(work / f"runs-{gpus}")]
         run, seconds = synchronised("cpu", lambda s=search: subprocess.run(s, capture_output=True, text=True, cwd=ROOT))
         lines.append(f"search of 4 trials at --gpus-per-trial {gpus}: {seconds:.0f} s (exit {run.returncode})"
                      + (f": {run.stderr.strip()[-300:]}" if run.returncode else ""))
     return lines
 
 
-def packed_rates(size: dict, device: str, processes: int) -> list[float]:
-    """Training steps per second of each of `processes` Llmm trainings run at once on one device (without Ray):
-    each warms up, then all start their timed steps together."""
+def packed_throughput(device: str, processes: int) -> float:
+    """Training steps per second of `processes` Llmm trainings run at once on one device (without Ray): each warms
+    up, then all start their timed steps together; all their steps over the span from the first start to the last
+    end."""
     worker = [sys.executable, __file__, "--worker", *(["--cpu"] if device == "cpu" else [])]
     runs = [subprocess.Popen(worker, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
             for _ in range(processes)]
-    for run in runs:
-        assert run.stdout.readline().strip() == "ready", "a packing worker failed while warming up"
-    for run in runs:
-        run.stdin.write("go\n")
-        run.stdin.flush()
-    return [float(run.communicate()[0].split()[-1]) for run in runs]
+    try:
+        if any(run.stdout.readline().strip() != "ready" for run in runs):
+            raise RuntimeError("a packing worker failed while warming up")
+        for run in runs:
+            run.stdin.write("go\n")
+            run.stdin.flush()
+        timed = [[float(x) for x in run.communicate()[0].split()[-3:]] for run in runs]  # steps, start, end
+    finally:
+        for run in runs:
+            run.kill()
+    return sum(steps for steps, _, _ in timed) / (max(end for *_, end in timed) - min(start for _, start, _ in timed))
 
 
 def packing_without_ray(size: dict, device: str) -> str:
     """What fractional packing buys, measured with plain processes where Ray cannot be brought along."""
-    alone, together = packed_rates(size, device, 1)[0], packed_rates(size, device, 4)
-    return (f"4 Llmm trainings at once on one device (no Ray): {sum(together):.1f} steps/s together against "
-            f"{alone:.1f} alone, a gain of {sum(together) / alone:.2f}x from packing 4 trials")
+    alone, together = packed_throughput(device, 1), packed_throughput(device, 4)
+    return (f"4 Llmm trainings at once on one device (no Ray): {together:.1f} steps/s together against "
+            f"{alone:.1f} alone, a gain of {together / alone:.2f}x from packing 4 trials")
 
 
 def worker_rate(size: dict, device: str) -> None:
-    """One packed training: print its steps per second after two warm-up steps."""
+    """One packed training: after two warm-up steps and the go, print its steps and their wall-clock start and end."""
     batch = torch.randint(0, size["vocab_size"], size["batch"], device=device)
     model = apply_llmm(random_llama(size, device), LlmmConfig(rank=RANK, K=K, bits=4, init="zero"))
     train_steps(model, batch, 2)
     print("ready", flush=True)
     sys.stdin.readline()
-    _, seconds = synchronised(device, lambda: train_steps(model, batch, 2 * size["steps"]))
-    print(2 * size["steps"] / seconds)
+    started = time.time()  # the wall clock: comparable across the workers
+    synchronised(device, lambda: train_steps(model, batch, 2 * size["steps"]))
+    print(2 * size["steps"], started, time.time())
 
 
 def report(name: str, part) -> bool:

@@ -8,7 +8,9 @@ cd "$(dirname "$0")/.."
 NAMES="ray bitsandbytes transformers peft optuna datasets evaluate tensorboardX alembic SQLAlchemy colorlog Mako
 pydantic pydantic_core annotated-types typing-inspection dill multiprocess jsonschema jsonschema-specifications
 referencing rpds-py httpx2 httpcore2 truststore"
-pins=$(for name in $NAMES; do grep -i "^$name==" requirements.lock; done)
+pins=$(for name in $NAMES; do
+  grep -i "^$name==" requirements.lock || { echo "error: $name is not in requirements.lock" >&2; exit 1; }
+done)
 platforms=$(for tag in manylinux_2_28 manylinux_2_27 manylinux_2_24 manylinux_2_17 manylinux2014 manylinux1; do
   echo "--platform ${tag}_x86_64"; done)
 rm -rf .whl && mkdir -p .whl/all .whl/a .whl/b
@@ -18,7 +20,7 @@ rm -rf .whl && mkdir -p .whl/all .whl/a .whl/b
 .venv/bin/python - <<'EOF'
 import glob, re, zipfile
 source = glob.glob(".whl/all/bitsandbytes-*.whl")[0]
-other = re.compile(r"libbitsandbytes_(cuda1[12]\d|rocm|xpu)")  # every kernel build but CUDA 13's
+other = re.compile(r"libbitsandbytes_(cuda1[12]\d|rocm|xpu)")  # CUDA 11-12, ROCm, XPU: CUDA 13's and the CPU's stay
 target = source.replace("/all/", "/b/")
 with zipfile.ZipFile(source) as wheel, zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as kept:
     for item in wheel.infolist():

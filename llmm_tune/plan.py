@@ -165,16 +165,16 @@ def measure(args: argparse.Namespace, spec: SearchSpec) -> tuple[dict, str]:
 
 
 def planned_gpus(args: argparse.Namespace) -> tuple[float, float | None]:
-    """(GPUs of the planned machine, GB per GPU or None): the options', else this machine's."""
+    """(GPUs of the planned machine, GiB per GPU or None): the options', else this machine's."""
     if args.gpus is not None:
         return args.gpus, args.gpu_memory
     gpus = machine()["GPU"]
-    own_memory = round(torch.cuda.get_device_properties(0).total_memory / 1e9, 1) if gpus else None
+    own_memory = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1) if gpus else None
     return gpus, args.gpu_memory or own_memory
 
 
 def planned_layout(args: argparse.Namespace, figures: dict, gpus: float, gpu_memory: float | None):
-    """(the trial layout on the planned machine of `gpus` GPUs of `gpu_memory` GB, trials per GPU by memory or
+    """(the trial layout on the planned machine of `gpus` GPUs of `gpu_memory` GiB, trials per GPU by memory or
     None)."""
     # a GPU plan is for GPU machines: their CPUs bind only when given
     cpus = args.cpus or (math.inf if gpus else float(os.cpu_count() or 1))
@@ -184,7 +184,7 @@ def planned_layout(args: argparse.Namespace, figures: dict, gpus: float, gpu_mem
         per_gpu = int(gpu_memory // figures["peak_memory_gib"])
         if per_gpu < 1:
             raise UsageError(f"a trial peaks at {figures['peak_memory_gib']:.1f} GiB, more than the GPU's "
-                             f"{gpu_memory:g} GB; plan with --workers-per-trial or larger GPUs")
+                             f"{gpu_memory:g} GiB; plan with --workers-per-trial or larger GPUs")
         if asked.gpus_per_trial is None:  # pack as many trials per GPU as its memory holds
             asked = dataclasses.replace(asked, gpus_per_trial=1 / per_gpu)
     return plan_layout(asked, resources, "the planned machine"), per_gpu
@@ -220,7 +220,7 @@ def plan(args: argparse.Namespace) -> dict:
         f"once, {layout.workers} worker(s) of {layout.cpus:g} CPU + {layout.gpus:g} GPU each; figures {how}",
         f"memory per trial: {figures['peak_memory_gib']:.2f} GiB peak (measured: resident high-water mark or CUDA "
         "peak of the probe)"
-        + (f"; {per_gpu} trial(s) fit in a {gpu_memory:g} GB GPU (--gpus-per-trial {1 / per_gpu:.3g}), planned "
+        + (f"; {per_gpu} trial(s) fit in a {gpu_memory:g} GiB GPU (--gpus-per-trial {1 / per_gpu:.3g}), planned "
            f"with --gpus-per-trial {layout.gpus:.3g}" if per_gpu else ""),
         f"trial start: {figures['build_cold_s']:.1f} s with LoftQ computed, {figures['build_warm_s']:.1f} s from the "
         "experiment's LoftQ cache (measured)",
@@ -255,10 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-samples", type=int, help="trials (default: the profile's)")
     parser.add_argument("--gpus", type=float, help="GPUs of the machine or cluster to plan for (default: this "
                                                     "machine's)")
-    parser.add_argument("--gpu-memory", type=float, help="GB per GPU, for fractional packing (default: this "
+    parser.add_argument("--gpu-memory", type=float, help="GiB per GPU, for fractional packing (default: this "
                                                          "machine's GPU's, when planning for this machine)")
     parser.add_argument("--cpus", type=float,
-                        help="CPUs to plan for (default: this machine's; with --gpus, not a limit)")
+                        help="CPUs to plan for (default: this machine's; when GPUs are planned, not a limit)")
     add_trial_shape_options(parser)
     parser.add_argument("--data-dir", help="data folder for the probe (default: $LLMM_DATA_DIR)")
     parser.add_argument("--probe-steps", type=int, default=PROBE_STEPS, help="optimizer steps the probe times")

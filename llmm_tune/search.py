@@ -205,12 +205,16 @@ def space_overrides(options: dict) -> dict:
 
 def written_space(text: str, overrides: dict) -> str:
     """The space's YAML with the command line's fixed settings (--model, --seed, ...) in the top-level and every
-    profile's `fixed:`, where they win as they do on the command line: the file searches as the command did."""
+    profile's `fixed:`, where they win as they do on the command line: the file searches as the command did. A block
+    that searches such a setting keeps searching it (in a trial, the searched value wins there too)."""
     if not overrides:
         return text
     raw = yaml.safe_load(text)
-    for block in [raw, *(raw.get("profiles") or {}).values()]:
-        block["fixed"] = {**(block.get("fixed") or {}), **overrides}
+    blocks = [raw, *(block for block in (raw.get("profiles") or {}).values() if isinstance(block, dict))]
+    for block in blocks:
+        searched = block.get("space") or {}
+        block["fixed"] = {**(block.get("fixed") or {}),
+                          **{name: value for name, value in overrides.items() if name not in searched}}
     return yaml.safe_dump(raw, sort_keys=False)
 
 
@@ -317,7 +321,7 @@ def run(argv: list[str]) -> str:
     spec, experiment, record = (resumed_experiment(args, storage_dir) if args.resume
                                 else new_experiment(args, argv, storage_dir))
     if args.write_space:
-        write_text(args.write_space, written_space(spec.text, space_overrides(vars(args))))
+        write_text(args.write_space, written_space(spec.text, record.overrides))
         print(f"wrote the resolved search space to {args.write_space}; edit it and run: "
               f"python -m llmm_tune.search {args.write_space}")
         return experiment

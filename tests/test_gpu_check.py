@@ -1,6 +1,6 @@
 """benchmarks/gpu_check.py, the command for a lent GPU, runs every part up to the CUDA calls on the CPU: the NF4
 base trained across an evaluation, merged and exported to peft with the adapter's logits, the step against peft's
-LoRA and LoftQ's time, each line naming the device; the packing part says it needs CUDA."""
+LoRA, LoftQ's time and, without Ray, 4 packed trainings against one, each line naming the device."""
 
 from __future__ import annotations
 

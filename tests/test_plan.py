@@ -33,8 +33,9 @@ def test_asha_stops_trials_at_its_rungs_and_concurrency_shortens_the_search():
 
 def test_without_gpu_options_the_plan_is_for_this_machines_gpus_and_their_memory(monkeypatch):
     monkeypatch.setattr(plan, "machine", lambda: {"CPU": 16.0, "GPU": 1.0})
-    monkeypatch.setattr(plan.torch.cuda, "get_device_properties", lambda index: SimpleNamespace(total_memory=150.1e9))
-    assert planned_gpus(SimpleNamespace(gpus=None, gpu_memory=None)) == (1.0, 150.1)
+    h200 = SimpleNamespace(total_memory=143771 * 2**20)  # as nvidia-smi reported a lent H200's, in MiB
+    monkeypatch.setattr(plan.torch.cuda, "get_device_properties", lambda index: h200)
+    assert planned_gpus(SimpleNamespace(gpus=None, gpu_memory=None)) == (1.0, 140.4)
     assert planned_gpus(SimpleNamespace(gpus=None, gpu_memory=80.0)) == (1.0, 80.0)
     assert planned_gpus(SimpleNamespace(gpus=4.0, gpu_memory=None)) == (4.0, None)  # another machine: as given
     monkeypatch.setattr(plan, "machine", lambda: {"CPU": 2.0, "GPU": 0.0})
@@ -56,7 +57,7 @@ def test_the_plan_probes_a_trial_and_replans_from_its_recorded_figures(tmp_path)
     gpus = run_module("llmm_tune.plan", str(path), "--figures", str(figures), "--gpus", "4", "--gpu-memory",
                       str(memory), "--num-samples", "16")
     assert gpus.returncode == 0, gpus.stderr[-3000:]
-    assert f"2 trial(s) fit in a {memory:g} GB GPU" in gpus.stdout and f"recorded in {figures}" in gpus.stdout
+    assert f"2 trial(s) fit in a {memory:g} GiB GPU" in gpus.stdout and f"recorded in {figures}" in gpus.stdout
     assert "16 trials, 8 at once" in gpus.stdout  # packed by memory on 4 GPUs
     missing = run_module("llmm_tune.plan", str(path), "--figures", str(tmp_path / "none.json"))
     assert missing.returncode == 2 and missing.stderr.strip().count("\n") == 0

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from llmm_tune.errors import UsageError
+from llmm_tune.search import written_space
 from llmm_tune.train import dataset
 from llmm_tune.train.lm_scoring import IGNORE, encode_conversation
 from llmm_tune.tune.spaces import load_spec
@@ -123,3 +124,12 @@ def test_a_users_space_extends_a_shipped_one_by_name_and_names_its_data_in_yaml(
     assert (spec.task, spec.family, spec.fixed["seed"], spec.fixed["model"]) == ("tickets", "causal_lm", 3, "smollm2")
     assert json.loads(spec.dataset)["format"] == "prompt_completion"
     assert load_spec(str(space), "cpu", "llmm", text=spec.text).dataset == spec.dataset  # as a record resumes it
+
+
+def test_a_written_space_carries_the_command_lines_settings_into_every_fixed_block_that_does_not_search_them():
+    text = yaml.safe_dump({"family": "glue", "task": "cola", "space": {"seed": {"choice": [0, 1]}},
+                           "fixed": {"alpha": 16}, "profiles": {"cpu": {"fixed": {"model": "minilm"}}, "paper": None}})
+    written = yaml.safe_load(written_space(text, {"model": "mine", "seed": 7}))
+    assert written["fixed"] == {"alpha": 16, "model": "mine"}  # seed stays searched there, as in a trial
+    assert written["profiles"]["cpu"]["fixed"] == {"model": "mine", "seed": 7}
+    assert written["profiles"]["paper"] is None and written_space(text, {}) == text
