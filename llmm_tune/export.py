@@ -47,6 +47,7 @@ class Collected(NamedTuple):
 
     meta: ExperimentRecord
     spec: SearchSpec  # the space as the experiment resolved it
+    context: TrialContext  # what its trials were told
     trials: pd.DataFrame  # one row per trial
     checkpoints: dict  # trial id -> the checkpoint that stands for it
     histories: dict[str, pd.DataFrame]  # trial id -> its reports
@@ -89,7 +90,7 @@ def collect(experiment: str) -> Collected:
             checkpoint = train_checkpoint(analysis.trial_dataframes.get(trial.trial_id), context, experiment)
         if checkpoint is not None:
             checkpoints[trial.trial_id] = checkpoint
-    return Collected(meta, spec, pd.DataFrame(rows).sort_values("number", kind="stable"), checkpoints,
+    return Collected(meta, spec, context, pd.DataFrame(rows).sort_values("number", kind="stable"), checkpoints,
                      analysis.trial_dataframes)
 
 
@@ -198,7 +199,7 @@ def latex(table: pd.DataFrame, records: list[dict], caption: str) -> str:
     return "\n".join(lines)
 
 
-def plots(trials: pd.DataFrame, found: Collected, experiment: str, out: Path) -> list[str]:
+def plots(trials: pd.DataFrame, found: Collected, out: Path) -> list[str]:
     """The experiment's optimisation history, parameter importances, learning curves and configurations in
     parallel coordinates; a plot that cannot be drawn is skipped, saying why. Returns what was written, with a
     caution for importances that rest on few trials."""
@@ -209,7 +210,7 @@ def plots(trials: pd.DataFrame, found: Collected, experiment: str, out: Path) ->
 
     meta, spec = found.meta, found.spec
     own, column = trials[trials["experiment"] == meta.name], f"val_{meta.metric}"
-    clock, budget = spec.recipe.clock(spec.fixed, meta.context(experiment))
+    clock, budget = spec.recipe.clock(spec.fixed, found.context)
     study = rebuilt_study(own, meta, spec.distributions())
     few = len(study.trials) < MIN_IMPORTANCE_TRIALS
     caution = f" (on {len(study.trials)} trials: too few to trust)" if few else ""
@@ -353,7 +354,7 @@ def export(experiments: list[str], results: Path) -> Path:
     chosen = table_rows(experiments, collected)
     shown, records = write_records(chosen, out)
     write_tables(shown, records, chosen[0], out)
-    written = plots(trials, collected[0], experiments[0], out)
+    written = plots(trials, collected[0], out)
     print(f"exported {len(trials)} trials of {len(experiments)} experiment(s) to {out}: trials.csv, table.md, "
           f"table.tex, best.yaml, configs/, {', '.join(written)}")
     print(shown.drop(columns=["reproduce", "commit"]).to_string(index=False))
