@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 FAILURE_KEY = "failure"  # the result key of a trial that ended itself, with the reason
+STARTED_AGAIN_KEY = "started_again"  # in a trial's first report after a resume that found its checkpoint gone
 
 
 class UsageError(Exception):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
@@ -88,7 +89,12 @@ def collect(experiment: str) -> Collected:
             if trial.last_result else None
         if checkpoint is None and trial.last_result:
             checkpoint = train_checkpoint(analysis.trial_dataframes.get(trial.trial_id), context, experiment)
-        if checkpoint is not None:
+        # an unfinished trial's checkpoint may be gone: Tune deletes the previous one before it saves the state
+        # that names it (tune/trainable.py), so a killed search can name a deleted one
+        if checkpoint is not None and trial.status != "TERMINATED" and not storage.checkpoint_exists(checkpoint):
+            print(f"trial {trial.trial_id} ({trial.status.lower()}): its checkpoint {checkpoint.path} is gone, so it "
+                  "has no held-out score", file=sys.stderr)
+        elif checkpoint is not None:
             checkpoints[trial.trial_id] = checkpoint
     return Collected(meta, spec, context, pd.DataFrame(rows).sort_values("number", kind="stable"), checkpoints,
                      analysis.trial_dataframes)

@@ -7,6 +7,7 @@ import csv
 import glob
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -150,6 +151,35 @@ def test_killed_search_resumes_without_rerunning_or_losing_trials(assets):
     watched = optuna.load_study(study_name=summary.study_name, storage=journal).trials
     assert summary.study_name == "resumed" and [t.params for t in watched] == [t.params for t in trials]
     assert all(t.state.name == "COMPLETE" for t in watched)
+
+
+def test_a_trial_whose_checkpoint_is_gone_at_resume_starts_again_and_the_search_completes(assets):
+    # what Tune leaves when the driver is killed between deleting a trial's previous checkpoint and saving the
+    # experiment's state that still names it (tune/trainable.py): here made certain by deleting the checkpoint
+    space = tiny_space(assets["root"], assets["model"], "gone", epochs=6)
+    args = search_args(assets, space, "gone", "--num-samples", "1", "--cpus-per-trial", "2")
+    process = start_module("llmm_tune.search", *args)
+    experiment = assets["root"] / "runs" / "gone"
+
+    def state_names_a_checkpoint() -> bool:
+        return any("checkpoint_0" in Path(f).read_text() for f in glob.glob(str(experiment / "experiment_state*")))
+
+    wait_for(state_names_a_checkpoint, process)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    gone = checkpoints(experiment)
+    assert gone, "the state named a checkpoint that is not on disk"
+    for folder in gone:
+        shutil.rmtree(folder)
+    early = run_module("llmm_tune.export", str(experiment), "--results", str(assets["root"] / "results" / "early"))
+    assert early.returncode == 2 and "is gone, so it has no held-out score" in early.stderr, early.stderr[-2000:]
+    output = finish(start_module("llmm_tune.search", *search_args(assets, space, "gone", "--resume")))
+    (trial,) = {Path(f).parent.name.removeprefix("trial_") for f in gone}
+    assert f"trial {trial}: its checkpoint" in output and "trained again from the start" in output
+    last = result_lines(experiment)[-1]
+    assert last["training_iteration"] == last["iterations_since_restore"] == 6  # trained again from the start
+    (row,) = exported_trials(assets, "gone")
+    assert row["status"] == "TERMINATED" and row["val_mcc"] != "", output[-2000:]
 
 
 def test_lost_worker_node_reschedules_its_trials(assets):

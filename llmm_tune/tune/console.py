@@ -13,7 +13,7 @@ from pathlib import Path
 from ray.tune import Callback
 from ray.tune.experiment import Trial
 
-from llmm_tune.errors import FAILURE_KEY
+from llmm_tune.errors import FAILURE_KEY, STARTED_AGAIN_KEY
 from llmm_tune.tune.family import better
 
 LOG_FILE = "llmm_search.log"
@@ -152,6 +152,11 @@ class Progress(Callback):
 
     def on_step_end(self, iteration, trials, **info):  # between results too: a first evaluation can take minutes
         self.report(trials)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if STARTED_AGAIN_KEY in result:
+            print((self.CLEAR if self.live() else "") + f"trial {trial.trial_id}: {result[STARTED_AGAIN_KEY]}",
+                  flush=True)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.trial_ended(trials, trial)

@@ -43,6 +43,11 @@ def exists(location: str) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
+def checkpoint_exists(checkpoint) -> bool:
+    """Whether a Ray checkpoint's folder is still on its filesystem."""
+    return checkpoint.filesystem.get_file_info(checkpoint.path).type != pafs.FileType.NotFound
+
+
 def read_bytes(location: str) -> bytes:
     fs, path = filesystem(location)
     with fs.open_input_stream(path) as f:

@@ -9,7 +9,7 @@ import traceback
 
 import torch
 
-from llmm_tune.errors import FAILURE_KEY, failure_reason
+from llmm_tune.errors import FAILURE_KEY, STARTED_AGAIN_KEY, failure_reason
 from llmm_tune.tune import storage
 from llmm_tune.tune.context import TrialContext
 from llmm_tune.tune.runner import prepare_process, release_memory, run_recipe
@@ -44,12 +44,37 @@ def trainable(config: dict, context: TrialContext, data, experiment: str, layout
     tune.report({FAILURE_KEY: reason})
 
 
+class StartsAgainWhenItsCheckpointIsGone:
+    """Mixed into the trainable's Tune class (`__mixins__`, which `tune.with_parameters` and `wrap_function` keep):
+    a trial whose checkpoint has vanished starts again from the beginning, where Tune would fail it three times.
+    Tune deletes a trial's previous checkpoint (num_to_keep) as soon as the next one registers, and saves the
+    experiment's state, which names the checkpoint to resume from, only afterwards: a driver killed in between
+    leaves a state naming a deleted checkpoint (ray/tune/execution/experiment_state.py says as much)."""
+
+    def restore(self, checkpoint_path):
+        checkpoint = getattr(checkpoint_path, "checkpoint", None)
+        if checkpoint is not None and not storage.checkpoint_exists(checkpoint):
+            STARTED_AGAIN[self.trial_id] = (f"its checkpoint {checkpoint.path} was gone at the resume (Tune deleted "
+                                            "it before saving the state that names it); trained again from the start")
+            return None
+        return super().restore(checkpoint_path)
+
+
+STARTED_AGAIN: dict[str, str] = {}  # trial id -> why it starts from the beginning, until its first report says so
+trainable.__mixins__ = (StartsAgainWhenItsCheckpointIsGone,)
+
+
 def run_single(config: dict, context: TrialContext, data) -> None:
     """A one-process trial: every report to Tune with its checkpoint, from Tune's latest one when resumed."""
     from ray import tune
 
+    started_again = STARTED_AGAIN.pop(tune.get_context().get_trial_id(), None)
+
     def send(metrics: dict, directory: str, stands: bool) -> None:
-        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
+        nonlocal started_again
+        said = {STARTED_AGAIN_KEY: started_again} if started_again else {}
+        tune.report({**metrics, **said}, checkpoint=tune.Checkpoint.from_directory(directory))
+        started_again = None
 
     checkpoint = tune.get_checkpoint()
     if checkpoint is None:
