@@ -30,16 +30,13 @@ def check_installed(trackers: list[str]) -> None:
 
 
 def flat_settings(record) -> dict:
-    """What a search run records as its parameters: how it searched, its space and its fixed settings (a trial's run
-    holds the settings searched)."""
-    import yaml
-
-    space = yaml.safe_load(record.space_yaml)
+    """What a search run records as its parameters: how it searched, its space (as its profile and method resolved it)
+    and its fixed settings (a trial's run holds the settings searched)."""
+    spec = record.spec()
     return {"task": record.task, "method": record.method, "profile": record.profile, "metric": record.metric,
             "num_samples": record.num_samples, "sampler": record.sampler, "seed": record.seed, "model": record.model,
             "git_commit": record.git_commit, "early_stopping": record.early_stopping,
-            **{f"space.{k}": v for k, v in (space.get("space") or {}).items()},
-            **{f"fixed.{k}": v for k, v in record.spec().fixed.items()}}
+            **{f"space.{k}": v for k, v in spec.space.items()}, **{f"fixed.{k}": v for k, v in spec.fixed.items()}}
 
 
 def start(trackers: list[str], record) -> None:
