@@ -49,7 +49,8 @@ class StartsAgainWhenItsCheckpointIsGone:
     a trial whose checkpoint has vanished starts again from the beginning, where Tune would fail it three times.
     Tune deletes a trial's previous checkpoint (num_to_keep) as soon as the next one registers, and saves the
     experiment's state, which names the checkpoint to resume from, only afterwards: a driver killed in between
-    leaves a state naming a deleted checkpoint (ray/tune/execution/experiment_state.py says as much)."""
+    leaves a state naming a deleted checkpoint (ray issues 27790 and 31613; ray/tune/execution/experiment_state.py
+    says as much). Ray once fell back to the latest checkpoint still there (ray PR 29099); 2.60 raises instead."""
 
     def restore(self, checkpoint_path):
         checkpoint = getattr(checkpoint_path, "checkpoint", None)
