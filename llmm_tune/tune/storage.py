@@ -39,13 +39,16 @@ def filesystem(location: str) -> tuple[pafs.FileSystem, str]:
 
 
 def exists(location: str) -> bool:
-    fs, path = filesystem(location)
-    return fs.get_file_info(path).type != pafs.FileType.NotFound
+    return _found(*filesystem(location))
 
 
 def checkpoint_exists(checkpoint) -> bool:
     """Whether a Ray checkpoint's folder is still on its filesystem."""
-    return checkpoint.filesystem.get_file_info(checkpoint.path).type != pafs.FileType.NotFound
+    return _found(checkpoint.filesystem, checkpoint.path)
+
+
+def _found(fs: pafs.FileSystem, path: str) -> bool:
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
 def read_bytes(location: str) -> bytes:
