@@ -2,10 +2,9 @@ import bitsandbytes.functional as bnbf
 import pytest
 import torch
 
+from llmm_tune.method.config import BITS, METHODS
 from llmm_tune.method.loftq import loftq
 from llmm_tune.method.quant import (
-    BITS,
-    METHODS,
     NF4Linear,
     PackedLinear,
     dense_weight,

@@ -6,9 +6,10 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from llmm_tune.method.quant import BITS, METHODS
 from llmm_tune.settings import Setting, fraction, non_negative_int, positive, positive_int
 
+BITS = (2, 4, 8)  # the formats quant.py stores
+METHODS = ("normal_float", "uniform")
 INITS = ("loftq", "zero")
 
 

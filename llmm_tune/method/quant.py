@@ -21,8 +21,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 BLOCK = 64
-BITS = (2, 4, 8)
-METHODS = ("normal_float", "uniform")
 NF_OFFSET = 0.9677083  # QLoRA / bitsandbytes offset (METHOD.md rounds it to 0.9677)
 
 
