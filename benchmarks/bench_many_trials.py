@@ -2,10 +2,12 @@
 
     python benchmarks/bench_many_trials.py [--trials 10000] [--skip-bare]
 
-Ours: `python -m llmm_tune.search` (Optuna TPE, ASHA, a checkpoint per report, the console, the export) over a
-family without a model (tests/instant_family.py: 3 reports per trial). Bare: the same trials through Ray Tune
-alone (Tuner, OptunaSearch with the same multivariate TPE, ASHA, a function reporting the same values with a
-checkpoint each), nothing of ours.
+Ours: `python -m llmm_tune.search` (Optuna TPE, ASHA, a checkpoint per report, each trial keeping its latest and
+best, the console, the export) over a family without a model (tests/instant_family.py: 3 reports per trial). Bare:
+the same trials through Ray Tune alone (Tuner, OptunaSearch with the same multivariate TPE, ASHA, a function
+reporting the same values with a checkpoint each), nothing of ours, with Ray's default CheckpointConfig: it keeps
+every checkpoint. Bare Ray Tune told to keep one (num_to_keep=1) snapshots its whole experiment after every
+checkpoint, which grows with the trials: 137 ms a trial at 400 trials, hours at 10,000 (docs/benchmarks.md).
 Prints the wall time per trial of both and their ratio, over the whole run and in the steady state (after the
 first quarter or 1,000 trials: start-up, imports and Ray's launch are not per-trial costs); the driver's resident
 memory, current and peak, after every 1,000 trials (read from /proc every second, matched to the trials' last
@@ -63,8 +65,7 @@ BARE = textwrap.dedent("""
                          reduction_factor=2)
     tune.Tuner(tune.with_resources(trainable, {"cpu": 1}), param_space=space,
                tune_config=tune.TuneConfig(search_alg=searcher, scheduler=asha, num_samples=trials, reuse_actors=True),
-               run_config=tune.RunConfig(name="bare", storage_path=storage, verbose=0,
-                                         checkpoint_config=tune.CheckpointConfig(num_to_keep=1))).fit()
+               run_config=tune.RunConfig(name="bare", storage_path=storage, verbose=0)).fit()
 """)
 
 
@@ -119,7 +120,7 @@ def size_mib(path: Path) -> float:
 
 
 def state_kib_per_trial(experiment: Path, trials: int) -> float:
-    """Ray's experiment state (the file it rewrites whole at every checkpoint) per trial."""
+    """Ray's experiment state (the file it rewrites whole at every snapshot) per trial."""
     return size_mib(max(experiment.glob("experiment_state-*.json"), key=lambda f: f.stat().st_mtime)) * 1024 / trials
 
 

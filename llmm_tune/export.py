@@ -89,8 +89,7 @@ def collect(experiment: str) -> Collected:
             if trial.last_result else None
         if checkpoint is None and trial.last_result:
             checkpoint = train_checkpoint(analysis.trial_dataframes.get(trial.trial_id), context, experiment)
-        # an unfinished trial's checkpoint may be gone: Tune deletes the previous one before it saves the state
-        # that names it (tune/trainable.py), so a killed search can name a deleted one
+        # an unfinished trial's checkpoint may be gone (tune/trainable.py's StartsAgainWhenItsCheckpointIsGone says how)
         if checkpoint is not None and trial.status != "TERMINATED" and not storage.checkpoint_exists(checkpoint):
             print(f"trial {trial.trial_id} ({trial.status.lower()}): its checkpoint {checkpoint.path} is gone, so it "
                   "has no held-out score", file=sys.stderr)

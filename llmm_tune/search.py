@@ -225,7 +225,7 @@ def build_tuner(spec: SearchSpec, record: ExperimentRecord, context: TrialContex
     from ray.tune.search import ConcurrencyLimiter
 
     from llmm_tune.tune.console import Progress
-    from llmm_tune.tune.driver import ReturnFreedHeap, trial_folder
+    from llmm_tune.tune.driver import DeleteSupersededCheckpoints, ReturnFreedHeap, trial_folder
     from llmm_tune.tune.searcher import make_searcher, study_storage
     from llmm_tune.tune.trainable import trainable
 
@@ -234,7 +234,7 @@ def build_tuner(spec: SearchSpec, record: ExperimentRecord, context: TrialContex
     # itself only waits for them (the concurrency limit keeps the trials within what the cluster holds)
     own = {"cpu": layout.cpus, "gpu": layout.gpus} if layout.workers == 1 else TRAIN_DRIVER
     # the fixed settings go to the trials once, not in each trial's config: Tune keeps a trial's config several times
-    # in the experiment state it rewrites whole at every checkpoint (benchmarks/bench_many_trials.py)
+    # in the experiment state it rewrites whole at every snapshot (benchmarks/bench_many_trials.py)
     trainable = tune.with_resources(tune.with_parameters(trainable, context=context, data=data, experiment=experiment,
                                                          layout=record.resources, fixed=spec.fixed), own)
     if resume:
@@ -253,8 +253,9 @@ def build_tuner(spec: SearchSpec, record: ExperimentRecord, context: TrialContex
         run_config=tune.RunConfig(
             name=name, storage_path=parent, verbose=0, log_to_file=True,
             callbacks=[Progress(spec.metric, spec.mode, spec.num_samples, clock, context.selects), ReturnFreedHeap(),
-                       *trackers.callbacks(record.tracker_names, record)],
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1, **context.checkpoint_ranking()),
+                       DeleteSupersededCheckpoints(), *trackers.callbacks(record.tracker_names, record)],
+            # Tune keeps every checkpoint it is told of; DeleteSupersededCheckpoints keeps each trial's latest and best
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=None, **context.checkpoint_ranking()),
             failure_config=tune.FailureConfig(max_failures=2),
         ),
     )

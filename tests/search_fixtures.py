@@ -88,10 +88,10 @@ def run_module(module: str, *args: str, timeout: float = 600, cwd: Path = ROOT,
                           capture_output=True, text=True, timeout=timeout)
 
 
-def start_module(module: str, *args: str) -> subprocess.Popen:
+def start_module(module: str, *args: str, env: dict | None = None) -> subprocess.Popen:
     """Run in its own process group (Ray's processes included), so a test can kill all of it."""
-    return subprocess.Popen([sys.executable, "-u", "-m", module, *args], cwd=ROOT, env=ENV, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen([sys.executable, "-u", "-m", module, *args], cwd=ROOT, env={**ENV, **(env or {})},
+                            text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def earlier_results(folder: Path, trials: list[dict], metric: str = "mcc", mode: str = "max") -> Path:

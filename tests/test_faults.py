@@ -50,6 +50,15 @@ def study(assets: dict, name: str):
     return searcher.study
 
 
+# Tune snapshots the experiment, and uploads the trials' results with it, every 10 s or more (its own period); these
+# tests act at moments the storage shows (a result written, a checkpoint named), so Tune snapshots at every step here
+SNAPSHOT_EVERY_STEP = {"TUNE_GLOBAL_CHECKPOINT_S": "0"}
+
+
+def start_search(*args: str) -> subprocess.Popen:
+    return start_module("llmm_tune.search", *args, env=SNAPSHOT_EVERY_STEP)
+
+
 def wait_for(predicate, process, timeout: float = 240) -> None:
     deadline = time.time() + timeout
     while not predicate():
@@ -95,8 +104,8 @@ def test_divergence_and_out_of_memory_end_their_trials_and_the_searcher_avoids_t
 
 def test_killed_trial_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted_run(assets):
     space = tiny_space(assets["root"], assets["model"], epochs=24)
-    process = start_module("llmm_tune.search", *search_args(assets, space, "killed-trial", "--num-samples", "1",
-                                                            "--cpus-per-trial", "1", "--no-export"))
+    process = start_search(*search_args(assets, space, "killed-trial", "--num-samples", "1", "--cpus-per-trial", "1",
+                                        "--no-export"))
     experiment = assets["root"] / "runs" / "killed-trial"
     wait_for(lambda: len(checkpoints(experiment)) >= 1 and len(result_lines(experiment)) >= 3, process)
     workers = [p for p in psutil.Process(process.pid).children(recursive=True)
@@ -127,7 +136,7 @@ def result_lines(experiment: Path) -> list[dict]:
 def test_killed_search_resumes_without_rerunning_or_losing_trials(assets):
     space = tiny_space(assets["root"], assets["model"], "resumed", epochs=4)
     args = search_args(assets, space, "resumed", "--num-samples", "3", "--cpus-per-trial", "2")
-    process = start_module("llmm_tune.search", *args)
+    process = start_search(*args)
     experiment = assets["root"] / "runs" / "resumed"
     wait_for(lambda: len({r["trial_id"] for r in result_lines(experiment)}) >= 2, process)  # one finished
     os.killpg(process.pid, signal.SIGKILL)  # the driver and every Ray process it started
@@ -135,7 +144,7 @@ def test_killed_search_resumes_without_rerunning_or_losing_trials(assets):
     before = {r["trial_id"]: r for r in result_lines(experiment) if r.get("done") or r["training_iteration"] == 4}
     assert before, "no trial had finished before the kill"
     killed_at = time.time()
-    finish(start_module("llmm_tune.search", *search_args(assets, space, "resumed", "--resume")))
+    finish(start_search(*search_args(assets, space, "resumed", "--resume")))
     results = result_lines(experiment)
     for trial_id, last in before.items():  # finished trials were not run again
         assert [r["training_iteration"] for r in results if r["trial_id"] == trial_id][-1] == last["training_iteration"]
@@ -154,11 +163,11 @@ def test_killed_search_resumes_without_rerunning_or_losing_trials(assets):
 
 
 def test_a_trial_whose_checkpoint_is_gone_at_resume_starts_again_and_the_search_completes(assets):
-    # what Tune leaves when the driver is killed between deleting a trial's previous checkpoint and saving the
-    # experiment's state that still names it (tune/trainable.py): here made certain by deleting the checkpoint
+    # what a search started before driver.DeleteSupersededCheckpoints could leave when killed between Tune's deleting a
+    # trial's previous checkpoint and its saving the state that names it (tune/trainable.py): here by deleting it
     space = tiny_space(assets["root"], assets["model"], "gone", epochs=6)
     args = search_args(assets, space, "gone", "--num-samples", "1", "--cpus-per-trial", "2")
-    process = start_module("llmm_tune.search", *args)
+    process = start_search(*args)
     experiment = assets["root"] / "runs" / "gone"
 
     def state_names_a_checkpoint() -> bool:
@@ -173,7 +182,7 @@ def test_a_trial_whose_checkpoint_is_gone_at_resume_starts_again_and_the_search_
         shutil.rmtree(folder)
     early = run_module("llmm_tune.export", str(experiment), "--results", str(assets["root"] / "results" / "early"))
     assert early.returncode == 2 and "is gone, so it has no held-out score" in early.stderr, early.stderr[-2000:]
-    output = finish(start_module("llmm_tune.search", *search_args(assets, space, "gone", "--resume")))
+    output = finish(start_search(*search_args(assets, space, "gone", "--resume")))
     (trial,) = {Path(f).parent.name.removeprefix("trial_") for f in gone}
     assert f"trial {trial}: its checkpoint" in output and "trained again from the start" in output
     last = result_lines(experiment)[-1]
@@ -190,7 +199,7 @@ def test_lost_worker_node_reschedules_its_trials(assets):
     cluster.wait_for_nodes()
     try:
         space = tiny_space(assets["root"], assets["model"], "lost-node", epochs=12)
-        process = start_module("llmm_tune.search", *search_args(
+        process = start_search(*search_args(
             assets, space, "lost-node", "--num-samples", "3", "--cpus-per-trial", "1", "--max-concurrent", "2",
             "--address", cluster.address))
         experiment = assets["root"] / "runs" / "lost-node"
@@ -239,8 +248,7 @@ def test_ctrl_c_or_sigterm_saves_the_search_exports_nothing_and_says_how_to_cont
     code = 128 + sent
     name = f"interrupted-{code}" + ("" if running else "-early")
     space = tiny_space(assets["root"], assets["model"], name, epochs=8)
-    process = start_module("llmm_tune.search", *search_args(assets, space, name, "--num-samples", "2",
-                                                            "--cpus-per-trial", "1"))
+    process = start_search(*search_args(assets, space, name, "--num-samples", "2", "--cpus-per-trial", "1"))
     experiment = assets["root"] / "runs" / name
     seen = []
     if running:
@@ -258,7 +266,7 @@ def test_ctrl_c_or_sigterm_saves_the_search_exports_nothing_and_says_how_to_cont
     assert lines[-1].startswith("search interrupted with 0 of 2 trials ended; nothing exported; continue with: "
                                 "python -m llmm_tune.search ") and f"--resume --name {name} --storage " in lines[-1]
     assert not (assets["root"] / "results" / name / "cola").exists()
-    finish(start_module("llmm_tune.search", *search_args(assets, space, name, "--resume")))
+    finish(start_search(*search_args(assets, space, name, "--resume")))
     rows = exported_trials(assets, name)
     assert len(rows) == 2 and {r["status"] for r in rows} == {"TERMINATED"}
 

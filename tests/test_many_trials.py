@@ -8,13 +8,16 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from benchmarks import bench_many_trials as bench
+from llmm_tune.tune.driver import DeleteSupersededCheckpoints
 from llmm_tune.tune.searcher import JOURNAL
 from tests.search_fixtures import ENV, ROOT
 
 TRIALS = 100
 # Ray Tune's own driver grows by 110 to 250 MiB per 1,000 trials at this scale, bare as in ours (its trials' state,
-# and the buffers of the experiment state it rewrites at every checkpoint: docs/benchmarks.md), over the issue's
+# and the buffers of the experiment state it rewrites at every snapshot: docs/benchmarks.md), over the issue's
 # goal of 50 MB. The bound is above Ray's growth, and a trial that kept a model or a dataset alive in the driver
 # would add megabytes a trial, thousands of MiB per 1,000.
 GROWTH_MIB_PER_1000 = 400
@@ -31,6 +34,47 @@ def test_a_long_search_keeps_the_drivers_memory_and_its_folder_bounded(tmp_path)
     assert growth < GROWTH_MIB_PER_1000
     assert bench.size_mib(experiment) * 1024 / TRIALS < FOLDER_KIB_PER_TRIAL
     assert bench.size_mib(experiment / JOURNAL) * 1024 / TRIALS < JOURNAL_KIB_PER_TRIAL
+    # the instant family's value rises with each report: a trial's latest checkpoint is its best and the only one left
+    kept = {folder.name: sorted(c.name for c in folder.glob("checkpoint_*")) for folder in experiment.glob("trial_*")}
+    assert len(kept) == TRIALS and all(len(names) == 1 for names in kept.values())
+    assert any(names == [f"checkpoint_{bench.REPORTS - 1:06d}"] for names in kept.values())
+
+
+@pytest.mark.parametrize("mode", ["max", "min"])
+def test_a_superseded_checkpoint_goes_one_snapshot_later_and_a_trial_keeps_its_latest_and_best(tmp_path, mode):
+    """As CheckpointConfig(num_to_keep=1) keeps them, but deleted only once a saved snapshot no longer names them; the
+    last ones when the experiment ends, after Tune's final snapshot."""
+    from ray.train import Checkpoint, CheckpointConfig
+    from ray.train._internal.session import _TrainingResult
+    from ray.tune.experiment import Trial
+
+    trial = Trial("trainable", stub=True, checkpoint_config=CheckpointConfig(
+        checkpoint_score_attribute="val", checkpoint_score_order=mode))
+    values = [0.5, 0.9, 0.7, 0.6] if mode == "max" else [0.5, 0.1, 0.3, 0.4]  # the best is the second report's
+    callback, folders = DeleteSupersededCheckpoints(), [tmp_path / f"checkpoint_{i}" for i in range(len(values))]
+    callback.on_step_begin(iteration=0, trials=[trial])
+
+    def report(i: int) -> None:
+        folders[i].mkdir()
+        (folders[i] / "adapter").write_text("weights")
+        checkpoint = Checkpoint(str(folders[i]))
+        trial.run_metadata.checkpoint_manager.register_checkpoint(_TrainingResult(checkpoint, {"val": values[i]}))
+        callback.on_trial_save(iteration=i, trials=[trial], trial=trial)
+
+    for i in range(3):
+        report(i)
+    manager = trial.run_metadata.checkpoint_manager
+    assert len(manager.best_checkpoint_results) == 2  # the first is out of Tune's record, so of the next snapshot
+    callback.get_state()  # that snapshot: the state saved before it may name the first, still on disk
+    assert [folder.exists() for folder in folders[:3]] == [True, True, True]
+    callback.get_state()  # the next snapshot
+    assert [folder.exists() for folder in folders[:3]] == [False, True, True]
+    report(3)
+    callback.get_state()
+    assert [folder.exists() for folder in folders] == [False, True, True, True]
+    callback.on_experiment_end(trials=[trial])
+    assert [folder.exists() for folder in folders] == [False, True, False, True]
+    assert sorted(result.metrics["val"] for result in manager.best_checkpoint_results) == sorted([values[1], values[3]])
 
 
 # In its own process: the freeze would otherwise keep this test process's objects out of every later collection.

@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ray.tune import Callback
@@ -42,9 +43,6 @@ def quiet_ray() -> None:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     # A trial that ends itself (divergence, out of memory) reports its reason without metrics.
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
-    # Tune snapshots the experiment at every checkpoint (num_to_keep=1): that is what lets a killed
-    # search resume from its latest checkpoints, so its warning about the snapshot rate is noise here.
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 
 
 def log_to_file(path: Path) -> None:
@@ -63,6 +61,39 @@ def log_to_file(path: Path) -> None:
         logger.setLevel(logging.INFO)
 
 
+@dataclass
+class Tally:
+    """The status line's counts, kept as trials report and end: passing over every trial after each one ends made a
+    search of 10,000 trials spend a quarter of its driver's time here (bench_many_trials.py)."""
+
+    mode: str
+    key: str  # a trial's best value so far, as it reports it
+    time_attr: str
+    budget: float
+    done: int = 0
+    failed: int = 0
+    running: dict[str, float] = field(default_factory=dict)  # trial id -> the share of its budget done
+    best: tuple[float, str] | None = None  # (value, trial id)
+
+    def reported(self, trial_id: str, result: dict) -> None:
+        self.running[trial_id] = min(1.0, result.get(self.time_attr, 0) / self.budget)
+        self.note(trial_id, result)
+
+    def ended(self, trial: Trial) -> None:
+        result = trial.last_result or {}
+        self.running.pop(trial.trial_id, None)
+        if trial.status == Trial.ERROR or FAILURE_KEY in result:
+            self.failed += 1
+        else:
+            self.done += 1
+        self.note(trial.trial_id, result)
+
+    def note(self, trial_id: str, result: dict) -> None:
+        value = result.get(self.key)
+        if value is not None and better(self.mode, value, None if self.best is None else self.best[0]):
+            self.best = (value, trial_id)
+
+
 class Progress(Callback):
     """The status line and one line per trial that ends: its score, or why it failed and where its log
     is. On a terminal the status line is rewritten in place every 2 s; into a file or pipe it is printed
@@ -77,42 +108,37 @@ class Progress(Callback):
         self.started = time.time()
         self.printed = 0.0
         self.ended: set[str] = set()
+        self.counted: Tally | None = None
 
     @property
     def key(self) -> str:
         return f"best_val_{self.metric}"
 
-    def best(self, trials: list[Trial]) -> Trial | None:
-        chosen = None
-        for trial in trials:
-            value = (trial.last_result or {}).get(self.key)
-            if value is not None and (chosen is None or better(self.mode, value, chosen.last_result[self.key])):
-                chosen = trial
-        return chosen
+    def tally(self, trials: list[Trial]) -> Tally:
+        """Built from every trial when the first line is due (a resumed search's trials ended before it), then
+        kept by Tune's callbacks."""
+        if self.counted is None:
+            self.counted = Tally(self.mode, self.key, self.time_attr, self.budget)
+            for trial in trials:
+                # Tune calls back before it sets a trial's final status: what ended is what was announced
+                if trial.trial_id in self.ended or trial.status in (Trial.TERMINATED, Trial.ERROR):
+                    self.counted.ended(trial)
+                elif trial.status == Trial.RUNNING:
+                    self.counted.reported(trial.trial_id, trial.last_result or {})
+                else:
+                    self.counted.note(trial.trial_id, trial.last_result or {})
+        return self.counted
 
     def status(self, trials: list[Trial]) -> str:
-        elapsed = time.time() - self.started
-        running = done = failed = 0
-        work = 0.0  # finished trials count whole; running ones by the share of their budget done (an upper bound
-        # on the remaining work, since early stopping ends many of them sooner)
-        for trial in trials:  # one pass: Tune calls this after every trial of a search of thousands
-            result = trial.last_result or {}
-            # Tune calls back before it sets a trial's final status: what ended is what was announced
-            if trial.trial_id in self.ended or trial.status in (Trial.TERMINATED, Trial.ERROR):
-                if trial.status == Trial.ERROR or FAILURE_KEY in result:
-                    failed += 1
-                else:
-                    done += 1
-            elif trial.status == Trial.RUNNING:
-                running += 1
-                work += min(1.0, result.get(self.time_attr, 0) / self.budget)
-        work += done + failed
-        best = self.best(trials)
-        best_text = (f"best val {self.metric} {best.last_result[self.key]:.4f} (trial {best.trial_id})" if best
+        elapsed, tally = time.time() - self.started, self.tally(trials)
+        # finished trials count whole; running ones by the share of their budget done (an upper bound on the
+        # remaining work, since early stopping ends many of them sooner)
+        work = tally.done + tally.failed + sum(tally.running.values())
+        best_text = (f"best val {self.metric} {tally.best[0]:.4f} (trial {tally.best[1]})" if tally.best
                      else "no result yet")
         eta = f"ETA <= {minutes(elapsed / work * (self.num_samples - work))}" if work else "ETA unknown"
-        return (f"[{minutes(elapsed)}] trials: {running} running, {done} done, {failed} failed "
-                f"of {self.num_samples} | {best_text} | {eta}")
+        return (f"[{minutes(elapsed)}] trials: {len(tally.running)} running, {tally.done} done, {tally.failed} "
+                f"failed of {self.num_samples} | {best_text} | {eta}")
 
     @staticmethod
     def live() -> bool:  # asked each time: a resumed search unpickles this object in another console
@@ -143,6 +169,8 @@ class Progress(Callback):
     def trial_ended(self, trials: list[Trial], trial: Trial) -> None:
         if trial.trial_id not in self.ended:
             self.ended.add(trial.trial_id)
+            if self.counted is not None:
+                self.counted.ended(trial)
             print((self.CLEAR if self.live() else "") + self.ended_line(trial), flush=True)
         self.report(trials, force=True)
 
@@ -153,7 +181,13 @@ class Progress(Callback):
     def on_step_end(self, iteration, trials, **info):  # between results too: a first evaluation can take minutes
         self.report(trials)
 
+    def on_trial_start(self, iteration, trials, trial, **info):
+        if self.counted is not None:
+            self.counted.reported(trial.trial_id, trial.last_result or {})
+
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        if self.counted is not None and trial.trial_id not in self.ended:
+            self.counted.reported(trial.trial_id, result)
         if STARTED_AGAIN_KEY in result:
             print((self.CLEAR if self.live() else "") + f"trial {trial.trial_id}: {result[STARTED_AGAIN_KEY]}",
                   flush=True)

@@ -1,7 +1,10 @@
 """What a search's driver process does for itself, in Tune's hooks, besides printing (console): name the trials'
-folders and hand freed heap back to the system. Both matter in searches of thousands of trials."""
+folders, delete the checkpoints no trial needs any more and hand freed heap back to the system. All three matter in
+searches of thousands of trials."""
 
 from __future__ import annotations
+
+import logging
 
 from ray.tune import Callback
 
@@ -10,15 +13,76 @@ from llmm_tune.tune.runner import trim_heap
 
 def trial_folder(trial) -> str:
     """A trial's folder, named by its id. A function, not a lambda: Tune pickles it into every trial's entry of the
-    experiment state, which it rewrites whole at every checkpoint (a lambda took 1.2 KB a trial there)."""
+    experiment state, which it rewrites whole at every snapshot (a lambda took 1.2 KB a trial there)."""
     return f"trial_{trial.trial_id}"
 
 
 class ReturnFreedHeap(Callback):
     """After each trial, the driver's freed heap back to the system. Tune serialises its whole experiment state
-    (tens of MB by a thousand trials) at every checkpoint, and glibc keeps freed pages for reuse: our driver grew
+    (tens of MB by a thousand trials) at every snapshot, and glibc keeps freed pages for reuse: our driver grew
     210 MiB per 1,000 trials without this (`bench_many_trials.py --trials 150`) and 66 to 92 MiB with it
     (`--trials 400`)."""
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
         trim_heap()
+
+
+class DeleteSupersededCheckpoints(Callback):
+    """Each trial keeps its latest checkpoint and its best (by the selection metric), as
+    `CheckpointConfig(num_to_keep=1)` would: a superseded checkpoint leaves Tune's record of the trial at once and its
+    files go one experiment snapshot later, once a saved state no longer names it. By hand because Tune's num_to_keep
+    deletes a superseded checkpoint at once and then forces a snapshot of the whole experiment after every checkpoint
+    so that its state names the successor: that snapshot grows with the trials, so a search of thousands spent hours
+    rewriting it (ray issue 31613; bench_many_trials.py), and a driver killed between the deletion and the snapshot
+    left a state naming a deleted checkpoint (ray issue 27790). With Tune keeping every checkpoint
+    (num_to_keep=None) it snapshots on its own period instead."""
+
+    def __init__(self) -> None:
+        self.superseded: list = []  # (trial, checkpoint) since the last snapshot: a state on record may name them
+        self.due: list = []  # superseded before the last snapshot, which no longer names them: deleted at the next
+        self.started = False
+
+    def on_step_begin(self, iteration: int, trials: list, **info) -> None:
+        if not self.started:  # a resumed search's trials may still list checkpoints superseded before the kill
+            self.started = True
+            self.superseded += [(trial, checkpoint) for trial in trials for checkpoint in forget_superseded(trial)]
+
+    def on_trial_save(self, iteration: int, trials: list, trial, **info) -> None:
+        """After Tune registered the trial's new checkpoint."""
+        self.superseded += [(trial, checkpoint) for checkpoint in forget_superseded(trial)]
+
+    def get_state(self) -> None:
+        """Called by Tune right after it wrote a snapshot: the state saved before it is superseded too."""
+        delete_checkpoints(self.due)
+        self.due, self.superseded = self.superseded, []
+        return None  # nothing to restore: a resumed search finds its superseded checkpoints again
+
+    def on_experiment_end(self, trials: list, **info) -> None:
+        """After Tune's last snapshot, saved and synced: it names none of the due checkpoints."""
+        delete_checkpoints(self.due)
+        self.due = []
+
+
+def forget_superseded(trial) -> list:
+    """Drop the trial's checkpoints other than its latest and its best from Tune's record of it (what num_to_keep
+    does to it), so that the next snapshot no longer lists them; returns them."""
+    manager = trial.run_metadata.checkpoint_manager
+    kept = {manager.latest_checkpoint_result, manager.best_checkpoint_result}
+    # Tune offers no public way to forget a checkpoint: this list is what num_to_keep itself prunes
+    results = manager._checkpoint_results
+    if len(results) <= len(kept - {None}):
+        return []
+    manager._checkpoint_results = [result for result in results if result in kept]
+    trial.run_metadata.invalidate_cache()
+    return [result.checkpoint for result in results if result not in kept]
+
+
+def delete_checkpoints(due: list) -> None:
+    for trial, checkpoint in due:
+        try:
+            checkpoint.filesystem.delete_dir(checkpoint.path)
+        except FileNotFoundError:
+            pass  # deleted by hand or by an earlier run of this search
+        except OSError as error:  # an object store's hiccup: the checkpoint stays, the search goes on
+            logging.getLogger("ray.tune").warning("trial %s: could not delete %s: %s", trial.trial_id,
+                                                  checkpoint.path, error)

@@ -47,16 +47,17 @@ def trainable(config: dict, context: TrialContext, data, experiment: str, layout
 class StartsAgainWhenItsCheckpointIsGone:
     """Mixed into the trainable's Tune class (`__mixins__`, which `tune.with_parameters` and `wrap_function` keep):
     a trial whose checkpoint has vanished starts again from the beginning, where Tune would fail it three times.
-    Tune deletes a trial's previous checkpoint (num_to_keep) as soon as the next one registers, and saves the
-    experiment's state, which names the checkpoint to resume from, only afterwards: a driver killed in between
-    leaves a state naming a deleted checkpoint (ray issues 27790 and 31613; ray/tune/execution/experiment_state.py
-    says as much). Ray once fell back to the latest checkpoint still there (ray PR 29099); 2.60 raises instead."""
+    Deleted by hand, or in a search started before driver.DeleteSupersededCheckpoints: there Tune deleted a trial's
+    previous checkpoint (num_to_keep) as soon as the next one registered and saved the experiment's state, which
+    names the checkpoint to resume from, only afterwards, so a driver killed in between left a state naming a deleted
+    checkpoint (ray issues 27790 and 31613). Ray once fell back to the latest checkpoint still there (ray PR 29099);
+    2.60 raises instead."""
 
     def restore(self, checkpoint_path):
         checkpoint = getattr(checkpoint_path, "checkpoint", None)
         if checkpoint is not None and not storage.checkpoint_exists(checkpoint):
-            STARTED_AGAIN[self.trial_id] = (f"its checkpoint {checkpoint.path} was gone at the resume (Tune deleted "
-                                            "it before saving the state that names it); trained again from the start")
+            STARTED_AGAIN[self.trial_id] = (f"its checkpoint {checkpoint.path} was gone at the resume; trained again "
+                                            "from the start")
             return None
         return super().restore(checkpoint_path)
 
