@@ -119,9 +119,34 @@ def size_mib(path: Path) -> float:
     return sum(f.stat().st_size for f in files) / 2**20
 
 
+def state_file(experiment: Path) -> Path:
+    return max(experiment.glob("experiment_state-*.json"), key=lambda f: f.stat().st_mtime)
+
+
 def state_kib_per_trial(experiment: Path, trials: int) -> float:
     """Ray's experiment state (the file it rewrites whole at every snapshot) per trial."""
-    return size_mib(max(experiment.glob("experiment_state-*.json"), key=lambda f: f.stat().st_mtime)) * 1024 / trials
+    return size_mib(state_file(experiment)) * 1024 / trials
+
+
+def ray_record_kib_per_trial(experiment: Path) -> float:
+    """What Ray Tune's driver keeps of each trial, whoever drives it: the trial's objects rebuilt from the
+    experiment state, with the JSON Ray caches of each for its snapshots, as tracemalloc counts them. The floor
+    under any Tune driver's memory growth per trial."""
+    import tracemalloc
+
+    from ray.tune.experiment import Trial
+
+    saved = json.loads(state_file(experiment).read_text())["trial_data"]
+    tracemalloc.start()
+    trials = []
+    for trial_json, run_json in saved:
+        trial = Trial.from_json_state(trial_json, stub=True)
+        trial.restore_run_metadata(run_json)
+        trial.get_json_state()  # Ray caches a trial's JSON from its first snapshot on
+        trials.append(trial)
+    held = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    return held / len(trials) / 1024
 
 
 def trial_ends(experiment: Path) -> list[float]:
@@ -190,6 +215,8 @@ def main() -> None:
         print(f"ours: experiment folder {size_mib(experiment):.1f} MiB, Ray's experiment state "
               f"{state_kib_per_trial(experiment, args.trials):.1f} KiB a trial, Optuna journal "
               f"{size_mib(experiment / JOURNAL):.2f} MiB")
+        print(f"Ray Tune's own record of a trial in its driver: {ray_record_kib_per_trial(experiment):.1f} KiB (the "
+              "trial rebuilt from the state, with the JSON Ray caches of it; under any Tune driver's growth)")
         export(experiment, work)
         if not args.skip_bare:
             (work / "bare.py").write_text(BARE)

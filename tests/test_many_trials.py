@@ -41,9 +41,9 @@ def test_a_long_search_keeps_the_drivers_memory_and_its_folder_bounded(tmp_path)
 
 
 @pytest.mark.parametrize("mode", ["max", "min"])
-def test_a_superseded_checkpoint_goes_one_snapshot_later_and_a_trial_keeps_its_latest_and_best(tmp_path, mode):
-    """As CheckpointConfig(num_to_keep=1) keeps them, but deleted only once a saved snapshot no longer names them; the
-    last ones when the experiment ends, after Tune's final snapshot."""
+def test_a_superseded_checkpoint_goes_two_snapshots_later_and_a_trial_keeps_its_latest_and_best(tmp_path, mode):
+    """As CheckpointConfig(num_to_keep=1) keeps them, but deleted only when no state Tune may still be uploading
+    names them; the last ones after Tune's final snapshot, and none when the search ended without one."""
     from ray.train import Checkpoint, CheckpointConfig
     from ray.train._internal.session import _TrainingResult
     from ray.tune.experiment import Trial
@@ -61,19 +61,26 @@ def test_a_superseded_checkpoint_goes_one_snapshot_later_and_a_trial_keeps_its_l
         trial.run_metadata.checkpoint_manager.register_checkpoint(_TrainingResult(checkpoint, {"val": values[i]}))
         callback.on_trial_save(iteration=i, trials=[trial], trial=trial)
 
+    def kept() -> list[bool]:
+        return [folder.exists() for folder in folders]
+
     for i in range(3):
         report(i)
     manager = trial.run_metadata.checkpoint_manager
     assert len(manager.best_checkpoint_results) == 2  # the first is out of Tune's record, so of the next snapshot
-    callback.get_state()  # that snapshot: the state saved before it may name the first, still on disk
-    assert [folder.exists() for folder in folders[:3]] == [True, True, True]
-    callback.get_state()  # the next snapshot
-    assert [folder.exists() for folder in folders[:3]] == [False, True, True]
-    report(3)
+    callback.get_state()  # that snapshot: the state saved before it may name the first
+    callback.get_state()  # the next one: the first's upload may have been skipped while the previous one ran
+    assert kept()[:3] == [True, True, True]
     callback.get_state()
-    assert [folder.exists() for folder in folders] == [False, True, True, True]
+    assert kept()[:3] == [False, True, True]
+    report(3)  # the third is superseded: neither latest nor best
+    callback.get_state()
+    callback.on_step_begin(iteration=5, trials=[trial])
+    callback.on_experiment_end(trials=[trial])  # ended by an error, without a final snapshot: the third stays
+    assert kept() == [False, True, True, True]
+    callback.get_state()  # Tune's final snapshot
     callback.on_experiment_end(trials=[trial])
-    assert [folder.exists() for folder in folders] == [False, True, False, True]
+    assert kept() == [False, True, False, True]
     assert sorted(result.metrics["val"] for result in manager.best_checkpoint_results) == sorted([values[1], values[3]])
 
 

@@ -101,6 +101,7 @@ class Progress(Callback):
 
     CLEAR = "\r\x1b[2K"  # back to the line's start, erase it
     selects = "best"  # a trial's value: its best report, or its last (`Task.selects`)
+    counted: Tally | None = None  # a class default too: a search started before Tally resumes with its old callback
 
     def __init__(self, metric: str, mode: str, num_samples: int, clock: tuple[str, float], selects: str = "best"):
         self.metric, self.mode, self.num_samples, self.selects = metric, mode, num_samples, selects
@@ -108,7 +109,6 @@ class Progress(Callback):
         self.started = time.time()
         self.printed = 0.0
         self.ended: set[str] = set()
-        self.counted: Tally | None = None
 
     @property
     def key(self) -> str:

@@ -30,19 +30,22 @@ class ReturnFreedHeap(Callback):
 class DeleteSupersededCheckpoints(Callback):
     """Each trial keeps its latest checkpoint and its best (by the selection metric), as
     `CheckpointConfig(num_to_keep=1)` would: a superseded checkpoint leaves Tune's record of the trial at once and its
-    files go one experiment snapshot later, once a saved state no longer names it. By hand because Tune's num_to_keep
-    deletes a superseded checkpoint at once and then forces a snapshot of the whole experiment after every checkpoint
-    so that its state names the successor: that snapshot grows with the trials, so a search of thousands spent hours
-    rewriting it (ray issue 31613; bench_many_trials.py), and a driver killed between the deletion and the snapshot
-    left a state naming a deleted checkpoint (ray issue 27790). With Tune keeping every checkpoint
-    (num_to_keep=None) it snapshots on its own period instead."""
+    files go two experiment snapshots later, when the state on storage no longer names it. By hand because Tune's
+    num_to_keep deletes a superseded checkpoint at once and then forces a snapshot of the whole experiment after every
+    checkpoint so that its state names the successor: that snapshot grows with the trials, so a search of thousands
+    spent hours rewriting it (ray issue 31613; bench_many_trials.py), and a driver killed between the deletion and
+    the snapshot left a state naming a deleted checkpoint (ray issue 27790). With Tune keeping every checkpoint
+    (num_to_keep=None) it snapshots on its own period instead. Two snapshots, not one: Tune uploads a snapshot in the
+    background and skips the next upload while one runs. Left behind by a kill: what was not yet deleted."""
 
     def __init__(self) -> None:
         self.superseded: list = []  # (trial, checkpoint) since the last snapshot: a state on record may name them
-        self.due: list = []  # superseded before the last snapshot, which no longer names them: deleted at the next
+        self.due: list[list] = [[], []]  # superseded before each of the last two snapshots
+        self.snapshot_last = False  # whether Tune's last act was a snapshot (its final one, before the end)
         self.started = False
 
     def on_step_begin(self, iteration: int, trials: list, **info) -> None:
+        self.snapshot_last = False
         if not self.started:  # a resumed search's trials may still list checkpoints superseded before the kill
             self.started = True
             self.superseded += [(trial, checkpoint) for trial in trials for checkpoint in forget_superseded(trial)]
@@ -52,29 +55,33 @@ class DeleteSupersededCheckpoints(Callback):
         self.superseded += [(trial, checkpoint) for checkpoint in forget_superseded(trial)]
 
     def get_state(self) -> None:
-        """Called by Tune right after it wrote a snapshot: the state saved before it is superseded too."""
-        delete_checkpoints(self.due)
-        self.due, self.superseded = self.superseded, []
-        return None  # nothing to restore: a resumed search finds its superseded checkpoints again
+        """Called by Tune right after it wrote a snapshot, which lists none of the superseded checkpoints."""
+        delete_checkpoints(self.due.pop(0))
+        self.due.append(self.superseded)
+        self.superseded, self.snapshot_last = [], True
+        return None  # nothing for Tune to save and restore: a resumed search starts with nothing due
 
     def on_experiment_end(self, trials: list, **info) -> None:
-        """After Tune's last snapshot, saved and synced: it names none of the due checkpoints."""
-        delete_checkpoints(self.due)
-        self.due = []
+        """After Tune's final snapshot, which it uploads and waits for, nothing due is named on storage; when the
+        search ended with an error instead, Tune took none, and what is due stays."""
+        if self.snapshot_last:
+            delete_checkpoints([due for snapshot in self.due for due in snapshot])
+            self.due = [[], []]
 
 
 def forget_superseded(trial) -> list:
     """Drop the trial's checkpoints other than its latest and its best from Tune's record of it (what num_to_keep
     does to it), so that the next snapshot no longer lists them; returns them."""
     manager = trial.run_metadata.checkpoint_manager
-    kept = {manager.latest_checkpoint_result, manager.best_checkpoint_result}
+    kept = {result.checkpoint.path for result in (manager.latest_checkpoint_result, manager.best_checkpoint_result)
+            if result is not None}
     # Tune offers no public way to forget a checkpoint: this list is what num_to_keep itself prunes
     results = manager._checkpoint_results
-    if len(results) <= len(kept - {None}):
+    if len(results) <= len(kept):
         return []
-    manager._checkpoint_results = [result for result in results if result in kept]
+    manager._checkpoint_results = [result for result in results if result.checkpoint.path in kept]
     trial.run_metadata.invalidate_cache()
-    return [result.checkpoint for result in results if result not in kept]
+    return [result.checkpoint for result in results if result.checkpoint.path not in kept]
 
 
 def delete_checkpoints(due: list) -> None:
