@@ -33,7 +33,7 @@ class DeleteSupersededCheckpoints(Callback):
     files go two experiment snapshots later, when the state on storage no longer names it. By hand because Tune's
     num_to_keep deletes a superseded checkpoint at once and then forces a snapshot of the whole experiment after every
     checkpoint so that its state names the successor: that snapshot grows with the trials, so a search of thousands
-    spent hours rewriting it (ray issue 31613; bench_many_trials.py), and a driver killed between the deletion and
+    would spend hours rewriting it (ray issue 31613; bench_many_trials.py), and a driver killed between the deletion and
     the snapshot left a state naming a deleted checkpoint (ray issue 27790). With Tune keeping every checkpoint
     (num_to_keep=None) it snapshots on its own period instead. Two snapshots, not one: Tune uploads a snapshot in the
     background and skips the next upload while one runs. Left behind by a kill: what was not yet deleted."""
