@@ -129,9 +129,9 @@ def state_kib_per_trial(experiment: Path, trials: int) -> float:
 
 
 def ray_record_kib_per_trial(experiment: Path) -> float:
-    """What Ray Tune's driver keeps of each trial, whoever drives it: the trial's objects rebuilt from the
-    experiment state, with the JSON Ray caches of each for its snapshots, as tracemalloc counts them. The floor
-    under any Tune driver's memory growth per trial."""
+    """What Ray Tune's driver keeps of each finished trial: the trial's objects rebuilt from the experiment state,
+    with the JSON Ray caches of each for its snapshots, as tracemalloc counts them. Most of a driver's memory growth
+    per trial."""
     import tracemalloc
 
     from ray.tune.experiment import Trial
@@ -215,8 +215,9 @@ def main() -> None:
         print(f"ours: experiment folder {size_mib(experiment):.1f} MiB, Ray's experiment state "
               f"{state_kib_per_trial(experiment, args.trials):.1f} KiB a trial, Optuna journal "
               f"{size_mib(experiment / JOURNAL):.2f} MiB")
-        print(f"Ray Tune's own record of a trial in its driver: {ray_record_kib_per_trial(experiment):.1f} KiB (the "
-              "trial rebuilt from the state, with the JSON Ray caches of it; under any Tune driver's growth)")
+        record = ray_record_kib_per_trial(experiment)
+        print(f"ours: Ray Tune's record of a finished trial in the driver {record:.1f} KiB (rebuilt from the state, "
+              "with the JSON Ray caches of it)")
         export(experiment, work)
         if not args.skip_bare:
             (work / "bare.py").write_text(BARE)
@@ -226,7 +227,8 @@ def main() -> None:
             print_memory("bare", bare, ends, every)
             bare_steady = print_time("bare", bare, ends, every)
             print(f"bare: experiment folder {size_mib(work / 'runs' / 'bare'):.1f} MiB, Ray's experiment state "
-                  f"{state_kib_per_trial(work / 'runs' / 'bare', args.trials):.1f} KiB a trial")
+                  f"{state_kib_per_trial(work / 'runs' / 'bare', args.trials):.1f} KiB a trial, Ray Tune's record of a "
+                  f"finished trial {ray_record_kib_per_trial(work / 'runs' / 'bare'):.1f} KiB")
             print(f"ratio, ours / bare: {mine.seconds / bare.seconds:.3f} over the whole run, "
                   f"{steady / bare_steady:.3f} per trial after the first {every} (goal <= 1.2)")
 

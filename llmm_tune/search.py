@@ -225,7 +225,12 @@ def build_tuner(spec: SearchSpec, record: ExperimentRecord, context: TrialContex
     from ray.tune.search import ConcurrencyLimiter
 
     from llmm_tune.tune.console import Progress
-    from llmm_tune.tune.driver import DeleteSupersededCheckpoints, ReturnFreedHeap, trial_folder
+    from llmm_tune.tune.driver import (
+        DeleteSupersededCheckpoints,
+        ForgetFinishedTrialsMetricWindows,
+        ReturnFreedHeap,
+        trial_folder,
+    )
     from llmm_tune.tune.searcher import make_searcher, study_storage
     from llmm_tune.tune.trainable import trainable
 
@@ -252,8 +257,9 @@ def build_tuner(spec: SearchSpec, record: ExperimentRecord, context: TrialContex
                                     reuse_actors=True, trial_dirname_creator=trial_folder),
         run_config=tune.RunConfig(
             name=name, storage_path=parent, verbose=0, log_to_file=True,
-            callbacks=[Progress(spec.metric, spec.mode, spec.num_samples, clock, context.selects), ReturnFreedHeap(),
-                       DeleteSupersededCheckpoints(), *trackers.callbacks(record.tracker_names, record)],
+            callbacks=[Progress(spec.metric, spec.mode, spec.num_samples, clock, context.selects),
+                       ForgetFinishedTrialsMetricWindows(), ReturnFreedHeap(), DeleteSupersededCheckpoints(),
+                       *trackers.callbacks(record.tracker_names, record)],
             # Tune keeps every checkpoint it is told of; DeleteSupersededCheckpoints keeps each trial's latest and best
             checkpoint_config=tune.CheckpointConfig(num_to_keep=None, **context.checkpoint_ranking()),
             failure_config=tune.FailureConfig(max_failures=2),

@@ -4,6 +4,8 @@ memory growth and the experiment folder's size per trial held under limits a lea
 
 from __future__ import annotations
 
+import copy
+import json
 import subprocess
 import sys
 import textwrap
@@ -11,15 +13,15 @@ import textwrap
 import pytest
 
 from benchmarks import bench_many_trials as bench
-from llmm_tune.tune.driver import DeleteSupersededCheckpoints
+from llmm_tune.tune.driver import DeleteSupersededCheckpoints, ForgetFinishedTrialsMetricWindows
 from llmm_tune.tune.searcher import JOURNAL
 from tests.search_fixtures import ENV, ROOT
 
 TRIALS = 300
-# Ray Tune's driver keeps about 70 KiB of each trial, whoever drives it (docs/benchmarks.md: 66.5 MiB per 1,000 trials
-# in ours over 10,000, 76.5 bare; 72 to 92 over the first few hundred, with allocator noise), over the goal
-# of 50 MB. The bound is above Ray's growth, and a trial that kept a model or a dataset alive in the driver would
-# add megabytes a trial, thousands of MiB per 1,000.
+# Ray Tune's driver keeps its record of every trial (docs/benchmarks.md: 41.2 MiB per 1,000 trials in ours over
+# 10,000, 63.3 bare; 43 to 73 over the first few hundred or thousand, with allocator noise). The bound is above that,
+# and a trial that kept a model or a dataset alive in the driver would add megabytes a trial, thousands of MiB per
+# 1,000.
 GROWTH_MIB_PER_1000 = 400
 FOLDER_KIB_PER_TRIAL = 64  # one kept checkpoint of a few bytes, progress and result files, Tune's params
 JOURNAL_KIB_PER_TRIAL = 4  # the Optuna journal: a trial's params, its reports, its end
@@ -38,6 +40,24 @@ def test_a_long_search_keeps_the_drivers_memory_and_its_folder_bounded(tmp_path)
     kept = {folder.name: sorted(c.name for c in folder.glob("checkpoint_*")) for folder in experiment.glob("trial_*")}
     assert len(kept) == TRIALS and all(len(names) == 1 for names in kept.values())
     assert any(names == [f"checkpoint_{bench.REPORTS - 1:06d}"] for names in kept.values())
+    # no finished trial's metric windows in what Tune keeps (and snapshots) of the trials
+    saved = json.loads(bench.state_file(experiment).read_text())["trial_data"]
+    assert len(saved) == TRIALS and all(json.loads(run)["metric_n_steps"] == {} for _, run in saved)
+
+
+def test_a_finished_trial_leaves_its_metric_windows_keeps_its_averages_and_may_report_again():
+    from ray.tune.experiment import Trial
+
+    trial = Trial("trainable", stub=True)
+    for step, value in enumerate([0.2, 0.4, 0.9], start=1):
+        trial.update_last_result({"val": value, "epoch": step, "training_iteration": step})
+    analysis, saved = copy.deepcopy(trial.run_metadata.metric_analysis), trial.get_json_state()[1]
+    ForgetFinishedTrialsMetricWindows().on_trial_complete(iteration=3, trials=[trial], trial=trial)
+    assert trial.run_metadata.metric_analysis == analysis and analysis["val"]["last-5-avg"] == 0.5
+    assert not trial.run_metadata.metric_n_steps and len(trial.get_json_state()[1]) < len(saved)
+    trial.update_last_result({"val": 0.3, "epoch": 4, "training_iteration": 4})  # retried after a failed stop
+    assert trial.run_metadata.metric_analysis["val"] | {"avg": None} == {
+        "max": 0.9, "min": 0.2, "avg": None, "last": 0.3, "last-5-avg": 0.3, "last-10-avg": 0.3}
 
 
 @pytest.mark.parametrize("mode", ["max", "min"])
