@@ -30,10 +30,10 @@ class ReturnFreedHeap(Callback):
 
 class ForgetFinishedTrialsMetricWindows(Callback):
     """A finished trial's windows of each metric's last 5 and 10 values, which Tune keeps only to update the averages
-    over them (`metric_n_steps`: two deques of 760 bytes a numeric metric, 11 metrics in our trials), leave the driver;
-    the averages stay in the trial's metric analysis. Tune holds its record of every trial of the search in the driver,
-    and the windows made a third of it: 69.5 KiB a trial with them, 44.9 without (bench_many_trials.py, 1,000 trials).
-    Tune offers no setting for them, so this replaces the one field in its record."""
+    over them (`metric_n_steps`: two deques of 760 bytes a numeric metric, 11 metrics in the benchmark's trials), leave
+    the driver; the averages stay in the trial's metric analysis. Tune holds its record of every trial of the search
+    in the driver, and the windows made a third of it: 69.5 KiB a trial with them, 44.9 without (bench_many_trials.py,
+    1,000 trials). Tune offers no setting for them, so this replaces the one field in its record."""
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
         metadata = trial.run_metadata
