@@ -3,10 +3,10 @@
     python benchmarks/bench_many_trials.py [--trials 10000] [--skip-bare]
 
 Ours: `python -m llmm_tune.search` (Optuna TPE, ASHA, a checkpoint per report, each trial keeping its latest and
-best, the console, the export) over a family without a model (tests/instant_family.py: 3 reports per trial). Bare:
-the same trials through Ray Tune alone (Tuner, OptunaSearch with the same multivariate TPE, ASHA, a function
-reporting the same values with a checkpoint each), nothing of ours, with Ray's default CheckpointConfig: it keeps
-every checkpoint. Bare Ray Tune told to keep one (num_to_keep=1) snapshots its whole experiment after every
+best, the console, the export) over a family without a model (tests/doubles/instant_family.py: 3 reports per
+trial). Bare: the same trials through Ray Tune alone (Tuner, OptunaSearch with the same multivariate TPE, ASHA, a
+function reporting the same values with a checkpoint each), nothing of ours, with Ray's default CheckpointConfig: it
+keeps every checkpoint. Bare Ray Tune told to keep one (num_to_keep=1) snapshots its whole experiment after every
 checkpoint, which grows with the trials: 137 ms a trial at 400 trials, hours at 10,000 (docs/benchmarks.md).
 Prints the wall time per trial of both and their ratio, over the whole run and in the steady state (after the
 first quarter or 1,000 trials: start-up, imports and Ray's launch are not per-trial costs); the driver's resident
@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from llmm_tune.tune.searcher import JOURNAL, startup_trials  # noqa: E402
-from tests.search_fixtures import ENV, tiny_space  # noqa: E402
+from tests.helpers.search_fixtures import ENV, tiny_space  # noqa: E402
 
 REPORTS = 3
 BARE = textwrap.dedent("""
@@ -186,7 +186,7 @@ def print_time(name: str, sampled: Sampled, ends: list[float], every: int) -> fl
 
 
 def ours(trials: int, work: Path, every: int) -> tuple[Sampled, Path]:
-    space = tiny_space(work, work / "no-model", "instant", family="tests.instant_family", epochs=REPORTS)
+    space = tiny_space(work, work / "no-model", "instant", family="tests.doubles.instant_family", epochs=REPORTS)
     command = [sys.executable, "-m", "llmm_tune.search", str(space), "--profile", "cpu", "--num-samples", str(trials),
                "--cpus-per-trial", "1", "--storage", str(work / "runs"), "--name", "ours", "--no-export"]
     sampled = run_sampled(command, work / "ours.log")

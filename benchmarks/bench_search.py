@@ -95,7 +95,7 @@ def model_start(context: TrialContext, config: dict, cache: str) -> list[float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--space", default="glue_cola", help="a search space of search_spaces/ (e.g. gsm8k)")
+    parser.add_argument("--space", default="glue_cola", help="a shipped search space (e.g. gsm8k)")
     parser.add_argument("--trials", type=int, default=4)
     parser.add_argument("--train-examples", type=int, default=4000, help="train examples per trial")
     parser.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))

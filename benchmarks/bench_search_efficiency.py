@@ -36,10 +36,10 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from llmm_tune.results.transfer import best_points  # noqa: E402
 from llmm_tune.tune.experiment import git_commit  # noqa: E402
 from llmm_tune.tune.searcher import startup_trials  # noqa: E402
 from llmm_tune.tune.spaces import load_spec  # noqa: E402
-from llmm_tune.tune.transfer import best_points  # noqa: E402
 
 CURVES = ROOT / "benchmarks" / "curves"
 BUDGETS = (0.1, 0.2, 1 / 3, 0.5, 1.0)  # fractions of the reference's median compute

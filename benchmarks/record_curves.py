@@ -31,6 +31,7 @@ from scipy.stats import qmc
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from llmm_tune.project import SPACES_DIR  # noqa: E402
 from llmm_tune.tune.experiment import git_commit  # noqa: E402
 
 CURVES = ROOT / "benchmarks" / "curves"
@@ -89,7 +90,7 @@ def machine() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("task", help="a search space in search_spaces/ (glue_cola, glue_mrpc)")
+    parser.add_argument("task", help="a shipped search space (glue_cola, glue_mrpc)")
     parser.add_argument("--configs", type=int, default=48, help="configurations, warm starts included (default: 48)")
     parser.add_argument("--train-examples", type=int, default=800, help="training rows per trial (default: 800)")
     parser.add_argument("--validation-size", type=float, default=None,
@@ -97,10 +98,10 @@ def main() -> None:
     parser.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"),
                         help="the data folder (default: ../shared/data)")
     args = parser.parse_args()
-    path = ROOT / "search_spaces" / f"{args.task}.yaml"
+    path = SPACES_DIR / f"{args.task}.yaml"
     space = yaml.safe_load(path.read_text()) if path.is_file() else {}
     if "cpu" not in space.get("profiles", {}):
-        parser.error(f"no search_spaces/{args.task}.yaml with a cpu profile; choose glue_cola or glue_mrpc")
+        parser.error(f"no llmm_tune/search_spaces/{args.task}.yaml with a cpu profile; choose glue_cola or glue_mrpc")
     profile = space["profiles"]["cpu"]
     profile.setdefault("fixed", {})
     configs = design(profile_space(space), profile.get("warm_start", []), args.configs)

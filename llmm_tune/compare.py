@@ -33,16 +33,25 @@ from pathlib import Path
 import pandas as pd
 from scipy import stats
 
-from llmm_tune.cli import command_parser
+from llmm_tune.cli import (
+    DEFAULT_STORAGE,
+    NOT_OPTIONS,
+    add_profile_option,
+    choose_profile,
+    command_parser,
+    parse_search_args,
+    search_parser,
+)
 from llmm_tune.cli import main as run_command
 from llmm_tune.errors import UsageError
-from llmm_tune.export import VERSION_KEYS, best_row, collect, data_source, latex, setting_text, trial_config
 from llmm_tune.files import atomic_path, write_text
 from llmm_tune.method.config import BASELINES
+from llmm_tune.results.collect import best_trial, collect, data_source, ended_trials, trial_config
+from llmm_tune.results.tables import Provenance, latex, setting_text, versions_text
 from llmm_tune.train.progress import Progress
 from llmm_tune.tune import storage
 from llmm_tune.tune.cluster import address
-from llmm_tune.tune.context import TrialContext
+from llmm_tune.tune.context import TrialContext, validation_key
 from llmm_tune.tune.experiment import ExperimentRecord, command_line, git_commit, read_record
 from llmm_tune.tune.family import load_family
 from llmm_tune.tune.spaces import load_spec, space_path
@@ -64,8 +73,6 @@ def paired_interval(values: list[float], reference: list[float], level: float = 
 
 def run_search(task: str, method: str, profile: str, storage_dir: str, options: list[str]) -> str:
     """The method's search experiment: reused when finished, resumed when not, else started."""
-    from llmm_tune.search import ended_trials
-
     name = f"{Path(task).stem}-{method}-{profile}-compare"
     experiment = storage.join(storage_dir, name)
     record = read_record(experiment)
@@ -89,12 +96,10 @@ def check_same_settings(record: ExperimentRecord, search: list[str]) -> None:
     """A search is reused or resumed only with the options it was started with: a compare asking for more trials
     or another model must not silently get the old search's. The options as the search parsed them (order and
     spelling aside) against its record's; where the storage lies may differ."""
-    from llmm_tune.search import NOT_OPTIONS, parse_args
-
     if not record.options:
         raise UsageError(f"search {record.name} was started by an older llmm-tune that did not record its options; "
                          "compare afresh with another --storage and --results")
-    asked = {k: v for k, v in vars(parse_args(search)).items() if k not in NOT_OPTIONS}
+    asked = {k: v for k, v in vars(parse_search_args(search)).items() if k not in NOT_OPTIONS}
     changed = [f"{key} {record.options.get(key)} (now {asked[key]})" for key in asked
                if key != "storage" and record.options.get(key) != asked[key]]
     if changed:
@@ -103,15 +108,10 @@ def check_same_settings(record: ExperimentRecord, search: list[str]) -> None:
                          "afresh")
 
 
-def best_trial(experiment: str) -> tuple[ExperimentRecord, pd.Series, float]:
+def searched_best(experiment: str) -> tuple[ExperimentRecord, pd.Series, float]:
     """(record, the trial best on validation, the search's trial-seconds)."""
     found = collect(experiment)
-    meta, trials, checkpoints = found.meta, found.trials, found.checkpoints
-    value = f"val_{meta.metric}"
-    scored = trials[trials[value].notna() & trials["trial"].isin(checkpoints)]
-    if scored.empty:
-        raise UsageError(f"no trial of {experiment} has a validation score; check its log (llmm_search.log)")
-    return meta, best_row(scored, value, meta.mode), float(trials["seconds"].fillna(0).sum())
+    return found.meta, best_trial(found), float(found.trials["seconds"].fillna(0).sum())
 
 
 def retrain_seed(context: TrialContext, config: dict, seed: int, data_seed: int, source: str, threads: int) -> dict:
@@ -119,15 +119,15 @@ def retrain_seed(context: TrialContext, config: dict, seed: int, data_seed: int,
     torch threads of a search trial (so seed s repeats a search trial of seed s)."""
     import torch
 
-    from llmm_tune.reproduce import reproduce_seed
     from llmm_tune.tune.console import quiet_logs
+    from llmm_tune.tune.runner import train_and_score
 
     quiet_logs()
     torch.set_num_threads(threads)
     data = context.recipe.prepare({**config, "seed": data_seed}, context, source)
     started = time.time()
     with tempfile.TemporaryDirectory() as work:
-        scores = reproduce_seed({"config": config}, context, seed, data, source, Path(work))
+        scores = train_and_score(context, {**config, "seed": seed}, data, source, Path(work))
     return {"seconds": time.time() - started, "threads": threads, "git_commit": git_commit(),
             **{k: v for k, v in scores.items() if isinstance(v, (int, float))}}
 
@@ -213,8 +213,6 @@ def cluster_address(options: list[str]) -> str | None:
 
 def build_parser() -> argparse.ArgumentParser:
     """compare's own options; every other option passes through to its searches (`python -m llmm_tune.search`)."""
-    from llmm_tune.search import DEFAULT_STORAGE, add_profile_option
-
     parser = command_parser("compare", __doc__)
     parser.add_argument("task", help="a search space (glue_cola, gsm8k, ...) or a YAML path")
     parser.add_argument("--methods", nargs="+", choices=tuple(BASELINES), default=list(BASELINES),
@@ -234,8 +232,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_all(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     """compare's options, and the rest, checked to be options its searches take."""
-    from llmm_tune.search import build_parser as search_parser
-
     args, options = build_parser().parse_known_args(argv)
     search_parser().parse_args([args.task, *options])
     return args, options
@@ -252,13 +248,11 @@ def run(argv: list[str]) -> Path:
     if paired and (args.methods[0] != "llmm" or len(args.methods) < 2):
         raise UsageError("--paired retrains the other methods at llmm's configuration (its K and scale have no "
                          "value in theirs): pass --methods llmm and at least one baseline, llmm first")
-    from llmm_tune.search import choose_profile
-
     profile = choose_profile(args.profile)
     load_spec(args.task, profile, args.methods[0])  # a bad space stops here, before any search
     storage_dir = storage.writable(args.storage, "--storage")
     searched = args.methods[:1] if args.paired_only else args.methods
-    chosen = {m: best_trial(run_search(args.task, m, profile, storage_dir, options)) for m in searched}
+    chosen = {m: searched_best(run_search(args.task, m, profile, storage_dir, options)) for m in searched}
     out = Path(args.results) / "compare" / chosen[args.methods[0]][0].task
     runs_path = out / RUNS_FILE
     runs = json.loads(runs_path.read_text()) if runs_path.is_file() else {}
@@ -274,7 +268,7 @@ def changed_settings(method: str, config: dict) -> str:
     return ", ".join(changes) or "nothing"
 
 
-def provenance(argv: list[str], chosen: dict, made: list[dict], space: str) -> tuple[str, dict]:
+def provenance(argv: list[str], chosen: dict, made: list[dict], space: str) -> tuple[str, Provenance]:
     """The footer a table ends with (the command, the space, the commits and versions its numbers were made with; a
     table written again later keeps them) and the same as a record for table.tex."""
     meta = next(iter(chosen.values()))[0]
@@ -282,8 +276,8 @@ def provenance(argv: list[str], chosen: dict, made: list[dict], space: str) -> t
     commits = sorted({m.git_commit for m, _, _ in chosen.values()}
                      | {run.get("git_commit", "not recorded") for run in made})
     footer = (f"\n\nCommand: `{command}` | space: {space} | commit {', '.join(commits)} | "
-              + " ".join(f"{k}={meta.versions.get(k)}" for k in VERSION_KEYS) + "\n")
-    return footer, {"reproduce": command, "git_commit": ", ".join(commits), "versions": meta.versions}
+              + versions_text(meta.versions) + "\n")
+    return footer, Provenance(command, ", ".join(commits), meta.versions)
 
 
 def write_paired(args, chosen: dict, runs: dict, out: Path, argv: list[str]) -> None:
@@ -307,7 +301,7 @@ def write_paired(args, chosen: dict, runs: dict, out: Path, argv: list[str]) -> 
                      "95% interval": f"[{low:+.4f}, {high:+.4f}]"})
     table = pd.DataFrame(rows)
     setting = ", ".join(f"{k} {setting_text(best[k])}" for k in ("quant_method", "bits", "rank", "lr", "scale", "K"))
-    direction = "higher" if meta.mode == "max" else "lower"
+    direction = meta.direction.word
     header = (f"# {meta.task}: every method at {reference}'s best configuration (trial {best['trial']}: {setting}), "
               f"only its own settings changed, seeds {args.seeds}, scored once on {split}\n\nThe difference is the "
               f"method's {split} {meta.metric} minus {reference}'s with the same seed ({direction} is better); its 95% "
@@ -322,7 +316,7 @@ def write_paired(args, chosen: dict, runs: dict, out: Path, argv: list[str]) -> 
 
 def write_tables(args, chosen: dict, runs: dict, out: Path, argv: list[str], space: str) -> Path:
     meta = next(iter(chosen.values()))[0]
-    split, metric, mode = load_family(meta.family).HELD_OUT, meta.metric, meta.mode
+    split, metric = load_family(meta.family).HELD_OUT, meta.metric
     score = f"{split}_{metric}"
     made = [runs[f"{m}/{s}"] for m in args.methods for s in args.seeds]
     scores = pd.DataFrame(made)
@@ -338,7 +332,7 @@ def write_tables(args, chosen: dict, runs: dict, out: Path, argv: list[str], spa
         mine = scores[scores["method"] == method].sort_values("seed")
         values = mine[score].tolist()
         difference, low, high = paired_interval(values, ref_values)
-        rows.append({"method": method, "trial": best["trial"], f"val {metric}": f"{best[f'val_{metric}']:.4f}",
+        rows.append({"method": method, "trial": best["trial"], f"val {metric}": f"{best[validation_key(metric)]:.4f}",
                      f"{split} {metric} mean": f"{statistics.fmean(values):.4f}",
                      f"{split} {metric} std": f"{statistics.stdev(values) if len(values) > 1 else 0.0:.4f}",
                      **{f"{c.replace('_', ' ', 1)} mean": f"{mine[c].mean():.4f}" for c in others},
@@ -350,7 +344,7 @@ def write_tables(args, chosen: dict, runs: dict, out: Path, argv: list[str], spa
                      "lr": setting_text(best["lr"], "{:.1e}"), "scale": setting_text(best["scale"], "{:g}")})
     table = pd.DataFrame(rows)
     footer, record = provenance(argv, chosen, made, space)
-    direction = "higher" if mode == "max" else "lower"
+    direction = meta.direction.word
     header = (f"# {meta.task}: each method tuned with the same search, its best validation configuration "
               f"retrained with seeds {args.seeds} and scored once on {split}\n\n"
               f"{metric}: {direction} is better. The difference is each method's {split} mean minus {reference}'s, "

@@ -1,4 +1,5 @@
-"""Errors a user can act on: bad input (exit code 2, one line) and trials that fail for a reason."""
+"""Errors a user can act on: bad input (exit code 2, one line), a search stopped with its state saved, and trials
+that fail for a reason."""
 
 from __future__ import annotations
 
@@ -10,6 +11,15 @@ STARTED_AGAIN_KEY = "started_again"  # in a trial's first report after a resume 
 
 class UsageError(Exception):
     """Bad input: reported as one line naming the problem and the fix, exit code 2."""
+
+
+class Interrupted(Exception):
+    """A run that stopped before its end with its state saved: Ctrl+C (exit code 130), SIGTERM (143) or a
+    failure of Ray (1). The message names the command that continues it."""
+
+    def __init__(self, message: str, code: int = 130):
+        super().__init__(message)
+        self.code = code
 
 
 class TrialFailure(Exception):

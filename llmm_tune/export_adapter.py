@@ -27,36 +27,36 @@ from llmm_tune.cli import main as run_command
 from llmm_tune.errors import UsageError
 from llmm_tune.files import write_text
 from llmm_tune.method.peft_export import EXPORT_FILE, to_peft
+from llmm_tune.results.record import ExportRecord
 from llmm_tune.tune.context import TrialContext
 
 LENGTHS = ("max_length", "max_source_length", "max_target_length")  # a trial's token lengths, as families name them
 
 
-def trained_model(record: dict, context: TrialContext, storage: str, data_dir: str | None) -> nn.Module:
+def trained_model(record: ExportRecord, context: TrialContext, storage: str, data_dir: str | None) -> nn.Module:
     """The record's trained model: its checkpoint in the experiment under `storage` when still there, else
     trained again with the record's seed (what `reproduce` checks gives the same numbers)."""
     from llmm_tune import load_adapter
-    from llmm_tune.export import collect
-    from llmm_tune.reproduce import prepare_data, record_config
+    from llmm_tune.results.collect import collect
     from llmm_tune.tune import storage as stores
     from llmm_tune.tune.experiment import METADATA_FILE
     from llmm_tune.tune.runner import train_standing
 
     if not hasattr(context.recipe, "build_model"):
-        raise UsageError(f"family {record['family']} trains no single LoRA adapter per model (a continual trial "
+        raise UsageError(f"family {record.family} trains no single LoRA adapter per model (a continual trial "
                          "stacks one pair per task); export_adapter takes glue and causal_lm records")
-    config = record_config(record)
-    experiment = stores.join(stores.resolve(storage), record["experiment"])
+    config = record.settings()
+    experiment = stores.join(stores.resolve(storage), record.experiment)
     checkpoints = collect(experiment).checkpoints if stores.exists(stores.join(experiment, METADATA_FILE)) else {}
     model = context.recipe.build_model(config, context, "cpu")
-    if record["trial"] in checkpoints:
-        print(f"adapter of trial {record['trial']} from {experiment}")
-        with checkpoints[record["trial"]].as_directory() as directory:
+    if record.trial in checkpoints:
+        print(f"adapter of trial {record.trial} from {experiment}")
+        with checkpoints[record.trial].as_directory() as directory:
             return load_adapter(model, directory).eval()
-    print(f"no checkpoint of trial {record['trial']} under {storage}; training it again with seed {record['seed']}")
-    data, _ = prepare_data(record, context, data_dir)
+    print(f"no checkpoint of trial {record.trial} under {storage}; training it again with seed {record.seed}")
+    data, _ = record.prepare_data(context, data_dir)
     with tempfile.TemporaryDirectory() as work:
-        _, checkpoint = train_standing(context, {**config, "seed": record["seed"]}, data, Path(work))
+        _, checkpoint = train_standing(context, {**config, "seed": record.seed}, data, Path(work))
         return load_adapter(model, checkpoint).eval()
 
 
@@ -105,22 +105,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(argv: list[str]) -> dict:
-    from llmm_tune.reproduce import read_record, record_context
     from llmm_tune.train.pretrained import load_tokenizer
     from llmm_tune.tune.console import quiet_logs
 
     args = build_parser().parse_args(argv)
     quiet_logs()
-    record = read_record(args.record)
-    context = record_context(record)
+    record = ExportRecord.read(args.record)
+    context = record.context()
     model = trained_model(record, context, args.storage, args.data_dir)
     name_labels(model, context.definition.details)
-    training = {k: record["config"][k] for k in LENGTHS if k in record["config"]}
-    tokenizer = load_tokenizer(record["config"]["model"], trust_remote_code=context.trust_remote_code)
+    training = {k: record.config[k] for k in LENGTHS if k in record.config}
+    tokenizer = load_tokenizer(record.config["model"], trust_remote_code=context.trust_remote_code)
     if "max_length" in training:  # one truncation for every text (a causal LM's prompt and reply have their own)
         tokenizer.model_max_length = training["max_length"]
-    written = to_peft(model, args.out, base_model_name(record["config"]["model"]), tokenizer, training)
-    write_text(args.out / "README.md", f"# {record['task']}: {record['method']} adapter\n\nDIR is this folder; "
+    written = to_peft(model, args.out, base_model_name(record.config["model"]), tokenizer, training)
+    write_text(args.out / "README.md", f"# {record.task}: {record.method} adapter\n\nDIR is this folder; "
                f"trained with {json.dumps(training)}.\n\n```python\n{how_to_load('DIR', written)}```\n")
     print(f"wrote {args.out}/base and {args.out}/adapter; load with (also in {args.out}/README.md):\n"
           + how_to_load(str(args.out), written))

@@ -24,11 +24,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llmm_tune.cli import command_parser
+from llmm_tune.cli import (
+    add_profile_option,
+    add_trial_shape_options,
+    check_counts,
+    choose_profile,
+    command_parser,
+    layout_request,
+)
 from llmm_tune.cli import main as run_command
 from llmm_tune.errors import UsageError
 from llmm_tune.method.config import BASELINES
-from llmm_tune.search import add_profile_option, add_trial_shape_options, check_counts, choose_profile, layout_request
 from llmm_tune.train.data import resolve_data_dir
 from llmm_tune.train.fit import Schedule
 from llmm_tune.train.progress import Progress
@@ -249,7 +255,7 @@ def plan(args: argparse.Namespace) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = command_parser("plan", __doc__)
-    parser.add_argument("task", help="a search space in search_spaces/ or a YAML path")
+    parser.add_argument("task", help="a shipped search space (glue_cola, gsm8k, ...) or a YAML path")
     add_profile_option(parser)
     parser.add_argument("--method", choices=tuple(BASELINES), default="llmm", help="the search's method")
     parser.add_argument("--num-samples", type=int, help="trials (default: the profile's)")

@@ -9,7 +9,6 @@ or where --data-dir / LLMM_DATA_DIR point.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 from pathlib import Path
@@ -19,42 +18,11 @@ import yaml
 from llmm_tune.cli import command_parser
 from llmm_tune.cli import main as run_command
 from llmm_tune.errors import UsageError
-from llmm_tune.export import relative_to_cwd
 from llmm_tune.files import write_text
-from llmm_tune.train.data import DATASET_SOURCE, locate_source, portable_source
-from llmm_tune.tune.context import TrialContext
+from llmm_tune.results.record import ExportRecord, relative_to_cwd
+from llmm_tune.train.data import portable_source
 from llmm_tune.tune.experiment import command_line, git_commit, package_versions
-from llmm_tune.tune.runner import train_standing
-
-
-def record_context(record: dict, trust_remote_code: bool | None = None) -> TrialContext:
-    """The context an export record's trial ran in (`trust_remote_code`: as given here, else the record's)."""
-    trust = record.get("trust_remote_code", False) if trust_remote_code is None else trust_remote_code
-    dataset = record["data"].get("dataset")
-    return TrialContext.of(record["family"], record["task"], record["validation"]["metric"], trust,
-                           dataset=None if dataset is None else json.dumps(dataset, sort_keys=True))
-
-
-def record_config(record: dict) -> dict:
-    """The trial's settings (records before the trial context also held task, metric and mode there)."""
-    return {k: v for k, v in record["config"].items() if k not in ("task", "metric", "mode")}
-
-
-def reproduce_seed(record: dict, context: TrialContext, seed: int, data, source: str, work: Path) -> dict[str, float]:
-    """Train once with `seed`; the validation metrics and held-out scores of the checkpoint that stands for the
-    run (the best on validation, or the last for a task sequence)."""
-    config = {**record_config(record), "seed": seed}
-    validation, checkpoint = train_standing(context, config, data, work)
-    held_out = context.recipe.score(config, context, str(checkpoint), source)
-    return {**validation, **{f"{context.recipe.HELD_OUT}_{k}": v for k, v in held_out.items()}}
-
-
-def prepare_data(record: dict, context: TrialContext, data_dir: str | None) -> tuple[object, str]:
-    """(the record's train and validation data, its source) found on this machine, as the search split them."""
-    found = locate_source(record["data"]["source"], data_dir)
-    source = context.source(None if found in ("hub", DATASET_SOURCE) else found)
-    config = {**record_config(record), "seed": record["data"]["validation_seed"]}
-    return context.recipe.prepare(config, context, source), source
+from llmm_tune.tune.runner import train_and_score
 
 
 def version_drift(recorded: dict) -> list[str]:
@@ -64,16 +32,6 @@ def version_drift(recorded: dict) -> list[str]:
             if name not in ("llmm-tune", "python") and installed.get(name) != version]
 
 
-def read_record(path: Path) -> dict:
-    if not path.is_file():
-        raise UsageError(f"{path} not found; pass a best.yaml or configs/*.yaml written by llmm_tune.export")
-    record = yaml.safe_load(path.read_text())
-    if not isinstance(record, dict) or not {"family", "config", "data"} <= set(record):
-        raise UsageError(f"{path} is not an export record (no family/config/data); pass a file written by "
-                         "llmm_tune.export")
-    return record
-
-
 def reproduce(path: Path, seeds: list[int], data_dir: str | None = None, threads: int | None = None,
               trust_remote_code: bool = False) -> dict:
     import torch
@@ -81,31 +39,33 @@ def reproduce(path: Path, seeds: list[int], data_dir: str | None = None, threads
     from llmm_tune.tune.console import quiet_logs
 
     quiet_logs()
-    record = read_record(path)
-    if record.get("trust_remote_code") and not trust_remote_code:
+    record = ExportRecord.read(path)
+    if record.trust_remote_code and not trust_remote_code:
         raise UsageError(f"{path} was searched with --trust-remote-code; pass it here too if you trust "
-                         f"the code of {record['config']['model']}")
-    drift = version_drift(record["versions"])
+                         f"the code of {record.config['model']}")
+    drift = version_drift(record.versions)
     if drift:
         print(f"warning: installed versions differ from the record's: {', '.join(drift)}; scores may differ "
               "(bash .ci/setup installs the locked versions)")
     if threads:
         torch.set_num_threads(threads)
-    context = record_context(record, trust_remote_code)
-    data, source = prepare_data(record, context, data_dir)
+    context = record.context(trust_remote_code)
+    data, source = record.prepare_data(context, data_dir)
     with tempfile.TemporaryDirectory() as work:
-        runs = {seed: reproduce_seed(record, context, seed, data, source, Path(work)) for seed in seeds}
+        runs = {seed: train_and_score(context, {**record.settings(), "seed": seed}, data, source, Path(work))
+                for seed in seeds}
     report = reproduction_report(path, record, runs, seeds, str(source), data_dir, threads)
     out = path.with_name(path.stem + ".reproduced.yaml")
     write_text(out, yaml.safe_dump(report, sort_keys=False))
     for key, stats in report["summary"].items():
         print(f"{key}: {stats['mean']:.4f} +- {stats['std']:.4f} over seeds {seeds}")
-    print(f"recorded by the search: val {record['validation']['value']:.4f}, {record['held_out']['split']} "
-          f"{record['held_out']['scores']} (seed {record['seed']}); written {out}")
+    print(f"recorded by the search: val {record.validation['value']:.4f}, {record.held_out['split']} "
+          f"{record.held_out['scores']} (seed {record.seed}); written {out}")
     return report
 
 
-def reproduction_report(path: Path, record: dict, runs: dict, seeds: list[int], source: str, data_dir: str | None,
+def reproduction_report(path: Path, record: ExportRecord, runs: dict, seeds: list[int], source: str,
+                        data_dir: str | None,
                         threads: int | None) -> dict:
     """The runs, their mean and standard deviation, and what reproduces them (no path of this machine)."""
     summary = {}
@@ -119,7 +79,7 @@ def reproduction_report(path: Path, record: dict, runs: dict, seeds: list[int], 
     return {"config": config_path, "seeds": seeds, "runs": runs, "summary": summary, "data": data_named,
             "git_commit": git_commit(), "versions": package_versions(),
             "reproduce": command_line("llmm_tune.reproduce", [config_path, "--seeds", *map(str, seeds), *options]),
-            "recorded": {"validation": record["validation"], "held_out": record["held_out"]}}
+            "recorded": {"validation": record.validation, "held_out": record.held_out}}
 
 
 def build_parser() -> argparse.ArgumentParser:

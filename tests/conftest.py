@@ -4,11 +4,27 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
+from tests.helpers import shared_data  # noqa: E402
+
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """The shared data folder (`LLMM_DATA_DIR`, else ../shared/data). Where it is missing, a test that needs it
+    fails under CI and skips elsewhere: the one policy for missing data."""
+    if not shared_data.FOLDER.is_dir():
+        missing = f"no shared data at {shared_data.FOLDER} (set LLMM_DATA_DIR to its folder)"
+        if shared_data.IN_CI:
+            pytest.fail(f"{missing}; under CI a test that needs it fails", pytrace=False)
+        pytest.skip(missing)
+    return shared_data.FOLDER
 
 
 @pytest.fixture

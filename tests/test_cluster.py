@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from llmm_tune.tune.experiment import read_record
-from tests.search_fixtures import ENV, ROOT, run_module, start_module, subset_glue, tiny_bert, tiny_space
+from tests.helpers.search_fixtures import ENV, ROOT, run_module, start_module, subset_glue, tiny_bert, tiny_space
 
 
 def free_port() -> int:
@@ -51,9 +51,9 @@ def command_lines(pid: int) -> list[tuple[psutil.Process, str]]:
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
+def assets(tmp_path_factory, data_dir):
     root = tmp_path_factory.mktemp("cluster")
-    return {"root": root, "model": tiny_bert(root / "model"), "data": subset_glue(root / "data")}
+    return {"root": root, "model": tiny_bert(root / "model"), "data": subset_glue(data_dir, root / "data")}
 
 
 def exported(results: Path) -> list[dict]:
@@ -132,9 +132,9 @@ def test_a_layout_the_cluster_cannot_hold_is_refused_before_any_trial(assets, ra
     assert "--workers-per-trial 3 of 1 CPU + 0 GPU each needs more than" in run.stderr
 
 
-def test_a_layout_this_machine_cannot_hold_is_refused_before_ray_starts():
+def test_a_layout_this_machine_cannot_hold_is_refused_before_ray_starts(data_dir):
     run = run_module("llmm_tune.search", "glue_cola", "--workers-per-trial", "4", "--cpus-per-trial",
-                     str(os.cpu_count()), "--data-dir", str(ROOT.parent / "shared" / "data"))
+                     str(os.cpu_count()), "--data-dir", str(data_dir))
     assert run.returncode == 2 and "needs more than the" in run.stderr and "of this machine" in run.stderr
 
 
@@ -260,6 +260,7 @@ def test_a_trial_of_two_workers_trains_on_two_shards_and_matches_one_worker(asse
     cola = TrialContext.of("glue", "cola")
     share = [stored / stored_bytes(build_model(run["config"], cola, "cpu"))
              for stored in last["stored_bytes_by_worker"]]
+    assert len(share) == 2, share  # one figure a worker
     assert all(0.4 < s < 0.6 for s in share) if layout == "fsdp" else share == [1.0, 1.0], share
     config = {**run["config"], "grad_accum": 2}
     data = prepare(config, cola, str(assets["data"]))
@@ -300,7 +301,7 @@ def test_a_killed_worker_of_a_sharded_two_worker_trial_resumes_from_its_checkpoi
 
 
 def test_the_shipped_cluster_files_hold_together_and_run_searches_this_parser_accepts():
-    from llmm_tune.search import parse_args
+    from llmm_tune.cli import parse_search_args as parse_args
 
     job = yaml.safe_load((ROOT / "cluster" / "rayjob.yaml").read_text())
     assert (job["apiVersion"], job["kind"]) == ("ray.io/v1", "RayJob")
@@ -311,8 +312,9 @@ def test_the_shipped_cluster_files_hold_together_and_run_searches_this_parser_ac
     runtime_env = yaml.safe_load(job["spec"]["runtimeEnvYAML"])
     assert runtime_env["working_dir"].endswith(".zip") and runtime_env["pip"]
     workers = job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
-    assert all(int(c["resources"]["limits"]["nvidia.com/gpu"]) >= 1 for w in workers
-               for c in w["template"]["spec"]["containers"])
+    containers = [c for w in workers for c in w["template"]["spec"]["containers"]]
+    gpus = [int(c["resources"]["limits"]["nvidia.com/gpu"]) for c in containers]
+    assert gpus and all(count >= 1 for count in gpus), gpus
     launcher = yaml.safe_load((ROOT / "cluster" / "aws-gpu.yaml").read_text())
     assert launcher["head_node_type"] in launcher["available_node_types"]
     assert sum(t.get("max_workers", 0) for t in launcher["available_node_types"].values()) <= launcher["max_workers"]

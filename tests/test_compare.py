@@ -11,11 +11,12 @@ import statistics
 import pandas as pd
 import pytest
 
-from llmm_tune.compare import best_trial, paired_interval, retrainings, write_tables
+from llmm_tune.compare import paired_interval, retrainings, write_tables
 from llmm_tune.errors import UsageError
 from llmm_tune.method.config import BASELINES
+from llmm_tune.results.collect import best_trial, collect
 from llmm_tune.tune.experiment import ExperimentRecord
-from tests.search_fixtures import run_module, subset_glue, tiny_bert, tiny_space
+from tests.helpers.search_fixtures import run_module, subset_glue, tiny_bert, tiny_space
 
 
 def test_the_paired_interval_of_hand_made_scores():
@@ -96,10 +97,10 @@ def test_a_lower_is_better_metric_is_labelled_and_a_family_that_does_not_score_i
         write_tables(args, chosen, runs, tmp_path, ["gsm8k"], "gsm8k")
 
 
-def test_a_compare_of_two_methods_over_seeds_continues_without_redoing_finished_work(tmp_path):
+def test_a_compare_of_two_methods_over_seeds_continues_without_redoing_finished_work(tmp_path, data_dir):
     space = tiny_space(tmp_path, tiny_bert(tmp_path / "model"), epochs=1)
     common = [str(space), "--methods", "llmm", "lora", "--profile", "cpu", "--storage", str(tmp_path / "runs"),
-              "--results", str(tmp_path / "results"), "--data-dir", str(subset_glue(tmp_path / "data")),
+              "--results", str(tmp_path / "results"), "--data-dir", str(subset_glue(data_dir, tmp_path / "data")),
               "--cpus-per-trial", "1", "--num-samples", "1"]
     first = run_module("llmm_tune.compare", *common, "--seeds", "0", timeout=900)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -111,7 +112,7 @@ def test_a_compare_of_two_methods_over_seeds_continues_without_redoing_finished_
     assert lora_search["K"] == 0 and lora_search["bits"] is None and runs["llmm/0"]["config"]["K"] >= 1
     # retrained with the threads of a search trial (--cpus-per-trial 1), seed 0 repeats the search's seed-0 trial
     experiment = tmp_path / "runs" / "tiny_cola-llmm-cpu-compare"
-    _, searched, _ = best_trial(str(experiment))
+    searched = best_trial(collect(str(experiment)))
     (report,) = [json.loads(line) for f in experiment.glob("trial_*/result.json") for line in f.read_text().splitlines()
                  if json.loads(line)["trial_id"] == searched["trial"]]  # its one evaluation (1 epoch)
     assert runs["llmm/0"]["threads"] == 1 and runs["llmm/0"]["trial"] == searched["trial"]
@@ -159,11 +160,11 @@ def test_a_compare_of_two_methods_over_seeds_continues_without_redoing_finished_
     assert json.loads((out / "runs.json").read_text()) == both
 
 
-def test_a_failing_retraining_lets_the_other_seeds_finish_and_ends_the_compare_with_one_line(tmp_path):
-    space = tiny_space(tmp_path, tiny_bert(tmp_path / "model"), family="tests.seed_one_fails_family", epochs=1)
+def test_a_failing_retraining_lets_the_other_seeds_finish_and_ends_the_compare_with_one_line(tmp_path, data_dir):
+    space = tiny_space(tmp_path, tiny_bert(tmp_path / "model"), family="tests.doubles.seed_one_fails_family", epochs=1)
     failed = run_module("llmm_tune.compare", str(space), "--methods", "llmm", "--seeds", "0", "1", "2", "--profile",
                         "cpu", "--storage", str(tmp_path / "runs"), "--results", str(tmp_path / "results"),
-                        "--data-dir", str(subset_glue(tmp_path / "data")), "--cpus-per-trial", "1",
+                        "--data-dir", str(subset_glue(data_dir, tmp_path / "data")), "--cpus-per-trial", "1",
                         "--num-samples", "1", timeout=900)
     assert failed.returncode == 2, failed.stderr[-3000:]
     assert "llmm: seed 1 failed" in failed.stderr and "injected bug: seed 1 cannot be scored" in failed.stderr

@@ -14,7 +14,7 @@ import trainables.continual as continual
 from llmm_tune.train.fit import Schedule, train_steps
 from llmm_tune.tune.context import TrialContext
 from llmm_tune.tune.spaces import SPACES_DIR, load_spec
-from tests.search_fixtures import SHARED_DATA, tiny_causal_lm
+from tests.helpers.search_fixtures import tiny_causal_lm
 from trainables.gorp import Basis, GradientSummary, average_accuracy, backward_transfer
 
 
@@ -75,7 +75,7 @@ CL_LOCAL = TrialContext.of("continual", "cl_local")
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, data_dir):
     """Two-task sequences on a tiny Llama: with the memory projection uninterrupted, the same resumed after
     task 1 (a fresh model restored from the checkpoint), and without the projection."""
     root = tmp_path_factory.mktemp("continual")
@@ -84,7 +84,7 @@ def runs(tmp_path_factory):
               "order": ["COPA", "SST-2"], "max_train_examples": 24,
               "validation_size": 8, "test_examples": 8, "batch_size": 4, "rank": 4, "galore_rank": 4,
               "galore_lr": 1e-3, "update_proj_gap": 2}
-    data = continual.prepare(config, CL_LOCAL, str(SHARED_DATA))
+    data = continual.prepare(config, CL_LOCAL, str(data_dir))
 
     def run(name: str, resume=None, **changes) -> list[dict]:
         kept = []
@@ -148,9 +148,9 @@ def test_full_rank_updates_of_task_1_survive_to_the_end_of_the_sequence(runs):
         assert torch.allclose(U.T @ (final[f"after.1.{name}"] - pristine[name]), task_1, atol=1e-5)
 
 
-def test_the_export_scores_every_intermediate_model_once_on_test(runs):
+def test_the_export_scores_every_intermediate_model_once_on_test(runs, data_dir):
     config, last = runs["config"], runs["gorp"][1]
-    scores = continual.score(config, CL_LOCAL, str(last["dir"]), str(SHARED_DATA))
+    scores = continual.score(config, CL_LOCAL, str(last["dir"]), str(data_dir))
     found = scores["accuracy_matrix"]
     assert found["tasks"] == ["COPA", "SST-2"] and [len(r) for r in found["after_each_task"]] == [1, 2]
     assert scores["aa"] == pytest.approx(sum(found["after_each_task"][-1]) / 2)
@@ -160,11 +160,11 @@ def test_the_export_scores_every_intermediate_model_once_on_test(runs):
     assert "| 1. COPA |" in markdown and "| (untuned) |" in markdown
 
 
-def test_a_continual_search_judges_each_sequence_by_its_end_and_exports_aa_bwt_and_the_matrix(tmp_path):
+def test_a_continual_search_judges_each_sequence_by_its_end_and_exports_aa_bwt_and_the_matrix(tmp_path, data_dir):
     import pandas as pd
     import yaml
 
-    from tests.search_fixtures import run_module
+    from tests.helpers.search_fixtures import run_module
 
     space = yaml.safe_load((SPACES_DIR / "cl_local.yaml").read_text())
     space["profiles"]["cpu"] = {
@@ -174,7 +174,7 @@ def test_a_continual_search_judges_each_sequence_by_its_end_and_exports_aa_bwt_a
         "space": {"update_proj_gap": {"choice": [2, 4]}}, "num_samples": 2}
     (tmp_path / "cl_tiny.yaml").write_text(yaml.safe_dump(space))
     done = run_module("llmm_tune.search", str(tmp_path / "cl_tiny.yaml"), "--profile", "cpu", "--data-dir",
-                      str(SHARED_DATA), "--storage", str(tmp_path / "runs"), "--results", str(tmp_path / "results"))
+                      str(data_dir), "--storage", str(tmp_path / "runs"), "--results", str(tmp_path / "results"))
     assert done.returncode == 0, done.stderr[-3000:]
     out = tmp_path / "results" / "cl_local"
     trials = pd.read_csv(out / "trials.csv")
@@ -218,7 +218,7 @@ def test_each_task_trains_in_the_shared_step_loop_with_gorp_between_backward_and
         trained = [p for p in model.parameters() if p.requires_grad and p.numel()]
 
         def before_step() -> None:
-            calls.append(all(p.grad is not None for p in trained))
+            calls.append(bool(trained) and all(p.grad is not None for p in trained))
             hooks.before_step()
 
         yield from train_steps(schedule, data, model, loss, optimizer, scheduler, max_grad_norm,

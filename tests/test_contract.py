@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 
 import pytest
@@ -15,17 +14,18 @@ from safetensors.torch import load_file
 
 from llmm_tune.errors import UsageError
 from llmm_tune.tune.spaces import METHOD_CHOICES, PROFILES, SPACES_DIR, load_spec
-from tests.search_fixtures import SHARED_DATA, tiny_bert, tiny_causal_lm
-from tests.user_data import CAUSAL_FORMATS, CLASSIFICATION_FORMATS, build
+from tests.helpers.search_fixtures import tiny_bert, tiny_causal_lm
+from tests.helpers.shared_data import IN_CI
+from tests.helpers.user_data import CAUSAL_FORMATS, CLASSIFICATION_FORMATS, build
 from trainables.continual_data import order_of
 
 DATASET_SPACES = {"sft": CAUSAL_FORMATS, "classify": CLASSIFICATION_FORMATS}  # spaces that take the user's data
 SPACES = [p for p in sorted(SPACES_DIR.glob("*.yaml")) if p.stem not in DATASET_SPACES]
 USER_CASES = [(space, kind) for space, kinds in DATASET_SPACES.items() for kind in kinds]
 # The shared data lacks files of these tasks (GLUE's MNLI, QNLI and QQP training splits; tasks of O-LoRA's benchmark
-# that orders 1-6 use): only they may skip in CI (CI=true), where any other missing data fails the test.
+# that orders 1-6 use): only they may skip in CI (CI=true), where any other missing data fails the test (a missing
+# data folder: the `data_dir` fixture).
 INCOMPLETE_IN_SHARED_DATA = {"glue_mnli", "glue_qnli", "glue_qqp", *(f"cl_order{i}" for i in range(1, 7))}
-IN_CI = os.environ.get("CI", "").lower() not in ("", "0", "false")
 # What makes a trial tiny, per setting; a family takes the ones it has.
 TINY = {"max_train_examples": 16, "validation_size": 8, "test_examples": 4, "batch_size": 4, "epochs": 1,
         "evals_per_epoch": 2, "grad_accum": 1, "max_steps": None, "loftq_iters": 1, "rank": 4, "max_length": 32,
@@ -45,25 +45,25 @@ def test_the_search_spaces_are_found():
 
 
 @pytest.mark.parametrize("path", SPACES, ids=[p.stem for p in SPACES])
-def test_every_search_space_resolves_trains_resumes_and_scores(path, tiny_models, tmp_path):
+def test_every_search_space_resolves_trains_resumes_and_scores(path, tiny_models, tmp_path, data_dir):
     for profile in PROFILES:
         for method in METHOD_CHOICES:
             load_spec(path.stem, profile, method)
     spec = load_spec(path.stem, "cpu", "llmm")
     try:
-        source = spec.recipe.check_data(spec.task, SHARED_DATA)
+        source = spec.recipe.check_data(spec.task, data_dir)
     except UsageError as error:
-        reason = f"no complete offline data for {spec.task} in {SHARED_DATA}: {error}"
-        if IN_CI and (path.stem not in INCOMPLETE_IN_SHARED_DATA or not SHARED_DATA.is_dir()):
+        reason = f"no complete offline data for {spec.task} in {data_dir}: {error}"
+        if IN_CI and path.stem not in INCOMPLETE_IN_SHARED_DATA:
             pytest.fail(f"{reason} (in CI, only the tasks the shared data lacks may skip)")
         pytest.skip(reason)
     trains_resumes_and_scores(spec, source, tiny_models, tmp_path)
 
 
 @pytest.mark.parametrize("space, kind", USER_CASES, ids=[f"{space}-{kind}" for space, kind in USER_CASES])
-def test_every_user_data_format_resolves_trains_resumes_and_scores(space, kind, tiny_models, tmp_path):
+def test_every_user_data_format_resolves_trains_resumes_and_scores(space, kind, tiny_models, tmp_path, data_dir):
     """The spaces that take the user's data, over a file of each format built from the shared data."""
-    path, options = build(kind, tmp_path)
+    path, options = build(data_dir, kind, tmp_path)
     dataset = {"path": str(path), **options}
     for profile in PROFILES:
         for method in METHOD_CHOICES:
@@ -112,7 +112,7 @@ def trains_resumes_and_scores(spec, source: str, tiny_models: dict, tmp_path) ->
     assert weights, f"no weights in the checkpoint {checkpoints[-1]}"
     for file in weights:
         final, again = load_file(str(file)), load_file(str(resumed_checkpoints[-1] / file.name))
-        assert final.keys() == again.keys() and all(torch.equal(final[k], again[k]) for k in final)
+        assert final and final.keys() == again.keys() and all(torch.equal(final[k], again[k]) for k in final)
     scores = recipe.score(config, context, str(checkpoints[-1]), source)
     numbers = {k: v for k, v in scores.items() if not isinstance(v, dict)}
     # any of the task's metrics may select, and compare reads the held-out value of the one that did

@@ -13,14 +13,13 @@ import bitsandbytes as bnb
 import huggingface_hub
 import pytest
 import torch
-import yaml
 from peft import AutoPeftModelForCausalLM, AutoPeftModelForSequenceClassification, PeftModel
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, BitsAndBytesConfig
 
 from llmm_tune import LlmmConfig, apply_llmm, export_adapter
 from llmm_tune.method.peft_export import EXPORT_FILE, to_peft
 from llmm_tune.train.pretrained import CACHE_DIR, HUB_IDS, load_classifier
-from tests.search_fixtures import ROOT, tiny_bert, tiny_causal_lm
+from tests.helpers.search_fixtures import ROOT, export_record, tiny_bert, tiny_causal_lm
 
 FORMATS = [(4, "normal_float"), (2, "uniform")]
 
@@ -82,10 +81,11 @@ def test_an_exported_causal_lm_reloads_in_peft_with_the_same_logits(bits, method
 COMMIT = "0" * 40
 # record (as best.yaml holds it) -> the tiny model standing for the packaged one, and the AutoPeftModel class
 CASES = {
-    "classifier": ({"family": "glue", "task": "cola", "metric": "mcc", "config": {"model": "minilm", "max_length": 32}},
+    "classifier": ({"family": "glue", "task": "cola", "metric": "mcc", "mode": "max",
+                    "config": {"model": "minilm", "max_length": 32}},
                    lambda folder: load_classifier(str(tiny_bert(folder, dropout=0.0)), num_labels=2),
                    AutoPeftModelForSequenceClassification),
-    "causal_lm": ({"family": "causal_lm", "task": "gsm8k", "metric": "nll",
+    "causal_lm": ({"family": "causal_lm", "task": "gsm8k", "metric": "nll", "mode": "min",
                    "config": {"model": "smollm2", "max_source_length": 24, "max_target_length": 8}},
                   lambda folder: AutoModelForCausalLM.from_pretrained(tiny_causal_lm(folder)),
                   AutoPeftModelForCausalLM),
@@ -114,9 +114,9 @@ def test_auto_peft_model_loads_an_exported_adapter_on_its_hub_base_and_no_file_n
     inputs = {"input_ids": torch.tensor([[101, 2023, 2003, 1037, 3231, 102]]),
               "attention_mask": torch.ones(1, 6, dtype=torch.long)}
     expected = model(**inputs).logits
-    record = {"family": entry["family"], "task": entry["task"], "method": "lora", "config": entry["config"],
-              "validation": {"metric": entry["metric"]}, "data": {"source": "hub"}}
-    (tmp_path / "best.yaml").write_text(yaml.safe_dump(record))
+    validation = {"metric": entry["metric"], "mode": entry["mode"], "value": 0.0}
+    export_record(family=entry["family"], task=entry["task"], method="lora", config=entry["config"],
+                  validation=validation).write(tmp_path / "best.yaml")
     monkeypatch.setattr(export_adapter, "trained_model", lambda *args: model)  # what the search's checkpoint gives
     out = tmp_path / "out"
     written = export_adapter.run([str(tmp_path / "best.yaml"), "--out", str(out)])

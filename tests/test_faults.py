@@ -22,14 +22,14 @@ import torch
 from llmm_tune.tune.context import TrialContext
 from llmm_tune.tune.experiment import read_record
 from llmm_tune.tune.searcher import JOURNAL, FailureAwareOptunaSearch
-from tests.search_fixtures import ENV, ROOT, run_module, start_module, subset_glue, tiny_bert, tiny_space
+from tests.helpers.search_fixtures import ENV, ROOT, run_module, start_module, subset_glue, tiny_bert, tiny_space
 from trainables.glue import prepare, train
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
+def assets(tmp_path_factory, data_dir):
     root = tmp_path_factory.mktemp("faults")
-    return {"root": root, "model": tiny_bert(root / "model"), "data": subset_glue(root / "data")}
+    return {"root": root, "model": tiny_bert(root / "model"), "data": subset_glue(data_dir, root / "data")}
 
 
 def search_args(assets: dict, space: Path, name: str, *extra: str) -> list[str]:
@@ -215,12 +215,13 @@ def test_lost_worker_node_reschedules_its_trials(assets):
     results = result_lines(assets["root"] / "runs" / "lost-node")
     moved = [r for r in results if r["iterations_since_restore"] < r["training_iteration"]]
     assert moved, "no trial was resumed after the node was removed"
-    assert all(r["pid"] != p["pid"] for r in moved for p in results
-               if p["trial_id"] == r["trial_id"] and p["iterations_since_restore"] == p["training_iteration"])
+    pids = [(r["pid"], p["pid"]) for r in moved for p in results  # (after the move, before it) of a trial
+            if p["trial_id"] == r["trial_id"] and p["iterations_since_restore"] == p["training_iteration"]]
+    assert pids and all(after != before for after, before in pids), pids
 
 
 def test_a_crash_that_repeats_after_a_restore_ends_the_trial_without_more_retries(assets):
-    space = tiny_space(assets["root"], assets["model"], "crashing", family="tests.crashing_family", epochs=4)
+    space = tiny_space(assets["root"], assets["model"], "crashing", family="tests.doubles.crashing_family", epochs=4)
     run = run_module("llmm_tune.search", *search_args(assets, space, "crashing", "--num-samples", "1",
                                                       "--cpus-per-trial", "1"))
     assert run.returncode == 0, run.stderr[-3000:]
@@ -298,7 +299,8 @@ def test_sigterm_before_tunes_run_stops_it_after_its_first_step_and_after_it_end
 
 
 def test_a_trial_whose_clean_up_outlasts_tunes_default_wait_does_not_fail_the_next_trial_on_its_actor(assets):
-    space = tiny_space(assets["root"], assets["model"], "slow-cleanup", family="tests.slow_cleanup_family", epochs=1)
+    space = tiny_space(assets["root"], assets["model"], "slow-cleanup", family="tests.doubles.slow_cleanup_family",
+                       epochs=1)
     run = run_module("llmm_tune.search", *search_args(assets, space, "slow-cleanup", "--num-samples", "2",
                                                       "--cpus-per-trial", "2", "--max-concurrent", "1"))
     assert run.returncode == 0, run.stderr[-3000:]

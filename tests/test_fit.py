@@ -16,7 +16,7 @@ from llmm_tune.plan import run as plan
 from llmm_tune.plan import trial_config
 from llmm_tune.train.fit import Batches, Hooks, Schedule, fit, train_steps
 from llmm_tune.tune.spaces import load_spec
-from tests.search_fixtures import tiny_space
+from tests.helpers.search_fixtures import tiny_space
 
 EXAMPLES = 50
 

@@ -8,7 +8,7 @@ import re
 import subprocess
 import sys
 
-from tests.search_fixtures import ENV, ROOT
+from tests.helpers.search_fixtures import ENV, ROOT
 
 
 def test_the_gpu_check_runs_on_the_cpu_up_to_the_cuda_calls():

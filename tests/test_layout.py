@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from llmm_tune.tune.family import BUILT_IN
+
 ROOT = Path(__file__).resolve().parent.parent
 
 SEARCH_MACHINERY = ("ray", "optuna", "pyarrow")
@@ -80,3 +82,43 @@ def test_no_function_of_the_library_or_the_families_is_over_60_lines():
                 functions.append((node.end_lineno - node.lineno + 1, f"{path.relative_to(ROOT)}:{node.name}"))
     assert len(functions) > 100
     assert [f for f in functions if f[0] > 60] == []
+
+
+def test_a_recipe_imports_no_other_recipe_and_the_library_imports_no_recipe():
+    """A recipe (a built-in family and the modules of `trainables` it alone reaches) takes what it shares with
+    others from `llmm_tune.train`, so each changes alone; the library reaches a family by name (`load_family`)."""
+    modules = project_modules()
+    graph = {name: imported_modules(path, modules) - {name} for name, path in modules.items()}
+    families = {f"trainables.{name}" for name in BUILT_IN}
+    assert families <= set(graph)
+
+    def reached(family: str) -> set[str]:
+        found, todo = set(), [family]
+        while todo:
+            new = {m for m in graph[todo.pop()] if m.startswith("trainables.")} - found
+            found |= new
+            todo += new
+        return found
+
+    recipes = {family: reached(family) for family in sorted(families)}
+    assert all(not reach & families for reach in recipes.values()), recipes
+    shared = sorted(m for m in modules if sum(m in r for r in recipes.values()) > 1)
+    assert shared == [], f"{shared} serve several recipes: move what they share into llmm_tune/train/"
+    assert sorted(name for name in graph if name.startswith("llmm_tune") and any(
+        m.split(".")[0] == "trainables" for m in graph[name])) == []
+
+
+def test_commands_stand_on_the_library_and_import_no_other_command():
+    """A command (each of `llmm_tune.cli.COMMANDS`) parses, calls the library and prints: no command imports another,
+    and no library module imports a command, so a test and a command reach results the same way."""
+    from llmm_tune.cli import COMMANDS
+
+    modules = project_modules()
+    commands = {f"llmm_tune.{name}" for name in COMMANDS}
+    assert commands <= set(modules)
+    graph = {name: imported_modules(path, modules) - {name} for name, path in modules.items()}
+    assert sum(map(len, graph.values())) > 50  # the graph was read
+    reaching = {name: sorted(graph[name] & commands) for name in sorted(graph) if graph[name] & commands}
+    assert reaching == {}, f"these import a command: {reaching}; move what they share into the library"
+    lengths = {name: len(modules[name].read_text().splitlines()) for name in ("llmm_tune.export", "llmm_tune.search")}
+    assert all(length < 250 for length in lengths.values()), lengths

@@ -15,7 +15,7 @@ import pytest
 from benchmarks import bench_many_trials as bench
 from llmm_tune.tune.driver import DeleteSupersededCheckpoints, ForgetFinishedTrialsMetricWindows
 from llmm_tune.tune.searcher import JOURNAL
-from tests.search_fixtures import ENV, ROOT
+from tests.helpers.search_fixtures import ENV, ROOT
 
 TRIALS = 300
 # Ray Tune's driver keeps its record of every trial (docs/benchmarks.md: 41.2 MiB per 1,000 trials in ours over

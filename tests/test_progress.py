@@ -46,7 +46,7 @@ def test_failed_work_ends_its_lines_without_a_final_one():
 
 
 def test_decoding_advances_the_progress_by_every_prompt(tiny_llama):
-    from trainables.causal_lm import tokenizer_for
+    from llmm_tune.train.pretrained import tokenizer_for
 
     tokenizer = tokenizer_for("smollm2", False)
     tiny_llama.resize_token_embeddings(len(tokenizer))

@@ -13,6 +13,7 @@ from llmm_tune.errors import UsageError
 from llmm_tune.files import atomic_path, write_text
 from llmm_tune.reproduce import version_drift
 from llmm_tune.train import data
+from llmm_tune.tune.direction import Direction
 from llmm_tune.tune.experiment import fresh_name, package_versions
 from llmm_tune.tune.family import Task, replaces
 
@@ -87,7 +88,7 @@ def test_the_report_that_stands_for_a_trial_is_the_one_rays_checkpoint_manager_k
     for i, value in enumerate(reports):
         (tmp_path / str(i)).mkdir()
         manager.register_checkpoint(_TrainingResult(Checkpoint(str(tmp_path / str(i))), {"val": value, "i": i}))
-        if replaces(task, mode, value, None if kept is None else reports[kept]):
+        if replaces(task, Direction(mode), value, None if kept is None else reports[kept]):
             kept = i
     assert manager.best_checkpoint_result.metrics["i"] == kept
 

@@ -20,8 +20,8 @@ from llmm_tune.method.model import load_llmm, merge_llmm, save_adapter
 from llmm_tune.method.peft_export import to_peft
 from llmm_tune.method.quant import stored_values
 from llmm_tune.train.pretrained import load_classifier
-from llmm_tune.tune.spaces import load_spec
-from tests.search_fixtures import ROOT, tiny_bert
+from llmm_tune.tune.spaces import SPACES_DIR, load_spec
+from tests.helpers.search_fixtures import tiny_bert
 
 IDS = {"input_ids": torch.tensor([[101, 2023, 2003, 1037, 3231, 102]]), "attention_mask": torch.ones(1, 6, dtype=int)}
 
@@ -113,7 +113,7 @@ def test_embeddings_tied_to_the_output_layer_are_refused():
         LlmmConfig(bits=None, quantize_embeddings=True)
 
 
-@pytest.mark.parametrize("space", sorted(path.stem for path in (ROOT / "search_spaces").glob("glue_*.yaml")))
+@pytest.mark.parametrize("space", sorted(path.stem for path in SPACES_DIR.glob("glue_*.yaml")))
 def test_glue_paper_profiles_run_the_releases_scale_and_quantised_embeddings(space):
     paper, cpu = load_spec(space, "paper", "llmm").fixed, load_spec(space, "cpu", "llmm").fixed
     assert (paper["adapter_scale"], paper["quantize_embeddings"]) == (1.0, True)

@@ -12,20 +12,21 @@ import pytest
 import torch
 import yaml
 
-from llmm_tune.train.data import carve_validation
+from llmm_tune.train.pretrained import load_tokenizer
+from llmm_tune.tune.context import TrialContext
 from llmm_tune.tune.experiment import git_commit, package_versions
 from llmm_tune.tune.spaces import load_spec
-from tests.search_fixtures import SHARED_DATA, run_module, subset_glue, tiny_bert, tiny_space
-from trainables.glue import _texts
+from tests.helpers.search_fixtures import run_module, subset_glue, tiny_bert, tiny_space
+from trainables import glue
 from trainables.glue_data import TASKS, load_splits
 
 
 @pytest.fixture(scope="module")
-def searched(tmp_path_factory):
+def searched(tmp_path_factory, data_dir):
     """One finished 2-trial search with its export."""
     root = tmp_path_factory.mktemp("search")
     space = tiny_space(root, tiny_bert(root / "model"))
-    data = subset_glue(root / "data")
+    data = subset_glue(data_dir, root / "data")
     run = run_module("llmm_tune.search", str(space), "--profile", "cpu", "--data-dir", str(data),
                      "--storage", str(root / "runs"), "--results", str(root / "results"), "--name", "tiny",
                      "--cpus-per-trial", "1")
@@ -144,21 +145,27 @@ def test_existing_experiment_is_not_overwritten(searched):
     assert run.returncode == 2 and "already exists" in run.stderr and "--resume" in run.stderr
 
 
-@pytest.mark.skipif(not (SHARED_DATA / "glue" / "CoLA").is_dir(), reason="needs ../shared/data")
 @pytest.mark.parametrize("task", ["cola", "stsb"])
-def test_validation_split_never_overlaps_dev_and_is_seeded(task):
-    train, dev = load_splits(TASKS[task].details, str(SHARED_DATA))
-    examples = _texts
+def test_validation_split_never_overlaps_dev_and_is_seeded(data_dir, task):
+    """The validation split `prepare` carves from train holds no dev example (compared as token ids, after
+    tokenisation as training sees them): the same split for a seed, another for another seed."""
+    def prepared(seed: int) -> glue.GlueData:
+        config = {"model": "minilm", "on_bad_row": "error", "validation_size": 0.1, "seed": seed,
+                  "max_train_examples": None, "max_length": 128}
+        return glue.prepare(config, TrialContext.of("glue", task), str(data_dir))
 
-    def carve(seed: int):
-        return carve_validation(train, examples(train), set(examples(dev)), 0.1, seed=seed)
+    def examples(split) -> list[tuple[int, ...]]:
+        return [tuple(ids) for ids in split["input_ids"]]
 
-    assert set(examples(train)) & set(examples(dev))  # the data does repeat dev examples in train
-    kept, validation = carve(3)
-    assert not set(examples(validation)) & set(examples(dev))
-    assert len(kept) + len(validation) == len(train) and len(validation) == round(0.1 * len(train))
-    assert examples(carve(3)[1]) == examples(validation)
-    assert examples(carve(4)[1]) != examples(validation)
+    train, dev = load_splits(TASKS[task].details, str(data_dir))
+    in_dev = set(examples(glue.tokenize(dev, load_tokenizer("minilm"), 128)))
+    data = prepared(3)
+    assert set(examples(data.train)) & in_dev  # the data does repeat dev examples in train
+    assert not set(examples(data.validation)) & in_dev
+    assert len(data.train) + len(data.validation) == len(train)
+    assert len(data.validation) == round(0.1 * len(train))
+    assert examples(prepared(3).validation) == examples(data.validation)
+    assert examples(prepared(4).validation) != examples(data.validation)
 
 
 def test_baselines_share_the_space_and_fix_what_they_do_not_use():
@@ -183,7 +190,7 @@ def test_profiles_pick_their_warm_start_and_asha_watches_the_validation_metric(t
 def test_the_random_sampler_is_a_searcher_option_for_baselines_of_the_search_itself():
     from optuna.samplers import RandomSampler, TPESampler
 
-    from llmm_tune.search import parse_args
+    from llmm_tune.cli import parse_search_args as parse_args
     from llmm_tune.tune.searcher import make_searcher
 
     spec = load_spec("glue_cola", "cpu", "llmm")

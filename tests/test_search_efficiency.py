@@ -13,8 +13,7 @@ import yaml
 
 from benchmarks import bench_search_efficiency as bench
 from benchmarks import record_curves
-from llmm_tune.tune.spaces import load_spec
-from tests.search_fixtures import ROOT
+from llmm_tune.tune.spaces import SPACES_DIR, load_spec
 
 EVALUATIONS, BEST_LR = 8, 6e-4
 
@@ -25,7 +24,7 @@ def spec():
 
 
 def cola_design(size: int = 48) -> list[dict]:
-    space = yaml.safe_load((ROOT / "search_spaces" / "glue_cola.yaml").read_text())
+    space = yaml.safe_load((SPACES_DIR / "glue_cola.yaml").read_text())
     return record_curves.design(record_curves.profile_space(space), space["profiles"]["cpu"]["warm_start"], size)
 
 

@@ -1,6 +1,6 @@
 """The search where users already look: Optuna's study, the export's plots, MLflow and W&B, read back as trials.csv
-says. A search of a family without a model (tests/instant_family.py), tracked by both: its study names the metric
-and each trial by Ray's id and trials.csv's number; its export draws every plot; MLflow holds the search as a
+says. A search of a family without a model (tests/doubles/instant_family.py), tracked by both: its study names the
+metric and each trial by Ray's id and trials.csv's number; its export draws every plot; MLflow holds the search as a
 parent run with its settings and table and each trial nested with its config and every report; W&B (offline) a
 run per trial in the search's group. The history names the metric, numbers trials as trials.csv does and marks
 those ASHA stopped; the learning curves run against the family's clock with ASHA's rungs where Ray puts them."""
@@ -14,11 +14,19 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from ray.tune.schedulers import ASHAScheduler
 
-from llmm_tune.export import NAMED_CURVES, asha_rungs, curves_figure, history_figure, importance_figure, parallel_figure
+from llmm_tune.results.plots import (
+    NAMED_CURVES,
+    asha_rungs,
+    curves_figure,
+    history_figure,
+    importance_figure,
+    parallel_figure,
+)
+from llmm_tune.tune.direction import Direction
 from llmm_tune.tune.searcher import JOURNAL, NUMBER, RAY_TRIAL_ID
 from llmm_tune.tune.trackers import TRIAL_TAG
-from tests.search_fixtures import earlier_results, run_module, tiny_space
-from tests.wandb_records import run_of
+from tests.helpers.search_fixtures import earlier_results, run_module, tiny_space
+from tests.helpers.wandb_records import run_of
 
 PLOTS = ("history.png", "importance.png", "curves.png", "parallel.png")
 
@@ -27,7 +35,7 @@ PLOTS = ("history.png", "importance.png", "curves.png", "parallel.png")
 def searched(tmp_path_factory) -> dict:
     """A finished search of 4 trials of 4 epochs each, and its export."""
     root = tmp_path_factory.mktemp("study")
-    space = tiny_space(root, root / "no-model", "instant", family="tests.instant_family", epochs=4)
+    space = tiny_space(root, root / "no-model", "instant", family="tests.doubles.instant_family", epochs=4)
     earlier = earlier_results(root / "earlier", [dict(trial="e1", lr=2e-2, scale=50.0, rank=8, K=1, bits=4,
                                                       quant_method="normal_float", val_mcc=0.4)])
     trackers = {"MLFLOW_TRACKING_URI": f"sqlite:///{root}/mlflow.db", "WANDB_MODE": "offline",
@@ -75,7 +83,7 @@ def test_mlflow_holds_the_search_as_a_parent_run_and_every_trial_nested_with_its
 def test_wandb_offline_keeps_a_run_per_trial_in_the_searchs_group_with_config_and_every_report(searched):
     runs = {run["id"]: run for run in map(run_of, searched["wandb"].glob("offline-run-*"))}
     trials = searched["trials"]
-    assert set(runs) == {*trials["trial"], "instant-search"}
+    assert len(trials) == 4 and set(runs) == {*trials["trial"], "instant-search"}  # a run per trial, and the search's
     assert {run["group"] for run in runs.values()} == {"instant"} and runs["instant-search"]["job_type"] == "search"
     for _, trial in trials.iterrows():
         run = runs[trial["trial"]]
@@ -99,7 +107,7 @@ def test_the_export_draws_every_plot_and_says_when_importances_rest_on_few_trial
 def test_the_history_names_the_metric_numbers_trials_as_trials_csv_and_marks_the_early_stopped():
     trials = pd.DataFrame({"number": [3, 1, 2, 4], "val_mcc": [0.3, 0.1, None, 0.2],
                            "stopped_early": [True, False, True, False]})
-    axes = history_figure(trials, "val_mcc", "max").axes[0]
+    axes = history_figure(trials, "val_mcc", Direction("max")).axes[0]
     assert axes.get_ylabel() == "val_mcc"
     points = {c.get_label(): c.get_offsets().tolist() for c in axes.collections}
     assert points == {"trial": [[1, 0.1], [4, 0.2]], "stopped early by ASHA": [[3, 0.3]]}
@@ -126,7 +134,7 @@ def test_learning_curves_run_against_the_clock_with_ashas_rungs_where_ray_puts_t
     histories = {"a": pd.DataFrame({"epoch": [1, 2], "val_mcc": [0.1, 0.2]}), "b": pd.DataFrame({"epoch": [1]})}
     trials = pd.DataFrame({"trial": ["a", "b", "c"], "number": [1, 2, 3], "val_mcc": [0.2, None, None]})  # b
     # reported no value, c nothing
-    axes = curves_figure(histories, trials, "val_mcc", "epoch", rungs, "max").axes[0]
+    axes = curves_figure(histories, trials, "val_mcc", "epoch", rungs, Direction("max")).axes[0]
     assert axes.get_xlabel() == "epoch" and axes.get_ylabel() == "val_mcc"
     lines = [(line.get_label(), list(line.get_xdata())) for line in axes.lines]
     assert [line for line in lines if line[0].startswith("trial")] == [("trial 1", [1, 2])]
@@ -138,7 +146,7 @@ def test_learning_curves_of_many_trials_name_the_best_and_draw_the_rest_grey(mod
     values = [0.05 * i for i in range(NAMED_CURVES + 5)]
     histories = {f"t{i}": pd.DataFrame({"epoch": [1, 2], "val_mcc": [v / 2, v]}) for i, v in enumerate(values)}
     trials = pd.DataFrame({"trial": list(histories), "number": range(1, len(values) + 1), "val_mcc": values})
-    axes = curves_figure(histories, trials, "val_mcc", "epoch", [], mode).axes[0]
+    axes = curves_figure(histories, trials, "val_mcc", "epoch", [], Direction(mode)).axes[0]
     best = sorted(range(len(values)), key=lambda i: values[i], reverse=mode == "max")[:NAMED_CURVES]
     assert sorted(line.get_label() for line in axes.lines) == sorted(f"trial {i + 1}" for i in best)
     (grey,) = axes.collections

@@ -9,10 +9,10 @@ import math
 import pytest
 
 from llmm_tune.errors import UsageError
+from llmm_tune.results.transfer import warm_start_from
 from llmm_tune.tune.experiment import ExperimentRecord
 from llmm_tune.tune.spaces import load_spec
-from llmm_tune.tune.transfer import warm_start_from
-from tests.search_fixtures import earlier_results
+from tests.helpers.search_fixtures import earlier_results
 
 NF, UNIFORM = "normal_float", "uniform"
 RECORD_FIELDS = ("name", "family", "task", "space", "space_yaml", "profile", "method", "metric", "mode", "seed",

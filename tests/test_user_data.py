@@ -14,11 +14,11 @@ from llmm_tune.errors import UsageError
 from llmm_tune.search import written_space
 from llmm_tune.train import dataset
 from llmm_tune.train.lm_scoring import IGNORE, encode_conversation
+from llmm_tune.train.pretrained import tokenizer_for
 from llmm_tune.tune.spaces import load_spec
-from tests.search_fixtures import run_module, tiny_bert
-from tests.user_data import alpaca_rows, build, rows_file
+from tests.helpers.search_fixtures import run_module, tiny_bert
+from tests.helpers.user_data import alpaca_rows, build, rows_file
 from trainables import causal_data, glue_data
-from trainables.causal_lm import tokenizer_for
 
 
 def test_a_conversation_is_learnt_on_its_assistant_turns_alone_with_their_end_of_turn_tokens():
@@ -66,8 +66,9 @@ def test_bad_rows_are_skipped_and_counted_when_asked(tmp_path, capsys):
     assert "skipped 1 bad row(s)" in out and "qa.jsonl:31: expected text in 'prompt'" in out
 
 
-def test_the_resolved_block_names_files_portably_with_hashes_and_a_changed_file_is_reported(tmp_path, capsys):
-    path, _ = build("text", tmp_path)
+def test_the_resolved_block_names_files_portably_with_hashes_and_a_changed_file_is_reported(tmp_path, capsys,
+                                                                                            data_dir):
+    path, _ = build(data_dir, "text", tmp_path)
     block = dataset.resolve({"path": str(path)}, {"text": ("text",)})
     assert block["files"] == {"all": dataset.portable(path)} and block["hashes"]["all"].startswith("sha256:")
     assert dataset.resolve(block, {"text": ("text",)}) == block  # a record's block is not resolved again
@@ -86,10 +87,12 @@ def test_a_data_file_inside_the_projects_parent_is_named_relative_to_the_project
     assert dataset.located("../shared/x.jsonl") == tmp_path / "shared" / "x.jsonl"
 
 
-def test_a_search_on_your_own_data_writes_its_space_exports_and_reproduces_warning_of_changed_data(tmp_path):
+def test_a_search_on_your_own_data_writes_its_space_exports_and_reproduces_warning_of_changed_data(tmp_path,
+                                                                                                   data_dir):
     """The user's flow: --write-space, edit the YAML, search it; the export's record carries the data block and
     the classifier's label names; `reproduce` retrains from the record and says when the data has changed."""
-    rows = [dict(text=r["instruction"][:60], label=["short", "long"][len(r["output"]) > 300]) for r in alpaca_rows(120)]
+    rows = [dict(text=r["instruction"][:60], label=["short", "long"][len(r["output"]) > 300])
+            for r in alpaca_rows(data_dir, 120)]
     data = rows_file(tmp_path, "lengths.jsonl", rows)
     written = tmp_path / "space.yaml"
     run = run_module("llmm_tune.search", "classify", "--data", data, "--model", "minilm", "--seed", "7",
@@ -114,8 +117,8 @@ def test_a_search_on_your_own_data_writes_its_space_exports_and_reproduces_warni
     assert again.returncode == 0 and "is not the data the record was made with" in again.stdout, again
 
 
-def test_a_users_space_extends_a_shipped_one_by_name_and_names_its_data_in_yaml(tmp_path):
-    path, _ = build("prompt_completion", tmp_path)
+def test_a_users_space_extends_a_shipped_one_by_name_and_names_its_data_in_yaml(tmp_path, data_dir):
+    path, _ = build(data_dir, "prompt_completion", tmp_path)
     space = tmp_path / "tickets.yaml"
     space.write_text(yaml.safe_dump({"extends": "sft", "task": "tickets", "fixed": {"seed": 3},
                                      "dataset": {"path": str(path), "columns": {"prompt": "question",

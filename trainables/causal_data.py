@@ -9,21 +9,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from llmm_tune.errors import UsageError
-from llmm_tune.train.data import BadRows, split_off
-from llmm_tune.train.dataset import load_rows
-from llmm_tune.train.dataset import read_file as read_rows
-
-
-@dataclass(frozen=True)
-class Example:
-    key: str  # what must not cross between splits (a question, an instruction, a first Human turn)
-    prompt: str
-    target: str
-    extra: dict = field(default_factory=dict)  # gold answer (GSM8K), rejected reply (HH-RLHF)
-
+from llmm_tune.train.data import BadRows, Example, sample, split_off
+from llmm_tune.train.dataset import load_rows, read_file
 
 GSM8K_SUFFIX = "\nAnswer the above question. First think step by step and then answer the final number.\n"
 FINAL = "The final answer is: "
@@ -156,11 +144,6 @@ FORMATS: dict[str, tuple[tuple[str, ...], Callable[[dict], Example | str]]] = {
 }
 
 
-def missing_files(task: CausalTask, data_dir: Path) -> list[Path]:
-    folder = data_dir / task.source.folder
-    return [folder / name for names in task.source.files.values() for name in names if not (folder / name).is_file()]
-
-
 def _examples(task: CausalTask, rows: Iterator[tuple[str, object]], bad_rows: BadRows, where: str) -> list[Example]:
     examples = []
     for at, row in rows:
@@ -188,7 +171,7 @@ def load(task: CausalTask, source: str, on_bad_row: str) -> dict[str, list[Examp
                                 bad_rows, f"{name} {theirs}")
                 for ours, theirs in task.source.hub_splits.items()}
     folder = Path(source) / task.source.folder
-    return {split: [e for name in names for e in _examples(task, read_rows(folder / name), bad_rows, folder / name)]
+    return {split: [e for name in names for e in _examples(task, read_file(folder / name), bad_rows, folder / name)]
             for split, names in task.source.files.items()}
 
 
@@ -221,14 +204,6 @@ def train_and_test(task: CausalTask, source: str, config: dict) -> tuple[list[Ex
         kept, held = split_off([e.key for e in pool], config["test_size"], task.test_seed, grouped=task.grouped)
         return [pool[i] for i in kept], [pool[i] for i in held]
     return rows["train"], rows["test"]
-
-
-def sample(examples: list[Example], size: int | None, seed: int) -> list[Example]:
-    """A seeded draw of `size` examples in their original order (all of them when `size` is None): the
-    files are grouped by source (HH-RLHF's four subsets), so their first rows are no sample."""
-    if size is None or size >= len(examples):
-        return examples
-    return [examples[i] for i in sorted(np.random.default_rng(seed).choice(len(examples), size, replace=False))]
 
 
 NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")

@@ -20,14 +20,15 @@ from pathlib import Path
 import torch
 from datasets import Dataset
 from torch import nn
+from transformers import PreTrainedTokenizerBase
 
 from llmm_tune import apply_llmm, load_adapter, merge_llmm
 from llmm_tune.errors import UsageError
 from llmm_tune.method.config import METHOD_SETTINGS, llmm_config
 from llmm_tune.settings import COMMON, Setting, optional, positive_int, size
-from llmm_tune.train.data import BAD_ROW_POLICIES, hub_reachable
+from llmm_tune.train.data import BAD_ROW_POLICIES, Example, local_or_hub
 from llmm_tune.train.dataset import resolve
-from llmm_tune.train.fit import FIT_SETTINGS, Reporter, default_device, fit
+from llmm_tune.train.fit import FIT_SETTINGS, Reporter, default_device, epoch_clock, fit
 from llmm_tune.train.lm_scoring import (
     encode,
     encode_conversation,
@@ -37,17 +38,15 @@ from llmm_tune.train.lm_scoring import (
     response_loss,
     target_logprobs,
 )
-from llmm_tune.train.pretrained import is_causal_lm, load_causal_lm, load_tokenizer
+from llmm_tune.train.pretrained import is_causal_lm, load_causal_lm, tokenizer_for
 from llmm_tune.train.progress import Progress
 from llmm_tune.tune.context import TrialContext
 from llmm_tune.tune.family import Task
 from trainables.causal_data import (
     FORMATS,
     CausalTask,
-    Example,
     exact_match,
     messages,
-    missing_files,
     splits,
     test_split,
 )
@@ -70,6 +69,7 @@ SETTINGS: dict[str, Setting] = {
 DATA_SETTINGS = ("model", "max_source_length", "max_target_length", "validation_size", "test_size",
                  "max_train_examples", "test_examples", "seed", "on_bad_row")
 HELD_OUT = "test"
+clock = epoch_clock
 TASKS = {
     "gsm8k": Task("gsm8k", {"nll": "min", "perplexity": "min", "exact_match_flexible": "max",
                             "exact_match_strict": "max"}, "nll", SHIPPED["gsm8k"]),
@@ -101,22 +101,10 @@ def dataset_task(name: str, block: dict) -> Task:
     return Task(name, metrics, "nll", CausalTask(name, FORMATS[block["format"]][1], None, dataset=block))
 
 
-def clock(config: dict, context: TrialContext) -> tuple[str, float]:
-    return "epoch", config["epochs"]
-
-
 def check_data(task: str, data_dir: Path | None) -> str:
-    details = TASKS[task].details
-    if data_dir is not None:
-        missing = missing_files(details, data_dir)
-        if missing:
-            raise UsageError(f"{missing[0]} not found; {task} needs {details.source.folder}/ under --data-dir "
-                             "(see ../shared/data), or drop --data-dir to load it from the hub")
-        return str(data_dir)
-    if hub_reachable(details.source.hub[0]):
-        return "hub"
-    raise UsageError(f"no data for {task}: the Hugging Face hub is unreachable and no data directory is set; "
-                     f"pass --data-dir DIR (holding {details.source.folder}/) or set LLMM_DATA_DIR")
+    source = TASKS[task].details.source
+    files = [name for names in source.files.values() for name in names]
+    return local_or_hub(task, data_dir, Path(source.folder), files, source.hub[0])
 
 
 @dataclass
@@ -129,16 +117,7 @@ class CausalData:
     train_lengths: list[int]
 
 
-def tokenizer_for(model: str, trust_remote_code: bool, chat_template: str | None = None):
-    tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
-    if tokenizer.pad_token_id is None:  # Llama-2 has none; padding positions are masked by length anyway
-        tokenizer.pad_token = tokenizer.eos_token
-    if chat_template is not None:
-        tokenizer.chat_template = chat_template
-    return tokenizer
-
-
-def task_tokenizer(config: dict, context: TrialContext):
+def task_tokenizer(config: dict, context: TrialContext) -> PreTrainedTokenizerBase:
     """The model's tokenizer, with the chat template the user's data block names (if any)."""
     dataset = causal_task(context).dataset or {}
     return tokenizer_for(config["model"], context.trust_remote_code, dataset.get("chat_template"))
@@ -155,8 +134,8 @@ def tokenize(examples: list[Example], tokenizer, config: dict, replies: list[str
         for e, reply in zip(examples, replies)])
 
 
-def check_chat_template(config: dict, context: TrialContext) -> None:
-    if causal_task(context).parse is messages and task_tokenizer(config, context).chat_template is None:
+def check_chat_template(config: dict, context: TrialContext, tokenizer: PreTrainedTokenizerBase) -> None:
+    if causal_task(context).parse is messages and tokenizer.chat_template is None:
         raise UsageError(f"model {config['model']!r} has no chat template for the messages data; pass "
                          "--chat-template FILE (a Jinja template) or choose a model that has one (an instruct model)")
 
@@ -165,9 +144,9 @@ def prepare(config: dict, context: TrialContext, source: str) -> CausalData:
     if not is_causal_lm(config["model"], context.trust_remote_code):
         raise UsageError(f"model {config['model']!r} is not a causal LM; the causal_lm family needs a decoder with a "
                          "language-modelling head (smollm2, meta-llama/Llama-2-7b-hf, ...): set model in the YAML")
-    check_chat_template(config, context)
-    train, validation, _ = splits(causal_task(context), source, config)
     tokenizer = task_tokenizer(config, context)
+    check_chat_template(config, context, tokenizer)
+    train, validation, _ = splits(causal_task(context), source, config)
     train_set = tokenize(train, tokenizer, config)
     return CausalData(train_set, tokenize(validation, tokenizer, config), validation,
                       [len(ids) for ids in train_set["input_ids"]])

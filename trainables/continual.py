@@ -31,7 +31,7 @@ from llmm_tune.files import atomic_path
 from llmm_tune.method.config import METHOD_SETTINGS, llmm_config
 from llmm_tune.method.model import llmm_layers, matches
 from llmm_tune.settings import COMMON, Setting, fraction, optional, positive, positive_int, size
-from llmm_tune.train.data import BAD_ROW_POLICIES
+from llmm_tune.train.data import BAD_ROW_POLICIES, Example
 from llmm_tune.train.fit import (
     FIT_SETTINGS,
     Batches,
@@ -42,11 +42,9 @@ from llmm_tune.train.fit import (
     train_steps,
 )
 from llmm_tune.train.lm_scoring import encode, greedy_generate, pad, response_loss
-from llmm_tune.train.pretrained import load_causal_lm
+from llmm_tune.train.pretrained import load_causal_lm, tokenizer_for
 from llmm_tune.tune.context import TrialContext
 from llmm_tune.tune.family import Task
-from trainables.causal_data import Example
-from trainables.causal_lm import tokenizer_for
 from trainables.continual_data import (
     GROUPS,
     ORDERS,

@@ -8,8 +8,8 @@ import string
 from pathlib import Path
 
 from llmm_tune.errors import UsageError
-from llmm_tune.train.data import BadRows, split_off
-from trainables.causal_data import Example, read_rows, sample
+from llmm_tune.train.data import BadRows, Example, sample, split_off
+from llmm_tune.train.dataset import read_file
 
 BENCHMARK = Path("cl_benchmark") / "O-LoRA"  # under the data folder: CL_Benchmark/<group>/<task>/, configs/
 GROUPS = {"dbpedia": "TC", "amazon": "SC", "yahoo": "TC", "agnews": "TC", "yelp": "SC", "IMDB": "SC", "SST-2": "SC",
@@ -80,7 +80,7 @@ def load_task(root: Path, name: str, split: str, on_bad_row: str) -> list[Exampl
     instruction = instructions[group][0]["instruction"] if group in instructions else ""
     bad_rows, examples = BadRows(on_bad_row), []
     path = folder / SPLIT_FILES[split]
-    for at, row in read_rows(path):
+    for at, row in read_file(path):
         text, label = (row.get("sentence"), row.get("label")) if isinstance(row, dict) else (None, None)
         if not isinstance(text, str) or not isinstance(label, str):
             bad_rows.add(f"{at}: expected 'sentence' and 'label' (text)")

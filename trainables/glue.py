@@ -18,12 +18,11 @@ from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from llmm_tune import apply_llmm, load_adapter
-from llmm_tune.errors import UsageError
 from llmm_tune.method.config import METHOD_SETTINGS, llmm_config
 from llmm_tune.settings import COMMON, Setting, optional, positive_int, size
-from llmm_tune.train.data import BAD_ROW_POLICIES, by_length, carve_validation, hub_reachable, lengths
+from llmm_tune.train.data import BAD_ROW_POLICIES, by_length, carve_validation, lengths, local_or_hub
 from llmm_tune.train.dataset import load_rows, resolve
-from llmm_tune.train.fit import FIT_SETTINGS, Reporter, default_device, fit
+from llmm_tune.train.fit import FIT_SETTINGS, Reporter, default_device, epoch_clock, fit
 from llmm_tune.train.pretrained import load_classifier, load_tokenizer, model_config
 from llmm_tune.tune.context import TrialContext
 from trainables.glue_data import FORMATS, HUB_DATASET, TASKS, GlueTask, label_set, load_splits
@@ -39,6 +38,7 @@ SETTINGS: dict[str, Setting] = {
 }
 HELD_OUT = "dev"  # the split `score` reads
 DATA_SETTINGS = ("model", "max_length", "validation_size", "max_train_examples", "seed", "on_bad_row")
+clock = epoch_clock
 
 
 def glue_task(context: TrialContext) -> GlueTask:
@@ -53,24 +53,9 @@ def resolve_dataset(block: dict, where: str) -> dict:
     return block
 
 
-def clock(config: dict, context: TrialContext) -> tuple[str, float]:
-    return "epoch", config["epochs"]
-
-
 def check_data(task: str, data_dir: Path | None) -> str:
-    """Where this task's data will come from ("hub" or the folder), or a UsageError saying how to fix it."""
     local = TASKS[task].details.local
-    if data_dir is not None:
-        folder = data_dir / "glue" / local.folder
-        for name in (local.train, local.dev):
-            if not (folder / name).is_file():
-                raise UsageError(f"{folder / name} not found; {task} needs glue/{local.folder}/{name} under "
-                                 "--data-dir, or drop --data-dir to load it from the hub")
-        return str(data_dir)
-    if hub_reachable(HUB_DATASET):
-        return "hub"
-    raise UsageError(f"no data for {task}: the Hugging Face hub is unreachable and no data directory is set; "
-                     f"pass --data-dir DIR (holding glue/{local.folder}/) or set LLMM_DATA_DIR")
+    return local_or_hub(task, data_dir, Path("glue", local.folder), (local.train, local.dev), HUB_DATASET)
 
 
 @dataclass
@@ -105,7 +90,7 @@ def prepare(config: dict, context: TrialContext, source: str) -> GlueData:
                                          config["seed"])
     if config["max_train_examples"] is not None and config["max_train_examples"] < len(train):
         train = train.shuffle(seed=config["seed"]).select(range(config["max_train_examples"]))
-    tokenizer = load_tokenizer(config["model"], trust_remote_code=context.trust_remote_code)
+    tokenizer = glue_tokenizer(config, context)
     train = tokenize(train, tokenizer, config["max_length"])
     return GlueData(train, by_length(tokenize(validation, tokenizer, config["max_length"])), lengths(train))
 
@@ -116,9 +101,8 @@ def build_model(config: dict, context: TrialContext, device: str) -> nn.Module:
     return apply_llmm(model, llmm_config(config), init_device=device, loftq_cache=context.loftq_store()).to(device)
 
 
-def collator(config: dict, context: TrialContext) -> DataCollatorWithPadding:
-    tokenizer = load_tokenizer(config["model"], trust_remote_code=context.trust_remote_code)
-    return DataCollatorWithPadding(tokenizer, return_tensors="pt")
+def glue_tokenizer(config: dict, context: TrialContext) -> PreTrainedTokenizerBase:
+    return load_tokenizer(config["model"], trust_remote_code=context.trust_remote_code)
 
 
 @torch.no_grad()
@@ -140,7 +124,7 @@ def train(config: dict, context: TrialContext, data: GlueData, report: Reporter,
     """Fine-tune, evaluating on the validation split `evals_per_epoch` times per epoch."""
     device = device or default_device()
     model = build_model(config, context, device)
-    collate = collator(config, context)
+    collate = DataCollatorWithPadding(glue_tokenizer(config, context), return_tensors="pt")
 
     def validate() -> dict[str, float]:
         return evaluate(model, data.validation, glue_task(context), collate, config["batch_size"] * 2, device)
@@ -155,10 +139,10 @@ def score(config: dict, context: TrialContext, checkpoint: str, source: str) -> 
     train, dev = load_splits(task, source, config["on_bad_row"])
     if config["test_examples"] is not None:
         dev = dev.select(range(min(config["test_examples"], len(dev))))
-    tokenizer = load_tokenizer(config["model"], trust_remote_code=context.trust_remote_code)
+    tokenizer = glue_tokenizer(config, context)
     scores = evaluate(model_of(config, context, checkpoint, device),
-                      by_length(tokenize(dev, tokenizer, config["max_length"])), task, collator(config, context),
-                      config["batch_size"] * 2, device)
+                      by_length(tokenize(dev, tokenizer, config["max_length"])), task,
+                      DataCollatorWithPadding(tokenizer, return_tensors="pt"), config["batch_size"] * 2, device)
     if task.dataset is not None and task.label_names is not None:  # the user's classes: the bar to clear
         scores["majority_accuracy"] = majority_accuracy(train["label"], dev["label"])
     return scores

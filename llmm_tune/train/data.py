@@ -1,10 +1,12 @@
 """Data helpers every family shares: where data comes from (the hub or a data folder, recorded so a
-record works on another machine), validation splits carved from train, bad rows, length order."""
+record works on another machine), validation splits carved from train, bad rows, length order, and the
+prompt/target examples of the generative recipes with their seeded draws."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +46,21 @@ def hub_reachable(dataset: str) -> bool:
         return True
     except Exception:
         return False
+
+
+def local_or_hub(task: str, data_dir: Path | None, folder: Path, files: Iterable[str], hub_dataset: str) -> str:
+    """Where a task's data will come from (a family's `check_data`): the data folder, when given and holding
+    every file of `files` under `folder`; else the hub, when it answers; else a UsageError saying how to fix it."""
+    if data_dir is not None:
+        missing = [data_dir / folder / name for name in files if not (data_dir / folder / name).is_file()]
+        if missing:
+            raise UsageError(f"{missing[0]} not found; {task} needs {folder}/ under --data-dir (see ../shared/data), "
+                             "or drop --data-dir to load it from the hub")
+        return str(data_dir)
+    if hub_reachable(hub_dataset):
+        return "hub"
+    raise UsageError(f"no data for {task}: the Hugging Face hub is unreachable and no data directory is set; "
+                     f"pass --data-dir DIR (holding {folder}/) or set {DATA_DIR_ENV}")
 
 
 def portable_source(source: str, data_dir_option: str | None) -> str:
@@ -97,6 +114,24 @@ class BadRows:
         if self.skipped:
             print(f"skipped {len(self.skipped)} bad row(s) of {path} (--on-bad-row skip); first: {self.skipped[0]}")
         self.skipped = []
+
+
+@dataclass(frozen=True)
+class Example:
+    """A prompt and the target a generative task trains on (or scores)."""
+
+    key: str  # what must not cross between splits (a question, an instruction, a first Human turn)
+    prompt: str
+    target: str
+    extra: dict = field(default_factory=dict)  # gold answer (GSM8K), rejected reply (HH-RLHF), task (a sequence)
+
+
+def sample(examples: list[Example], size: int | None, seed: int) -> list[Example]:
+    """A seeded draw of `size` examples in their original order (all of them when `size` is None): the
+    files are grouped by source (HH-RLHF's four subsets), so their first rows are no sample."""
+    if size is None or size >= len(examples):
+        return examples
+    return [examples[i] for i in sorted(np.random.default_rng(seed).choice(len(examples), size, replace=False))]
 
 
 def split_off(keys: Sequence[Hashable], size: float, seed: int, excluded: set | frozenset = frozenset(),

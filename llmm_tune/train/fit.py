@@ -49,6 +49,12 @@ FIT_SETTINGS: dict[str, Setting] = {
 }
 
 
+def epoch_clock(config: dict, context: object) -> tuple[str, float]:
+    """The family clock (`llmm_tune.tune.family.Family.clock`) of a recipe that trains with `fit`: ASHA counts
+    the epochs it reports, up to the `epochs` setting."""
+    return "epoch", config["epochs"]
+
+
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -79,6 +79,18 @@ def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedToke
     return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
 
 
+def tokenizer_for(name: str, trust_remote_code: bool = False,
+                  chat_template: str | None = None) -> PreTrainedTokenizerBase:
+    """A causal LM's tokenizer as the generative recipes pad and prompt with: a pad token (Llama-2 has none: the
+    EOS stands in, its positions masked by length anyway) and the chat template given, if any."""
+    tokenizer = load_tokenizer(name, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+    return tokenizer
+
+
 def load_classifier(name: str, num_labels: int, trust_remote_code: bool = False) -> PreTrainedModel:
     path, kwargs = resolve(name)
     return AutoModelForSequenceClassification.from_pretrained(

@@ -15,7 +15,7 @@ from ray.tune import Callback
 from ray.tune.experiment import Trial
 
 from llmm_tune.errors import FAILURE_KEY, STARTED_AGAIN_KEY
-from llmm_tune.tune.family import better
+from llmm_tune.tune.direction import Direction
 
 LOG_FILE = "llmm_search.log"
 # the loggers whose records go to the search log (llmm_tune.progress: also printed, by the progress lines)
@@ -90,7 +90,7 @@ class Tally:
 
     def note(self, trial_id: str, result: dict) -> None:
         value = result.get(self.key)
-        if value is not None and better(self.mode, value, None if self.best is None else self.best[0]):
+        if value is not None and Direction(self.mode).better(value, None if self.best is None else self.best[0]):
             self.best = (value, trial_id)
 
 

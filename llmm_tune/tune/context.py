@@ -12,7 +12,13 @@ from types import ModuleType
 import yaml
 
 from llmm_tune.train.data import DATASET_SOURCE
+from llmm_tune.tune.direction import Direction
 from llmm_tune.tune.family import Task, load_family, task_definition
+
+
+def validation_key(metric: str) -> str:
+    """The key a trial reports `metric` on its validation split under (the fit loop's `val_` prefix)."""
+    return f"val_{metric}"
 
 
 @dataclass(frozen=True)
@@ -50,9 +56,13 @@ class TrialContext:
         return DATASET_SOURCE if self.dataset else self.recipe.check_data(self.task, data_dir)
 
     @property
+    def direction(self) -> Direction:
+        return Direction(self.mode)
+
+    @property
     def value_key(self) -> str:
         """The reported key a trial is selected on."""
-        return f"val_{self.metric}"
+        return validation_key(self.metric)
 
     @staticmethod
     def dataset_in(space_yaml: str) -> str | None:

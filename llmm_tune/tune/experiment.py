@@ -11,9 +11,10 @@ from dataclasses import asdict, dataclass, field, fields
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from llmm_tune.project import ROOT
+from llmm_tune.project import CHECKOUT
 from llmm_tune.tune import storage
 from llmm_tune.tune.context import TrialContext
+from llmm_tune.tune.direction import Direction
 from llmm_tune.tune.spaces import SearchSpec, load_spec
 
 METADATA_FILE = "llmm_experiment.json"
@@ -32,16 +33,19 @@ def package_versions() -> dict[str, str]:
 
 
 # What makes the numbers: a change elsewhere (the README, tests) does not make a record dirty.
-CODE_PATHS = ("llmm_tune", "trainables", "search_spaces", "pyproject.toml", "requirements.lock")
+CODE_PATHS = ("llmm_tune", "trainables", "pyproject.toml", "requirements.lock")
 
 
 def git_commit() -> str:
-    """The checkout's commit, marked `-dirty` when the code that makes results has uncommitted changes."""
+    """The checkout's commit, marked `-dirty` when the code that makes results has uncommitted changes ("unknown" for
+    an installed wheel: its version is in the record's versions)."""
+    if CHECKOUT is None:
+        return "unknown"
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=CHECKOUT, capture_output=True, text=True,
                                 check=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", *CODE_PATHS],
-                               cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+                               cwd=CHECKOUT, capture_output=True, text=True, check=True).stdout.strip()
         return commit + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -124,6 +128,10 @@ class ExperimentRecord:
         cache = None if experiment is None else storage.join(str(experiment), LOFTQ_CACHE)
         return TrialContext.of(self.family, self.task, self.metric, self.trust_remote_code, cache,
                                TrialContext.dataset_in(self.space_yaml))
+
+    @property
+    def direction(self) -> Direction:
+        return Direction(self.mode)
 
     def write(self, experiment: str) -> None:
         storage.write_text(storage.join(str(experiment), METADATA_FILE),

@@ -1,31 +1,5 @@
-"""Task families: the one way the search driver, export and reproduce reach a recipe.
-
-A family is a module (`trainables.<name>` or any importable dotted path) with these names:
-
-    SETTINGS: dict[str, Setting]     its trial settings (the method's and the fit loop's included)
-    TASKS: dict[str, Task]           its tasks, each with its metrics and their directions
-    DATA_SETTINGS: tuple[str, ...]   settings `prepare` reads: fixed per search, never searched
-    HELD_OUT: str                    the name of the split `score` reads ("dev", "test")
-    check_data(task, data_dir) -> str                          "hub" or the data folder; UsageError naming the fix
-    prepare(config, context, source) -> data                   train and validation data, shared by all trials
-    train(config, context, data, report, resume=None) -> None  report(metrics, checkpoint_dir) per evaluation
-    score(config, context, checkpoint, source) -> dict         every metric of the task on the held-out split,
-                                                               scored once, for the table
-    clock(config, context) -> (str, float)                     the reported key ASHA counts in, and its final value
-
-`config` holds the trial's settings alone; `context` (`llmm_tune.tune.context.TrialContext`) the rest: task,
-selection metric and direction, which report stands, trust_remote_code, where LoftQ initialisations are kept.
-Optional: `build_model(config, context, device) -> nn.Module`, the model a checkpoint's adapter loads into
-(`llmm_tune.export_adapter` needs it). A family that takes the user's data from a space's `dataset:` block
-(`llmm_tune.train.dataset`) also defines `resolve_dataset(block, where) -> dict` (the block checked against its
-data and completed, once, where the search starts) and `dataset_task(name, block) -> Task` (the task it
-defines, a pure function of the resolved block).
-
-`train` reports `val_<metric>` for the metrics of its task it computes (the selection metric always);
-which one selects, and in which direction, is data (`Task.metrics`), never assumed by the driver; so is
-which report stands for the trial (`Task.selects`). A family may also define
-`held_out_details(scores) -> str`: Markdown for what `score` returns beside numbers (the export adds it).
-"""
+"""Task families: the one way the search driver, export and reproduce reach a recipe. `Family` says what a
+family defines; `load_family` finds one by name and checks it defines that."""
 
 from __future__ import annotations
 
@@ -34,13 +8,20 @@ import importlib
 import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING, Any, Protocol
 
 from llmm_tune.errors import UsageError
+from llmm_tune.tune.direction import MODES, Direction
+
+if TYPE_CHECKING:
+    from llmm_tune.settings import Setting
+    from llmm_tune.train.fit import Reporter
 
 BUILT_IN = ("glue", "causal_lm", "continual")
-INTERFACE = ("SETTINGS", "TASKS", "DATA_SETTINGS", "HELD_OUT", "check_data", "prepare", "train", "score", "clock")
-MODES = ("max", "min")
+# A trial's llmm_tune.tune.context.TrialContext, named loosely: that module imports this one.
+Context = Any
 
 
 @dataclass(frozen=True)
@@ -59,6 +40,52 @@ class Task:
         assert self.selects in ("best", "last"), self
 
 
+class Family(Protocol):
+    """A family: a module (`trainables.<name>` or any importable dotted path) that defines these names.
+
+    `config` holds a trial's settings alone; `context` (its `TrialContext`) the rest: task, selection metric and
+    direction, which report stands, trust_remote_code, where LoftQ initialisations are kept. `train` reports
+    `val_<metric>` for the metrics of its task it computes (the selection metric always); which one selects, and
+    in which direction, is data (`Task.metrics`), never assumed by the driver; so is which report stands for the
+    trial (`Task.selects`).
+
+    Optional, read where a family defines them:
+    `build_model(config, context, device) -> nn.Module`: the model a checkpoint's adapter loads into
+    (`llmm_tune.export_adapter` needs it).
+    `resolve_dataset(block, where) -> dict` and `dataset_task(name, block) -> Task`, in a family that takes the
+    user's data from a space's `dataset:` block (`llmm_tune.train.dataset`): the block checked against its data
+    and completed, once, where the search starts; the task it defines, a pure function of the resolved block.
+    `held_out_details(scores) -> str`: Markdown for what `score` returns beside numbers (the export adds it).
+    """
+
+    SETTINGS: dict[str, Setting]  # its trial settings (the method's and the fit loop's included)
+    TASKS: dict[str, Task]  # its tasks, each with its metrics and their directions
+    DATA_SETTINGS: tuple[str, ...]  # the settings `prepare` reads: fixed per search, never searched
+    HELD_OUT: str  # the name of the split `score` reads ("dev", "test")
+
+    def check_data(self, task: str, data_dir: Path | None) -> str:
+        """Where the task's data will come from: "hub" or the data folder (`llmm_tune.train.data.local_or_hub`
+        checks both); a UsageError naming the fix."""
+
+    def prepare(self, config: dict, context: Context, source: str) -> object:
+        """The train and validation data, prepared once and shared by every trial of a search."""
+
+    def train(self, config: dict, context: Context, data: object, report: Reporter, resume: str | None = None) -> None:
+        """Fit, calling `report(metrics, checkpoint_dir)` after each evaluation; from `resume`, a checkpoint
+        it reported, when given."""
+
+    def score(self, config: dict, context: Context, checkpoint: str, source: str) -> dict:
+        """Every metric of the task on the held-out split, scored once, for the export's table."""
+
+    def clock(self, config: dict, context: Context) -> tuple[str, float]:
+        """The reported key ASHA counts in and its final value (`llmm_tune.train.fit.epoch_clock`: the fit loop's)."""
+
+
+# Read off `Family`, so the contract is written once.
+REQUIRED = (*Family.__annotations__,
+            *(name for name, member in vars(Family).items() if callable(member) and not name.startswith("_")))
+
+
 def load_family(name: str) -> ModuleType:
     """`trainables.<name>` for a built-in family, else the module at the dotted path `name`."""
     module_name = f"trainables.{name}" if name in BUILT_IN else name
@@ -69,10 +96,10 @@ def load_family(name: str) -> ModuleType:
             raise UsageError(f"unknown family {name!r}; use one of {', '.join(BUILT_IN)} or the dotted path of an "
                              "importable module (on PYTHONPATH on every Ray node)") from None
         raise
-    missing = [attr for attr in INTERFACE if not hasattr(module, attr)]
+    missing = [attr for attr in REQUIRED if not hasattr(module, attr)]
     if missing:
-        raise UsageError(f"family module {module_name} lacks {missing}; a family defines {', '.join(INTERFACE)} "
-                         "(see llmm_tune/family.py)")
+        raise UsageError(f"family module {module_name} lacks {missing}; a family defines {', '.join(REQUIRED)} "
+                         "(see Family in llmm_tune/tune/family.py)")
     return module
 
 
@@ -86,19 +113,10 @@ def task_definition(family: str, name: str, dataset: str | None) -> Task:
     return load_family(family).TASKS[name] if dataset is None else _dataset_task(family, name, dataset)
 
 
-def better(mode: str, a: float, b: float | None) -> bool:
-    """Whether `a` beats `b` (None: nothing yet) in direction `mode`."""
-    return b is None or (a > b if mode == "max" else a < b)
-
-
-def replaces(task: Task, mode: str, new: float, kept: float | None) -> bool:
+def replaces(task: Task, direction: Direction, new: float, kept: float | None) -> bool:
     """Whether a trial's new report becomes the one that stands for it (`kept`: the current one's value, None:
     none yet): the last for a task that selects the last, else the best, and the later of equal ones, as Ray's
     checkpoint manager keeps them (so a retrained trial is scored from the checkpoint the search kept)."""
     if task.selects == "last" or kept is None or math.isnan(kept):
         return True
-    return new >= kept if mode == "max" else new <= kept
-
-
-def worst(mode: str) -> float:
-    return float("-inf") if mode == "max" else float("inf")
+    return direction.at_least_as_good(new, kept)

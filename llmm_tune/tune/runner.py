@@ -32,7 +32,7 @@ def run_recipe(context: TrialContext, config: dict, data, send: Sender, resume: 
         standing.update(json.loads((Path(resume) / BEST_FILE).read_text()))
 
     def report(metrics: dict, directory: str) -> None:
-        stands = replaces(context.definition, context.mode, metrics[key], standing["value"])
+        stands = replaces(context.definition, context.direction, metrics[key], standing["value"])
         if stands:
             standing["value"] = metrics[key]
         (Path(directory) / BEST_FILE).write_text(json.dumps(standing))
@@ -55,6 +55,14 @@ def train_standing(context: TrialContext, config: dict, data, work: Path) -> tup
 
     run_recipe(context, config, data, keep)
     return {k: v for k, v in kept["metrics"].items() if k.startswith("val_")}, checkpoint
+
+
+def train_and_score(context: TrialContext, config: dict, data, source: str, work: Path) -> dict[str, float]:
+    """Train `config` outside Tune; the validation metrics of the report that stands and its checkpoint's scores on
+    the held-out split (as `<split>_<metric>`): one run of reproduce, compare and export_adapter."""
+    validation, checkpoint = train_standing(context, config, data, work)
+    held_out = context.recipe.score(config, context, str(checkpoint), source)
+    return {**validation, **{f"{context.recipe.HELD_OUT}_{k}": v for k, v in held_out.items()}}
 
 
 def prepare_process() -> None:

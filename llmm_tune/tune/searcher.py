@@ -27,7 +27,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from llmm_tune.errors import FAILURE_KEY
 from llmm_tune.tune import storage
-from llmm_tune.tune.family import worst
+from llmm_tune.tune.direction import Direction
 
 RAY_TRIAL_ID, NUMBER = "ray_trial_id", "number"  # the user attrs naming a trial as Ray and trials.csv do
 
@@ -66,7 +66,7 @@ class FailureAwareOptunaSearch(OptunaSearch):
         ot_trial.set_user_attr(FAILURE_KEY, failure)
         ot_trial.set_constraint(FAILURE_KEY, 1.0)
         # infeasible trials are ranked by their violation, never by value: report the worst value
-        self._ot_study.tell(ot_trial, worst(self._mode), state=TrialState.COMPLETE)
+        self._ot_study.tell(ot_trial, Direction(self._mode).worst(), state=TrialState.COMPLETE)
         self._completed_trials.add(trial_id)
 
 

@@ -1,6 +1,6 @@
-"""Search-space files (`search_spaces/<task>.yaml`): parsed, validated and resolved for a profile
-and a method. Every trial setting is either fixed or sampled; a bad file is rejected, naming the
-key and the fix, before anything starts."""
+"""Search-space files (`llmm_tune/search_spaces/<task>.yaml`, shipped inside the package): parsed, validated
+and resolved for a profile and a method. Every trial setting is either fixed or sampled; a bad file is
+rejected, naming the key and the fix, before anything starts."""
 
 from __future__ import annotations
 
@@ -18,8 +18,9 @@ from llmm_tune.errors import UsageError
 from llmm_tune.method.config import BASELINES
 from llmm_tune.project import SPACES_DIR
 from llmm_tune.settings import REQUIRED, positive, positive_int
-from llmm_tune.tune.context import TrialContext
-from llmm_tune.tune.family import MODES, Task, load_family
+from llmm_tune.tune.context import TrialContext, validation_key
+from llmm_tune.tune.direction import MODES
+from llmm_tune.tune.family import Task, load_family
 
 PROFILES = ("paper", "cpu")
 METHOD_CHOICES = tuple(BASELINES)  # --method
@@ -253,8 +254,8 @@ def _early_stopping(path: Path, raw: dict, chosen: dict, profile: str, task: Tas
     where = f"profiles.{profile}.early_stopping" if "early_stopping" in chosen else "early_stopping"
     stopping = {**EARLY_STOPPING, **_mapping(path, where, chosen.get("early_stopping", raw.get("early_stopping")),
                                              set(EARLY_STOPPING))}
-    stopping["metric"] = stopping["metric"] or f"val_{metric}"
-    reported = {f"val_{m}": d for m, d in task.metrics.items()}
+    stopping["metric"] = stopping["metric"] or validation_key(metric)
+    reported = {validation_key(m): d for m, d in task.metrics.items()}
     stopping["mode"] = stopping["mode"] or reported.get(stopping["metric"])
     if stopping["mode"] not in MODES or not isinstance(stopping["metric"], str):
         _fail(path, where, f"needs metric: a reported name ({', '.join(reported)}) and mode: min or max")

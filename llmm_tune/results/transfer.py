@@ -6,14 +6,16 @@ not do is read our results, rank them and fit them into another space, which is 
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 
 import pandas as pd
-import yaml
 
 from llmm_tune.errors import UsageError
+from llmm_tune.results.collect import collect, plain
+from llmm_tune.results.record import ExportRecord
+from llmm_tune.tune.context import validation_key
+from llmm_tune.tune.direction import Direction
 from llmm_tune.tune.experiment import read_record
 from llmm_tune.tune.spaces import SearchSpec, project
 
@@ -24,21 +26,19 @@ from llmm_tune.tune.spaces import SearchSpec, project
 DEFAULT_TOP = 1
 
 
-def earlier_trials(path: str) -> tuple[pd.DataFrame, str, str]:
-    """(one row per trial, the validation column, its mode) of exported results or of an experiment."""
+def earlier_trials(path: str) -> tuple[pd.DataFrame, str, Direction]:
+    """(one row per trial, the validation column, its direction) of exported results or of an experiment."""
     folder = Path(path)
     if (folder / "trials.csv").is_file() and (folder / "best.yaml").is_file():
-        validation = yaml.safe_load((folder / "best.yaml").read_text())["validation"]
-        return pd.read_csv(folder / "trials.csv"), f"val_{validation['metric']}", validation["mode"]
+        record = ExportRecord.read(folder / "best.yaml")
+        return pd.read_csv(folder / "trials.csv"), validation_key(record.validation["metric"]), record.direction
     record = read_record(path)
     if record is None:
         raise UsageError(f"--warm-start-from {path}: holds neither exported results (trials.csv and best.yaml) nor "
                          "an experiment (llmm_experiment.json); pass a results folder the export wrote "
                          "(results/<task>) or an experiment folder under a search's --storage")
-    from llmm_tune.export import collect
-
-    trials = collect(path).trials
-    return trials, record.context(path).value_key, record.mode
+    found = collect(path)
+    return found.trials, found.context.value_key, found.context.direction
 
 
 def portable_name(path: str) -> str:
@@ -50,17 +50,17 @@ def portable_name(path: str) -> str:
 def best_points(path: str, space: dict, top: int) -> list[tuple[dict, str, list[str]]]:
     """The `top` best trials of the search at `path`, each as (its configuration moved into `space`, where it came
     from, what the move changed)."""
-    trials, value, mode = earlier_trials(path)
+    trials, value, direction = earlier_trials(path)
     shared = sorted(set(space) & set(trials.columns))
     if not shared:
         raise UsageError(f"--warm-start-from {path}: its trials set none of the settings this space searches "
                          f"({', '.join(space)}); warm-start from a search of the same method's settings")
     if value not in trials:
         raise UsageError(f"--warm-start-from {path}: its trials.csv has no {value} column; export the search again")
-    ranked = trials[trials[value].notna()].sort_values(value, ascending=mode == "min").head(top)
+    ranked = trials[trials[value].notna()].sort_values(value, ascending=direction.ascending).head(top)
     points = []
     for _, trial in ranked.iterrows():
-        given = {name: _plain(trial[name]) for name in shared if not _missing(trial[name])}
+        given = {name: setting for name in shared if (setting := plain(trial[name])) is not None}
         projected, changes = project(given, space)
         origin = f"{portable_name(path)} trial {trial['trial']} ({value} {trial[value]:.4g})"
         points.append((projected, origin, changes))
@@ -81,12 +81,3 @@ def warm_start_from(paths: list[str], spec: SearchSpec, top: int = DEFAULT_TOP) 
     own = [point for point in spec.warm_start if point not in points]
     spec.warm_start = points + own
     return origins + [{"origin": f"space {spec.path.stem}", "config": point} for point in own]
-
-
-def _missing(value) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))
-
-
-def _plain(value):
-    """A pandas cell as the YAML/JSON value it was (numpy scalars to Python's)."""
-    return value.item() if hasattr(value, "item") else value

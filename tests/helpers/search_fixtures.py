@@ -1,5 +1,5 @@
-"""Small, real inputs for searches on CPU: a CoLA subset of the shared data and a 2-layer BERT built
-from config with the packaged MiniLM tokenizer (its weights are random, it has no task head; the
+"""Small, real inputs for searches on CPU: a CoLA subset of the shared data (the `data_dir` fixture's folder) and a
+2-layer BERT built from config with the packaged MiniLM tokenizer (its weights are random, it has no task head; the
 pipeline is real)."""
 
 from __future__ import annotations
@@ -11,16 +11,15 @@ from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
-SHARED_DATA = Path(os.environ.get("LLMM_DATA_DIR", ROOT.parent / "shared" / "data"))
+ROOT = Path(__file__).resolve().parents[2]
 
 
-def subset_glue(out: Path, train_rows: int = 320, dev_rows: int = 160) -> Path:
-    """`out/glue/CoLA/{train,dev}.tsv` holding the first rows of the real files."""
+def subset_glue(data_dir: Path, out: Path, train_rows: int = 320, dev_rows: int = 160) -> Path:
+    """`out/glue/CoLA/{train,dev}.tsv` holding the first rows of the real files in `data_dir`."""
     folder = out / "glue" / "CoLA"
     folder.mkdir(parents=True)
     for name, rows in (("train.tsv", train_rows), ("dev.tsv", dev_rows)):
-        lines = (SHARED_DATA / "glue" / "CoLA" / name).read_text().splitlines(keepends=True)[:rows]
+        lines = (data_dir / "glue" / "CoLA" / name).read_text().splitlines(keepends=True)[:rows]
         (folder / name).write_text("".join(lines))
     return out
 
@@ -95,11 +94,24 @@ def start_module(module: str, *args: str, env: dict | None = None) -> subprocess
 
 
 def earlier_results(folder: Path, trials: list[dict], metric: str = "mcc", mode: str = "max") -> Path:
-    """A results folder as the export writes it, as far as a warm start reads one: trials.csv and best.yaml."""
+    """A results folder as the export writes it, as far as a warm start reads one: trials.csv and best.yaml (the
+    first trial's record; a warm start reads its validation metric and direction)."""
     import pandas as pd
-    import yaml
 
     folder.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(trials).to_csv(folder / "trials.csv", index=False)
-    (folder / "best.yaml").write_text(yaml.safe_dump({"validation": {"metric": metric, "mode": mode}}))
+    export_record(task=folder.name, trial=trials[0]["trial"],
+                  validation={"metric": metric, "mode": mode, "value": trials[0][f"val_{metric}"]}).write(
+        folder / "best.yaml")
     return folder
+
+
+def export_record(**given):
+    """An export record (best.yaml) of a trial that never ran: `given` fields over placeholders."""
+    from llmm_tune.results.record import ExportRecord
+
+    placeholders = dict(family="glue", task="cola", method="llmm", experiment="earlier", trial="t0", config={},
+                        validation={"metric": "mcc", "mode": "max", "value": 0.0}, held_out={},
+                        data={"source": "hub", "validation_seed": 0}, seed=0, trust_remote_code=False, git_commit="",
+                        versions={}, search_command="", reproduce="")
+    return ExportRecord(**{**placeholders, **given})

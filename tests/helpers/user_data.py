@@ -1,5 +1,5 @@
-"""Small files in each user-data format, built at run time from the real data in ../shared/data (never copied
-into the project), as a user would bring them."""
+"""Small files in each user-data format, built at run time from the shared data (`data_dir`, the fixture's folder;
+never copied into the project), as a user would bring them."""
 
 from __future__ import annotations
 
@@ -10,16 +10,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from tests.search_fixtures import SHARED_DATA
 
-
-def gsm8k_rows(count: int) -> list[dict]:
-    with open(SHARED_DATA / "gsm8k" / "train.jsonl") as f:
+def gsm8k_rows(data_dir: Path, count: int) -> list[dict]:
+    with open(data_dir / "gsm8k" / "train.jsonl") as f:
         return [json.loads(line) for _, line in zip(range(count), f)]
 
 
-def alpaca_rows(count: int) -> list[dict]:
-    return json.loads((SHARED_DATA / "alpaca" / "alpaca_5000_subset_pr152.json").read_text())[:count]
+def alpaca_rows(data_dir: Path, count: int) -> list[dict]:
+    return json.loads((data_dir / "alpaca" / "alpaca_5000_subset_pr152.json").read_text())[:count]
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -36,8 +34,8 @@ def chat(row: dict, system: str = "You are a helpful assistant.") -> dict:
                          {"role": "assistant", "content": row["output"]}]}
 
 
-def glue_rows(folder: str, count: int, columns: tuple[str, ...]) -> list[list[str]]:
-    with open(SHARED_DATA / "glue" / folder / "train.tsv", encoding="utf-8-sig", newline="") as f:
+def glue_rows(data_dir: Path, folder: str, count: int, columns: tuple[str, ...]) -> list[list[str]]:
+    with open(data_dir / "glue" / folder / "train.tsv", encoding="utf-8-sig", newline="") as f:
         reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
         header = next(reader)
         index = [header.index(c) for c in columns]
@@ -53,40 +51,41 @@ def write_csv(path: Path, header: list[str], rows: list[list]) -> Path:
     return path
 
 
-def hh_rlhf_rows(count: int) -> list[dict]:
-    with gzip.open(SHARED_DATA / "hh-rlhf" / "helpful-base" / "test.jsonl.gz", "rt") as f:
+def hh_rlhf_rows(data_dir: Path, count: int) -> list[dict]:
+    with gzip.open(data_dir / "hh-rlhf" / "helpful-base" / "test.jsonl.gz", "rt") as f:
         return [json.loads(line) for _, line in zip(range(count), f)]
 
 
-def build(kind: str, folder: Path, count: int = 64) -> tuple[Path, dict]:
-    """A data file of `kind` (a format, as a user would bring it) and the command line's dataset options for it."""
+def build(data_dir: Path, kind: str, folder: Path, count: int = 64) -> tuple[Path, dict]:
+    """A data file of `kind` (a format, as a user would bring it) made from the shared data in `data_dir`, and the
+    command line's dataset options for it."""
     if kind == "text":
-        rows = [{"text": f"Question: {r['question']}\nAnswer: {r['answer']}"} for r in gsm8k_rows(count)]
+        rows = [{"text": f"Question: {r['question']}\nAnswer: {r['answer']}"} for r in gsm8k_rows(data_dir, count)]
         return write_jsonl(folder / "text.jsonl", rows), {}
     if kind == "prompt_completion":  # their column names, mapped
         path = write_csv(folder / "qa.csv", ["question", "answer"],
-                         [[r["question"], r["answer"]] for r in gsm8k_rows(count)])
+                         [[r["question"], r["answer"]] for r in gsm8k_rows(data_dir, count)])
         return path, {"columns": {"prompt": "question", "completion": "answer"}}
     if kind == "messages":
-        return write_jsonl(folder / "chat.jsonl", [chat(r) for r in alpaca_rows(count)]), {}
+        return write_jsonl(folder / "chat.jsonl", [chat(r) for r in alpaca_rows(data_dir, count)]), {}
     if kind == "alpaca":
         path = folder / "alpaca.json"
-        path.write_text(json.dumps(alpaca_rows(count)))
+        path.write_text(json.dumps(alpaca_rows(data_dir, count)))
         return path, {}
     if kind == "preference":  # full transcripts: the shared beginning is the prompt
-        return write_jsonl(folder / "pairs.jsonl.gz", hh_rlhf_rows(count)), {}
+        return write_jsonl(folder / "pairs.jsonl.gz", hh_rlhf_rows(data_dir, count)), {}
     if kind == "single":  # string labels
         names = {"0": "negative", "1": "positive"}
-        rows = [[text, names[label]] for text, label in glue_rows("SST-2", count, ("sentence", "label"))]
+        rows = [[text, names[label]] for text, label in glue_rows(data_dir, "SST-2", count, ("sentence", "label"))]
         return write_csv(folder / "reviews.csv", ["review", "sentiment"], rows), \
             {"columns": {"text": "review", "label": "sentiment"}}
     if kind == "pair":  # integer labels, parquet
-        rows = glue_rows("MRPC", count, ("#1 String", "#2 String", "Quality"))
+        rows = glue_rows(data_dir, "MRPC", count, ("#1 String", "#2 String", "Quality"))
         path = folder / "pairs.parquet"
         pd.DataFrame([{"text": a, "text_pair": b, "label": int(q)} for a, b, q in rows]).to_parquet(path)
         return path, {}
     if kind == "regression":  # real-valued labels, gzipped TSV
-        rows = glue_rows("STS-B", count, ("sentence1", "sentence2", "score"))
+        rows = glue_rows(data_dir, "STS-B", count, ("sentence1", "sentence2", "score"))
         return write_csv(folder / "similarity.tsv.gz", ["text", "text_pair", "label"], rows), {}
     raise ValueError(kind)
 
@@ -102,7 +101,7 @@ def rows_file(folder: Path, name: str, rows: list[dict]) -> str:
 
 def model_without_chat_template(folder: Path) -> str:
     """A tiny causal LM whose tokenizer has no chat template (a base model's)."""
-    from tests.search_fixtures import tiny_causal_lm
+    from tests.helpers.search_fixtures import tiny_causal_lm
 
     path = tiny_causal_lm(folder / "base-llm")
     config = json.loads((path / "tokenizer_config.json").read_text())
