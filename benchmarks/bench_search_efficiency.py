@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -31,12 +30,12 @@ from pathlib import Path
 import numpy as np
 import optuna
 import pandas as pd
-import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from llmm_tune.results.transfer import best_points  # noqa: E402
+from llmm_tune.results.transfer import ranked_points  # noqa: E402
+from llmm_tune.tune.direction import Direction  # noqa: E402
 from llmm_tune.tune.experiment import git_commit  # noqa: E402
 from llmm_tune.tune.searcher import startup_trials  # noqa: E402
 from llmm_tune.tune.spaces import load_spec  # noqa: E402
@@ -163,15 +162,12 @@ def replay(table: Table, spec, strategy: Strategy, seed: int, trials: int, warm:
 
 def transferred(curves: Path, source: str, spec, top: int) -> list[dict]:
     """The best `top` configurations of another task's table, moved into this space by `--warm-start-from`'s
-    own code (`transfer.best_points`), read from the results folder the export would have written; then the
+    own code (`transfer.ranked_points`, which ranks the trials of a results folder the export wrote); then the
     space's own warm starts."""
     table = Table(curves / f"{source}.csv")
-    folder = Path(tempfile.mkdtemp(prefix=f"transfer_{source}_"))
     finals = table.configs.assign(**{table.metric: table.frame.groupby("config")[table.metric].max()})
-    finals.rename_axis("trial").reset_index().to_csv(folder / "trials.csv", index=False)
-    (folder / "best.yaml").write_text(yaml.safe_dump(
-        {"validation": {"metric": table.metric.removeprefix("val_"), "mode": "max"}}))
-    points = [point for point, _, _ in best_points(str(folder), spec.space, top)]
+    trials = finals.rename_axis("trial").reset_index()
+    points = [point for point, _, _ in ranked_points(trials, table.metric, Direction("max"), spec.space, top, source)]
     return points + [point for point in spec.warm_start if point not in points]  # then the space's, as `search` does
 
 

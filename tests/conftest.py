@@ -12,7 +12,9 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from tests.helpers import shared_data  # noqa: E402
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# one thread a test process when xdist runs two of them: two processes of two threads on two cores spin against
+# each other (a MiniLM test took 106 s instead of 7)
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, torch.get_num_threads()))
 
 
 @pytest.fixture(scope="session")

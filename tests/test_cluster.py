@@ -23,6 +23,9 @@ import yaml
 from llmm_tune.tune.experiment import read_record
 from tests.helpers.search_fixtures import ENV, ROOT, run_module, start_module, subset_glue, tiny_bert, tiny_space
 
+# its module-scoped runs serve several tests: the whole module runs on one xdist worker
+pytestmark = pytest.mark.xdist_group("test_cluster")
+
 
 def free_port() -> int:
     with socket.socket() as s:

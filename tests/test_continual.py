@@ -17,6 +17,9 @@ from llmm_tune.tune.spaces import SPACES_DIR, load_spec
 from tests.helpers.search_fixtures import tiny_causal_lm
 from trainables.gorp import Basis, GradientSummary, average_accuracy, backward_transfer
 
+# its module-scoped runs serve several tests: the whole module runs on one xdist worker
+pytestmark = pytest.mark.xdist_group("test_continual")
+
 
 def orthonormal(rows: int, columns: int, seed: int = 0) -> torch.Tensor:
     return torch.linalg.qr(torch.randn(rows, columns, generator=torch.Generator().manual_seed(seed)))[0]

@@ -20,6 +20,9 @@ from tests.helpers.search_fixtures import run_module, subset_glue, tiny_bert, ti
 from trainables import glue
 from trainables.glue_data import TASKS, load_splits
 
+# its module-scoped runs serve several tests: the whole module runs on one xdist worker
+pytestmark = pytest.mark.xdist_group("test_search")
+
 
 @pytest.fixture(scope="module")
 def searched(tmp_path_factory, data_dir):

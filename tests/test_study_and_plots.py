@@ -28,6 +28,9 @@ from llmm_tune.tune.trackers import TRIAL_TAG
 from tests.helpers.search_fixtures import earlier_results, run_module, tiny_space
 from tests.helpers.wandb_records import run_of
 
+# its module-scoped runs serve several tests: the whole module runs on one xdist worker
+pytestmark = pytest.mark.xdist_group("test_study_and_plots")
+
 PLOTS = ("history.png", "importance.png", "curves.png", "parallel.png")
 
 

@@ -22,7 +22,7 @@ from datasets import Dataset
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from llmm_tune import apply_llmm, load_adapter, merge_llmm
+import llmm_tune  # the method (apply_llmm, ...) loads peft at first use; reading the family's settings does not
 from llmm_tune.errors import UsageError
 from llmm_tune.method.config import METHOD_SETTINGS, llmm_config
 from llmm_tune.settings import COMMON, Setting, optional, positive_int, size
@@ -158,7 +158,7 @@ def build_model(config: dict, context: TrialContext, device: str) -> nn.Module:
     model.config.use_cache = False  # training; generation turns the cache on per call
     if config["gradient_checkpointing"]:  # non-reentrant: recomputation replays the adapters' noise draws
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    adapted = apply_llmm(model, llmm_config(config), init_device=device, loftq_cache=context.loftq_store())
+    adapted = llmm_tune.apply_llmm(model, llmm_config(config), init_device=device, loftq_cache=context.loftq_store())
     return adapted.to(device)
 
 
@@ -198,7 +198,7 @@ def evaluate(model: nn.Module, examples: list[Example], encoded: Dataset, tokeni
     if "exact_match_flexible" in task.metrics and generate:
         if device == "cpu" and hasattr(model, "llmm_config"):  # decoding re-reads every weight per token: a
             # merged float model is faster here than dequantising the base at every step
-            model = merge_llmm(copy.deepcopy(model))
+            model = llmm_tune.merge_llmm(copy.deepcopy(model))
         scores |= gsm8k_exact_match(model, examples, tokenizer, config, device, progress)
     return scores
 
@@ -242,7 +242,7 @@ def score(config: dict, context: TrialContext, checkpoint: str, source: str) -> 
     device = default_device()
     tokenizer = task_tokenizer(config, context)
     test = test_split(causal_task(context), source, config)
-    model = load_adapter(build_model(config, context, device), checkpoint).eval()
+    model = llmm_tune.load_adapter(build_model(config, context, device), checkpoint).eval()
     tuned = evaluate(model, test, tokenize(test, tokenizer, config), tokenizer, config, context.definition, device,
                      generate=True, progress=f"decoding {context.task}'s test split with the tuned model")
     untuned = _untuned(tuple((k, config.get(k)) for k in UNTUNED_KEYS), without_cache(context), source)

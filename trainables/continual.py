@@ -25,7 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from llmm_tune import apply_llmm
+import llmm_tune  # the method (apply_llmm, ...) loads peft at first use; reading the family's settings does not
 from llmm_tune.errors import UsageError
 from llmm_tune.files import atomic_path
 from llmm_tune.method.config import METHOD_SETTINGS, llmm_config
@@ -166,7 +166,7 @@ class Sequence:
         model = load_causal_lm(config["model"], trust_remote_code=context.trust_remote_code)
         model.config.use_cache = False
         lora = tuple(config["lora_modules"])
-        self.model = apply_llmm(model, llmm_config(config, init="zero", target_modules=lora)).to(device)
+        self.model = llmm_tune.apply_llmm(model, llmm_config(config, init="zero", target_modules=lora)).to(device)
         self.layers = llmm_layers(self.model)
         for layer in self.layers.values():
             layer.base = FrozenPairs(layer.base, layer.A_mean.shape[1], layer.B_mean.shape[0], layer.scaling)

@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
-from llmm_tune import apply_llmm, load_adapter
+import llmm_tune  # the method (apply_llmm, ...) loads peft at first use; reading the family's settings does not
 from llmm_tune.method.config import METHOD_SETTINGS, llmm_config
 from llmm_tune.settings import COMMON, Setting, optional, positive_int, size
 from llmm_tune.train.data import BAD_ROW_POLICIES, by_length, carve_validation, lengths, local_or_hub
@@ -98,7 +98,8 @@ def prepare(config: dict, context: TrialContext, source: str) -> GlueData:
 def build_model(config: dict, context: TrialContext, device: str) -> nn.Module:
     torch.manual_seed(config["seed"])  # the task head's initialisation
     model = load_classifier(config["model"], glue_task(context).num_labels, trust_remote_code=context.trust_remote_code)
-    return apply_llmm(model, llmm_config(config), init_device=device, loftq_cache=context.loftq_store()).to(device)
+    adapted = llmm_tune.apply_llmm(model, llmm_config(config), init_device=device, loftq_cache=context.loftq_store())
+    return adapted.to(device)
 
 
 def glue_tokenizer(config: dict, context: TrialContext) -> PreTrainedTokenizerBase:
@@ -149,7 +150,7 @@ def score(config: dict, context: TrialContext, checkpoint: str, source: str) -> 
 
 
 def model_of(config: dict, context: TrialContext, checkpoint: str, device: str) -> nn.Module:
-    return load_adapter(build_model(config, context, device), checkpoint).eval()
+    return llmm_tune.load_adapter(build_model(config, context, device), checkpoint).eval()
 
 
 def majority_accuracy(train_labels: list[int], held_out_labels: list[int]) -> float:

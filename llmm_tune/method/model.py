@@ -9,7 +9,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
@@ -34,6 +33,10 @@ ADAPTER_FILE = "adapter.safetensors"
 
 
 def default_target_modules(model: nn.Module) -> tuple[str, ...]:
+    # peft's table of LoRA targets per architecture; importing peft takes seconds, which a search's driver (it loads
+    # this module with a family's settings) does not spend
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     targets = DEFAULT_TARGETS.get(model_type) or TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(
         model_type

@@ -51,19 +51,25 @@ def best_points(path: str, space: dict, top: int) -> list[tuple[dict, str, list[
     """The `top` best trials of the search at `path`, each as (its configuration moved into `space`, where it came
     from, what the move changed)."""
     trials, value, direction = earlier_trials(path)
-    shared = sorted(set(space) & set(trials.columns))
-    if not shared:
+    if not set(space) & set(trials.columns):
         raise UsageError(f"--warm-start-from {path}: its trials set none of the settings this space searches "
                          f"({', '.join(space)}); warm-start from a search of the same method's settings")
     if value not in trials:
         raise UsageError(f"--warm-start-from {path}: its trials.csv has no {value} column; export the search again")
+    return ranked_points(trials, value, direction, space, top, portable_name(path))
+
+
+def ranked_points(trials: pd.DataFrame, value: str, direction: Direction, space: dict, top: int,
+                  source: str) -> list[tuple[dict, str, list[str]]]:
+    """The `top` best of `trials` on `value`, each as (its configuration moved into `space`, where it came from (a
+    trial of `source`), what the move changed)."""
+    shared = sorted(set(space) & set(trials.columns))
     ranked = trials[trials[value].notna()].sort_values(value, ascending=direction.ascending).head(top)
     points = []
     for _, trial in ranked.iterrows():
         given = {name: setting for name in shared if (setting := plain(trial[name])) is not None}
         projected, changes = project(given, space)
-        origin = f"{portable_name(path)} trial {trial['trial']} ({value} {trial[value]:.4g})"
-        points.append((projected, origin, changes))
+        points.append((projected, f"{source} trial {trial['trial']} ({value} {trial[value]:.4g})", changes))
     return points
 
 

@@ -23,8 +23,6 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
-from transformers import get_linear_schedule_with_warmup
-from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from llmm_tune.errors import TrialFailure
 from llmm_tune.settings import Setting, fraction, non_negative, optional, positive, positive_int
@@ -103,6 +101,8 @@ class Schedule:
 
     def lr_schedule(self, optimizer: torch.optim.Optimizer) -> LambdaLR:
         """Linear warmup over `warmup_steps`, then linear decay to zero at `total_steps`."""
+        from transformers import get_linear_schedule_with_warmup  # imports peft (3 s): only where a fit runs
+
         return get_linear_schedule_with_warmup(optimizer, self.warmup_steps, self.total_steps)
 
 
@@ -123,6 +123,8 @@ class Batches:
         """This worker's batches of `epoch`, as lists of example indices."""
         order = torch.Generator().manual_seed(self.seed + epoch)
         size = schedule.batch_size
+        from transformers.trainer_pt_utils import LengthGroupedSampler  # imports peft: only where a fit runs
+
         indices = list(LengthGroupedSampler(size, lengths=self.lengths, generator=order))
         batches = [indices[i:i + size] for i in range(0, len(indices), size)][self.rank::self.world]
         return batches[:schedule.batches_per_epoch]
