@@ -9,7 +9,7 @@ import logging
 
 # On CPUs with AVX512-BF16, bitsandbytes warns at import that the optional `kernels` package is missing.
 # That package fetches a CPU inference kernel from the hub at run time, for the packed bf16 layout that
-# llmm-tune uses only on request (`quant.NF4Linear.fast_cpu_inference`): drop that one message, before
+# llmm-tune uses only on request (`nf4.NF4Linear.fast_cpu_inference`): drop that one message, before
 # anything imports bitsandbytes.
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(lambda record: "kernels" not in record.getMessage())
 

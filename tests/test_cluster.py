@@ -218,8 +218,9 @@ LAYOUTS = {"copies": ("uniform", []), "fsdp": ("normal_float", ["--fsdp"])}
 
 @pytest.fixture(scope="module")
 def two_worker_run(assets, tmp_path_factory):
-    """The uninterrupted search of one two-worker trial of a layout (run once per module, when a test first asks):
-    its space, its reports and its export."""
+    """The search of one two-worker trial of a layout (run once per module, when a test first asks): its space, its
+    reports and its export. In the sharded layout one worker is killed at the first report: Ray Train restarts the
+    workers from the run's latest checkpoint, scattered over the shards again (the unsharded load is test_faults')."""
     runs: dict[str, dict] = {}
 
     def run(layout: str) -> dict:
@@ -231,25 +232,42 @@ def two_worker_run(assets, tmp_path_factory):
             space = tiny_space(out, model, "two_workers", warm_start=[point], epochs=3, evals_per_epoch=2,
                                searched={"K": {"choice": [0]}, "rank": {"choice": [4]},
                                          "quant_method": {"choice": [quant_method]}})
-            search = run_module("llmm_tune.search", str(space), "--profile", "cpu", "--data-dir", str(assets["data"]),
-                                "--storage", str(out / "runs"), "--results", str(out / "results"), "--name", "dp",
-                                "--num-samples", "1", "--workers-per-trial", "2", "--cpus-per-trial", "1", *flags)
-            assert search.returncode == 0, search.stdout[-3000:] + search.stderr[-3000:]
-            (result_file,) = (out / "runs" / "dp").glob("trial_*/result.json")
-            reports = [json.loads(line) for line in result_file.read_text().splitlines()]
+            process = start_module("llmm_tune.search", str(space), "--profile", "cpu", "--data-dir",
+                                   str(assets["data"]), "--storage", str(out / "runs"), "--results",
+                                   str(out / "results"), "--name", "dp", "--num-samples", "1", "--workers-per-trial",
+                                   "2", "--cpus-per-trial", "1", *flags)
+            experiment = out / "runs" / "dp"
+            if layout == "fsdp":
+                kill_a_worker_at_the_first_report(process, experiment)
+            output, _ = process.communicate(timeout=900)
+            assert process.returncode == 0, output[-3000:]
+            reports = reported(experiment)
             # the trial's settings: the space's fixed ones and what Ray's config holds, the searched ones
-            config = {**read_record(str(out / "runs" / "dp")).spec().fixed, **reports[-1]["config"]}
-            runs[layout] = {"space": space, "results": out / "results", "reports": reports, "config": config}
+            config = {**read_record(str(experiment)).spec().fixed, **reports[-1]["config"]}
+            runs[layout] = {"results": out / "results", "reports": reports, "config": config}
         return runs[layout]
 
     return run
+
+
+def reported(experiment: Path) -> list[dict]:
+    files = list(experiment.glob("trial_*/result.json"))
+    return [json.loads(line) for f in files for line in f.read_text().splitlines() if line.strip()]
+
+
+def kill_a_worker_at_the_first_report(process: subprocess.Popen, experiment: Path) -> None:
+    wait_until(lambda: len(reported(experiment)) >= 1, 600, "a first report", process)  # of 6: 3 epochs x 2
+    workers = [p for p, line in command_lines(process.pid) if "RayTrainWorker" in line]
+    assert len(workers) == 2, " | ".join(line[:40] for _, line in command_lines(process.pid))
+    workers[1].send_signal(signal.SIGKILL)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_a_trial_of_two_workers_trains_on_two_shards_and_matches_one_worker(assets, two_worker_run, layout):
     """Without randomness (K = 0: no adapter noise; no dropout), 2 workers with one batch each per step do
     the arithmetic of 1 worker accumulating 2 batches per step, so the validation loss agrees to float
-    rounding (stated tolerance: 1e-4). With FSDP each worker stores about half of the model."""
+    rounding (stated tolerance: 1e-4), also where a worker was killed and the run resumed from its checkpoint
+    (fsdp). With FSDP each worker stores about half of the model."""
     import torch
 
     from llmm_tune.train.sharding import stored_bytes
@@ -271,36 +289,12 @@ def test_a_trial_of_two_workers_trains_on_two_shards_and_matches_one_worker(asse
     torch.set_num_threads(1)
     single = []
     train(config, cola, data, lambda metrics, directory: single.append(metrics))
-    assert [r["step"] for r in results] == [r["step"] for r in single]
+    steps = [r["step"] for r in results]
+    if layout == "fsdp":  # resumed from its checkpoint: a restart from scratch would report the first step again
+        assert steps.count(steps[0]) == 1, steps
+    assert steps == [r["step"] for r in single]
     assert last["val_loss"] == pytest.approx(single[-1]["val_loss"], abs=1e-4)
     assert exported(run["results"])[0]["val_mcc"] != ""  # the export found the Train run's checkpoint
-
-
-def test_a_killed_worker_of_a_sharded_two_worker_trial_resumes_from_its_checkpoint(assets, two_worker_run, tmp_path):
-    """Ray Train restarts the workers from the run's latest checkpoint, scattered over the shards again (the
-    unsharded load is test_faults' resume)."""
-    layout = "fsdp"
-    reference = two_worker_run(layout)  # the same trial, uninterrupted
-    process = start_module("llmm_tune.search", str(reference["space"]), "--profile", "cpu", "--data-dir",
-                           str(assets["data"]), "--storage", str(tmp_path / "runs"), "--no-export", "--name", "dp-kill",
-                           "--num-samples", "1", "--workers-per-trial", "2", "--cpus-per-trial", "1",
-                           *LAYOUTS[layout][1])
-    experiment = tmp_path / "runs" / "dp-kill"
-
-    def reported() -> list[dict]:
-        files = list(experiment.glob("trial_*/result.json"))
-        return [json.loads(line) for f in files for line in f.read_text().splitlines() if line.strip()]
-
-    wait_until(lambda: len(reported()) >= 1, 600, "a first report", process)  # of 6: 3 epochs, 2 evaluations each
-    workers = [p for p, line in command_lines(process.pid) if "RayTrainWorker" in line]
-    assert len(workers) == 2, " | ".join(line[:40] for _, line in command_lines(process.pid))
-    workers[1].send_signal(signal.SIGKILL)
-    output, _ = process.communicate(timeout=900)
-    assert process.returncode == 0, output[-3000:]
-    steps = [r["step"] for r in reported()]
-    assert steps[-1] == reference["reports"][-1]["step"]  # it got to the end
-    assert steps.count(steps[0]) == 1, steps  # resumed from a checkpoint: a restart from scratch repeats it
-    assert reported()[-1]["val_loss"] == pytest.approx(reference["reports"][-1]["val_loss"], abs=1e-4)
 
 
 def test_the_shipped_cluster_files_hold_together_and_run_searches_this_parser_accepts():

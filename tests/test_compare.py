@@ -119,30 +119,25 @@ def test_a_compare_of_two_methods_over_seeds_continues_without_redoing_finished_
     assert runs["llmm/0"]["val_loss"] == pytest.approx(report["val_loss"], abs=1e-6)
     assert runs["llmm/0"]["val_mcc"] == pytest.approx(report["val_mcc"], abs=1e-6)
 
-    again = run_module("llmm_tune.compare", *common, "--seeds", "0", "1", timeout=900)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "llmm: search tiny_cola-llmm-cpu-compare finished before, reused" in again.stdout
-    assert "seed 0" not in again.stdout and again.stdout.count("with seed 1") == 2
-    continued = json.loads((out / "runs.json").read_text())
-    assert {k: continued[k] for k in runs} == runs and sorted(continued) == ["llmm/0", "llmm/1", "lora/0", "lora/1"]
-
     scores = pd.read_csv(out / "scores.csv")
-    assert len(scores) == 4 and set(scores["method"]) == {"llmm", "lora"}
+    assert len(scores) == 2 and set(scores["method"]) == {"llmm", "lora"}
     table = (out / "table.md").read_text()
     assert "difference to llmm" in table and "search trial-s" in table and "paired t-test" in table
-    lora = scores[scores["method"] == "lora"].sort_values("seed")["dev_mcc"].tolist()
-    llmm = scores[scores["method"] == "llmm"].sort_values("seed")["dev_mcc"].tolist()
-    assert f"{paired_interval(lora, llmm)[0]:.4f}" in table
+    lora, llmm = (scores[scores["method"] == m]["dev_mcc"].tolist() for m in ("lora", "llmm"))
+    assert f"{paired_interval(lora, llmm)[0]:+.4f}" in table
     assert (out / "seeds.png").stat().st_size > 0 and (out / "table.tex").is_file()
 
+    # continued with another seed, paired: llmm's search reused, its run of seed 0 kept, lora's search not needed
     tables = {name: (out / name).read_text() for name in ("table.md", "scores.csv")}
     paired = run_module("llmm_tune.compare", *common, "--seeds", "0", "1", "--paired-only", timeout=900)
     assert paired.returncode == 0, paired.stderr[-3000:]
+    assert "llmm: search tiny_cola-llmm-cpu-compare finished before, reused" in paired.stdout
     started = [line.split(":")[0] for line in paired.stdout.splitlines() if ": training trial" in line]
-    assert started == ["lora@llmm", "lora@llmm"]  # the runs done before are kept
+    assert sorted(started) == ["llmm", "lora@llmm", "lora@llmm"]  # the runs done before are kept
     assert "lora: search" not in paired.stdout and tables == {n: (out / n).read_text() for n in tables}  # llmm's only
     both = json.loads((out / "runs.json").read_text())
-    assert sorted(both) == sorted([*continued, "lora@llmm/0", "lora@llmm/1"])
+    assert {k: both[k] for k in runs} == runs
+    assert sorted(both) == ["llmm/0", "llmm/1", "lora/0", "lora@llmm/0", "lora@llmm/1"]
     assert both["lora@llmm/0"]["config"] == {**both["llmm/0"]["config"], **BASELINES["lora"]}
     row = table_row((out / "paired.md").read_text(), "lora")
     differences = [both[f"lora@llmm/{s}"]["dev_mcc"] - both[f"llmm/{s}"]["dev_mcc"] for s in (0, 1)]

@@ -7,6 +7,7 @@ import csv
 import glob
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -240,33 +241,40 @@ def test_a_crash_that_repeats_after_a_restore_ends_the_trial_without_more_retrie
     assert len(ended) == 1 and "log: " in ended[0]
 
 
-@pytest.mark.parametrize(("sent", "running"), [(signal.SIGINT, True), (signal.SIGTERM, True), (signal.SIGTERM, False)],
-                         ids=["ctrl_c", "sigterm", "sigterm_before_the_trials"])
-def test_ctrl_c_or_sigterm_saves_the_search_exports_nothing_and_says_how_to_continue(assets, sent, running):
-    """SIGINT is what Ctrl+C sends the driver; SIGTERM what Kubernetes, Slurm and `ray job stop` send on
-    preemption, which Ray's C++ signal handler in the driver would answer with a stack dump and a dead search;
-    it may come while the trials run or before they start."""
-    code = 128 + sent
-    name = f"interrupted-{code}" + ("" if running else "-early")
-    space = tiny_space(assets["root"], assets["model"], name, epochs=8)
-    process = start_search(*search_args(assets, space, name, "--num-samples", "2", "--cpus-per-trial", "1"))
-    experiment = assets["root"] / "runs" / name
+def interrupt(process: subprocess.Popen, experiment: Path, sent: signal.Signals, running: bool) -> str:
+    """Send `sent` to the search once its trials have reported again (`running`), or once Ray is up and Tune about
+    to start (the search has said where its logs are); its whole output."""
     seen = []
     if running:
-        wait_for(lambda: len(result_lines(experiment)) >= 1, process)
-    else:  # once the search has said where its logs are, Ray is up and Tune about to start
+        reported = len(result_lines(experiment))
+        wait_for(lambda: len(result_lines(experiment)) > reported, process)
+    else:
         while not seen or not seen[-1].startswith("logs: "):
             seen.append(process.stdout.readline())
             assert seen[-1], "".join(seen)[-3000:]
     process.send_signal(sent)
-    output = "".join(seen) + process.communicate(timeout=120)[0]
-    assert process.returncode == code, output[-3000:]
-    assert "SIGTERM received" not in output and "Stack trace" not in output, output[-3000:]
-    lines = output.strip().splitlines()
-    assert [line for line in lines if "continue with: " in line] == lines[-1:], output[-3000:]
-    assert lines[-1].startswith("search interrupted with 0 of 2 trials ended; nothing exported; continue with: "
-                                "python -m llmm_tune.search ") and f"--resume --name {name} --storage " in lines[-1]
-    assert not (assets["root"] / "results" / name / "cola").exists()
+    return "".join(seen) + process.communicate(timeout=120)[0]
+
+
+def test_ctrl_c_or_sigterm_saves_the_search_exports_nothing_and_says_how_to_continue(assets):
+    """SIGINT is what Ctrl+C sends the driver; SIGTERM what Kubernetes, Slurm and `ray job stop` send on
+    preemption, which Ray's C++ signal handler in the driver would answer with a stack dump and a dead search;
+    it may come before the trials start or while they run. One search takes all three, each resumed from what the
+    one before saved, and then ends."""
+    name = "interrupted"
+    space = tiny_space(assets["root"], assets["model"], name, epochs=8)
+    args = search_args(assets, space, name, "--num-samples", "2", "--cpus-per-trial", "1")
+    experiment = assets["root"] / "runs" / name
+    for sent, running in ((signal.SIGTERM, False), (signal.SIGINT, True), (signal.SIGTERM, True)):
+        process = start_search(*(args if not experiment.exists() else search_args(assets, space, name, "--resume")))
+        output = interrupt(process, experiment, sent, running)
+        assert process.returncode == 128 + sent, output[-3000:]
+        assert "SIGTERM received" not in output and "Stack trace" not in output, output[-3000:]
+        lines = output.strip().splitlines()
+        assert [line for line in lines if "continue with: " in line] == lines[-1:], output[-3000:]
+        assert re.fullmatch(r"search interrupted with [01] of 2 trials ended; nothing exported; continue with: python "
+                            rf"-m llmm_tune\.search .* --resume --name {name} --storage .*", lines[-1]), lines[-1]
+        assert not (assets["root"] / "results" / name / "cola").exists()
     finish(start_search(*search_args(assets, space, name, "--resume")))
     rows = exported_trials(assets, name)
     assert len(rows) == 2 and {r["status"] for r in rows} == {"TERMINATED"}

@@ -42,3 +42,32 @@ def test_every_dependency_is_locked_at_a_version_it_allows():
 
 def test_torch_is_left_to_the_machine():
     assert "torch" not in locked()  # .ci/setup pins the CPU build; GPU machines bring their own
+
+
+GROUPED = """
+import os
+
+import pytest
+
+pytestmark = pytest.mark.xdist_group("one")
+
+
+@pytest.mark.parametrize("case", range(4))
+def test_worker(case):
+    print("worker", os.environ["PYTEST_XDIST_WORKER"])
+"""
+
+
+def test_the_locked_pytest_keeps_an_xdist_group_on_one_worker(tmp_path):
+    """The suite's shared module-scoped runs (test_search, test_cluster, ...) rely on --dist loadgroup; a pytest
+    that xdist cannot mark groups in spreads a group over both workers, and each runs the module's search again."""
+    import subprocess
+    import sys
+
+    (tmp_path / "test_grouped.py").write_text(GROUPED)
+    run = subprocess.run([sys.executable, "-m", "pytest", "-n", "2", "--dist", "loadgroup", "-v", "-p",
+                          "no:cacheprovider", "-c", "/dev/null", "--rootdir", str(tmp_path), str(tmp_path)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:]
+    workers = {line.split("]")[0] for line in run.stdout.splitlines() if line.startswith("[gw") and "PASSED" in line}
+    assert len(workers) == 1 and run.stdout.count("PASSED") == 4, run.stdout[-3000:]

@@ -4,8 +4,8 @@ import torch
 
 from llmm_tune.method.config import BITS, METHODS
 from llmm_tune.method.loftq import loftq
+from llmm_tune.method.nf4 import NF4Linear
 from llmm_tune.method.quant import (
-    NF4Linear,
     PackedLinear,
     dense_weight,
     fake_quantize,

@@ -10,6 +10,7 @@ from llmm_tune.settings import Setting, fraction, non_negative_int, positive, po
 
 BITS = (2, 4, 8)  # the formats quant.py stores
 METHODS = ("normal_float", "uniform")
+BLOCK = 64  # weights per quantisation block, each with its absmax scale (METHOD.md section 1)
 INITS = ("loftq", "zero")
 
 
