@@ -14,7 +14,7 @@ from llmm_tune.method.config import BASELINES
 from llmm_tune.results.transfer import DEFAULT_TOP
 from llmm_tune.train.data import BAD_ROW_POLICIES
 from llmm_tune.tune import storage
-from llmm_tune.tune.cluster import LayoutRequest
+from llmm_tune.tune.cluster import LayoutRequest, address
 from llmm_tune.tune.spaces import PROFILES
 
 COMMANDS = ("search", "export", "compare", "reproduce", "export_adapter", "plan")
@@ -61,6 +61,7 @@ def search_parser(description: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--model", help="the model every trial fine-tunes: a hub id, a local folder or a packaged "
                                         "name (default: the profile's)")
     parser.add_argument("--num-samples", type=int, help="trials (default: the profile's)")
+    add_budget_option(parser)
     add_layout_options(parser)
     parser.add_argument("--storage", default=DEFAULT_STORAGE,
                         help="where experiments are kept: a folder (an NFS mount on a cluster) or an s3:// or "
@@ -123,6 +124,13 @@ def dataset_options(options: dict) -> dict:
     return {key: value for key, value in given.items() if value is not None}
 
 
+def add_budget_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--budget", metavar="DURATION",
+                        help="wall time for the whole search, export included (45m, 2h, 1h30m): a probe of one trial "
+                             "here sizes the trials, their epochs and rows to it, and at the budget running trials end "
+                             "at their latest evaluation (default: the profile's trials, however long they take)")
+
+
 def add_profile_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", choices=("auto", *PROFILES), default="auto",
                         help="paper: the published model and budget; cpu: packaged small models, short runs; "
@@ -158,7 +166,24 @@ def parse_search_args(argv: list[str], description: str | None = None) -> argpar
         raise UsageError(f"--results {args.results} must be a folder (the export writes files there); URIs are for "
                          "--storage")
     check_counts(args)
+    check_budget(args)
     return args
+
+
+def check_budget(args: argparse.Namespace) -> None:
+    """--budget is a duration, and it decides the trials of a new search."""
+    if args.budget is None:
+        return
+    from llmm_tune.tune.budget import parse_duration
+
+    parse_duration(args.budget)
+    if address(args.address):
+        raise UsageError("--budget sizes a search from a probe on this machine; on a cluster give --num-samples (and "
+                         "the space's epochs) instead")
+    if args.num_samples is not None:
+        raise UsageError("--budget sizes the number of trials itself; drop --num-samples (or --budget)")
+    if getattr(args, "resume", False):
+        raise UsageError("a resumed search keeps the budget it was sized to; drop --budget")
 
 
 def check_counts(args: argparse.Namespace) -> None:

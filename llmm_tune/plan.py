@@ -15,13 +15,8 @@ import dataclasses
 import json
 import math
 import os
-import resource
-import shutil
-import tempfile
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from llmm_tune.cli import (
@@ -36,120 +31,18 @@ from llmm_tune.cli import main as run_command
 from llmm_tune.errors import UsageError
 from llmm_tune.method.config import BASELINES
 from llmm_tune.train.data import resolve_data_dir
-from llmm_tune.train.fit import Schedule
-from llmm_tune.train.progress import Progress
 from llmm_tune.tune.cluster import machine, plan_layout
-from llmm_tune.tune.context import TrialContext
+from llmm_tune.tune.probe import (
+    ACTOR_START_S,
+    EXPORT_OVERHEAD_S,
+    PROBE_STEPS,
+    RAY_START_S,
+    TUNE_OVERHEAD_S,
+    predict,
+    probe,
+    trial_config,
+)
 from llmm_tune.tune.spaces import SearchSpec, load_spec
-
-PROBE_STEPS = 16
-TUNE_OVERHEAD_S = 3.0  # per trial: worker start, object store, reports (benchmarks/bench_search.py)
-RAY_START_S = 5.0  # ray.init of a private instance (benchmarks/bench_search.py: 4.2 s)
-
-
-def trial_config(spec: SearchSpec) -> dict:
-    """The configuration of the search's first trial (its first warm start, else the middle of the space)."""
-    point = spec.warm_start[0] if spec.warm_start else {
-        name: d.choices[0] if hasattr(d, "choices") else type(d.low)(math.sqrt(d.low * d.high) if d.log else
-                                                                     (d.low + d.high) / 2)
-        for name, d in spec.distributions().items()}
-    return {**spec.fixed, **point}
-
-
-def peak_memory_gib() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**30 + 0.5  # + the CUDA context
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
-def probe(spec: SearchSpec, source: str, steps: int, score: bool) -> dict:
-    """Figures of one trial measured here: build (model load + LoftQ, cold and from the disk cache),
-    seconds per optimizer step (the first two apart), per evaluation, to score the held-out split, and
-    peak memory; a progress line every 30 seconds while it runs."""
-    with Progress("plan: probing one trial (prepare, two short runs, scoring)", 3 + score) as progress:
-        config, context = trial_config(spec), spec.context()
-        started = time.perf_counter()
-        data = spec.recipe.prepare(config, context, source)
-        progress.advance()
-        figures = {"device": "cuda" if torch.cuda.is_available() else "cpu", "threads": torch.get_num_threads(),
-                   "prepare_s": time.perf_counter() - started, "train_examples": len(data.train)}
-        with tempfile.TemporaryDirectory() as work:
-            return figures | timed_runs(spec, config, context, data, source, steps, score, Path(work), progress)
-
-
-def timed_runs(spec: SearchSpec, config: dict, context: TrialContext, data, source: str, steps: int, score: bool,
-               work: Path, progress: Progress) -> dict:
-    """Two runs on the same LoftQ cache: the first (2 steps) computes LoftQ, the second (2 + steps) reads it.
-    Their difference is the time of `steps` ordinary steps: the first batches of an epoch are its longest
-    (length grouping puts them first) and carry the warm-up of the kernels. Then the held-out scoring."""
-    recipe = spec.recipe
-    reports: list[tuple[float, dict, str]] = []
-
-    def keep(metrics: dict, directory: str) -> None:
-        reports.append((time.perf_counter(), metrics, shutil.copytree(directory, work / str(len(reports)))))
-
-    cached = dataclasses.replace(context, loftq_cache=str(work / "loftq"))
-    runs = []
-    for max_steps in (2, 2 + steps):
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-        began = time.perf_counter()
-        recipe.train({**config, "max_steps": max_steps}, cached, data, keep)
-        ended, metrics, _ = reports[-1]
-        runs.append({"build_s": ended - began - metrics["seconds"], "eval_s": metrics["eval_seconds"],
-                     "train_s": metrics["seconds"] - metrics["eval_seconds"]})
-        progress.advance()
-    figures = {"build_cold_s": runs[0]["build_s"], "build_warm_s": runs[1]["build_s"],
-               "eval_s": runs[1]["eval_s"], "step_s": (runs[1]["train_s"] - runs[0]["train_s"]) / steps,
-               "first_steps_s": runs[0]["train_s"] / 2, "peak_memory_gib": peak_memory_gib()}
-    if score:
-        began = time.perf_counter()
-        recipe.score(config, cached, reports[0][2], source)
-        figures["score_s"] = time.perf_counter() - began
-        progress.advance()
-    return figures
-
-
-def rungs(spec, budget: float) -> list[float]:
-    stopping = spec.early_stopping
-    milestones, value = [], stopping["grace_period"]
-    while value < budget:
-        milestones.append(value)
-        value *= stopping["reduction_factor"]
-    return milestones
-
-
-def simulate(spec, trial_s: float, budget: float, concurrent: int, evals: list[float], draws: int = 400) -> dict:
-    """ASHA as Tune runs it (asynchronous successive halving: at each rung a trial is stopped when its
-    score is below the top 1/rf of those recorded there before it; the first at a rung goes on), with
-    trials of random quality, `concurrent` at a time, each deciding in the order trials start (close to
-    the order they reach a rung when trials run alike): mean trial length and makespan, over `draws`."""
-    milestones, rf = rungs(spec, budget), spec.early_stopping["reduction_factor"]
-    decisions = [next(e for e in evals if e >= m) for m in milestones if any(e >= m for e in evals)]
-    rng = np.random.default_rng(0)
-    lengths, makespans = [], []
-    for _ in range(draws):
-        quality = rng.random(spec.num_samples)
-        recorded: list[list[float]] = [[] for _ in decisions]
-        free = [0.0] * concurrent  # when each slot is next free
-        for trial in range(spec.num_samples):
-            slot = int(np.argmin(free))
-            start = free[slot]
-            end, length = start, 0.0
-            for k, at in enumerate(decisions + [budget]):
-                end = start + at / budget * trial_s
-                length = at / budget
-                if k == len(decisions):
-                    break
-                values = recorded[k]
-                cutoff = np.percentile(values, (1 - 1 / rf) * 100) if values else None
-                values.append(quality[trial])
-                if cutoff is not None and quality[trial] < cutoff:
-                    break
-            free[slot] = end + TUNE_OVERHEAD_S
-            lengths.append(length)
-        makespans.append(max(free))
-    return {"mean_fraction": float(np.mean(lengths)), "makespan_s": float(np.mean(makespans))}
 
 
 def measure(args: argparse.Namespace, spec: SearchSpec) -> tuple[dict, str]:
@@ -207,20 +100,9 @@ def plan(args: argparse.Namespace) -> dict:
     gpus, gpu_memory = planned_gpus(args)
     layout, per_gpu = planned_layout(args, figures, gpus, gpu_memory)
     time_attr, epochs = recipe.clock(spec.fixed, spec.context())
-    config = trial_config(spec)
-    schedule = Schedule.of(config, figures["train_examples"], layout.workers)
-    steps = schedule.total_steps
-    evals = [schedule.epochs_done(step) for step in sorted(schedule.eval_at)]  # the epochs fit reports at
-    trial_s = (figures["build_warm_s"] + 2 * figures["first_steps_s"] + (steps - 2) * figures["step_s"]
-               + len(evals) * figures["eval_s"])
     concurrent = min(layout.concurrent, spec.num_samples)
-    asha = simulate(spec, trial_s, epochs, concurrent, evals)
-    combos = math.prod(len(d.choices) for n, d in spec.distributions().items()
-                       if n in ("quant_method", "bits", "rank") and hasattr(d, "choices")) or 1
-    rows = combos * (1 - (1 - 1 / combos) ** spec.num_samples) if combos > 1 else 1
-    cold = min(combos, spec.num_samples) * (figures["build_cold_s"] - figures["build_warm_s"]) / concurrent
-    export_s = rows * figures["score_s"] if "score_s" in figures else None
-    wall = figures["prepare_s"] + RAY_START_S + asha["makespan_s"] + cold + (export_s or 0.0)
+    predicted = predict(figures, spec, trial_config(spec), figures["train_examples"], concurrent, layout.workers)
+    trial_s, steps, evals, export_s = predicted.trial_s, predicted.steps, predicted.evaluations, predicted.export_s
     lines = [
         f"plan for {spec.task} ({profile} profile, {args.method}): {spec.num_samples} trials, {concurrent} at "
         f"once, {layout.workers} worker(s) of {layout.cpus:g} CPU + {layout.gpus:g} GPU each; figures {how}",
@@ -233,15 +115,17 @@ def plan(args: argparse.Namespace) -> dict:
         f"a whole trial: {trial_s / 60:.1f} min = start + {steps} steps x {figures['step_s']:.2f} s + {len(evals)} "
         f"evaluations x {figures['eval_s']:.1f} s (measured per step and evaluation, counted from the config)",
         f"ASHA (grace {spec.early_stopping['grace_period']}, reduction {spec.early_stopping['reduction_factor']}, "
-        f"{time_attr} up to {epochs:g}): a trial runs {asha['mean_fraction']:.0%} of its budget on average "
+        f"{time_attr} up to {epochs:g}): a trial runs {predicted.mean_fraction:.0%} of its budget on average "
         "(simulated with random trial quality)",
-        f"trials per hour: {concurrent * 3600 / (asha['mean_fraction'] * trial_s + TUNE_OVERHEAD_S):.1f} "
+        f"trials per hour: {concurrent * 3600 / (predicted.mean_fraction * trial_s + TUNE_OVERHEAD_S):.1f} "
         "(estimated from the above)",
         f"export: {'not predicted (--no-score)' if export_s is None else f'{export_s / 60:.1f} min'}"
-        + ("" if export_s is None else f" = {rows:.1f} table rows expected x {figures['score_s']:.0f} s to score the "
-                                       "held-out split (measured)"),
-        f"wall time of the search: {wall / 60:.1f} min (data {figures['prepare_s']:.0f} s + Ray {RAY_START_S:.0f} s + "
-        f"trials {asha['makespan_s'] / 60:.1f} min + LoftQ of the first trials {cold:.0f} s + export)",
+        + ("" if export_s is None else f" = {EXPORT_OVERHEAD_S:.0f} s of clean-up, tables and plots + "
+                                       f"{predicted.table_rows:.1f} table rows expected x {figures['score_s']:.0f} s "
+                                       "to score the held-out split (measured)"),
+        f"wall time of the search: {predicted.wall_s / 60:.1f} min (data {figures['prepare_s']:.0f} s + Ray "
+        f"{RAY_START_S + ACTOR_START_S:.0f} s + trials {predicted.makespan_s / 60:.1f} min + LoftQ of the first trials "
+        f"{predicted.cold_s:.0f} s + export)",
     ]
     if gpus and figures["device"] == "cpu":
         lines.append("note: these figures come from a CPU; for a GPU plan probe on a GPU machine "
@@ -250,7 +134,7 @@ def plan(args: argparse.Namespace) -> dict:
         lines.append(f"note: trials sharing a GPU share its compute; the plan counts each at its probed speed, "
                      f"so {concurrent} at once is the throughput's upper bound")
     print("\n".join(lines))
-    return {"wall_s": wall, "trial_s": trial_s, "steps": steps, "evaluations": evals, **figures, **asha}
+    return {**figures, **dataclasses.asdict(predicted)}
 
 
 def build_parser() -> argparse.ArgumentParser:

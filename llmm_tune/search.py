@@ -9,7 +9,7 @@ names it. Every input is checked before Ray starts.
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,6 +100,14 @@ def new_experiment(args: argparse.Namespace, argv: list[str], storage_dir: str) 
         raise UsageError(f"experiment {args.name!r} already exists under {storage_dir}; pass --resume to "
                          "continue it or another --name")
     name = args.name or fresh_name(storage_dir, f"{Path(args.task).stem}-{args.method}-{profile}")
+    sizing = None
+    if args.budget:  # the search sized to the budget by a probe of one trial here, after every cheaper check
+        from llmm_tune.tune.budget import sized
+
+        source = spec.context().source(resolve_data_dir(args.data_dir))
+        sizing = sized(spec, args.budget, plan_layout(layout_request(args), machine(), "this machine"), source)
+        overrides |= sizing.overrides()
+        spec = dataclasses.replace(spec, num_samples=sizing.num_samples, fixed={**spec.fixed, **overrides})
     record = ExperimentRecord(
         name=name, family=spec.family, task=spec.task, space=space_name(spec.path), space_yaml=spec.text,
         profile=profile, method=args.method, metric=spec.metric, mode=spec.mode, seed=spec.fixed["seed"],
@@ -107,7 +115,7 @@ def new_experiment(args: argparse.Namespace, argv: list[str], storage_dir: str) 
         command=command_line("llmm_tune.search", [*argv, *([] if args.name else ["--name", name])]),
         git_commit=git_commit(), versions=package_versions(), started=time.strftime("%Y-%m-%d %H:%M:%S"),
         trust_remote_code=args.trust_remote_code, sampler=args.sampler, early_stopping=not args.no_early_stopping,
-        warm_starts=warm_starts)
+        warm_starts=warm_starts, budget=dataclasses.asdict(sizing) if sizing else {})
     return spec, storage.join(storage_dir, name), record
 
 
@@ -172,6 +180,10 @@ def prepare(args: argparse.Namespace, spec: SearchSpec, experiment: str, record:
     for note in spec.adjustments:
         print(note)
     data = spec.recipe.prepare(spec.fixed, context, source)  # bad rows and models fail here, before Ray
+    from llmm_tune.tune.console import caps
+
+    for line in caps(spec, record, data):
+        print(line)
     trackers.check_installed(record.tracker_names)
     trackers.start(record.tracker_names, record)  # the search's own run in each tracker, reopened on resume
     resume = (f"python -m llmm_tune.search {args.task} --resume --name {record.name}"
@@ -191,6 +203,8 @@ def launch(prepared: Prepared, args: argparse.Namespace) -> None:
         if prepared.cluster:
             check_layout(layout)
         record.write(experiment)
+        from llmm_tune.tune.console import data_named, data_sizes
+
         print(f"experiment {experiment} | {spec.task} {record.method} {record.profile} | {spec.num_samples} trials, "
               f"{describe(layout)} | {data_sizes(prepared.data)} | data: {data_named(spec, prepared.source)}")
         print(f"logs: {log} and each trial's folder; resume with: {prepared.resume}")
@@ -201,23 +215,18 @@ def launch(prepared: Prepared, args: argparse.Namespace) -> None:
 
 def finish(prepared: Prepared) -> None:
     """A search that ran all its trials is exported and its tracker runs end; a stopped one says how to continue."""
-    ended = ended_trials(prepared.experiment)
-    if ended < prepared.spec.num_samples:  # Ctrl+C or SIGTERM: Tune saved its state and returned early
+    from llmm_tune.tune.budget import read_budget_stop
+
+    ended, stopped = ended_trials(prepared.experiment), read_budget_stop(prepared.experiment)
+    if stopped:
+        cut = len(stopped["cut"])
+        print(f"budget reached {stopped['after_s'] / 60:.1f} min into the trials: {ended - cut} trial(s) ended, "
+              f"{cut} cut at their latest evaluation, {prepared.spec.num_samples - ended} never started")
+    elif ended < prepared.spec.num_samples:  # Ctrl+C or SIGTERM: Tune saved its state and returned early
         raise Interrupted(f"search interrupted with {ended} of {prepared.spec.num_samples} trials ended; nothing "
                           f"exported; continue with: {prepared.resume}", code=interrupted_code())
     table = None if prepared.results is None else export([prepared.experiment], prepared.results)
     trackers.finish(prepared.record.tracker_names, prepared.record, table)
-
-
-def data_sizes(data) -> str:
-    """What the console says of the prepared data: the family's own summary, else its splits' sizes."""
-    return getattr(data, "sizes", None) or " | ".join(f"{k} {len(v)}" for k, v in vars(data).items()
-                                                      if hasattr(v, "__len__") and k in ("train", "validation"))
-
-
-def data_named(spec: SearchSpec, source: str) -> str:
-    """The data as the console names it: the space's own data block's path, else the folder or "hub"."""
-    return json.loads(spec.dataset)["path"] if spec.dataset else source
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ import yaml
 
 from llmm_tune import search
 from llmm_tune.project import SPACES_DIR
-from tests.helpers.search_fixtures import ENV, earlier_results, run_module
+from tests.helpers.search_fixtures import ENV, earlier_results, run_module, tiny_space
 from tests.helpers.user_data import alpaca_rows, build, chat, model_without_chat_template, rows_file
 
 TEXT = "text"
@@ -53,6 +53,11 @@ def data_with_train_bytes(tmp_path: Path, data_dir: Path) -> str:
     (folder / "train.tsv").write_bytes(b"gj04\t1\t\t\xff\xfe broken\n")
     (folder / "dev.tsv").write_text((data_dir / "glue" / "CoLA" / "dev.tsv").read_text())
     return str(tmp_path / "data")
+
+
+def timed_space(tmp_path: Path) -> str:
+    """A space of the model-free family whose trials take time (tests/doubles/timed_family.py)."""
+    return str(tiny_space(tmp_path, tmp_path / "no-model", "timed", family="tests.doubles.timed_family", epochs=4))
 
 
 def missing_file(tmp_path: Path) -> str:
@@ -206,6 +211,12 @@ BAD_INPUTS = [
      ["its trials set none of the settings this space searches (lr, scale, rank, K, bits, quant_method)"]),
     ("no warm starts", lambda t, data: ["glue_cola", "--warm-start-from", "results/cola", "--warm-starts", "0"],
      ["--warm-starts must be >= 1, got 0"]),
+    ("budget not a duration", lambda t, data: ["glue_cola", "--budget", "soon"],
+     ["--budget soon: expected a duration such as 45m, 2h, 1h30m or 90s"]),
+    ("budget and a trial count", lambda t, data: ["glue_cola", "--budget", "10m", "--num-samples", "3"],
+     ["--budget sizes the number of trials itself; drop --num-samples"]),
+    ("budget below one trial", lambda t, data: [timed_space(t), "--budget", "5s"],
+     ["--budget 0.1 min is too short for one trial here", "give --budget"]),
     ("test data with other columns",
      lambda t, data: ["sft", "--data", data_file(data(), TEXT, t), "--test-data",
                       rows_file(t, "test.jsonl", [dict(body="x")])],

@@ -13,8 +13,8 @@ from transformers import BatchEncoding
 
 import llmm_tune.train.fit as fit_loop
 from llmm_tune.plan import run as plan
-from llmm_tune.plan import trial_config
 from llmm_tune.train.fit import Batches, Hooks, Schedule, fit, train_steps
+from llmm_tune.tune.probe import trial_config
 from llmm_tune.tune.spaces import load_spec
 from tests.helpers.search_fixtures import tiny_space
 

@@ -9,7 +9,8 @@ from types import SimpleNamespace
 import pytest
 
 from llmm_tune import plan
-from llmm_tune.plan import TUNE_OVERHEAD_S, planned_gpus, simulate
+from llmm_tune.plan import planned_gpus
+from llmm_tune.tune.probe import TUNE_OVERHEAD_S, simulate
 from tests.helpers.search_fixtures import run_module, subset_glue, tiny_bert, tiny_space
 
 

@@ -86,9 +86,21 @@ def test_a_searchs_status_line_counts_each_trial_once_by_how_it_ended():
               trial("diverged", Trial.TERMINATED, 1, None, **{FAILURE_KEY: "nan"}),
               trial("announced", Trial.RUNNING, 2, 0.5), trial("half", Trial.RUNNING, 2, 0.4),
               trial("waiting", Trial.PENDING, 0)]
-    console.started = time.time() - 70  # 70 s for 4.5 trials' work: 5.5 left take 85.6 s
+    # 70 s for 2.75 trials' work (ended: 1 + 0.5 + 0.25 + 0.5, running 0.5); left: 5 waiting x 0.5625 (the ended
+    # trials' mean share) + 0.5 for the half-done one (the one ended trial past half ran to its end): 84.3 s
+    console.started = time.time() - 70
     line = console.status(trials)
-    assert "trials: 1 running, 2 done, 2 failed of 10 | best val mcc 0.5000 (trial announced) | ETA <= 1m25s" in line
+    assert "trials: 1 running, 2 done, 2 failed of 10 | best val mcc 0.5000 (trial announced) | ETA 1m24s" in line
+
+
+def test_the_eta_counts_the_work_left_at_the_rate_done_so_far_with_ashas_stops_from_the_ended_trials():
+    from llmm_tune.tune.console import eta_seconds
+
+    assert eta_seconds(10.0, 4, [], []) is None  # no work done yet: no rate
+    assert eta_seconds(60.0, 2, [], [0.5, 0.5]) == pytest.approx(3 * 60)  # none ended: whole budgets; 1 trial a minute
+    # two ended, at a quarter and at the end: a waiting trial is expected to run 0.625; the one at 0.5 to the end
+    assert eta_seconds(100.0, 3, [0.25, 1.0], [0.5]) == pytest.approx((3 * 0.625 + 0.5) * 100 / 1.75)
+    assert eta_seconds(100.0, 0, [1.0], [0.25]) == pytest.approx(0.75 * 100 / 1.25)  # only the running one is left
 
 
 def test_a_searchs_status_line_is_kept_by_tunes_callbacks_after_its_first_pass_over_the_trials():

@@ -14,6 +14,7 @@ import pyarrow.fs as pafs
 from llmm_tune.errors import UsageError
 from llmm_tune.train.data import locate_source
 from llmm_tune.tune import storage
+from llmm_tune.tune.budget import read_budget_stop
 from llmm_tune.tune.context import TrialContext
 from llmm_tune.tune.experiment import ExperimentRecord, read_record
 from llmm_tune.tune.family import load_family
@@ -50,8 +51,9 @@ def collect(experiment: str) -> Collected:
     context = meta.context(experiment)
     analysis = ExperimentAnalysis(experiment)
     rows, checkpoints = [], {}
+    cut = set((read_budget_stop(experiment) or {}).get("cut", []))
     for trial in analysis.trials:
-        rows.append(trial_row(trial, meta, spec, context))
+        rows.append(trial_row(trial, meta, spec, context, trial.trial_id in cut))
         checkpoint = standing_checkpoint(analysis, trial, context, experiment)
         if checkpoint is not None:
             checkpoints[trial.trial_id] = checkpoint
@@ -59,8 +61,9 @@ def collect(experiment: str) -> Collected:
                      analysis.trial_dataframes)
 
 
-def trial_row(trial, meta: ExperimentRecord, spec: SearchSpec, context: TrialContext) -> dict:
-    """One trial as trials.csv has it: its settings, status, standing value and provenance."""
+def trial_row(trial, meta: ExperimentRecord, spec: SearchSpec, context: TrialContext, cut: bool = False) -> dict:
+    """One trial as trials.csv has it: its settings, status, standing value and provenance; `cut`: ended by the
+    search's --budget before its end, at its latest evaluation."""
     last = trial.last_result or {}
     config = {**spec.fixed, **trial.config}  # a trial's config holds what was searched (older ones: everything)
     clock, budget = context.recipe.clock(config, context)
@@ -74,7 +77,8 @@ def trial_row(trial, meta: ExperimentRecord, spec: SearchSpec, context: TrialCon
             "failure": last.get("failure"), "seconds": last.get("time_total_s"),
             # ended by ASHA before the end of its budget (as the console says it)
             "stopped_early": trial.status == "TERMINATED" and last.get("failure") is None
-            and last.get(clock, budget) < budget,
+            and last.get(clock, budget) < budget and not cut,
+            "cut_by_budget": cut,
             "warm_start": meta.warm_start_origin(config),
             "git_commit": meta.git_commit,
             "versions": " ".join(f"{k}={meta.versions.get(k)}" for k in VERSION_KEYS),

@@ -4,18 +4,24 @@ and each trial's own log files."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ray.tune import Callback
 from ray.tune.experiment import Trial
 
 from llmm_tune.errors import FAILURE_KEY, STARTED_AGAIN_KEY
 from llmm_tune.tune.direction import Direction
+
+if TYPE_CHECKING:
+    from llmm_tune.tune.experiment import ExperimentRecord
+    from llmm_tune.tune.spaces import SearchSpec
 
 LOG_FILE = "llmm_search.log"
 # the loggers whose records go to the search log (llmm_tune.progress: also printed, by the progress lines)
@@ -74,14 +80,19 @@ class Tally:
     failed: int = 0
     running: dict[str, float] = field(default_factory=dict)  # trial id -> the share of its budget done
     best: tuple[float, str] | None = None  # (value, trial id)
+    ended_shares: list[float] = field(default_factory=list)  # of their budgets, what the ended trials ran
+
+    def share(self, result: dict) -> float:
+        return min(1.0, result.get(self.time_attr, 0) / self.budget)
 
     def reported(self, trial_id: str, result: dict) -> None:
-        self.running[trial_id] = min(1.0, result.get(self.time_attr, 0) / self.budget)
+        self.running[trial_id] = self.share(result)
         self.note(trial_id, result)
 
     def ended(self, trial: Trial) -> None:
         result = trial.last_result or {}
         self.running.pop(trial.trial_id, None)
+        self.ended_shares.append(self.share(result))
         if trial.status == Trial.ERROR or FAILURE_KEY in result:
             self.failed += 1
         else:
@@ -131,12 +142,11 @@ class Progress(Callback):
 
     def status(self, trials: list[Trial]) -> str:
         elapsed, tally = time.time() - self.started, self.tally(trials)
-        # finished trials count whole; running ones by the share of their budget done (an upper bound on the
-        # remaining work, since early stopping ends many of them sooner)
-        work = tally.done + tally.failed + sum(tally.running.values())
         best_text = (f"best val {self.metric} {tally.best[0]:.4f} (trial {tally.best[1]})" if tally.best
                      else "no result yet")
-        eta = f"ETA <= {minutes(elapsed / work * (self.num_samples - work))}" if work else "ETA unknown"
+        waiting = self.num_samples - len(tally.ended_shares) - len(tally.running)
+        left = eta_seconds(elapsed, waiting, tally.ended_shares, list(tally.running.values()))
+        eta = "ETA unknown" if left is None else f"ETA {minutes(left)}"
         return (f"[{minutes(elapsed)}] trials: {len(tally.running)} running, {tally.done} done, {tally.failed} "
                 f"failed of {self.num_samples} | {best_text} | {eta}")
 
@@ -199,5 +209,51 @@ class Progress(Callback):
         self.trial_ended(trials, trial)
 
 
+def eta_seconds(elapsed: float, waiting: int, ended: list[float], running: list[float]) -> float | None:
+    """Seconds until the trials end, predicted: the work left (in shares of a trial's budget) at the rate work was
+    done so far. A trial yet to start runs what the ended ones ran on average (ASHA stops many early; before any
+    ended, its whole budget); a running one at share d runs on as far as the ended trials that got past d did on
+    average (to its budget's end when none did). None before any work is done."""
+    work = sum(ended) + sum(running)
+    if not work:
+        return None
+    expected = sum(ended) / len(ended) if ended else 1.0
+
+    def rest(done: float) -> float:
+        further = [share - done for share in ended if share > done]
+        return sum(further) / len(further) if further else 1.0 - done
+
+    return (waiting * expected + sum(rest(done) for done in running)) * elapsed / work
+
+
 def minutes(seconds: float) -> str:
     return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+
+
+CAPS = {"max_train_examples": "trials train on {n:,} rows", "test_examples": "the held-out score reads {n:,} rows"}
+
+
+def caps(spec: SearchSpec, record: ExperimentRecord, data) -> list[str]:
+    """The caps on rows the search applies, in words, with the option that lifts them: none is silent."""
+    sizing = "--budget's sizing" if record.budget else f"the {record.profile} profile"
+    lift = "a longer --budget" if record.budget else "--budget DURATION (every row that fits)"
+    every = record.budget.get("available_rows", 0) if record.budget else len(getattr(data, "train", ())) + 1
+    lines = []
+    for name, what in CAPS.items():
+        cap = spec.fixed.get(name)
+        if cap is None or (name == "max_train_examples" and every <= cap):
+            continue  # no cap, or no fewer rows than the data holds
+        lines.append(f"{what.format(n=cap)}: {name} {cap} ({sizing}); lift it with {lift} or {name}: null in the "
+                     "space (write it with --write-space FILE)")
+    return lines
+
+
+def data_sizes(data) -> str:
+    """What the console says of the prepared data: the family's own summary, else its splits' sizes."""
+    return getattr(data, "sizes", None) or " | ".join(f"{k} {len(v)}" for k, v in vars(data).items()
+                                                      if hasattr(v, "__len__") and k in ("train", "validation"))
+
+
+def data_named(spec: SearchSpec, source: str) -> str:
+    """The data as the console names it: the space's own data block's path, else the folder or "hub"."""
+    return json.loads(spec.dataset)["path"] if spec.dataset else source

@@ -4,11 +4,15 @@ and hand freed heap back to the system. All four matter in searches of thousands
 
 from __future__ import annotations
 
+import json
 import logging
+import time
 from collections import deque
 
-from ray.tune import Callback
+from ray.tune import Callback, Stopper
 
+from llmm_tune.tune import storage
+from llmm_tune.tune.budget import BUDGET_FILE
 from llmm_tune.tune.runner import trim_heap
 
 
@@ -119,3 +123,43 @@ def delete_checkpoints(due: list) -> None:
         except OSError as error:  # an object store's hiccup: the checkpoint stays, the search goes on
             logging.getLogger("ray.tune").warning("trial %s: could not delete %s: %s", trial.trial_id,
                                                   checkpoint.path, error)
+
+
+class BudgetStop(Callback, Stopper):
+    """Ends the search `seconds` after its first step (`--budget`): Tune's own stop of the whole experiment (no new
+    trials; each running one ends, keeping its latest evaluation and checkpoint). The trials it cut are written to
+    the experiment for the export to mark. A Callback too, to know which trials run; a resumed search counts its
+    `seconds` anew."""
+
+    def __init__(self, seconds: float, experiment: str):
+        self.seconds, self.experiment = seconds, experiment
+        self.__setstate__({})
+
+    def __getstate__(self) -> dict:
+        return {"seconds": self.seconds, "experiment": self.experiment}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.running: set[str] = set()
+        self.started: float | None = None
+        self.stopped = False
+
+    def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
+        self.running.add(trial.trial_id)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
+        self.running.discard(trial.trial_id)
+
+    on_trial_error = on_trial_complete
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        return False  # a trial is stopped with all the others, by stop_all
+
+    def stop_all(self) -> bool:
+        now = time.monotonic()
+        self.started = self.started or now
+        if not self.stopped and now - self.started >= self.seconds:
+            self.stopped = True
+            storage.write_text(storage.join(self.experiment, BUDGET_FILE),
+                               json.dumps({"after_s": round(now - self.started, 1), "cut": sorted(self.running)}))
+        return self.stopped

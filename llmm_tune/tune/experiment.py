@@ -95,6 +95,7 @@ class ExperimentRecord:
     early_stopping: bool = True
     trackers: dict = field(default_factory=dict)  # per tracker, the search's own run (llmm_tune.tune.trackers)
     warm_starts: list = field(default_factory=list)  # each enqueued point and its origin (llmm_tune.tune.transfer)
+    budget: dict = field(default_factory=dict)  # --budget's sizing (llmm_tune.tune.budget.Sizing), else empty
 
     @classmethod
     def from_dict(cls, values: dict) -> ExperimentRecord:

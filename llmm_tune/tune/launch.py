@@ -52,6 +52,7 @@ def build_tuner(spec: SearchSpec, record: ExperimentRecord, context: TrialContex
                              spec.num_samples, spec.fixed["seed"], study_storage(experiment, optuna_storage),
                              record.name, record.sampler)
     clock = spec.recipe.clock(spec.fixed, context)
+    stop = budget_stop(record, experiment)
     parent, name = experiment.rstrip("/").rsplit("/", 1) if storage.is_uri(experiment) else \
         (str(Path(experiment).parent), Path(experiment).name)
     return tune.Tuner(
@@ -60,15 +61,26 @@ def build_tuner(spec: SearchSpec, record: ExperimentRecord, context: TrialContex
                                     scheduler=scheduler(spec, record, clock), num_samples=spec.num_samples,
                                     reuse_actors=True, trial_dirname_creator=trial_folder),
         run_config=tune.RunConfig(
-            name=name, storage_path=parent, verbose=0, log_to_file=True,
+            name=name, storage_path=parent, verbose=0, log_to_file=True, stop=stop,
             callbacks=[Progress(spec.metric, spec.mode, spec.num_samples, clock, context.selects),
                        ForgetFinishedTrialsMetricWindows(), ReturnFreedHeap(), DeleteSupersededCheckpoints(),
-                       *trackers.callbacks(record.tracker_names, record)],
+                       *trackers.callbacks(record.tracker_names, record), *([stop] if stop else [])],
             # Tune keeps every checkpoint it is told of; DeleteSupersededCheckpoints keeps each trial's latest and best
             checkpoint_config=tune.CheckpointConfig(num_to_keep=None, **context.checkpoint_ranking()),
             failure_config=tune.FailureConfig(max_failures=2),
         ),
     )
+
+
+def budget_stop(record: ExperimentRecord, experiment: str):
+    """The stop at a --budget search's deadline (the budget less what the command has spent and the export's
+    time), also a callback that knows the running trials; None without a budget."""
+    if not record.budget:
+        return None
+    from llmm_tune.tune.budget import Sizing, seconds_since_start
+    from llmm_tune.tune.driver import BudgetStop
+
+    return BudgetStop(Sizing(**record.budget).trials_seconds(seconds_since_start()), experiment)
 
 
 def scheduler(spec: SearchSpec, record: ExperimentRecord, clock: tuple[str, float]):

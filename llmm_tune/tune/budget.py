@@ -1,0 +1,186 @@
+"""A search sized to the user's time (`--budget 45m`): from a probe of one trial on this machine (cached by model,
+data, settings and hardware), the trials, epochs and training rows that finish, export included, inside the budget.
+
+Ray Tune's `time_budget_s` (and Syne Tune's or W&B's caps) stop a search when time is up; none sizes it to the time
+up front, which is what this module adds. The stop itself is Tune's: `driver.BudgetStop` ends the search at its
+deadline, each running trial keeping its latest evaluation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import platform
+import re
+import time
+from pathlib import Path
+
+import torch
+
+from llmm_tune.errors import UsageError
+from llmm_tune.train.pretrained import CACHE_DIR
+from llmm_tune.tune import storage
+from llmm_tune.tune.cluster import Layout
+from llmm_tune.tune.probe import PROBE_STEPS, Prediction, predict, probe, trial_config
+from llmm_tune.tune.spaces import SearchSpec
+
+DURATION = re.compile(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?")
+MIN_ROWS = 256  # fewer training rows than this would measure noise, not a configuration
+MAX_TRIALS_PER_PROFILE_TRIAL = 4  # a long budget runs up to this many times the profile's trials
+EXPORT_MARGIN = 1.2  # the export's predicted time, with room: the trials stop this much earlier
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in `45m`, `2h`, `1h30m` or `90s`."""
+    match = DURATION.fullmatch(text.strip())
+    if not text.strip() or match is None or not any(match.groups()):
+        raise UsageError(f"--budget {text}: expected a duration such as 45m, 2h, 1h30m or 90s")
+    hours, minutes, seconds = (int(group or 0) for group in match.groups())
+    total = hours * 3600 + minutes * 60 + seconds
+    if total <= 0:
+        raise UsageError(f"--budget {text} is no time; give a positive duration such as 10m")
+    return float(total)
+
+
+def duration_text(seconds: float) -> str:
+    minutes = seconds / 60
+    return f"{minutes:.0f} min" if minutes >= 10 else f"{minutes:.1f} min"
+
+
+@dataclasses.dataclass(frozen=True)
+class Sizing:
+    """A search sized to a budget, and what it is predicted to take."""
+
+    budget_s: float
+    num_samples: int
+    epochs: int
+    train_rows: int  # the rows each trial trains on
+    available_rows: int  # the training rows the data holds (after the validation split)
+    concurrent: int
+    spent_s: float  # before the sizing: the command's start-up and the probe (cached: none)
+    predicted_s: float  # the search from the sizing on, export included
+    export_s: float  # the export's share of `predicted_s`
+
+    def trials_seconds(self, spent_s: float) -> float:
+        """How long the trials may run once `spent_s` of the budget are gone: the export then fits in it."""
+        return self.budget_s - spent_s - EXPORT_MARGIN * self.export_s
+
+    def overrides(self) -> dict:
+        """The fixed settings that make the sized search: what its record keeps, so a resume trains the same."""
+        return {"epochs": self.epochs, "max_train_examples": self.train_rows}
+
+    def line(self) -> str:
+        rows = (f"all {self.train_rows:,} rows" if self.train_rows == self.available_rows
+                else f"{self.train_rows:,} of {self.available_rows:,} rows")
+        return (f"budget {duration_text(self.budget_s)}: {self.num_samples} trials x up to {self.epochs} epoch(s) on "
+                f"{rows}, {self.concurrent} at once: about {duration_text(self.spent_s + self.predicted_s)} predicted "
+                f"({self.spent_s:.0f} s of start-up and probe included); at the budget, running trials end at their "
+                "latest evaluation and the export runs")
+
+
+def fits(figures: dict, spec: SearchSpec, epochs: int, rows: int, trials: int, concurrent: int,
+         workers: int) -> Prediction:
+    """The prediction for `trials` trials of `epochs` epochs on `rows` rows."""
+    sized = dataclasses.replace(spec, num_samples=trials, fixed={**spec.fixed, "epochs": epochs})
+    config = {**trial_config(sized), "epochs": epochs}
+    return predict(figures, sized, config, rows, min(concurrent, trials), workers)
+
+
+def most_trials(figures: dict, spec: SearchSpec, epochs: int, rows: int, concurrent: int, workers: int,
+                seconds: float, most: int) -> int:
+    """The most trials (up to `most`, at least 0) of `epochs` epochs on `rows` rows predicted within `seconds`."""
+    low, high = 0, most
+    while low < high:  # the wall time grows with the trials: bisect
+        middle = (low + high + 1) // 2
+        if fits(figures, spec, epochs, rows, middle, concurrent, workers).wall_s <= seconds:
+            low = middle
+        else:
+            high = middle - 1
+    return low
+
+
+def size(figures: dict, spec: SearchSpec, concurrent: int, workers: int, budget_s: float, spent_s: float) -> Sizing:
+    """The search that fits the budget: every row, the profile's epochs and as many trials as fit (at least two, or
+    as many as run at once up to four; at most 4x the profile's); where that many do not fit, fewer epochs, then
+    fewer rows (halved, down to 256), then a single trial; else a refusal naming the smallest budget that fits
+    one trial."""
+    seconds = budget_s - spent_s
+    available = int(figures["train_examples"])
+    fewest, most = min(max(2, concurrent), 4), MAX_TRIALS_PER_PROFILE_TRIAL * spec.num_samples
+    rows_options = [available]
+    while rows_options[-1] // 2 >= MIN_ROWS:
+        rows_options.append(rows_options[-1] // 2)
+    for rows in rows_options:
+        for epochs in range(int(spec.fixed["epochs"]), 0, -1):
+            trials = most_trials(figures, spec, epochs, rows, concurrent, workers, seconds, most)
+            if trials >= fewest or (rows, epochs) == (rows_options[-1], 1) and trials >= 1:
+                predicted = fits(figures, spec, epochs, rows, trials, concurrent, workers)
+                return Sizing(budget_s, trials, epochs, rows, available, min(concurrent, trials), spent_s,
+                              predicted.wall_s, predicted.export_s or 0.0)
+    smallest = spent_s + fits(figures, spec, 1, rows_options[-1], 1, concurrent, workers).wall_s
+    raise UsageError(f"--budget {duration_text(budget_s)} is too short for one trial here (1 epoch on "
+                     f"{rows_options[-1]:,} rows needs about {duration_text(smallest)} with the probe); give "
+                     f"--budget {max(1, round(smallest / 60 + 0.5))}m or more")
+
+
+def sized(spec: SearchSpec, budget: str, layout: Layout, source: str) -> Sizing:
+    """`spec`'s search sized to `budget` (as --budget gives it) from a probe of one trial here, before Ray starts."""
+    if not {"evals_per_epoch", "max_train_examples"} <= set(spec.recipe.SETTINGS):
+        raise UsageError(f"--budget sizes trials of the shared fit loop (epochs, rows); family {spec.family} trains "
+                         "otherwise: give --num-samples instead")
+    figures = probed_figures(spec, source, max(1, int(layout.cpus)))
+    sizing = size(figures, spec, layout.concurrent, layout.workers, parse_duration(budget), seconds_since_start())
+    print(sizing.line())
+    return sizing
+
+
+def probe_key(spec: SearchSpec, source: str, threads: int) -> str:
+    """What a probe's figures depend on: the model, data and settings of a trial, and this machine's hardware."""
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or platform.machine()
+    what = {"family": spec.family, "task": spec.task, "dataset": spec.dataset, "source": source,
+            "config": trial_config(spec), "device": device, "cpu": cpu_model(), "threads": threads,
+            "torch": torch.__version__}
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def cpu_model() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor()
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "")
+
+
+def seconds_since_start() -> float:
+    """Of the budget, what this process has spent (imports, checks, the probe)."""
+    import psutil
+
+    return time.time() - psutil.Process().create_time()
+
+
+def probed_figures(spec: SearchSpec, source: str, threads: int) -> dict:
+    """The probe's figures for a trial of `spec` on all its rows, measured here or cached by an earlier search."""
+    uncapped = dataclasses.replace(spec, fixed={**spec.fixed, "max_train_examples": None})
+    cached = CACHE_DIR / "probes" / f"{probe_key(uncapped, source, threads)}.json"
+    if cached.is_file():
+        print(f"budget: the probe's figures from an earlier search ({cached})")
+        return json.loads(cached.read_text())
+    own_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        figures = probe(uncapped, source, PROBE_STEPS, score=True)
+    finally:
+        torch.set_num_threads(own_threads)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    cached.write_text(json.dumps(figures, indent=2))
+    return figures
+
+
+BUDGET_FILE = "llmm_budget.json"  # in the experiment: when the budget stopped it, and the trials it cut
+
+
+def read_budget_stop(experiment: str) -> dict | None:
+    """What the budget stopped, if it stopped the search: {"after_s", "cut": [trial ids]}."""
+    path = storage.join(str(experiment), BUDGET_FILE)
+    return json.loads(storage.read_text(path)) if storage.exists(path) else None
