@@ -58,8 +58,7 @@ def search_parser(description: str | None = None) -> argparse.ArgumentParser:
     add_profile_option(parser)
     parser.add_argument("--method", choices=tuple(BASELINES), default="llmm",
                         help="tune Llmm or one of its baselines with the same space and budget")
-    parser.add_argument("--model", help="the model every trial fine-tunes: a hub id, a local folder or a packaged "
-                                        "name (default: the profile's)")
+    add_model_option(parser)
     parser.add_argument("--num-samples", type=int, help="trials (default: the profile's)")
     add_budget_option(parser)
     add_layout_options(parser)
@@ -92,7 +91,14 @@ def search_parser(description: str | None = None) -> argparse.ArgumentParser:
                         help="log the search and its trials to MLflow or Weights & Biases (repeatable; where to, from "
                              "MLFLOW_TRACKING_URI / WANDB_PROJECT and their other usual variables)")
     add_data_options(parser)
+    parser.add_argument("--write-space", metavar="FILE",
+                        help="write the resolved search space (with the inferred format and labels) to FILE and stop")
     return parser
+
+
+def add_model_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="the model every trial fine-tunes: a hub id, a local folder or a packaged "
+                                        "name (default: the profile's)")
 
 
 def add_data_options(parser: argparse.ArgumentParser) -> None:
@@ -107,8 +113,6 @@ def add_data_options(parser: argparse.ArgumentParser) -> None:
                                          "or text=review,label=stars")
     group.add_argument("--chat-template", help="a Jinja chat template file, for messages data with a model "
                                                "without one")
-    group.add_argument("--write-space", metavar="FILE",
-                       help="write the resolved search space (with the inferred format and labels) to FILE and stop")
 
 
 def dataset_options(options: dict) -> dict:
@@ -177,7 +181,7 @@ def check_budget(args: argparse.Namespace) -> None:
     from llmm_tune.tune.budget import parse_duration
 
     parse_duration(args.budget)
-    if address(args.address):
+    if address(getattr(args, "address", None)):
         raise UsageError("--budget sizes a search from a probe on this machine; on a cluster give --num-samples (and "
                          "the space's epochs) instead")
     if args.num_samples is not None:

@@ -20,11 +20,16 @@ from pathlib import Path
 import torch
 
 from llmm_tune.cli import (
+    add_budget_option,
+    add_data_options,
+    add_model_option,
     add_profile_option,
     add_trial_shape_options,
+    check_budget,
     check_counts,
     choose_profile,
     command_parser,
+    dataset_options,
     layout_request,
 )
 from llmm_tune.cli import main as run_command
@@ -63,6 +68,18 @@ def measure(args: argparse.Namespace, spec: SearchSpec) -> tuple[dict, str]:
     return figures, how
 
 
+def budgeted(args: argparse.Namespace, spec: SearchSpec) -> tuple[SearchSpec, dict, str]:
+    """The search `search --budget` would run (its sizing line printed), and the probe's figures it was sized by."""
+    from llmm_tune.tune.budget import probed_figures, sized
+
+    layout = plan_layout(layout_request(args), machine(), "this machine")
+    source = spec.context().source(resolve_data_dir(args.data_dir))
+    sizing = sized(spec, args.budget, layout, source)
+    figures = {**probed_figures(spec, source, max(1, int(layout.cpus))), "train_examples": sizing.train_rows}
+    sized_spec = dataclasses.replace(spec, num_samples=sizing.num_samples, fixed={**spec.fixed, **sizing.overrides()})
+    return sized_spec, figures, f"of --budget's probe ({figures['device']}, {figures['threads']} threads)"
+
+
 def planned_gpus(args: argparse.Namespace) -> tuple[float, float | None]:
     """(GPUs of the planned machine, GiB per GPU or None): the options', else this machine's."""
     if args.gpus is not None:
@@ -90,13 +107,17 @@ def planned_layout(args: argparse.Namespace, figures: dict, gpus: float, gpu_mem
 
 
 def plan(args: argparse.Namespace) -> dict:
+    from llmm_tune.tune.console import quiet_logs
+
+    quiet_logs()
     profile = choose_profile(args.profile)
-    spec = load_spec(args.task, profile, args.method, args.num_samples)
+    spec = load_spec(args.task, profile, args.method, args.num_samples, dataset=dataset_options(vars(args)),
+                     overrides={"model": args.model} if args.model else None)
     recipe = spec.recipe
     if "evals_per_epoch" not in recipe.SETTINGS:
         raise UsageError(f"plan models trials of the shared fit loop (epochs, evaluations per epoch); family "
                          f"{spec.family} trains otherwise: time a short search of it instead (--num-samples 1)")
-    figures, how = measure(args, spec)
+    spec, figures, how = budgeted(args, spec) if args.budget else (spec, *measure(args, spec))
     gpus, gpu_memory = planned_gpus(args)
     layout, per_gpu = planned_layout(args, figures, gpus, gpu_memory)
     time_attr, epochs = recipe.clock(spec.fixed, spec.context())
@@ -142,7 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("task", help="a shipped search space (glue_cola, gsm8k, ...) or a YAML path")
     add_profile_option(parser)
     parser.add_argument("--method", choices=tuple(BASELINES), default="llmm", help="the search's method")
+    add_model_option(parser)
     parser.add_argument("--num-samples", type=int, help="trials (default: the profile's)")
+    add_budget_option(parser)
     parser.add_argument("--gpus", type=float, help="GPUs of the machine or cluster to plan for (default: this "
                                                     "machine's)")
     parser.add_argument("--gpu-memory", type=float, help="GiB per GPU, for fractional packing (default: this "
@@ -151,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="CPUs to plan for (default: this machine's; when GPUs are planned, not a limit)")
     add_trial_shape_options(parser)
     parser.add_argument("--data-dir", help="data folder for the probe (default: $LLMM_DATA_DIR)")
+    add_data_options(parser)
     parser.add_argument("--probe-steps", type=int, default=PROBE_STEPS, help="optimizer steps the probe times")
     parser.add_argument("--no-score", action="store_true", help="skip timing the held-out scoring (slow for GSM8K)")
     parser.add_argument("--figures", help="read the figures of an earlier probe instead of probing")
@@ -161,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run(argv: list[str]) -> dict:
     args = build_parser().parse_args(argv)
     check_counts(args)
+    check_budget(args)
     return plan(args)
 
 

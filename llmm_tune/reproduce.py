@@ -47,6 +47,7 @@ def reproduce(path: Path, seeds: list[int], data_dir: str | None = None, threads
     if drift:
         print(f"warning: installed versions differ from the record's: {', '.join(drift)}; scores may differ "
               "(bash .ci/setup installs the locked versions)")
+    threads = threads or record.threads  # as the trial ran: the same threads sum in the same order
     if threads:
         torch.set_num_threads(threads)
     context = record.context(trust_remote_code)
@@ -87,8 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("config", type=Path, help="best.yaml or configs/<row>.yaml from llmm_tune.export")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds, one run each")
     parser.add_argument("--data-dir", help="data folder (default: $LLMM_DATA_DIR, else the record's)")
-    parser.add_argument("--threads", type=int, help="CPU threads (the search's per-trial CPUs match it exactly; "
-                                                    "default: torch's)")
+    parser.add_argument("--threads", type=int, help="CPU threads (default: the record's, those its trial ran with, "
+                                                    "which match it exactly; else torch's)")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="needed when the search used it: the model's repository runs its own code")
     return parser

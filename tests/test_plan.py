@@ -54,6 +54,8 @@ def test_the_plan_probes_a_trial_and_replans_from_its_recorded_figures(tmp_path,
     assert recorded["step_s"] > 0 and recorded["build_cold_s"] > 0 and recorded["build_warm_s"] > 0  # measured
     assert recorded["train_examples"] == 256 and recorded["peak_memory_gib"] > 0.1
     assert "measured here" in probed.stdout and "wall time of the search:" in probed.stdout
+    quiet = probed.stdout + probed.stderr
+    assert "LOAD REPORT" not in quiet and "Map:" not in quiet  # as quiet as a search
     memory = round(2.5 * recorded["peak_memory_gib"], 3)  # room for 2 trials per GPU
     gpus = run_module("llmm_tune.plan", str(path), "--figures", str(figures), "--gpus", "4", "--gpu-memory",
                       str(memory), "--num-samples", "16")
@@ -63,3 +65,29 @@ def test_the_plan_probes_a_trial_and_replans_from_its_recorded_figures(tmp_path,
     missing = run_module("llmm_tune.plan", str(path), "--figures", str(tmp_path / "none.json"))
     assert missing.returncode == 2 and missing.stderr.strip().count("\n") == 0
     assert "write one with --save-figures FILE" in missing.stderr
+
+
+def test_plan_takes_searchs_model_data_and_budget_options_as_search_defines_them():
+    from llmm_tune.search import build_parser as search_parser
+
+    def actions(parser) -> dict:
+        return {a.dest: (a.option_strings, a.type, a.help) for a in parser._actions}
+
+    planned, searched = actions(plan.build_parser()), actions(search_parser())
+    shared = ("model", "data", "test_data", "format", "columns", "chat_template", "budget")
+    assert {name: planned[name] for name in shared} == {name: searched[name] for name in shared}
+    args = plan.build_parser().parse_args(["sft", "--data", "qa.csv", "--columns", "prompt=q,completion=a",
+                                           "--model", "smollm2", "--budget", "20m"])
+    assert (args.data, args.model, args.budget) == ("qa.csv", "smollm2", "20m")
+
+
+def test_plan_with_a_budget_prints_the_search_that_search_would_size(tmp_path):
+    path = tiny_space(tmp_path, tmp_path / "no-model", "timed", family="tests.doubles.timed_family", epochs=4)
+    planned = run_module("llmm_tune.plan", str(path), "--budget", "3m", "--cpus-per-trial", "1",
+                         env={"LLMM_CACHE_DIR": str(tmp_path / "cache")})
+    assert planned.returncode == 0, planned.stderr[-3000:]
+    (sized,) = [line for line in planned.stdout.splitlines() if line.startswith("budget 3.0 min: ")]
+    trials = int(sized.split(": ", 1)[1].split(" trials")[0])
+    assert f"plan for cola (cpu profile, llmm): {trials} trials" in planned.stdout
+    wall = float(planned.stdout.split("wall time of the search: ")[1].split(" min")[0])
+    assert 0 < wall <= 3.0

@@ -100,7 +100,7 @@ def test_export_records_everything_needed_to_reproduce(searched):
     assert -1 <= best["held_out"]["scores"]["mcc"] <= 1 and best["held_out"]["scores"]["loss"] > 0
     assert best["config"]["seed"] == 0 and best["config"]["lr"] == pytest.approx(float(top["lr"]))
     assert best["versions"]["torch"] and best["git_commit"] and "llmm_tune.search" in best["search_command"]
-    assert best["reproduce"].startswith("python -m llmm_tune.reproduce")
+    assert best["reproduce"].startswith("python -m llmm_tune.reproduce") and best["threads"] == 1  # --cpus-per-trial
     table = (searched["out"] / "table.md").read_text()
     header = next(line for line in table.splitlines() if line.startswith("|"))
     for column in ("quant_method", "bits", "rank", "task", "lr", "scale", "K", "val mcc", "dev mcc", "seed"):
@@ -113,7 +113,7 @@ def test_export_records_everything_needed_to_reproduce(searched):
 
 def test_reproduce_same_seed_gives_the_recorded_validation_score(searched):
     best = searched["out"] / "best.yaml"
-    run = run_module("llmm_tune.reproduce", str(best), "--seeds", "0", "--threads", "1")
+    run = run_module("llmm_tune.reproduce", str(best), "--seeds", "0")  # with the trial's threads, from the record
     assert run.returncode == 0, run.stderr[-3000:]
     report = yaml.safe_load(best.with_name("best.reproduced.yaml").read_text())
     recorded = yaml.safe_load(best.read_text())

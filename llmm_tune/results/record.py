@@ -4,7 +4,7 @@ numbers, written and read through one type."""
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
 import pandas as pd
@@ -37,6 +37,7 @@ class ExportRecord:
     versions: dict
     search_command: str
     reproduce: str  # the command that trains it again
+    threads: int | None = None  # torch's threads in the trial (its CPUs), which reproduce takes; None: on a GPU
 
     @classmethod
     def of_trial(cls, trial: pd.Series, meta: ExperimentRecord, held_out: dict, path: Path) -> ExportRecord:
@@ -44,6 +45,8 @@ class ExportRecord:
         config = trial_config(trial, meta)
         split = load_family(meta.family).HELD_OUT
         dataset = TrialContext.dataset_in(meta.space_yaml)  # the user's data, files named portably with hashes
+        layout = meta.resources or {}
+        threads = None if layout.get("gpus_per_trial", 0) else max(1, int(layout.get("cpus_per_trial") or 1))
         return cls(
             family=meta.family, task=meta.task, method=meta.method, experiment=trial["experiment"],
             trial=trial["trial"], config=config,
@@ -53,7 +56,7 @@ class ExportRecord:
             data={"source": meta.data, "validation_seed": meta.seed,
                   **({} if dataset is None else {"dataset": json.loads(dataset)})},
             seed=config["seed"], trust_remote_code=meta.trust_remote_code, git_commit=meta.git_commit,
-            versions=meta.versions, search_command=meta.command,
+            versions=meta.versions, search_command=meta.command, threads=threads,
             reproduce=f"python -m llmm_tune.reproduce {relative_to_cwd(path)} --seeds {config['seed']}")
 
     @classmethod
@@ -65,10 +68,10 @@ class ExportRecord:
         if not isinstance(raw, dict) or not {"family", "config", "data"} <= set(raw):
             raise UsageError(f"{path} is not an export record (no family/config/data); pass a file written by "
                              "llmm_tune.export")
-        missing = names - set(raw)
+        missing = {f.name for f in fields(cls) if f.default is MISSING} - set(raw)
         if missing:
             raise UsageError(f"{path} lacks {', '.join(sorted(missing))}; export the search again")
-        return cls(**{name: raw[name] for name in names})
+        return cls(**{name: raw[name] for name in names if name in raw})
 
     def write(self, path: Path) -> None:
         write_text(path, yaml.safe_dump(asdict(self), sort_keys=False))

@@ -49,7 +49,7 @@ def probe(spec: SearchSpec, source: str, steps: int, score: bool) -> dict:
     """Figures of one trial measured here: build (model load + LoftQ, cold and from the disk cache),
     seconds per optimizer step (the first two apart), per evaluation, to score the held-out split, and
     peak memory; a progress line every 30 seconds while it runs."""
-    with Progress("plan: probing one trial (prepare, two short runs, scoring)", 3 + score) as progress:
+    with Progress("probing one trial here (prepare, two short runs, scoring)", 3 + score) as progress:
         config, context = trial_config(spec), spec.context()
         started = time.perf_counter()
         data = spec.recipe.prepare(config, context, source)
