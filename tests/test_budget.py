@@ -89,3 +89,5 @@ def test_a_budgeted_search_stops_at_its_budget_exports_and_marks_the_trials_it_c
     assert not cut["stopped_early"].any()  # ended by the budget, not by ASHA
     assert ((cut["evaluations"] > 0) == cut["val_mcc"].notna()).all()  # each scored as it stood when cut
     assert (tmp_path / "results" / "cola" / "best.yaml").is_file()
+    table = (tmp_path / "results" / "cola" / "table.md").read_text()  # the plan beside what it measured
+    assert "timed-llmm-cpu: sized to --budget 1 min, " in table and " min (the first start to the last report)" in table

@@ -56,7 +56,7 @@ def export(experiments: list[str], results: Path) -> Path:
         trials.to_csv(tmp, index=False)
     chosen = table_rows(experiments, collected)
     shown, records = write_records(chosen, out)
-    write_tables(shown, records, chosen[0], out)
+    write_tables(shown, records, chosen[0], out, "".join(budget_text(found) for found in collected))
     written = plots(trials, collected[0], out)
     print(f"exported {len(trials)} trials of {len(experiments)} experiment(s) to {out}: trials.csv, table.md, "
           f"table.tex, best.yaml, configs/, {', '.join(written)}")
@@ -109,8 +109,23 @@ def write_records(chosen: list[Chosen], out: Path) -> tuple[pd.DataFrame, list[E
         records
 
 
-def write_tables(shown: pd.DataFrame, records: list[ExportRecord], first: Chosen, out: Path) -> None:
-    """table.md (with the family's details of the best configuration) and table.tex."""
+def budget_text(found: Collected) -> str:
+    """A --budget search's plan beside what it measured, for table.md: the planner is checked on every run."""
+    if not found.meta.budget:
+        return ""
+    sizing, spans = found.meta.budget, [h for h in found.histories.values() if len(h)]
+    ran = (max(h["timestamp"].max() for h in spans) - min((h["timestamp"] - h["time_total_s"]).min() for h in spans)
+           if spans else 0.0)
+    predicted, trials = sizing["spent_s"] + sizing["predicted_s"], sizing["predicted_s"] - sizing["export_s"]
+    return (f"\n\n{found.meta.name}: sized to --budget {sizing['budget_s'] / 60:g} min, {sizing['num_samples']} "
+            f"trials x up to {sizing['epochs']} epochs on {sizing['train_rows']:,} of {sizing['available_rows']:,} "
+            f"rows, {sizing['concurrent']} at once; predicted {predicted / 60:.1f} min in all, of which the trials "
+            f"{trials / 60:.1f} min with Ray's start; the trials ran {ran / 60:.1f} min (the first start to the last "
+            "report).")
+
+
+def write_tables(shown: pd.DataFrame, records: list[ExportRecord], first: Chosen, out: Path, notes: str = "") -> None:
+    """table.md (with the family's details of the best configuration and `notes`) and table.tex."""
     best, meta, held_out = first
     family = load_family(meta.family)
     task, split = meta.task, family.HELD_OUT
@@ -120,7 +135,7 @@ def write_tables(shown: pd.DataFrame, records: list[ExportRecord], first: Chosen
     write_text(out / "table.md", f"# {task}: best configuration per method, quantiser and rank\n\n"
                f"Selected on validation ({validation_key(meta.metric)}, {records[0].direction.word} is better, carved "
                f"from train); {split} scored once, here.\n\n" + shown.to_markdown(index=False) + best_details
-               + f"\n\nVersions: {versions_text(meta.versions)}\n")
+               + notes + f"\n\nVersions: {versions_text(meta.versions)}\n")
     write_text(out / "table.tex", latex(shown.drop(columns=["reproduce"]), records,
                                         f"{task}: best validation configuration per method, quantiser and "
                                         f"rank; {split} scored once. {versions_text(meta.versions)}"))
