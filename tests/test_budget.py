@@ -91,3 +91,23 @@ def test_a_budgeted_search_stops_at_its_budget_exports_and_marks_the_trials_it_c
     assert (tmp_path / "results" / "cola" / "best.yaml").is_file()
     table = (tmp_path / "results" / "cola" / "table.md").read_text()  # the plan beside what it measured
     assert "timed-llmm-cpu: sized to --budget 1 min, " in table and " min (the first start to the last report)" in table
+
+
+def test_every_cap_on_rows_is_said_with_what_lifts_it():
+    from types import SimpleNamespace
+
+    from llmm_tune.tune.console import caps
+
+    capped = SimpleNamespace(fixed={"max_train_examples": 96, "test_examples": 64})
+    profile = SimpleNamespace(profile="cpu", budget={})
+    assert caps(capped, profile, SimpleNamespace(train=list(range(96)))) == [
+        "trials train on 96 rows: max_train_examples 96 (the cpu profile); lift it with --budget DURATION (every row "
+        "that fits) or max_train_examples: null in the space (write it with --write-space FILE)",
+        "the held-out score reads at most 64 rows: test_examples 64 (the cpu profile); lift it with test_examples: "
+        "null in the space (write it with --write-space FILE)"]
+    assert len(caps(capped, profile, SimpleNamespace(train=list(range(50))))) == 1  # fewer rows than the cap
+    sized = SimpleNamespace(fixed={"max_train_examples": 262}, profile="cpu")
+    budget = SimpleNamespace(profile="cpu", budget={"available_rows": 524})
+    (line,) = caps(sized, budget, SimpleNamespace(train=list(range(262))))
+    assert line.startswith("trials train on 262 rows: max_train_examples 262 (--budget); lift it with a longer")
+    assert caps(sized, SimpleNamespace(profile="cpu", budget={"available_rows": 262}), None) == []  # every row

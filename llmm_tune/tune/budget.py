@@ -22,13 +22,14 @@ from llmm_tune.errors import UsageError
 from llmm_tune.train.pretrained import CACHE_DIR
 from llmm_tune.tune import storage
 from llmm_tune.tune.cluster import Layout
-from llmm_tune.tune.probe import PROBE_STEPS, Prediction, predict, probe, trial_config
+from llmm_tune.tune.probe import Prediction, predict, probe, trial_config
 from llmm_tune.tune.spaces import SearchSpec
 
 DURATION = re.compile(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?")
 MIN_ROWS = 256  # fewer training rows than this would measure noise, not a configuration
 MAX_TRIALS_PER_PROFILE_TRIAL = 4  # a long budget runs up to this many times the profile's trials
 EXPORT_MARGIN = 1.2  # the export's predicted time, with room: the trials stop this much earlier
+PROBE_STEPS = 4  # fewer than plan's 16: the probe's time comes out of the budget (SmolLM2 on one thread: 8 s a step)
 
 
 def parse_duration(text: str) -> float:

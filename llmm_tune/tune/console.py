@@ -230,21 +230,20 @@ def minutes(seconds: float) -> str:
     return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
 
 
-CAPS = {"max_train_examples": "trials train on {n:,} rows", "test_examples": "the held-out score reads {n:,} rows"}
-
-
 def caps(spec: SearchSpec, record: ExperimentRecord, data) -> list[str]:
     """The caps on rows the search applies, in words, with the option that lifts them: none is silent."""
-    sizing = "--budget's sizing" if record.budget else f"the {record.profile} profile"
-    lift = "a longer --budget" if record.budget else "--budget DURATION (every row that fits)"
-    every = record.budget.get("available_rows", 0) if record.budget else len(getattr(data, "train", ())) + 1
+    profile = f"the {record.profile} profile"
     lines = []
-    for name, what in CAPS.items():
-        cap = spec.fixed.get(name)
-        if cap is None or (name == "max_train_examples" and every <= cap):
-            continue  # no cap, or no fewer rows than the data holds
-        lines.append(f"{what.format(n=cap)}: {name} {cap} ({sizing}); lift it with {lift} or {name}: null in the "
-                     "space (write it with --write-space FILE)")
+    train_cap, test_cap = spec.fixed.get("max_train_examples"), spec.fixed.get("test_examples")
+    every = record.budget.get("available_rows", 0) if record.budget else len(getattr(data, "train", ())) + 1
+    if train_cap is not None and every > train_cap:  # fewer rows than the data holds
+        lines.append(f"trials train on {train_cap:,} rows: max_train_examples {train_cap} "
+                     f"({'--budget' if record.budget else profile}); lift it with "
+                     f"{'a longer --budget' if record.budget else '--budget DURATION (every row that fits)'} or "
+                     "max_train_examples: null in the space (write it with --write-space FILE)")
+    if test_cap is not None:
+        lines.append(f"the held-out score reads at most {test_cap:,} rows: test_examples {test_cap} ({profile}); lift "
+                     "it with test_examples: null in the space (write it with --write-space FILE)")
     return lines
 
 
