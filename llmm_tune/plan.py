@@ -70,14 +70,12 @@ def measure(args: argparse.Namespace, spec: SearchSpec) -> tuple[dict, str]:
 
 def budgeted(args: argparse.Namespace, spec: SearchSpec) -> tuple[SearchSpec, dict, str]:
     """The search `search --budget` would run (its sizing line printed), and the probe's figures it was sized by."""
-    from llmm_tune.tune.budget import probed_figures, sized
+    from llmm_tune.tune.budget import sized
 
     layout = plan_layout(layout_request(args), machine(), "this machine")
-    source = spec.context().source(resolve_data_dir(args.data_dir))
-    sizing = sized(spec, args.budget, layout, source)
-    figures = {**probed_figures(spec, source, max(1, int(layout.cpus))), "train_examples": sizing.train_rows}
-    sized_spec = dataclasses.replace(spec, num_samples=sizing.num_samples, fixed={**spec.fixed, **sizing.overrides()})
-    return sized_spec, figures, f"of --budget's probe ({figures['device']}, {figures['threads']} threads)"
+    sizing, figures = sized(spec, args.budget, layout, spec.context().source(resolve_data_dir(args.data_dir)))
+    figures = {**figures, "train_examples": sizing.train_rows}
+    return sizing.applied(spec), figures, f"of --budget's probe ({figures['device']}, {figures['threads']} threads)"
 
 
 def planned_gpus(args: argparse.Namespace) -> tuple[float, float | None]:

@@ -50,6 +50,7 @@ from llmm_tune.tune.experiment import (
     fresh_name,
     git_commit,
     package_versions,
+    read_budget_stop,
     read_record,
 )
 from llmm_tune.tune.launch import build_tuner, run_trials, search_log
@@ -105,9 +106,9 @@ def new_experiment(args: argparse.Namespace, argv: list[str], storage_dir: str) 
         from llmm_tune.tune.budget import sized
 
         source = spec.context().source(resolve_data_dir(args.data_dir))
-        sizing = sized(spec, args.budget, plan_layout(layout_request(args), machine(), "this machine"), source)
+        sizing, _ = sized(spec, args.budget, plan_layout(layout_request(args), machine(), "this machine"), source)
         overrides |= sizing.overrides()
-        spec = dataclasses.replace(spec, num_samples=sizing.num_samples, fixed={**spec.fixed, **overrides})
+        spec = sizing.applied(spec)
     record = ExperimentRecord(
         name=name, family=spec.family, task=spec.task, space=space_name(spec.path), space_yaml=spec.text,
         profile=profile, method=args.method, metric=spec.metric, mode=spec.mode, seed=spec.fixed["seed"],
@@ -215,8 +216,6 @@ def launch(prepared: Prepared, args: argparse.Namespace) -> None:
 
 def finish(prepared: Prepared) -> None:
     """A search that ran all its trials is exported and its tracker runs end; a stopped one says how to continue."""
-    from llmm_tune.tune.budget import read_budget_stop
-
     ended, stopped = ended_trials(prepared.experiment), read_budget_stop(prepared.experiment)
     if stopped:
         cut = len(stopped["cut"])

@@ -16,12 +16,17 @@ from torch import Tensor, nn
 from llmm_tune.method.config import BLOCK
 
 
+def nf4_quantize(weight: Tensor, double_quant: bool = False):
+    """bitsandbytes' NF4 codes and quant state of `weight`: block 64, its float32 absmax, or with `double_quant`
+    absmax in 8 bits per 256 blocks (bitsandbytes' compressed statistics: 4.127 bits per weight instead of 4.5)."""
+    return bnbf.quantize_4bit(weight.detach().float().contiguous(), blocksize=BLOCK, quant_type="nf4",
+                              compress_statistics=double_quant)
+
+
 def nf4_round_trip(weight: Tensor, double_quant: bool = False) -> Tensor:
     """`weight` through bitsandbytes' NF4 quantisation and back (float32): its table and, with `double_quant`, its
     8-bit block scales."""
-    data, state = bnbf.quantize_4bit(weight.detach().float().contiguous(), blocksize=BLOCK, quant_type="nf4",
-                                     compress_statistics=double_quant)
-    return bnbf.dequantize_4bit(data, state).float()
+    return bnbf.dequantize_4bit(*nf4_quantize(weight, double_quant)).float()
 
 
 class NF4Linear(bnb.nn.Linear4bit):
@@ -42,10 +47,7 @@ class NF4Linear(bnb.nn.Linear4bit):
     def __init__(self, weight: Tensor, bias: Tensor | None, double_quant: bool = False):
         super().__init__(weight.shape[1], weight.shape[0], bias=bias is not None, compute_dtype=torch.float32,
                          compress_statistics=double_quant, quant_type="nf4", device=weight.device)
-        # block 64; its float32 absmax, or with `double_quant` absmax in 8 bits per 256 blocks (bitsandbytes'
-        # compressed statistics: 4.127 bits per weight instead of 4.5)
-        data, state = bnbf.quantize_4bit(weight.detach().float().contiguous(), blocksize=BLOCK, quant_type="nf4",
-                                         compress_statistics=double_quant)
+        data, state = nf4_quantize(weight, double_quant)
         self.weight = bnb.nn.Params4bit(data, requires_grad=False, quant_state=state, blocksize=BLOCK,
                                         quant_type="nf4", compress_statistics=double_quant, bnb_quantized=True,
                                         module=self)

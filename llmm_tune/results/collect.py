@@ -14,9 +14,8 @@ import pyarrow.fs as pafs
 from llmm_tune.errors import UsageError
 from llmm_tune.train.data import locate_source
 from llmm_tune.tune import storage
-from llmm_tune.tune.budget import read_budget_stop
 from llmm_tune.tune.context import TrialContext
-from llmm_tune.tune.experiment import ExperimentRecord, read_record
+from llmm_tune.tune.experiment import ExperimentRecord, read_budget_stop, read_record
 from llmm_tune.tune.family import load_family
 from llmm_tune.tune.spaces import SearchSpec
 

@@ -20,7 +20,6 @@ import torch
 
 from llmm_tune.errors import UsageError
 from llmm_tune.train.pretrained import CACHE_DIR
-from llmm_tune.tune import storage
 from llmm_tune.tune.cluster import Layout
 from llmm_tune.tune.probe import Prediction, predict, probe, trial_config
 from llmm_tune.tune.spaces import SearchSpec
@@ -29,7 +28,8 @@ DURATION = re.compile(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?")
 MIN_ROWS = 256  # fewer training rows than this would measure noise, not a configuration
 MAX_TRIALS_PER_PROFILE_TRIAL = 4  # a long budget runs up to this many times the profile's trials
 EXPORT_MARGIN = 1.2  # the export's predicted time, with room: the trials stop this much earlier
-PROBE_STEPS = 4  # fewer than plan's 16: the probe's time comes out of the budget (SmolLM2 on one thread: 8 s a step)
+# fewer than plan's 16: the probe's time comes out of the budget (SmolLM2 on one thread: 8 s a step)
+BUDGET_PROBE_STEPS = 4
 
 
 def parse_duration(text: str) -> float:
@@ -71,6 +71,10 @@ class Sizing:
         """The fixed settings that make the sized search: what its record keeps, so a resume trains the same."""
         return {"epochs": self.epochs, "max_train_examples": self.train_rows}
 
+    def applied(self, spec: SearchSpec) -> SearchSpec:
+        """`spec` with the sized trial count and settings."""
+        return dataclasses.replace(spec, num_samples=self.num_samples, fixed={**spec.fixed, **self.overrides()})
+
     def line(self) -> str:
         rows = (f"all {self.train_rows:,} rows" if self.train_rows == self.available_rows
                 else f"{self.train_rows:,} of {self.available_rows:,} rows")
@@ -84,8 +88,7 @@ def fits(figures: dict, spec: SearchSpec, epochs: int, rows: int, trials: int, c
          workers: int) -> Prediction:
     """The prediction for `trials` trials of `epochs` epochs on `rows` rows."""
     sized = dataclasses.replace(spec, num_samples=trials, fixed={**spec.fixed, "epochs": epochs})
-    config = {**trial_config(sized), "epochs": epochs}
-    return predict(figures, sized, config, rows, min(concurrent, trials), workers)
+    return predict(figures, sized, trial_config(sized), rows, min(concurrent, trials), workers)
 
 
 def most_trials(figures: dict, spec: SearchSpec, epochs: int, rows: int, concurrent: int, workers: int,
@@ -125,15 +128,16 @@ def size(figures: dict, spec: SearchSpec, concurrent: int, workers: int, budget_
                      f"--budget {max(1, round(smallest / 60 + 0.5))}m or more")
 
 
-def sized(spec: SearchSpec, budget: str, layout: Layout, source: str) -> Sizing:
-    """`spec`'s search sized to `budget` (as --budget gives it) from a probe of one trial here, before Ray starts."""
+def sized(spec: SearchSpec, budget: str, layout: Layout, source: str) -> tuple[Sizing, dict]:
+    """`spec`'s search sized to `budget` (as --budget gives it) from a probe of one trial here, before Ray starts;
+    and the probe's figures."""
     if not {"evals_per_epoch", "max_train_examples"} <= set(spec.recipe.SETTINGS):
         raise UsageError(f"--budget sizes trials of the shared fit loop (epochs, rows); family {spec.family} trains "
                          "otherwise: give --num-samples instead")
     figures = probed_figures(spec, source, max(1, int(layout.cpus)))
     sizing = size(figures, spec, layout.concurrent, layout.workers, parse_duration(budget), seconds_since_start())
     print(sizing.line())
-    return sizing
+    return sizing, figures
 
 
 def probe_key(spec: SearchSpec, source: str, threads: int) -> str:
@@ -165,23 +169,15 @@ def probed_figures(spec: SearchSpec, source: str, threads: int) -> dict:
     uncapped = dataclasses.replace(spec, fixed={**spec.fixed, "max_train_examples": None})
     cached = CACHE_DIR / "probes" / f"{probe_key(uncapped, source, threads)}.json"
     if cached.is_file():
-        print(f"budget: the probe's figures from an earlier search ({cached})")
+        print(f"budget: the figures of an earlier probe of this trial here ({cached})")
         return json.loads(cached.read_text())
     own_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        figures = probe(uncapped, source, PROBE_STEPS, score=True)
+        figures = probe(uncapped, source, BUDGET_PROBE_STEPS, score=True)
     finally:
         torch.set_num_threads(own_threads)
     cached.parent.mkdir(parents=True, exist_ok=True)
     cached.write_text(json.dumps(figures, indent=2))
     return figures
 
-
-BUDGET_FILE = "llmm_budget.json"  # in the experiment: when the budget stopped it, and the trials it cut
-
-
-def read_budget_stop(experiment: str) -> dict | None:
-    """What the budget stopped, if it stopped the search: {"after_s", "cut": [trial ids]}."""
-    path = storage.join(str(experiment), BUDGET_FILE)
-    return json.loads(storage.read_text(path)) if storage.exists(path) else None

@@ -12,7 +12,7 @@ from collections import deque
 from ray.tune import Callback, Stopper
 
 from llmm_tune.tune import storage
-from llmm_tune.tune.budget import BUDGET_FILE
+from llmm_tune.tune.experiment import BUDGET_FILE
 from llmm_tune.tune.runner import trim_heap
 
 

@@ -19,6 +19,7 @@ from llmm_tune.tune.spaces import SearchSpec, load_spec
 
 METADATA_FILE = "llmm_experiment.json"
 LOFTQ_CACHE = "loftq"  # <experiment>/loftq/: LoftQ initialisations every trial of the search shares
+BUDGET_FILE = "llmm_budget.json"  # when --budget stopped the search, and the trials it cut (tune/driver.BudgetStop)
 PACKAGES = ("llmm-tune", "torch", "transformers", "peft", "bitsandbytes", "ray", "optuna", "datasets")
 
 
@@ -137,6 +138,12 @@ class ExperimentRecord:
     def write(self, experiment: str) -> None:
         storage.write_text(storage.join(str(experiment), METADATA_FILE),
                            json.dumps(asdict(self), indent=2, default=str))
+
+
+def read_budget_stop(experiment: str) -> dict | None:
+    """What --budget stopped, if it stopped the search: {"after_s", "cut": [trial ids]}."""
+    path = storage.join(str(experiment), BUDGET_FILE)
+    return json.loads(storage.read_text(path)) if storage.exists(path) else None
 
 
 def read_record(experiment: str) -> ExperimentRecord | None:
