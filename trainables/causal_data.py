@@ -6,8 +6,10 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+import numpy as np
 
 from llmm_tune.errors import UsageError
 from llmm_tune.train.data import BadRows, Example, sample, split_off
@@ -62,18 +64,27 @@ def text(row: dict) -> Example | str:
 
 
 def prompt_completion(row: dict) -> Example | str:
+    """Text, or TRL's conversational form: `prompt` and `completion` as message lists (`chat_example`). One
+    format takes both, as TRL's one dataset type does: the columns are the same, each row's values say which."""
     prompt, completion = row.get("prompt"), row.get("completion")
+    if is_conversational(row, ("prompt", "completion")):
+        turns = conversations(row, ("prompt", "completion"))
+        return turns if isinstance(turns, str) else chat_example(turns["prompt"], turns["completion"])
     if not isinstance(prompt, str) or not isinstance(completion, str) or not completion:
-        return "expected text in 'prompt' and a non-empty 'completion'"
+        return ("expected text in 'prompt' and a non-empty 'completion' (or both as message lists, "
+                "[{role, content}, ...])")
     return Example(prompt, prompt, completion)
 
 
 def preference(row: dict) -> Example | str:
     """Fine-tune on the chosen reply, keep the rejected one for preference accuracy. Without a `prompt` column
-    the transcripts' shared beginning is the prompt (TRL's implicit prompt)."""
+    the transcripts' shared beginning is the prompt (TRL's implicit prompt). In TRL's conversational form the
+    values are message lists (`chat_preference`)."""
+    if is_conversational(row, ("prompt", "chosen", "rejected")):
+        return chat_preference(row)
     chosen, rejected, prompt = row.get("chosen"), row.get("rejected"), row.get("prompt")
     if not isinstance(chosen, str) or not isinstance(rejected, str) or not isinstance(prompt, (str, type(None))):
-        return "expected text in 'chosen' and 'rejected' (and 'prompt' when given)"
+        return "expected text in 'chosen' and 'rejected' (and 'prompt' when given), or message lists in all of them"
     if prompt is None:
         prompt = os.path.commonprefix([chosen, rejected])
         chosen, rejected = chosen[len(prompt):], rejected[len(prompt):]
@@ -83,21 +94,67 @@ def preference(row: dict) -> Example | str:
 
 
 ROLES = ("system", "user", "assistant")
+LISTS = (list, tuple, np.ndarray)  # a message list as JSON (list), a hub row or parquet (numpy array) holds it
+
+
+def is_conversational(row: dict, names: tuple[str, ...]) -> bool:
+    """Whether the row holds TRL's conversational form: a message list in any of the columns `names`."""
+    return any(isinstance(row.get(name), LISTS) for name in names)
+
+
+def conversations(row: dict, names: tuple[str, ...], optional: tuple[str, ...] = ()) -> dict[str, list[dict]] | str:
+    """The row's message lists under `names` (those in `optional` may be absent or null), each a non-empty list of
+    {role, content}; else what is wrong, naming the column."""
+    found = {}
+    for name in names:
+        value = row.get(name)
+        if value is None and name in optional:
+            continue
+        turns = list(value) if isinstance(value, LISTS) else None
+        if not turns or not all(isinstance(t, dict) and t.get("role") in ROLES and isinstance(t.get("content"), str)
+                                for t in turns):
+            both = f" (TRL's conversational form: message lists in {', '.join(names)})" if len(names) > 1 else ""
+            return f"expected '{name}': a non-empty list of {{role, content}} with role one of {', '.join(ROLES)}{both}"
+        found[name] = [{"role": t["role"], "content": t["content"]} for t in turns]
+    return found
+
+
+def chat_example(prompt: list[dict], completion: list[dict], **extra) -> Example | str:
+    """A conversation rendered later with the model's chat template (`Example.extra["messages"]`), the loss on
+    the assistant turns of its completion (from turn `extra["prompt_turns"]` on; the whole conversation's for the
+    messages format). TRL's way: the prompt is rendered with the generation prompt, an assistant turn is what the
+    template adds after what comes before it (`llmm_tune.train.lm_scoring.encode_conversation`)."""
+    if not any(t["role"] == "assistant" for t in completion):
+        return f"the {'completion' if prompt else 'conversation'} has no assistant turn (nothing to learn); add one " \
+               "or drop the row"
+    turns = prompt + completion
+    key = next((t["content"] for t in turns if t["role"] == "user"), turns[0]["content"])
+    last = max(i for i, t in enumerate(turns) if t["role"] == "assistant")
+    return Example(key, "", turns[last]["content"], {"messages": turns, "prompt_turns": len(prompt), **extra})
+
+
+def chat_preference(row: dict) -> Example | str:
+    """TRL's conversational preference row: `chosen` and `rejected` message lists after an optional `prompt` one;
+    without it, their shared leading turns are the prompt (TRL's implicit prompt)."""
+    turns = conversations(row, ("prompt", "chosen", "rejected"), optional=("prompt",))
+    if isinstance(turns, str):
+        return turns
+    chosen, rejected = turns["chosen"], turns["rejected"]
+    prompt = turns.get("prompt")
+    if prompt is None:
+        shared = next((i for i, (a, b) in enumerate(zip(chosen, rejected)) if a != b), min(len(chosen), len(rejected)))
+        prompt, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
+    if not prompt or chosen == rejected or not any(t["role"] == "assistant" for t in rejected):
+        return ("expected a prompt (or conversations sharing their first turns) and two different replies, each "
+                "with an assistant turn")
+    return chat_example(prompt, chosen, rejected=rejected)
 
 
 def messages(row: dict) -> Example | str:
-    """A conversation, rendered later with the model's chat template (`Example.extra["messages"]`); the loss
-    falls on the assistant turns only."""
-    turns = row.get("messages")
-    if not isinstance(turns, list) or not all(isinstance(t, dict) and t.get("role") in ROLES
-                                              and isinstance(t.get("content"), str) for t in turns):
-        return f"expected 'messages': a list of {{role, content}} with role one of {', '.join(ROLES)}"
-    if not any(t["role"] == "assistant" for t in turns):
-        return "the conversation has no assistant turn (nothing to learn); add one or drop the row"
-    turns = [{"role": t["role"], "content": t["content"]} for t in turns]
-    key = next((t["content"] for t in turns if t["role"] == "user"), turns[0]["content"])
-    last = max(i for i, t in enumerate(turns) if t["role"] == "assistant")
-    return Example(key, "", turns[last]["content"], {"messages": turns})
+    """A conversation, rendered later with the model's chat template (`chat_example`); the loss falls on the
+    assistant turns only."""
+    turns = conversations(row, ("messages",))
+    return turns if isinstance(turns, str) else chat_example([], turns["messages"])
 
 
 @dataclass(frozen=True)
@@ -134,7 +191,8 @@ TASKS = {"gsm8k": CausalTask("gsm8k", gsm8k, SOURCES["gsm8k"]),
          "hh_rlhf": CausalTask("hh_rlhf", hh_rlhf, SOURCES["hh_rlhf"], grouped=True)}
 
 
-# A user's data format: the columns it needs and how a row becomes an example.
+# A user's data format: the columns it needs and how a row becomes an example. prompt_completion and preference
+# take text or TRL's conversational form (message lists), row by row: the columns alone cannot tell them apart.
 FORMATS: dict[str, tuple[tuple[str, ...], Callable[[dict], Example | str]]] = {
     "text": (("text",), text),
     "prompt_completion": (("prompt", "completion"), prompt_completion),
@@ -145,13 +203,15 @@ FORMATS: dict[str, tuple[tuple[str, ...], Callable[[dict], Example | str]]] = {
 
 
 def _examples(task: CausalTask, rows: Iterator[tuple[str, object]], bad_rows: BadRows, where: str) -> list[Example]:
+    """The rows' examples; a conversation keeps where its row is (`extra["at"]`): the chat template may refuse it."""
     examples = []
     for at, row in rows:
         parsed = task.parse(row) if isinstance(row, dict) else "not a JSON object"
         if isinstance(parsed, str):
             bad_rows.add(f"{at}: {parsed}")
         else:
-            examples.append(parsed)
+            examples.append(replace(parsed, extra={**parsed.extra, "at": at}) if "messages" in parsed.extra
+                            else parsed)
     bad_rows.done(where)
     return examples
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset
+from jinja2 import TemplateError
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
@@ -46,7 +47,6 @@ from trainables.causal_data import (
     FORMATS,
     CausalTask,
     exact_match,
-    messages,
     splits,
     test_split,
 )
@@ -68,6 +68,7 @@ SETTINGS: dict[str, Setting] = {
 }
 DATA_SETTINGS = ("model", "max_source_length", "max_target_length", "validation_size", "test_size",
                  "max_train_examples", "test_examples", "seed", "on_bad_row")
+GPU_MODEL = "HuggingFaceTB/SmolLM2-1.7B-Instruct"  # --profile gpu: a Llama needing no gated login
 HELD_OUT = "test"
 clock = epoch_clock
 TASKS = {
@@ -123,20 +124,32 @@ def task_tokenizer(config: dict, context: TrialContext) -> PreTrainedTokenizerBa
     return tokenizer_for(config["model"], context.trust_remote_code, dataset.get("chat_template"))
 
 
-def tokenize(examples: list[Example], tokenizer, config: dict, replies: list[str] | None = None) -> Dataset:
-    """Each example's prompt and target (or the given replies instead), the prompt masked in the labels; a
-    conversation rendered by the chat template, its assistant turns alone in the labels."""
+def tokenize(examples: list[Example], tokenizer, config: dict, replies: list | None = None) -> Dataset:
+    """Each example's prompt and target (or the given replies instead: texts, or a conversation's completion
+    turns), the prompt masked in the labels; a conversation rendered by the chat template, the assistant turns
+    of its completion alone in the labels."""
     replies = replies or [e.target for e in examples]
-    limit = config["max_source_length"] + config["max_target_length"]
     return Dataset.from_list([
-        encode_conversation(tokenizer, e.extra["messages"], limit) if "messages" in e.extra
+        encode_chat(tokenizer, e, reply if isinstance(reply, list) else None, config) if "messages" in e.extra
         else encode(tokenizer, e.prompt, reply, config["max_source_length"], config["max_target_length"])
         for e, reply in zip(examples, replies)])
 
 
-def check_chat_template(config: dict, context: TrialContext, tokenizer: PreTrainedTokenizerBase) -> None:
-    if causal_task(context).parse is messages and tokenizer.chat_template is None:
-        raise UsageError(f"model {config['model']!r} has no chat template for the messages data; pass "
+def encode_chat(tokenizer: PreTrainedTokenizerBase, example: Example, completion: list[dict] | None,
+                config: dict) -> dict[str, list[int]]:
+    """A conversation example (or its prompt with another completion) rendered by the chat template; a template
+    that refuses it, or renders its prompt otherwise within the whole, stops with the row named."""
+    turns, start = example.extra["messages"], example.extra["prompt_turns"]
+    try:
+        return encode_conversation(tokenizer, turns[:start] + completion if completion else turns,
+                                   config["max_source_length"] + config["max_target_length"], learnt_from=start)
+    except (UsageError, TemplateError) as error:
+        raise UsageError(f"{example.extra.get('at', 'a conversation')}: {error}") from None
+
+
+def check_chat_template(config: dict, examples: list[Example], tokenizer: PreTrainedTokenizerBase) -> None:
+    if tokenizer.chat_template is None and any("messages" in e.extra for e in examples):
+        raise UsageError(f"model {config['model']!r} has no chat template for the conversations in the data; pass "
                          "--chat-template FILE (a Jinja template) or choose a model that has one (an instruct model)")
 
 
@@ -145,8 +158,8 @@ def prepare(config: dict, context: TrialContext, source: str) -> CausalData:
         raise UsageError(f"model {config['model']!r} is not a causal LM; the causal_lm family needs a decoder with a "
                          "language-modelling head (smollm2, meta-llama/Llama-2-7b-hf, ...): set model in the YAML")
     tokenizer = task_tokenizer(config, context)
-    check_chat_template(config, context, tokenizer)
     train, validation, _ = splits(causal_task(context), source, config)
+    check_chat_template(config, train + validation, tokenizer)
     train_set = tokenize(train, tokenizer, config)
     return CausalData(train_set, tokenize(validation, tokenizer, config), validation,
                       [len(ids) for ids in train_set["input_ids"]])

@@ -28,14 +28,15 @@ def encode(tokenizer: PreTrainedTokenizerBase, prompt: str, target: str, max_sou
     return {"input_ids": source + answer, "labels": [IGNORE] * len(source) + answer}
 
 
-def encode_conversation(tokenizer: PreTrainedTokenizerBase, messages: list[dict],
-                        max_length: int) -> dict[str, list[int]]:
+def encode_conversation(tokenizer: PreTrainedTokenizerBase, messages: list[dict], max_length: int,
+                        learnt_from: int = 0) -> dict[str, list[int]]:
     """A conversation rendered by the tokenizer's chat template, its first `max_length` tokens; the labels keep
-    the assistant turns alone (TRL's assistant-only loss). An assistant turn is what rendering it adds to the
-    conversation before it with the generation prompt, so its end-of-turn token is learnt too."""
+    the assistant turns alone (TRL's assistant-only loss), those from turn `learnt_from` on (TRL's conversational
+    prompt-completion: the completion's). An assistant turn is what rendering it adds to the conversation before
+    it with the generation prompt, so its end-of-turn token is learnt too."""
     pieces, rendered = [], ""
     for i, turn in enumerate(messages):
-        if turn["role"] != "assistant":
+        if turn["role"] != "assistant" or i < learnt_from:
             continue
         before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
         through = tokenizer.apply_chat_template(messages[:i + 1], tokenize=False)
