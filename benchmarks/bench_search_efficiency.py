@@ -228,6 +228,33 @@ def plot(logs: dict[str, list[np.ndarray]], ratios: dict, median_spent: float, m
     figure.savefig(out, dpi=110)
 
 
+def by_trial_count(table: Table, spec, counts: list[int], seeds: int) -> str:
+    """The searchers a search may default to, with the profile's rungs and warm starts, replayed at each trial count:
+    each one's median compute to reach random search's best (same seed, same count) and how often it did."""
+    stopping = spec.early_stopping
+    rungs = asha(stopping["grace_period"], stopping["reduction_factor"])
+    qmc = STRATEGIES["QMC (Sobol) + ASHA"].sampler
+    samplers = {"random": random_sampler, "QMC (Sobol)": qmc, "TPE": tpe()}
+    strategies = {"random (reference)": STRATEGIES["random (reference)"],
+                  "random + space warm starts": Strategy(random_sampler, no_pruning, "space"),
+                  **{f"{name} + ASHA{' + space warm starts' if warm == 'space' else ''}": Strategy(sampler, rungs, warm)
+                     for warm in ("none", "space") for name, sampler in samplers.items()}}
+    warm = {"none": [], "space": spec.warm_start}
+    columns = {}
+    for count in counts:
+        logs = {name: [replay(table, spec, s, seed, count, warm[s.warm_start]) for seed in range(seeds)]
+                for name, s in strategies.items()}
+        summary, _, _ = summarise(logs, "random (reference)")
+        columns[f"{count} trials"] = [f"{median} ({reached})" for median, reached in zip(
+            summary["compute to reach random's best (median [IQR])"].str.split(" ").str[0], summary["reached"])]
+    frame = pd.DataFrame({"strategy": list(strategies), **columns})
+    return (f"# {table.metric} by trial count: {seeds} seeds, the cpu profile's rungs (grace "
+            f"{stopping['grace_period']:g}, rf {stopping['reduction_factor']:g}) and warm starts\n\nEach cell: the "
+            "median compute to reach random search's best (fraction of random search's compute at that count; "
+            "∞: not reached in most seeds) and in how many seeds it was reached.\n\n"
+            f"{frame.to_markdown(index=False)}\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("task", help="a table in benchmarks/curves/ (cola, mrpc)")
@@ -236,6 +263,8 @@ def main() -> None:
     parser.add_argument("--transfer-from", help="another task's table: also warm-start from its best configurations")
     parser.add_argument("--curves", type=Path, default=CURVES, help="where the tables are (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "search_efficiency")
+    parser.add_argument("--counts", type=int, nargs="+",
+                        help="instead: the searchers a profile may default to, at each of these trial counts")
     args = parser.parse_args()
     if not (args.curves / f"{args.task}.csv").is_file():
         sys.exit(f"error: no table {args.curves / args.task}.csv; record it with benchmarks/record_curves.py "
@@ -244,6 +273,14 @@ def main() -> None:
     spec = load_spec(f"glue_{args.task}", "cpu", "llmm")
     if spec.mode != "max":
         sys.exit(f"error: glue_{args.task} minimises its metric; the replay keeps the highest value")
+    if args.counts:
+        report = by_trial_count(table, spec, args.counts, args.seeds) + (
+            f"\ncommand: python benchmarks/bench_search_efficiency.py {' '.join(sys.argv[1:])} (commit {git_commit()}, "
+            f"optuna {optuna.__version__}); the table: benchmarks/curves/{args.task}.txt\n")
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"{args.task}_by_trials.md").write_text(report)
+        print(report)
+        return
     sweep = defaults_sweep(table)
     stopping = spec.early_stopping
     default = f"TPE + ASHA + space warm starts (default: grace {stopping['grace_period']:g}, rf " \

@@ -16,6 +16,7 @@ from llmm_tune.train.data import BAD_ROW_POLICIES
 from llmm_tune.tune import storage
 from llmm_tune.tune.cluster import LayoutRequest, address
 from llmm_tune.tune.spaces import PROFILES
+from llmm_tune.tune.strategy import QMC_FROM_TRIALS, SAMPLERS
 
 COMMANDS = ("search", "export", "compare", "reproduce", "export_adapter", "plan")
 DEFAULT_STORAGE = "ray_results"
@@ -67,10 +68,13 @@ def search_parser(description: str | None = None) -> argparse.ArgumentParser:
                              "gs:// URI (endpoint and credentials from the usual environment variables)")
     parser.add_argument("--optuna-storage", help="a database URL for the Optuna study (default: a journal file in "
                                                  "the experiment folder, for optuna-dashboard)")
-    parser.add_argument("--sampler", choices=("tpe", "random"), default="tpe",
-                        help="how trials are proposed: Optuna's multivariate TPE or uniformly at random")
+    parser.add_argument("--sampler", choices=SAMPLERS, default="auto",
+                        help="how trials are proposed after the warm starts: Optuna's multivariate TPE, uniformly at "
+                             "random, or a Sobol sequence (qmc); auto: random search below "
+                             f"{QMC_FROM_TRIALS} trials, qmc with ASHA from there (what replays of recorded searches "
+                             "found best; docs/search.md)")
     parser.add_argument("--no-early-stopping", action="store_true",
-                        help="run every trial to its end (no ASHA): a baseline for what early stopping saves")
+                        help="run every trial to its end (no ASHA; a given --sampler keeps ASHA unless this is set)")
     parser.add_argument("--name", help="experiment name (default: <task>-<method>-<profile>, numbered if taken)")
     parser.add_argument("--resume", action="store_true", help="continue the experiment --name")
     parser.add_argument("--seed", type=int, help="seed of the searcher and of every trial (default: the space's)")
@@ -128,6 +132,13 @@ def dataset_options(options: dict) -> dict:
     return {key: value for key, value in given.items() if value is not None}
 
 
+def space_overrides(options: dict) -> dict:
+    """The fixed settings the command line sets: what a new experiment and its resumption both apply."""
+    given = {"seed": options["seed"], "model": options["model"], "on_bad_row": options["on_bad_row"],
+             "fsdp": options["fsdp"] or None}
+    return {name: value for name, value in given.items() if value is not None}
+
+
 def add_budget_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget", metavar="DURATION",
                         help="wall time for the whole search, export included (45m, 2h, 1h30m): a probe of one trial "
@@ -137,8 +148,9 @@ def add_budget_option(parser: argparse.ArgumentParser) -> None:
 
 def add_profile_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", choices=("auto", *PROFILES), default="auto",
-                        help="paper: the published model and budget; cpu: packaged small models, short runs; "
-                             "auto: paper if a GPU is present, else cpu")
+                        help="paper: the published model and recipe (hours to days); gpu: the published recipe sized "
+                             "to --budget (default 1h) and the GPU's memory, with --model or an ungated model per "
+                             "family; cpu: packaged small models, short runs; auto: gpu if a GPU is present, else cpu")
 
 
 def add_trial_shape_options(parser: argparse.ArgumentParser) -> None:
@@ -209,14 +221,15 @@ def layout_request(options: argparse.Namespace | dict) -> LayoutRequest:
 
 
 def choose_profile(requested: str) -> str:
-    """`auto` means the same in every command: paper when CUDA is present, else cpu."""
+    """`auto` means the same in every command: gpu when CUDA is present, else cpu."""
     if requested != "auto":
         return requested
     import torch
 
     if torch.cuda.is_available():
-        print(f"profile: paper ({torch.cuda.device_count()} CUDA device(s) found)")
-        return "paper"
+        print(f"profile: gpu ({torch.cuda.device_count()} CUDA device(s) found; --profile paper runs the published "
+              "recipe in full)")
+        return "gpu"
     print("profile: cpu (no CUDA device found; --profile paper forces the published setup)")
     return "cpu"
 

@@ -39,8 +39,11 @@ from llmm_tune.cli import (
     add_profile_option,
     choose_profile,
     command_parser,
+    dataset_options,
+    layout_request,
     parse_search_args,
     search_parser,
+    space_overrides,
 )
 from llmm_tune.cli import main as run_command
 from llmm_tune.errors import UsageError
@@ -48,6 +51,7 @@ from llmm_tune.files import atomic_path, write_text
 from llmm_tune.method.config import BASELINES
 from llmm_tune.results.collect import best_trial, collect, data_source, ended_trials, trial_config
 from llmm_tune.results.tables import Provenance, latex, setting_text, versions_text
+from llmm_tune.train.data import resolve_data_dir
 from llmm_tune.train.progress import Progress
 from llmm_tune.tune import storage
 from llmm_tune.tune.cluster import address
@@ -100,8 +104,10 @@ def check_same_settings(record: ExperimentRecord, search: list[str]) -> None:
         raise UsageError(f"search {record.name} was started by an older llmm-tune that did not record its options; "
                          "compare afresh with another --storage and --results")
     asked = {k: v for k, v in vars(parse_search_args(search)).items() if k not in NOT_OPTIONS}
+    # a search's --budget from compare's depends on when it was split (the probe may be cached): a resumed search
+    # keeps the sizing it was started with
     changed = [f"{key} {record.options.get(key)} (now {asked[key]})" for key in asked
-               if key != "storage" and record.options.get(key) != asked[key]]
+               if key not in ("storage", "budget") and record.options.get(key) != asked[key]]
     if changed:
         raise UsageError(f"search {record.name} was started with other settings: {', '.join(changed)}; pass the "
                          "options it was started with to continue it, or another --storage and --results to compare "
@@ -204,6 +210,26 @@ def retrain(jobs: list[Retraining], runs: dict, runs_path: Path, cluster: str | 
                          f"in {runs_path}; run the same compare again to retry the failed ones")
 
 
+def search_budget(args: argparse.Namespace, options: list[str], profile: str, searches: int, jobs: int) -> str:
+    """Each search's --budget, from compare's: what leaves time for the `jobs` retrainings after the searches,
+    sized on a probe of one trial of the first method here (the baselines' trials are taken to cost the same)."""
+    from llmm_tune.tune.budget import gpu_packed, parse_duration, probed_figures, search_share, seconds_since_start
+    from llmm_tune.tune.cluster import machine, plan_layout
+
+    search_args = parse_search_args([args.task, *options])
+    spec = load_spec(args.task, profile, args.methods[0], dataset=dataset_options(vars(search_args)),
+                     overrides=space_overrides(vars(search_args)))
+    request = layout_request(search_args)
+    threads = max(1, int(plan_layout(request, machine(), "this machine").cpus))
+    figures = probed_figures(spec, spec.context().source(resolve_data_dir(search_args.data_dir)), threads)
+    layout = plan_layout(gpu_packed(request, figures), machine(), "this machine")
+    seconds = parse_duration(args.budget) - seconds_since_start()
+    each = search_share(figures, spec, layout.concurrent, layout.workers, seconds, searches, jobs)
+    print(f"compare budget {args.budget}: {searches} search(es) of {each / 60:.1f} min each, then {jobs} "
+          f"retraining(s), {layout.concurrent} at once")
+    return f"{int(each)}s"
+
+
 def cluster_address(options: list[str]) -> str | None:
     """The cluster the searches join (their `--address`, passed through), for the retraining too."""
     parser = argparse.ArgumentParser(add_help=False)
@@ -225,6 +251,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the paired runs alone, at a fraction of the compute: search the first method only, "
                              "retrain it and the others at its best configuration; writes paired.md, not table.md")
     add_profile_option(parser)
+    parser.add_argument("--budget", metavar="DURATION",
+                        help="wall time for the whole compare (45m, 2h): a probe of one llmm trial here splits it "
+                             "into a --budget for each search, sized so that the retrainings fit after them "
+                             "(default: each search runs the profile's trials)")
     parser.add_argument("--storage", default=DEFAULT_STORAGE, help="where the searches are kept")
     parser.add_argument("--results", default="results", help="results/compare/<task>/ is written under it")
     return parser
@@ -248,10 +278,15 @@ def run(argv: list[str]) -> Path:
     if paired and (args.methods[0] != "llmm" or len(args.methods) < 2):
         raise UsageError("--paired retrains the other methods at llmm's configuration (its K and scale have no "
                          "value in theirs): pass --methods llmm and at least one baseline, llmm first")
+    if args.budget:  # checked as a search checks it: a duration, no --num-samples, no cluster
+        parse_search_args([args.task, *options, "--budget", args.budget])
     profile = choose_profile(args.profile)
     load_spec(args.task, profile, args.methods[0])  # a bad space stops here, before any search
     storage_dir = storage.writable(args.storage, "--storage")
     searched = args.methods[:1] if args.paired_only else args.methods
+    jobs = len(args.seeds) * (len(searched) + (len(args.methods) - 1 if paired else 0))
+    if args.budget:
+        options = [*options, "--budget", search_budget(args, options, profile, len(searched), jobs)]
     chosen = {m: searched_best(run_search(args.task, m, profile, storage_dir, options)) for m in searched}
     out = Path(args.results) / "compare" / chosen[args.methods[0]][0].task
     runs_path = out / RUNS_FILE

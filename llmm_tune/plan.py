@@ -36,7 +36,7 @@ from llmm_tune.cli import main as run_command
 from llmm_tune.errors import UsageError
 from llmm_tune.method.config import BASELINES
 from llmm_tune.train.data import resolve_data_dir
-from llmm_tune.tune.cluster import machine, plan_layout
+from llmm_tune.tune.cluster import MAX_TRIALS_PER_GPU, machine, plan_layout, trials_per_gpu
 from llmm_tune.tune.probe import (
     ACTOR_START_S,
     EXPORT_OVERHEAD_S,
@@ -48,6 +48,7 @@ from llmm_tune.tune.probe import (
     trial_config,
 )
 from llmm_tune.tune.spaces import SearchSpec, load_spec
+from llmm_tune.tune.strategy import QMC_FROM_TRIALS
 
 
 def measure(args: argparse.Namespace, spec: SearchSpec) -> tuple[dict, str]:
@@ -72,8 +73,8 @@ def budgeted(args: argparse.Namespace, spec: SearchSpec) -> tuple[SearchSpec, di
     """The search `search --budget` would run (its sizing line printed), and the probe's figures it was sized by."""
     from llmm_tune.tune.budget import sized
 
-    layout = plan_layout(layout_request(args), machine(), "this machine")
-    sizing, figures = sized(spec, args.budget, layout, spec.context().source(resolve_data_dir(args.data_dir)))
+    source = spec.context().source(resolve_data_dir(args.data_dir))
+    sizing, figures = sized(spec, args.budget, layout_request(args), source)
     figures = {**figures, "train_examples": sizing.train_rows}
     return sizing.applied(spec), figures, f"of --budget's probe ({figures['device']}, {figures['threads']} threads)"
 
@@ -95,12 +96,9 @@ def planned_layout(args: argparse.Namespace, figures: dict, gpus: float, gpu_mem
     resources = {"CPU": cpus, "GPU": float(gpus)}
     asked, per_gpu = layout_request(args), None
     if gpus and gpu_memory:
-        per_gpu = int(gpu_memory // figures["peak_memory_gib"])
-        if per_gpu < 1:
-            raise UsageError(f"a trial peaks at {figures['peak_memory_gib']:.1f} GiB, more than the GPU's "
-                             f"{gpu_memory:g} GiB; plan with --workers-per-trial or larger GPUs")
-        if asked.gpus_per_trial is None:  # pack as many trials per GPU as its memory holds
-            asked = dataclasses.replace(asked, gpus_per_trial=1 / per_gpu)
+        per_gpu = trials_per_gpu(figures["peak_memory_gib"], gpu_memory)
+        if asked.gpus_per_trial is None:  # pack as many trials per GPU as its memory holds, as a search does
+            asked = dataclasses.replace(asked, gpus_per_trial=1 / min(per_gpu, MAX_TRIALS_PER_GPU))
     return plan_layout(asked, resources, "the planned machine"), per_gpu
 
 
@@ -120,7 +118,8 @@ def plan(args: argparse.Namespace) -> dict:
     layout, per_gpu = planned_layout(args, figures, gpus, gpu_memory)
     time_attr, epochs = recipe.clock(spec.fixed, spec.context())
     concurrent = min(layout.concurrent, spec.num_samples)
-    predicted = predict(figures, spec, trial_config(spec), figures["train_examples"], concurrent, layout.workers)
+    predicted = predict(figures, spec, trial_config(spec), figures["train_examples"], concurrent, layout.workers,
+                        early_stopping=spec.stops_early())
     trial_s, steps, evals, export_s = predicted.trial_s, predicted.steps, predicted.evaluations, predicted.export_s
     lines = [
         f"plan for {spec.task} ({profile} profile, {args.method}): {spec.num_samples} trials, {concurrent} at "
@@ -133,9 +132,10 @@ def plan(args: argparse.Namespace) -> dict:
         "experiment's LoftQ cache (measured)",
         f"a whole trial: {trial_s / 60:.1f} min = start + {steps} steps x {figures['step_s']:.2f} s + {len(evals)} "
         f"evaluations x {figures['eval_s']:.1f} s (measured per step and evaluation, counted from the config)",
-        f"ASHA (grace {spec.early_stopping['grace_period']}, reduction {spec.early_stopping['reduction_factor']}, "
-        f"{time_attr} up to {epochs:g}): a trial runs {predicted.mean_fraction:.0%} of its budget on average "
-        "(simulated with random trial quality)",
+        (f"ASHA (grace {spec.early_stopping['grace_period']}, reduction {spec.early_stopping['reduction_factor']}, "
+         f"{time_attr} up to {epochs:g}): a trial runs {predicted.mean_fraction:.0%} of its budget on average "
+         "(simulated with random trial quality)" if spec.stops_early() else
+         f"no early stopping (the default below {QMC_FROM_TRIALS} trials): every trial runs its whole budget"),
         f"trials per hour: {concurrent * 3600 / (predicted.mean_fraction * trial_s + TUNE_OVERHEAD_S):.1f} "
         "(estimated from the above)",
         f"export: {'not predicted (--no-score)' if export_s is None else f'{export_s / 60:.1f} min'}"

@@ -24,6 +24,7 @@ from llmm_tune.cli import (
     layout_request,
     parse_search_args,
     search_parser,
+    space_overrides,
 )
 from llmm_tune.cli import main as run_command
 from llmm_tune.errors import Interrupted, UsageError
@@ -35,6 +36,7 @@ from llmm_tune.train.data import portable_source, resolve_data_dir
 from llmm_tune.tune import storage, trackers
 from llmm_tune.tune.cluster import (
     Layout,
+    LayoutRequest,
     address,
     check_job_paths,
     check_layout,
@@ -55,18 +57,12 @@ from llmm_tune.tune.experiment import (
 )
 from llmm_tune.tune.launch import build_tuner, run_trials, search_log
 from llmm_tune.tune.spaces import SearchSpec, load_spec, space_name
+from llmm_tune.tune.strategy import default_strategy, strategy_text
 from llmm_tune.tune.termination import interrupted_code, stop_on_sigterm
 
 
 def build_parser() -> argparse.ArgumentParser:
     return search_parser(__doc__)
-
-
-def space_overrides(options: dict) -> dict:
-    """The fixed settings the command line sets: what a new experiment and its resumption both apply."""
-    given = {"seed": options["seed"], "model": options["model"], "on_bad_row": options["on_bad_row"],
-             "fsdp": options["fsdp"] or None}
-    return {name: value for name, value in given.items() if value is not None}
 
 
 def written_space(text: str, overrides: dict) -> str:
@@ -91,6 +87,8 @@ def new_experiment(args: argparse.Namespace, argv: list[str], storage_dir: str) 
     overrides = space_overrides(options)
     spec = load_spec(args.task, profile, args.method, args.num_samples, dataset=dataset_options(options),
                      overrides=overrides)
+    spec = dataclasses.replace(spec, early_stopping_on=False if args.no_early_stopping else
+                               None if args.sampler == "auto" else True)
     if spec.fixed.get("fsdp") and "fsdp" not in spec.recipe.SETTINGS:
         raise UsageError(f"--fsdp: the {spec.family} family trains each trial in one process (fit's sharding "
                          "does not apply to it); drop --fsdp")
@@ -102,22 +100,54 @@ def new_experiment(args: argparse.Namespace, argv: list[str], storage_dir: str) 
                          "continue it or another --name")
     name = args.name or fresh_name(storage_dir, f"{Path(args.task).stem}-{args.method}-{profile}")
     sizing = None
-    if args.budget:  # the search sized to the budget by a probe of one trial here, after every cheaper check
+    budget = args.budget or profile_budget(profile, spec)
+    if budget:  # the search sized to the budget by a probe of one trial here, after every cheaper check
         from llmm_tune.tune.budget import sized
 
         source = spec.context().source(resolve_data_dir(args.data_dir))
-        sizing, _ = sized(spec, args.budget, plan_layout(layout_request(args), machine(), "this machine"), source)
+        sizing, _ = sized(spec, budget, layout_request(args), source)
         overrides |= sizing.overrides()
         spec = sizing.applied(spec)
+    elif profile == "paper" and machine()["GPU"]:
+        print(paper_cost(spec, args))
+    sampler = default_strategy(spec.num_samples)[0] if args.sampler == "auto" else args.sampler
+    print(f"searcher: {strategy_text(sampler, spec.stops_early())} after the space's warm starts"
+          + (f" (the default at {spec.num_samples} trials; --sampler sets it)" if args.sampler == "auto" else ""))
     record = ExperimentRecord(
         name=name, family=spec.family, task=spec.task, space=space_name(spec.path), space_yaml=spec.text,
         profile=profile, method=args.method, metric=spec.metric, mode=spec.mode, seed=spec.fixed["seed"],
         model=spec.fixed["model"], num_samples=spec.num_samples, overrides=overrides, options=options,
         command=command_line("llmm_tune.search", [*argv, *([] if args.name else ["--name", name])]),
         git_commit=git_commit(), versions=package_versions(), started=time.strftime("%Y-%m-%d %H:%M:%S"),
-        trust_remote_code=args.trust_remote_code, sampler=args.sampler, early_stopping=not args.no_early_stopping,
+        trust_remote_code=args.trust_remote_code, sampler=sampler, early_stopping=spec.stops_early(),
         warm_starts=warm_starts, budget=dataclasses.asdict(sizing) if sizing else {})
     return spec, storage.join(storage_dir, name), record
+
+
+def profile_budget(profile: str, spec: SearchSpec) -> str | None:
+    """The gpu profile's budget when none is given (for the families a budget sizes)."""
+    from llmm_tune.tune.budget import GPU_PROFILE_BUDGET, sizable
+
+    if profile != "gpu" or not sizable(spec):
+        return None
+    print(f"budget: {GPU_PROFILE_BUDGET} (the gpu profile's; set it with --budget)")
+    return GPU_PROFILE_BUDGET
+
+
+def paper_cost(spec: SearchSpec, args: argparse.Namespace) -> str:
+    """The published recipe's predicted GPU-hours here, from a probe of one trial (cached as --budget's is)."""
+    from llmm_tune.tune.budget import probed_figures, sizable
+    from llmm_tune.tune.probe import predict, trial_config
+
+    if not sizable(spec):
+        return f"paper: {spec.num_samples} trials of the published recipe (plan cannot time family {spec.family})"
+    layout = plan_layout(layout_request(args), machine(), "this machine")
+    figures = probed_figures(spec, spec.context().source(resolve_data_dir(args.data_dir)), max(1, int(layout.cpus)))
+    predicted = predict(figures, spec, trial_config(spec), figures["train_examples"],
+                        min(layout.concurrent, spec.num_samples), layout.workers)
+    hours = predicted.wall_s / 3600
+    return (f"paper: {spec.num_samples} trials of the published recipe, about {hours:.1f} h here "
+            f"({hours * machine()['GPU']:.1f} GPU-hours) predicted; --profile gpu --budget 1h sizes one to an hour")
 
 
 def resumed_experiment(args: argparse.Namespace, storage_dir: str) -> tuple[SearchSpec, str, ExperimentRecord]:
@@ -129,6 +159,13 @@ def resumed_experiment(args: argparse.Namespace, storage_dir: str) -> tuple[Sear
         raise UsageError(f"no experiment {args.name!r} under {storage_dir} to resume; check --name and --storage, "
                          "or drop --resume to start it")
     return record.spec(), experiment, record
+
+
+def trial_request(args: argparse.Namespace, record: ExperimentRecord) -> LayoutRequest:
+    """The command line's trial shape, with the GPU fraction a budget packed by the probe's memory."""
+    packed = record.budget.get("gpus_per_trial")
+    request = layout_request(args)
+    return dataclasses.replace(request, gpus_per_trial=packed) if packed else request
 
 
 @dataclass
@@ -177,7 +214,7 @@ def prepare(args: argparse.Namespace, spec: SearchSpec, experiment: str, record:
     results = None if args.no_export else Path(storage.writable(args.results, "--results"))
     cluster = address(args.address)
     if not args.resume and not cluster:
-        record.resources = plan_layout(layout_request(args), machine(), "this machine").to_record()
+        record.resources = plan_layout(trial_request(args, record), machine(), "this machine").to_record()
     for note in spec.adjustments:
         print(note)
     data = spec.recipe.prepare(spec.fixed, context, source)  # bad rows and models fail here, before Ray
@@ -218,14 +255,24 @@ def finish(prepared: Prepared) -> None:
     """A search that ran all its trials is exported and its tracker runs end; a stopped one says how to continue."""
     ended, stopped = ended_trials(prepared.experiment), read_budget_stop(prepared.experiment)
     if stopped:
-        cut = len(stopped["cut"])
-        print(f"budget reached {stopped['after_s'] / 60:.1f} min into the trials: {ended - cut} trial(s) ended, "
-              f"{cut} cut at their latest evaluation, {prepared.spec.num_samples - ended} never started")
+        print(budget_outcome(stopped, ended, prepared.spec.num_samples, prepared.resume))
     elif ended < prepared.spec.num_samples:  # Ctrl+C or SIGTERM: Tune saved its state and returned early
         raise Interrupted(f"search interrupted with {ended} of {prepared.spec.num_samples} trials ended; nothing "
                           f"exported; continue with: {prepared.resume}", code=interrupted_code())
     table = None if prepared.results is None else export([prepared.experiment], prepared.results)
     trackers.finish(prepared.record.tracker_names, prepared.record, table)
+
+
+def budget_outcome(stopped: dict, ended: int, trials: int, resume: str) -> str:
+    """What a search stopped at its budget did; an error when no trial reported by then (nothing to export)."""
+    minutes = stopped["after_s"] / 60
+    if not stopped.get("reported", 1):
+        raise Interrupted(f"budget reached {minutes:.1f} min into the trials before any trial reported an evaluation: "
+                          "nothing to export (the trials ran slower than the probe predicted); run again with a "
+                          f"longer --budget, or give this search another budget's time with: {resume}", code=1)
+    cut = len(stopped["cut"])
+    return (f"budget reached {minutes:.1f} min into the trials: {ended - cut} trial(s) ended, {cut} cut at their "
+            f"latest evaluation, {trials - ended} never started")
 
 
 def main() -> None:

@@ -5,6 +5,8 @@ slower than its probe, stopped at the budget with an export that marks the trial
 from __future__ import annotations
 
 import dataclasses
+import re
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -92,7 +94,6 @@ def test_a_budgeted_search_stops_at_its_budget_exports_and_marks_the_trials_it_c
 
 
 def test_every_cap_on_rows_is_said_with_what_lifts_it():
-    from types import SimpleNamespace
 
     from llmm_tune.tune.console import caps
 
@@ -109,3 +110,124 @@ def test_every_cap_on_rows_is_said_with_what_lifts_it():
     (line,) = caps(sized, budget, SimpleNamespace(train=list(range(262))))
     assert line.startswith("trials train on 262 rows: max_train_examples 262 (--budget); lift it with a longer")
     assert caps(sized, SimpleNamespace(profile="cpu", budget={"available_rows": 262}), None) == []  # every row
+
+
+def test_a_budget_reached_before_any_evaluation_ends_with_an_error_not_an_empty_export(tmp_path):
+
+    from llmm_tune.errors import Interrupted
+    from llmm_tune.search import budget_outcome
+    from llmm_tune.tune.driver import BudgetStop
+    from llmm_tune.tune.experiment import read_budget_stop
+
+    def stopped_after(results: int) -> dict:
+        experiment = tmp_path / f"after-{results}"
+        experiment.mkdir()
+        stop = BudgetStop(0.0, str(experiment))
+        trial = SimpleNamespace(trial_id="t1")
+        stop.on_trial_start(0, [trial], trial)
+        for _ in range(results):
+            stop.on_trial_result(0, [trial], trial, {"val_mcc": 0.1})
+        assert stop.stop_all()
+        return read_budget_stop(str(experiment))
+
+    with pytest.raises(Interrupted, match="before any trial reported an evaluation: nothing to export") as error:
+        budget_outcome(stopped_after(0), ended=1, trials=4, resume="RESUME")
+    assert error.value.code == 1 and str(error.value).endswith("with: RESUME")
+    reported = stopped_after(2)
+    assert reported["reported"] == 2
+    assert budget_outcome(reported, ended=1, trials=4, resume="RESUME").endswith(
+        "0 trial(s) ended, 1 cut at their latest evaluation, 3 never started")
+
+
+@pytest.mark.parametrize("space", ["glue_cola", "alpaca", "gsm8k", "cl_order1"])
+def test_the_gpu_profile_is_the_published_recipe_with_a_model_that_needs_no_gated_login(space):
+    paper, gpu = load_spec(space, "paper", "llmm"), load_spec(space, "gpu", "llmm")
+    assert gpu.fixed["model"] == gpu.recipe.GPU_MODEL and not gpu.fixed["model"].startswith("meta-llama/")
+    unmodelled = [{k: v for k, v in spec.fixed.items() if k != "model"} for spec in (gpu, paper)]
+    assert unmodelled[0] == unmodelled[1]
+    assert (gpu.space, gpu.num_samples, gpu.warm_start) == (paper.space, paper.num_samples, paper.warm_start)
+    assert load_spec(space, "gpu", "llmm", overrides={"model": "mine"}).fixed["model"] == "mine"  # --model wins
+
+
+def test_a_space_s_own_gpu_profile_wins_over_the_derived_one(tmp_path):
+    space = tmp_path / "own.yaml"
+    space.write_text("extends: glue_cola\nprofiles:\n  gpu: {fixed: {model: minilm, epochs: 2, batch_size: 8, "
+                     "max_length: 64}, num_samples: 3}\n")
+    spec = load_spec(str(space), "gpu", "llmm")
+    assert (spec.fixed["model"], spec.fixed["epochs"], spec.num_samples) == ("minilm", 2, 3)
+
+
+def test_auto_takes_the_gpu_profile_on_a_gpu_and_it_defaults_to_an_hour(monkeypatch):
+    import torch
+
+    from llmm_tune.cli import choose_profile
+    from llmm_tune.search import profile_budget
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert choose_profile("auto") == "gpu" and choose_profile("paper") == "paper"
+    assert profile_budget("gpu", load_spec("glue_cola", "gpu", "llmm")) == "1h"
+    assert profile_budget("paper", load_spec("glue_cola", "paper", "llmm")) is None
+    assert profile_budget("gpu", load_spec("cl_order1", "gpu", "llmm")) is None  # a family no budget sizes
+
+
+@pytest.mark.parametrize(("peak_gib", "device", "asked", "packed"),
+                         [(30.0, "cuda", None, 0.5), (5.0, "cuda", None, 0.25), (70.0, "cuda", None, 1.0),
+                          (5.0, "cuda", 1.0, 1.0), (5.0, "cpu", None, None)])
+def test_a_budget_packs_trials_on_a_gpu_by_the_probe_s_peak_memory(monkeypatch, peak_gib, device, asked, packed):
+    import torch
+
+    from llmm_tune.tune.budget import gpu_packed
+    from llmm_tune.tune.cluster import LayoutRequest
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: SimpleNamespace(total_memory=80 * 2**30))
+    request = LayoutRequest(gpus_per_trial=asked)
+    assert gpu_packed(request, {"device": device, "peak_memory_gib": peak_gib}).gpus_per_trial == packed
+
+
+def test_a_trial_larger_than_the_gpu_is_refused_with_what_to_do():
+    from llmm_tune.tune.cluster import trials_per_gpu
+
+    with pytest.raises(UsageError, match="a trial peaks at 90.0 GiB, more than the GPU's 80 GiB; use"):
+        trials_per_gpu(90.0, 80.0)
+
+
+def test_the_paper_profile_says_its_gpu_hours_before_it_starts(monkeypatch, data_dir):
+    from llmm_tune import search
+    from llmm_tune.tune import budget
+
+    monkeypatch.setattr(search, "machine", lambda: {"CPU": 16.0, "GPU": 2.0})
+    monkeypatch.setattr(budget, "probed_figures", lambda spec, source, threads: {**FIGURES, "device": "cuda"})
+    spec = load_spec("glue_cola", "paper", "llmm")
+    args = search.parse_search_args(["glue_cola", "--profile", "paper", "--data-dir", str(data_dir)])
+    line = search.paper_cost(spec, args)
+    hours, gpu_hours = (float(x) for x in re.fullmatch(
+        r"paper: 48 trials of the published recipe, about ([\d.]+) h here \(([\d.]+) GPU-hours\) predicted; .*",
+        line).groups())
+    assert hours > 1 and gpu_hours == pytest.approx(2 * hours, abs=0.15)
+
+
+def test_a_compare_budget_leaves_the_retrainings_their_time(spec):
+    from llmm_tune.tune.budget import SEARCH_START_S, search_share
+
+    share = search_share(FIGURES, spec, 2, 1, 3600, searches=2, retrainings=6)
+    assert 0 < share < 1800 and search_share(FIGURES, spec, 2, 1, 7200, searches=2, retrainings=6) > share
+    sizing = size(FIGURES, spec, 2, 1, share, SEARCH_START_S)
+    trial = fits(FIGURES, spec, sizing.epochs, sizing.train_rows, 1, 1, 1).trial_s
+    assert 2 * share + 3 * (trial + FIGURES["score_s"]) <= 3600  # two searches, then 6 retrainings 2 at once
+    with pytest.raises(UsageError, match=r"too short for 2 search\(es\) and 6 retrainings here; give --budget \d+m"):
+        search_share(FIGURES, spec, 2, 1, 20, searches=2, retrainings=6)
+
+
+def test_compare_checks_its_budget_as_a_search_does():
+    from llmm_tune import compare
+
+    with pytest.raises(UsageError, match="--budget sizes the number of trials itself; drop --num-samples"):
+        compare.run(["glue_cola", "--budget", "30m", "--num-samples", "3"])
+
+
+def test_a_sizing_predicts_the_early_stopping_of_the_strategy_it_sizes_for(spec):
+    few, many = fits(FIGURES, spec, 4, 4000, 3, 2, 1), fits(FIGURES, spec, 4, 4000, 24, 2, 1)
+    assert few.mean_fraction == 1.0 and many.mean_fraction < 1.0  # random search below 24 trials, QMC + ASHA from 24
+    asked = dataclasses.replace(spec, early_stopping_on=True)  # --sampler given: ASHA on at any count
+    assert fits(FIGURES, asked, 4, 4000, 3, 2, 1).mean_fraction < 1.0

@@ -26,7 +26,7 @@ def test_every_option_has_help_text_that_names_its_default(command):
 def test_profile_auto_is_the_default_of_every_command_that_resolves_a_space(command):
     parser = importlib.import_module(f"llmm_tune.{command}").build_parser()
     (profile,) = [a for a in parser._actions if "--profile" in a.option_strings]
-    assert profile.default == "auto" and {"auto", "paper", "cpu"} == set(profile.choices)
+    assert profile.default == "auto" and {"auto", "paper", "gpu", "cpu"} == set(profile.choices)
 
 
 def test_a_usage_error_is_one_line_on_stderr_with_exit_code_2(monkeypatch, capsys):

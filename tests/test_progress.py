@@ -3,6 +3,7 @@ every 30 seconds: done / total, elapsed, an estimate; and one line at its end.""
 
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
@@ -91,6 +92,29 @@ def test_a_searchs_status_line_counts_each_trial_once_by_how_it_ended():
     console.started = time.time() - 70
     line = console.status(trials)
     assert "trials: 1 running, 2 done, 2 failed of 10 | best val mcc 0.5000 (trial announced) | ETA 1m24s" in line
+
+
+def test_a_budgeted_search_s_eta_ends_at_its_deadline_at_the_latest_and_names_the_clock_time():
+    from types import SimpleNamespace
+
+    from ray.tune.experiment import Trial
+
+    from llmm_tune.tune.console import Progress as SearchProgress
+
+    def eta(console: SearchProgress, trials: list) -> tuple[float, str, set[str]]:
+        """The line's ETA in seconds, its clock time, and the clock times it may name (a minute may turn)."""
+        before = time.time()
+        minutes, seconds, end = re.search(r"ETA (\d+)m(\d+)s \(ends (\d\d:\d\d)\)$", console.status(trials)).groups()
+        left = int(minutes) * 60 + int(seconds)
+        return left, end, {time.strftime("%H:%M", time.localtime(t + left)) for t in (before, time.time())}
+
+    console = SearchProgress("mcc", "max", 10, ("epoch", 4.0), deadline=300.0)
+    running = SimpleNamespace(trial_id="a", status=Trial.RUNNING, last_result={"epoch": 1.0, "best_val_mcc": 0.1})
+    console.started = time.time() - 60  # a quarter of a trial in a minute: 9.75 trials' work left, 39 min by rate
+    left, end, ends = eta(console, [running])
+    assert 235 <= left <= 240 and end in ends  # the deadline's 4 minutes, not the rate's 39
+    left, end, ends = eta(SearchProgress("mcc", "max", 10, ("epoch", 4.0), deadline=300.0), [])
+    assert 295 <= left <= 300 and end in ends  # before any work: the deadline
 
 
 def test_the_eta_counts_the_work_left_at_the_rate_done_so_far_with_ashas_stops_from_the_ended_trials():

@@ -190,18 +190,33 @@ def test_profiles_pick_their_warm_start_and_asha_watches_the_validation_metric(t
         assert (spec.early_stopping["metric"], spec.early_stopping["mode"]) == (f"val_{metric}", "max")
 
 
-def test_the_random_sampler_is_a_searcher_option_for_baselines_of_the_search_itself():
-    from optuna.samplers import RandomSampler, TPESampler
+def test_every_sampler_is_a_searcher_option():
+    from optuna.samplers import QMCSampler, RandomSampler, TPESampler
 
     from llmm_tune.cli import parse_search_args as parse_args
     from llmm_tune.tune.searcher import make_searcher
 
     spec = load_spec("glue_cola", "cpu", "llmm")
-    for name, kind in (("random", RandomSampler), ("tpe", TPESampler)):
+    for name, kind in (("random", RandomSampler), ("tpe", TPESampler), ("qmc", QMCSampler)):
         searcher = make_searcher(spec.distributions(), "best_val_mcc", "max", [], 4, 0, sampler_name=name)
         assert isinstance(searcher._sampler, kind)
     args = parse_args(["glue_cola", "--sampler", "random", "--no-early-stopping"])
     assert args.sampler == "random" and args.no_early_stopping
+
+
+@pytest.mark.parametrize(("options", "sampler", "early_stopping"), [
+    ([], "random", False), (["--num-samples", "23"], "random", False), (["--num-samples", "24"], "qmc", True),
+    (["--sampler", "tpe"], "tpe", True), (["--num-samples", "48", "--no-early-stopping"], "qmc", False)])
+def test_the_default_strategy_follows_the_trial_count_and_the_record_keeps_it(options, sampler, early_stopping,
+                                                                               tmp_path, capsys):
+    """Random search with every trial to its end below 24 trials, QMC with ASHA from 24 (the replays'); a sampler or
+    --no-early-stopping given is kept."""
+    from llmm_tune.search import new_experiment, parse_search_args
+
+    argv = ["glue_cola", "--profile", "cpu", *options]
+    spec, _, record = new_experiment(parse_search_args(argv), argv, str(tmp_path))
+    assert (record.sampler, record.early_stopping, spec.stops_early()) == (sampler, early_stopping, early_stopping)
+    assert "searcher: " in capsys.readouterr().out
 
 
 def test_export_adapter_takes_the_trials_checkpoint_or_trains_it_again_when_the_experiment_is_gone(searched,

@@ -36,6 +36,7 @@ SETTINGS: dict[str, Setting] = {
     "test_examples": Setting(optional(positive_int), "an integer >= 1 or null (the whole dev set)", None),
     "on_bad_row": Setting(lambda v: v in BAD_ROW_POLICIES, f"one of {list(BAD_ROW_POLICIES)}", "error"),
 }
+GPU_MODEL = "microsoft/deberta-v3-base"  # --profile gpu's model: the paper's encoder, ungated
 HELD_OUT = "dev"  # the split `score` reads
 DATA_SETTINGS = ("model", "max_length", "validation_size", "max_train_examples", "seed", "on_bad_row")
 clock = epoch_clock

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import platform
 import re
 import time
@@ -20,8 +21,8 @@ import torch
 
 from llmm_tune.errors import UsageError
 from llmm_tune.train.pretrained import CACHE_DIR
-from llmm_tune.tune.cluster import Layout
-from llmm_tune.tune.probe import Prediction, predict, probe, trial_config
+from llmm_tune.tune.cluster import MAX_TRIALS_PER_GPU, LayoutRequest, machine, plan_layout, trials_per_gpu
+from llmm_tune.tune.probe import ACTOR_START_S, RAY_START_S, Prediction, predict, probe, trial_config
 from llmm_tune.tune.spaces import SearchSpec
 
 DURATION = re.compile(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?")
@@ -30,6 +31,8 @@ MAX_TRIALS_PER_PROFILE_TRIAL = 4  # a long budget runs up to this many times the
 EXPORT_MARGIN = 1.2  # the export's predicted time, with room: the trials stop this much earlier
 # fewer than plan's 16: the probe's time comes out of the budget (SmolLM2 on one thread: 8 s a step)
 BUDGET_PROBE_STEPS = 4
+GPU_PROFILE_BUDGET = "1h"  # --profile gpu without --budget
+SEARCH_START_S = 20.0  # a search process's imports, checks and data before its sizing (glue on the 2-core Xeon)
 
 
 def parse_duration(text: str) -> float:
@@ -62,6 +65,7 @@ class Sizing:
     spent_s: float  # before the sizing: the command's start-up and the probe (cached: none)
     predicted_s: float  # the search from the sizing on, export included
     export_s: float  # the export's share of `predicted_s`
+    gpus_per_trial: float | None = None  # the GPU fraction the probe's peak memory packs; None: the command line's
 
     def trials_seconds(self, spent_s: float) -> float:
         """How long the trials may run once `spent_s` of the budget are gone: the export then fits in it."""
@@ -75,20 +79,25 @@ class Sizing:
         """`spec` with the sized trial count and settings."""
         return dataclasses.replace(spec, num_samples=self.num_samples, fixed={**spec.fixed, **self.overrides()})
 
+    def packing(self) -> str:
+        return f" ({round(1 / self.gpus_per_trial)} per GPU by memory)" if self.gpus_per_trial else ""
+
     def line(self) -> str:
         rows = (f"all {self.train_rows:,} rows" if self.train_rows == self.available_rows
                 else f"{self.train_rows:,} of {self.available_rows:,} rows")
         return (f"budget {duration_text(self.budget_s)}: {self.num_samples} trials x up to {self.epochs} epoch(s) on "
-                f"{rows}, {self.concurrent} at once: about {duration_text(self.spent_s + self.predicted_s)} predicted "
-                f"({self.spent_s:.0f} s of start-up and probe included); at the budget, running trials end at their "
-                "latest evaluation and the export runs")
+                f"{rows}, {self.concurrent} at once{self.packing()}: about "
+                f"{duration_text(self.spent_s + self.predicted_s)} predicted ({self.spent_s:.0f} s of start-up and "
+                "probe included); at the budget, running trials end at their latest evaluation and the export runs")
 
 
 def fits(figures: dict, spec: SearchSpec, epochs: int, rows: int, trials: int, concurrent: int,
          workers: int) -> Prediction:
-    """The prediction for `trials` trials of `epochs` epochs on `rows` rows."""
+    """The prediction for `trials` trials of `epochs` epochs on `rows` rows (with the early stopping of a search of
+    that many trials)."""
     sized = dataclasses.replace(spec, num_samples=trials, fixed={**spec.fixed, "epochs": epochs})
-    return predict(figures, sized, trial_config(sized), rows, min(concurrent, trials), workers)
+    return predict(figures, sized, trial_config(sized), rows, min(concurrent, trials), workers,
+                   early_stopping=sized.stops_early())
 
 
 def most_trials(figures: dict, spec: SearchSpec, epochs: int, rows: int, concurrent: int, workers: int,
@@ -112,9 +121,7 @@ def size(figures: dict, spec: SearchSpec, concurrent: int, workers: int, budget_
     seconds = budget_s - spent_s
     available = int(figures["train_examples"])
     fewest, most = min(max(2, concurrent), 4), MAX_TRIALS_PER_PROFILE_TRIAL * spec.num_samples
-    rows_options = [available]
-    while rows_options[-1] // 2 >= MIN_ROWS:
-        rows_options.append(rows_options[-1] // 2)
+    rows_options = row_options(available)
     for rows in rows_options:
         for epochs in range(int(spec.fixed["epochs"]), 0, -1):
             trials = most_trials(figures, spec, epochs, rows, concurrent, workers, seconds, most)
@@ -122,22 +129,88 @@ def size(figures: dict, spec: SearchSpec, concurrent: int, workers: int, budget_
                 predicted = fits(figures, spec, epochs, rows, trials, concurrent, workers)
                 return Sizing(budget_s, trials, epochs, rows, available, min(concurrent, trials), spent_s,
                               predicted.wall_s, predicted.export_s or 0.0)
-    smallest = spent_s + fits(figures, spec, 1, rows_options[-1], 1, concurrent, workers).wall_s
+    smallest = smallest_budget(figures, spec, concurrent, workers, spent_s)
     raise UsageError(f"--budget {duration_text(budget_s)} is too short for one trial here (1 epoch on "
                      f"{rows_options[-1]:,} rows needs about {duration_text(smallest)} with the probe); give "
-                     f"--budget {max(1, round(smallest / 60 + 0.5))}m or more")
+                     f"--budget {minutes_up(smallest)}m or more")
 
 
-def sized(spec: SearchSpec, budget: str, layout: Layout, source: str) -> tuple[Sizing, dict]:
-    """`spec`'s search sized to `budget` (as --budget gives it) from a probe of one trial here, before Ray starts;
-    and the probe's figures."""
-    if not {"evals_per_epoch", "max_train_examples"} <= set(spec.recipe.SETTINGS):
+def row_options(available: int) -> list[int]:
+    """Every row, then halved down to MIN_ROWS: the training rows a sizing tries, most first."""
+    options = [available]
+    while options[-1] // 2 >= MIN_ROWS:
+        options.append(options[-1] // 2)
+    return options
+
+
+def smallest_budget(figures: dict, spec: SearchSpec, concurrent: int, workers: int, spent_s: float) -> float:
+    """The budget of one trial of one epoch on the fewest rows a sizing tries."""
+    rows = row_options(int(figures["train_examples"]))[-1]
+    return spent_s + fits(figures, spec, 1, rows, 1, concurrent, workers).wall_s
+
+
+def minutes_up(seconds: float) -> int:
+    return max(1, math.ceil(seconds / 60))
+
+
+def search_share(figures: dict, spec: SearchSpec, concurrent: int, workers: int, seconds: float, searches: int,
+                 retrainings: int) -> float:
+    """compare --budget: each search's budget, so that `searches` searches one after another, then `retrainings`
+    whole trials of the configuration they are sized to (`concurrent` at once, each scored on the held-out split),
+    end within `seconds`. Bisected: a longer search budget may size longer trials (more epochs or rows), so the
+    total is not strictly monotone, and the bisection's answer is checked."""
+
+    def total(each: float) -> float:
+        try:
+            sizing = size(figures, spec, concurrent, workers, each, SEARCH_START_S)
+        except UsageError:  # too short for one trial
+            return math.inf
+        trial = fits(figures, spec, sizing.epochs, sizing.train_rows, 1, 1, workers)
+        retrain_s = math.ceil(retrainings / concurrent) * (trial.trial_s + figures.get("score_s", 0.0))
+        return searches * each + RAY_START_S + ACTOR_START_S + retrain_s
+
+    low, high = 0.0, seconds / searches
+    while high - low > 10:
+        middle = (low + high) / 2
+        low, high = (middle, high) if total(middle) <= seconds else (low, middle)
+    if total(low) > seconds:
+        smallest = total(smallest_budget(figures, spec, concurrent, workers, SEARCH_START_S) + 1)
+        raise UsageError(f"--budget {duration_text(seconds)} is too short for {searches} search(es) and "
+                         f"{retrainings} retrainings here; give --budget {minutes_up(smallest)}m or more, or fewer "
+                         "--seeds or --methods, or --paired-only")
+    return low
+
+
+def sized(spec: SearchSpec, budget: str, request: LayoutRequest, source: str) -> tuple[Sizing, dict]:
+    """`spec`'s search sized to `budget` (as --budget gives it) from a probe of one trial here, before Ray starts,
+    with trials packed on this machine's GPUs by their measured memory; and the probe's figures."""
+    if not sizable(spec):
         raise UsageError(f"--budget sizes trials of the shared fit loop (epochs, rows); family {spec.family} trains "
                          "otherwise: give --num-samples instead")
-    figures = probed_figures(spec, source, max(1, int(layout.cpus)))
+    threads = max(1, int(plan_layout(request, machine(), "this machine").cpus))
+    figures = probed_figures(spec, source, threads)
+    packed = gpu_packed(request, figures)
+    layout = plan_layout(packed, machine(), "this machine")
     sizing = size(figures, spec, layout.concurrent, layout.workers, parse_duration(budget), seconds_since_start())
+    if packed is not request:
+        sizing = dataclasses.replace(sizing, gpus_per_trial=packed.gpus_per_trial)
     print(sizing.line())
     return sizing, figures
+
+
+def sizable(spec: SearchSpec) -> bool:
+    """Whether the family's trials run the shared fit loop, whose epochs and rows a budget sizes."""
+    return {"evals_per_epoch", "max_train_examples"} <= set(spec.recipe.SETTINGS)
+
+
+def gpu_packed(request: LayoutRequest, figures: dict) -> LayoutRequest:
+    """On a GPU, without --gpus-per-trial: as many trials per GPU as its memory holds the probed peak, up to
+    MAX_TRIALS_PER_GPU."""
+    if figures["device"] != "cuda" or request.gpus_per_trial is not None:
+        return request
+    gpu_gib = torch.cuda.get_device_properties(0).total_memory / 2**30
+    per_gpu = min(MAX_TRIALS_PER_GPU, trials_per_gpu(figures["peak_memory_gib"], gpu_gib))
+    return dataclasses.replace(request, gpus_per_trial=1 / per_gpu)
 
 
 def probe_key(spec: SearchSpec, source: str, threads: int) -> str:

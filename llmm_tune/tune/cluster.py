@@ -15,6 +15,7 @@ from llmm_tune.train.data import DATA_DIR_ENV
 from llmm_tune.tune import storage
 
 JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray's job supervisor for the entrypoint it runs
+MAX_TRIALS_PER_GPU = 4  # trials sharing a GPU share its compute: past a few, packing adds waiting, not throughput
 
 
 def in_ray_job() -> bool:
@@ -113,6 +114,15 @@ def plan_layout(asked: LayoutRequest, resources: dict[str, float], where: str) -
         raise UsageError(f"--workers-per-trial {workers} of {cpus:g} CPU + {gpus:g} GPU each needs more than the "
                          f"{cpus_here:g} CPU + {gpus_here:g} GPU of {where}; lower it or the resources per worker")
     return Layout(cpus, gpus, workers, asked.max_concurrent or max(1, int(fit)))
+
+
+def trials_per_gpu(peak_gib: float, gpu_gib: float) -> int:
+    """How many trials of a probed peak memory one GPU of `gpu_gib` holds (fractional packing)."""
+    per_gpu = int(gpu_gib // peak_gib)
+    if per_gpu < 1:
+        raise UsageError(f"a trial peaks at {peak_gib:.1f} GiB, more than the GPU's {gpu_gib:g} GiB; use "
+                         "--workers-per-trial with --fsdp, a smaller model (--model) or larger GPUs")
+    return per_gpu
 
 
 def check_layout(layout: Layout) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -113,9 +114,12 @@ class Progress(Callback):
     CLEAR = "\r\x1b[2K"  # back to the line's start, erase it
     selects = "best"  # a trial's value: its best report, or its last (`Task.selects`)
     counted: Tally | None = None  # a class default too: a search started before Tally resumes with its old callback
+    deadline: float | None = None  # --budget's: seconds from the start at which the trials are stopped
 
-    def __init__(self, metric: str, mode: str, num_samples: int, clock: tuple[str, float], selects: str = "best"):
+    def __init__(self, metric: str, mode: str, num_samples: int, clock: tuple[str, float], selects: str = "best",
+                 deadline: float | None = None):
         self.metric, self.mode, self.num_samples, self.selects = metric, mode, num_samples, selects
+        self.deadline = deadline
         self.time_attr, self.budget = clock
         self.started = time.time()
         self.printed = 0.0
@@ -146,7 +150,9 @@ class Progress(Callback):
                      else "no result yet")
         waiting = self.num_samples - len(tally.ended_shares) - len(tally.running)
         left = eta_seconds(elapsed, waiting, tally.ended_shares, list(tally.running.values()))
-        eta = "ETA unknown" if left is None else f"ETA {minutes(left)}"
+        if self.deadline is not None:  # a budgeted search ends at its deadline at the latest
+            left = max(0.0, min(math.inf if left is None else left, self.deadline - elapsed))
+        eta = "ETA unknown" if left is None else eta_text(left)
         return (f"[{minutes(elapsed)}] trials: {len(tally.running)} running, {tally.done} done, {tally.failed} "
                 f"failed of {self.num_samples} | {best_text} | {eta}")
 
@@ -224,6 +230,11 @@ def eta_seconds(elapsed: float, waiting: int, ended: list[float], running: list[
         return sum(further) / len(further) if further else 1.0 - done
 
     return (waiting * expected + sum(rest(done) for done in running)) * elapsed / work
+
+
+def eta_text(left: float) -> str:
+    """The trials' predicted end: the time left and the clock time."""
+    return f"ETA {minutes(left)} (ends {time.strftime('%H:%M', time.localtime(time.time() + left))})"
 
 
 def minutes(seconds: float) -> str:

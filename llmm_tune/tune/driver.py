@@ -141,6 +141,7 @@ class BudgetStop(Callback, Stopper):
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self.running: set[str] = set()
+        self.reported = 0  # evaluations the trials reported: none at the deadline leaves nothing to export
         self.started: float | None = None
         self.stopped = False
 
@@ -152,6 +153,9 @@ class BudgetStop(Callback, Stopper):
 
     on_trial_error = on_trial_complete
 
+    def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
+        self.reported += 1
+
     def __call__(self, trial_id: str, result: dict) -> bool:
         return False  # a trial is stopped with all the others, by stop_all
 
@@ -161,5 +165,6 @@ class BudgetStop(Callback, Stopper):
         if not self.stopped and now - self.started >= self.seconds:
             self.stopped = True
             storage.write_text(storage.join(self.experiment, BUDGET_FILE),
-                               json.dumps({"after_s": round(now - self.started, 1), "cut": sorted(self.running)}))
+                               json.dumps({"after_s": round(now - self.started, 1), "cut": sorted(self.running),
+                                          "reported": self.reported}))
         return self.stopped

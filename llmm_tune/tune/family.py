@@ -56,6 +56,8 @@ class Family(Protocol):
     user's data from a space's `dataset:` block (`llmm_tune.train.dataset`): the block checked against its data
     and completed, once, where the search starts; the task it defines, a pure function of the resolved block.
     `held_out_details(scores) -> str`: Markdown for what `score` returns beside numbers (the export adds it).
+    `GPU_MODEL`: the model of `--profile gpu` where a space gives no gpu profile (the paper profile's settings with
+    this model, one that needs no gated login).
     """
 
     SETTINGS: dict[str, Setting]  # its trial settings (the method's and the fit loop's included)

@@ -62,7 +62,8 @@ def build_tuner(spec: SearchSpec, record: ExperimentRecord, context: TrialContex
                                     reuse_actors=True, trial_dirname_creator=trial_folder),
         run_config=tune.RunConfig(
             name=name, storage_path=parent, verbose=0, log_to_file=True, stop=stop,
-            callbacks=[Progress(spec.metric, spec.mode, spec.num_samples, clock, context.selects),
+            callbacks=[Progress(spec.metric, spec.mode, spec.num_samples, clock, context.selects,
+                                deadline=stop.seconds if stop else None),
                        ForgetFinishedTrialsMetricWindows(), ReturnFreedHeap(), DeleteSupersededCheckpoints(),
                        *trackers.callbacks(record.tracker_names, record), *([stop] if stop else [])],
             # Tune keeps every checkpoint it is told of; DeleteSupersededCheckpoints keeps each trial's latest and best

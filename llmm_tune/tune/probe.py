@@ -102,12 +102,13 @@ def rungs(spec, budget: float) -> list[float]:
     return milestones
 
 
-def simulate(spec, trial_s: float, budget: float, concurrent: int, evals: list[float], draws: int = 400) -> dict:
+def simulate(spec, trial_s: float, budget: float, concurrent: int, evals: list[float], draws: int = 400,
+             early_stopping: bool = True) -> dict:
     """ASHA as Tune runs it (asynchronous successive halving: at each rung a trial is stopped when its
     score is below the top 1/rf of those recorded there before it; the first at a rung goes on), with
     trials of random quality, `concurrent` at a time, each deciding in the order trials start (close to
     the order they reach a rung when trials run alike): mean trial length and makespan, over `draws`."""
-    milestones, rf = rungs(spec, budget), spec.early_stopping["reduction_factor"]
+    milestones, rf = rungs(spec, budget) if early_stopping else [], spec.early_stopping["reduction_factor"]
     decisions = [next(e for e in evals if e >= m) for m in milestones if any(e >= m for e in evals)]
     rng = np.random.default_rng(0)
     lengths, makespans = [], []
@@ -150,16 +151,17 @@ class Prediction:
     wall_s: float  # data, Ray, trials, LoftQ and export
 
 
-def predict(figures: dict, spec: SearchSpec, config: dict, rows: int, concurrent: int, workers: int = 1) -> Prediction:
-    """The wall time of `spec`'s search (its trial count, early stopping and space) with trials of `config` training
-    on `rows` examples, `concurrent` at a time, from a probe's `figures`."""
+def predict(figures: dict, spec: SearchSpec, config: dict, rows: int, concurrent: int, workers: int = 1,
+            early_stopping: bool = True) -> Prediction:
+    """The wall time of `spec`'s search (its trial count, early stopping, when on, and space) with trials of `config`
+    training on `rows` examples, `concurrent` at a time, from a probe's `figures`."""
     schedule = Schedule.of(config, rows, workers)
     steps = schedule.total_steps
     evals = [schedule.epochs_done(step) for step in sorted(schedule.eval_at)]  # the epochs fit reports at
     trial_s = (figures["build_warm_s"] + 2 * figures["first_steps_s"] + (steps - 2) * figures["step_s"]
                + len(evals) * figures["eval_s"])
     _, epochs = spec.recipe.clock(config, spec.context())
-    asha = simulate(spec, trial_s, epochs, concurrent, evals)
+    asha = simulate(spec, trial_s, epochs, concurrent, evals, early_stopping=early_stopping)
     combos = math.prod(len(d.choices) for n, d in spec.distributions().items()
                        if n in ("quant_method", "bits", "rank") and hasattr(d, "choices")) or 1
     table_rows = combos * (1 - (1 - 1 / combos) ** spec.num_samples) if combos > 1 else 1

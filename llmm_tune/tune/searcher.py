@@ -19,7 +19,7 @@ from pathlib import Path
 
 import optuna
 from optuna.exceptions import ExperimentalWarning
-from optuna.samplers import RandomSampler, TPESampler
+from optuna.samplers import QMCSampler, RandomSampler, TPESampler
 from optuna.storages import BaseStorage, JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
@@ -94,10 +94,16 @@ def startup_trials(num_samples: int) -> int:
 def make_searcher(distributions: dict, metric: str, mode: str, warm_start: list[dict], num_samples: int,
                   seed: int, study: BaseStorage | None = None, name: str | None = None,
                   sampler_name: str = "tpe") -> FailureAwareOptunaSearch:
-    """Multivariate TPE, the warm-start points first; random start-up for a third of the budget (or, with
-    `sampler_name="random"`, every point at random after the warm starts)."""
-    sampler = RandomSampler(seed=seed) if sampler_name == "random" else \
-        TPESampler(multivariate=True, seed=seed, n_startup_trials=startup_trials(num_samples))
+    """The warm-start points first, then `sampler_name`'s: multivariate TPE (random start-up for a third of the
+    budget), uniformly random points, or a Sobol sequence (QMC: an even cover of the space)."""
+    if sampler_name == "qmc":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ExperimentalWarning)  # QMCSampler: experimental since Optuna 3.0
+            sampler = QMCSampler(seed=seed)
+    elif sampler_name == "random":
+        sampler = RandomSampler(seed=seed)
+    else:
+        sampler = TPESampler(multivariate=True, seed=seed, n_startup_trials=startup_trials(num_samples))
     return FailureAwareOptunaSearch(distributions, metric=metric, mode=mode, sampler=sampler,
                                     points_to_evaluate=warm_start or None, storage=study,
                                     study_name=name if study else None)

@@ -21,8 +21,9 @@ from llmm_tune.settings import REQUIRED, positive, positive_int
 from llmm_tune.tune.context import TrialContext, validation_key
 from llmm_tune.tune.direction import MODES
 from llmm_tune.tune.family import Task, load_family
+from llmm_tune.tune.strategy import default_strategy
 
-PROFILES = ("paper", "cpu")
+PROFILES = ("paper", "gpu", "cpu")
 METHOD_CHOICES = tuple(BASELINES)  # --method
 SAMPLERS = ("loguniform", "uniform", "int", "choice")
 TOP_KEYS = {"extends", "family", "task", "metric", "space", "fixed", "early_stopping", "profiles", "warm_start",
@@ -49,6 +50,13 @@ class SearchSpec:
     warm_start: list[dict]
     adjustments: list[str]  # how warm-start points were moved into this space
     dataset: str | None = None  # the resolved `dataset:` block as JSON (TrialContext.dataset), else None
+    early_stopping_on: bool | None = None  # whether ASHA runs: as the command line asked, None: by the trial count
+
+    def stops_early(self, trials: int | None = None) -> bool:
+        """Whether ASHA stops this search's trials (of `trials`, else its own count)."""
+        if self.early_stopping_on is not None:
+            return self.early_stopping_on
+        return default_strategy(trials or self.num_samples)[1]
 
     def distributions(self) -> dict[str, optuna.distributions.BaseDistribution]:
         return {name: _distribution(entry) for name, entry in self.space.items()}
@@ -180,6 +188,8 @@ def load_spec(task_or_path: str, profile: str, method: str, num_samples: int | N
         _fail(path, "task", f"{raw.get('task')!r} is not a task of family {raw['family']}; choose one of "
                             f"{', '.join(recipe.TASKS)}, the family that has it, or give a dataset: block")
     profiles = _mapping(path, "profiles", raw.get("profiles"), set(PROFILES))
+    if profile == "gpu" and "gpu" not in profiles and "paper" in profiles:
+        profiles["gpu"] = gpu_profile(_mapping(path, "profiles.paper", profiles["paper"], PROFILE_KEYS), recipe)
     if profile not in profiles:
         _fail(path, "profiles", f"no {profile!r} profile; add profiles.{profile} or choose "
                                 f"--profile {' or '.join(profiles) or 'another'}")
@@ -197,6 +207,13 @@ def load_spec(task_or_path: str, profile: str, method: str, num_samples: int | N
     dataset = json.dumps(raw["dataset"], sort_keys=True) if "dataset" in raw else None
     return SearchSpec(path, text, raw["family"], task.name, metric, task.metrics[metric], space, fixed, stopping,
                       samples, warm, adjustments, dataset)
+
+
+def gpu_profile(paper: dict, recipe: ModuleType) -> dict:
+    """A space's gpu profile where it gives none: the published recipe (`paper`) with the family's GPU model, one
+    that needs no gated login (`GPU_MODEL`), for `--budget` to size (trials, epochs, rows, trials per GPU)."""
+    model = getattr(recipe, "GPU_MODEL", None)
+    return {**paper, "fixed": {**(paper.get("fixed") or {}), **({"model": model} if model else {})}}
 
 
 def _resolved_dataset(path: Path, raw: dict, recipe: ModuleType, options: dict) -> dict:
