@@ -36,7 +36,6 @@ from llmm_tune.train.data import portable_source, resolve_data_dir
 from llmm_tune.tune import storage, trackers
 from llmm_tune.tune.cluster import (
     Layout,
-    LayoutRequest,
     address,
     check_job_paths,
     check_layout,
@@ -99,17 +98,15 @@ def new_experiment(args: argparse.Namespace, argv: list[str], storage_dir: str) 
         raise UsageError(f"experiment {args.name!r} already exists under {storage_dir}; pass --resume to "
                          "continue it or another --name")
     name = args.name or fresh_name(storage_dir, f"{Path(args.task).stem}-{args.method}-{profile}")
-    sizing = None
-    budget = args.budget or profile_budget(profile, spec)
-    if budget:  # the search sized to the budget by a probe of one trial here, after every cheaper check
-        from llmm_tune.tune.budget import sized
+    from llmm_tune.tune.budget import paper_cost, profile_budget, sized
 
-        source = spec.context().source(resolve_data_dir(args.data_dir))
-        sizing, _ = sized(spec, budget, layout_request(args), source)
+    sizing, budget = None, args.budget or profile_budget(profile, spec)
+    if budget:  # the search sized to the budget by a probe of one trial here, after every cheaper check
+        sizing, _ = sized(spec, budget, layout_request(args), data_source(spec, args))
         overrides |= sizing.overrides()
         spec = sizing.applied(spec)
     elif profile == "paper" and machine()["GPU"]:
-        print(paper_cost(spec, args))
+        print(paper_cost(spec, layout_request(args), data_source(spec, args)))
     sampler = default_strategy(spec.num_samples)[0] if args.sampler == "auto" else args.sampler
     print(f"searcher: {strategy_text(sampler, spec.stops_early())} after the space's warm starts"
           + (f" (the default at {spec.num_samples} trials; --sampler sets it)" if args.sampler == "auto" else ""))
@@ -124,30 +121,8 @@ def new_experiment(args: argparse.Namespace, argv: list[str], storage_dir: str) 
     return spec, storage.join(storage_dir, name), record
 
 
-def profile_budget(profile: str, spec: SearchSpec) -> str | None:
-    """The gpu profile's budget when none is given (for the families a budget sizes)."""
-    from llmm_tune.tune.budget import GPU_PROFILE_BUDGET, sizable
-
-    if profile != "gpu" or not sizable(spec):
-        return None
-    print(f"budget: {GPU_PROFILE_BUDGET} (the gpu profile's; set it with --budget)")
-    return GPU_PROFILE_BUDGET
-
-
-def paper_cost(spec: SearchSpec, args: argparse.Namespace) -> str:
-    """The published recipe's predicted GPU-hours here, from a probe of one trial (cached as --budget's is)."""
-    from llmm_tune.tune.budget import probed_figures, sizable
-    from llmm_tune.tune.probe import predict, trial_config
-
-    if not sizable(spec):
-        return f"paper: {spec.num_samples} trials of the published recipe (plan cannot time family {spec.family})"
-    layout = plan_layout(layout_request(args), machine(), "this machine")
-    figures = probed_figures(spec, spec.context().source(resolve_data_dir(args.data_dir)), max(1, int(layout.cpus)))
-    predicted = predict(figures, spec, trial_config(spec), figures["train_examples"],
-                        min(layout.concurrent, spec.num_samples), layout.workers)
-    hours = predicted.wall_s / 3600
-    return (f"paper: {spec.num_samples} trials of the published recipe, about {hours:.1f} h here "
-            f"({hours * machine()['GPU']:.1f} GPU-hours) predicted; --profile gpu --budget 1h sizes one to an hour")
+def data_source(spec: SearchSpec, args: argparse.Namespace) -> str:
+    return spec.context().source(resolve_data_dir(args.data_dir))
 
 
 def resumed_experiment(args: argparse.Namespace, storage_dir: str) -> tuple[SearchSpec, str, ExperimentRecord]:
@@ -159,13 +134,6 @@ def resumed_experiment(args: argparse.Namespace, storage_dir: str) -> tuple[Sear
         raise UsageError(f"no experiment {args.name!r} under {storage_dir} to resume; check --name and --storage, "
                          "or drop --resume to start it")
     return record.spec(), experiment, record
-
-
-def trial_request(args: argparse.Namespace, record: ExperimentRecord) -> LayoutRequest:
-    """The command line's trial shape, with the GPU fraction a budget packed by the probe's memory."""
-    packed = record.budget.get("gpus_per_trial")
-    request = layout_request(args)
-    return dataclasses.replace(request, gpus_per_trial=packed) if packed else request
 
 
 @dataclass
@@ -214,7 +182,10 @@ def prepare(args: argparse.Namespace, spec: SearchSpec, experiment: str, record:
     results = None if args.no_export else Path(storage.writable(args.results, "--results"))
     cluster = address(args.address)
     if not args.resume and not cluster:
-        record.resources = plan_layout(trial_request(args, record), machine(), "this machine").to_record()
+        from llmm_tune.tune.budget import packed_request
+
+        request = packed_request(layout_request(args), record.budget)
+        record.resources = plan_layout(request, machine(), "this machine").to_record()
     for note in spec.adjustments:
         print(note)
     data = spec.recipe.prepare(spec.fixed, context, source)  # bad rows and models fail here, before Ray
@@ -255,24 +226,14 @@ def finish(prepared: Prepared) -> None:
     """A search that ran all its trials is exported and its tracker runs end; a stopped one says how to continue."""
     ended, stopped = ended_trials(prepared.experiment), read_budget_stop(prepared.experiment)
     if stopped:
+        from llmm_tune.tune.budget import budget_outcome
+
         print(budget_outcome(stopped, ended, prepared.spec.num_samples, prepared.resume))
     elif ended < prepared.spec.num_samples:  # Ctrl+C or SIGTERM: Tune saved its state and returned early
         raise Interrupted(f"search interrupted with {ended} of {prepared.spec.num_samples} trials ended; nothing "
                           f"exported; continue with: {prepared.resume}", code=interrupted_code())
     table = None if prepared.results is None else export([prepared.experiment], prepared.results)
     trackers.finish(prepared.record.tracker_names, prepared.record, table)
-
-
-def budget_outcome(stopped: dict, ended: int, trials: int, resume: str) -> str:
-    """What a search stopped at its budget did; an error when no trial reported by then (nothing to export)."""
-    minutes = stopped["after_s"] / 60
-    if not stopped.get("reported", 1):
-        raise Interrupted(f"budget reached {minutes:.1f} min into the trials before any trial reported an evaluation: "
-                          "nothing to export (the trials ran slower than the probe predicted); run again with a "
-                          f"longer --budget, or give this search another budget's time with: {resume}", code=1)
-    cut = len(stopped["cut"])
-    return (f"budget reached {minutes:.1f} min into the trials: {ended - cut} trial(s) ended, {cut} cut at their "
-            f"latest evaluation, {trials - ended} never started")
 
 
 def main() -> None:

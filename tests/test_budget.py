@@ -115,7 +115,7 @@ def test_every_cap_on_rows_is_said_with_what_lifts_it():
 def test_a_budget_reached_before_any_evaluation_ends_with_an_error_not_an_empty_export(tmp_path):
 
     from llmm_tune.errors import Interrupted
-    from llmm_tune.search import budget_outcome
+    from llmm_tune.tune.budget import budget_outcome
     from llmm_tune.tune.driver import BudgetStop
     from llmm_tune.tune.experiment import read_budget_stop
 
@@ -161,7 +161,7 @@ def test_auto_takes_the_gpu_profile_on_a_gpu_and_it_defaults_to_an_hour(monkeypa
     import torch
 
     from llmm_tune.cli import choose_profile
-    from llmm_tune.search import profile_budget
+    from llmm_tune.tune.budget import profile_budget
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
@@ -192,15 +192,13 @@ def test_a_trial_larger_than_the_gpu_is_refused_with_what_to_do():
         trials_per_gpu(90.0, 80.0)
 
 
-def test_the_paper_profile_says_its_gpu_hours_before_it_starts(monkeypatch, data_dir):
-    from llmm_tune import search
+def test_the_paper_profile_says_its_gpu_hours_before_it_starts(monkeypatch):
     from llmm_tune.tune import budget
+    from llmm_tune.tune.cluster import LayoutRequest
 
-    monkeypatch.setattr(search, "machine", lambda: {"CPU": 16.0, "GPU": 2.0})
+    monkeypatch.setattr(budget, "machine", lambda: {"CPU": 16.0, "GPU": 2.0})
     monkeypatch.setattr(budget, "probed_figures", lambda spec, source, threads: {**FIGURES, "device": "cuda"})
-    spec = load_spec("glue_cola", "paper", "llmm")
-    args = search.parse_search_args(["glue_cola", "--profile", "paper", "--data-dir", str(data_dir)])
-    line = search.paper_cost(spec, args)
+    line = budget.paper_cost(load_spec("glue_cola", "paper", "llmm"), LayoutRequest(), "hub")
     hours, gpu_hours = (float(x) for x in re.fullmatch(
         r"paper: 48 trials of the published recipe, about ([\d.]+) h here \(([\d.]+) GPU-hours\) predicted; .*",
         line).groups())

@@ -47,7 +47,7 @@ def test_search_runs_both_trials_and_exports_every_artifact(searched):
     rows = trials(searched)
     assert len(rows) == 2 and {r["status"] for r in rows} == {"TERMINATED"}
     assert all(r["val_mcc"] != "" and int(r["evaluations"]) >= 1 for r in rows)
-    for name in ("table.md", "table.tex", "best.yaml", "history.png"):
+    for name in ("table.md", "table.tex", "best.yaml", "history.png", "reliability.png"):
         assert (searched["out"] / name).stat().st_size > 0, name
     assert "trials: 0 running, 2 done, 0 failed of 2" in searched["stdout"]
 
@@ -55,7 +55,8 @@ def test_search_runs_both_trials_and_exports_every_artifact(searched):
 CONSOLE = [r"experiment \S+ \| cola llmm cpu \| 2 trials", r"logs: \S+llmm_search.log and each trial's folder; resume "
            r"with: python -m llmm_tune.search \S+ --resume --name tiny", r"\[\d+m\d\ds\] trials: ",
            r"trial \w+ done: val mcc -?\d\.\d{4} \(best of \d+ evaluations", r"exported 2 trials of 1 experiment",
-           r"export: scoring the held-out split \(dev\), rows: \d/\d in \d+m\d\ds$"]
+           r"export: scoring the held-out split \(dev\), rows: \d/\d in \d+m\d\ds$",
+           r"searcher: random search, every trial to its end after the space's warm starts \(the default at 2 trials"]
 
 
 def test_the_console_shows_choices_status_ended_trials_and_the_table_only(searched):
@@ -96,7 +97,8 @@ def test_export_records_everything_needed_to_reproduce(searched):
     top_value = max(float(r["val_mcc"]) for r in rows)
     top = next(r for r in rows if r["trial"] == best["trial"])
     assert float(top["val_mcc"]) == top_value == pytest.approx(best["validation"]["value"])
-    assert best["held_out"]["split"] == "dev" and set(best["held_out"]["scores"]) == {"mcc", "loss"}
+    assert best["held_out"]["split"] == "dev" and set(best["held_out"]["scores"]) == {
+        "mcc", "loss", "ece", "brier", "nll", "temperature", "ece_ts", "brier_ts", "nll_ts", "reliability"}
     assert -1 <= best["held_out"]["scores"]["mcc"] <= 1 and best["held_out"]["scores"]["loss"] > 0
     assert best["config"]["seed"] == 0 and best["config"]["lr"] == pytest.approx(float(top["lr"]))
     assert best["versions"]["torch"] and best["git_commit"] and "llmm_tune.search" in best["search_command"]

@@ -27,6 +27,7 @@ import llmm_tune  # the method (apply_llmm, ...) loads peft at first use; readin
 from llmm_tune.errors import UsageError
 from llmm_tune.method.config import METHOD_SETTINGS, llmm_config
 from llmm_tune.settings import COMMON, Setting, optional, positive_int, size
+from llmm_tune.train.calibration import EVAL_SETTINGS, ReliabilityBins
 from llmm_tune.train.data import BAD_ROW_POLICIES, Example, local_or_hub
 from llmm_tune.train.dataset import resolve
 from llmm_tune.train.fit import FIT_SETTINGS, Reporter, default_device, epoch_clock, fit
@@ -53,7 +54,7 @@ from trainables.causal_data import (
 from trainables.causal_data import TASKS as SHIPPED
 
 SETTINGS: dict[str, Setting] = {
-    **COMMON, **METHOD_SETTINGS, **FIT_SETTINGS,
+    **COMMON, **METHOD_SETTINGS, **FIT_SETTINGS, **EVAL_SETTINGS,
     "max_source_length": Setting(positive_int, "an integer >= 1 (prompt tokens kept, from its end)", 384),
     "max_target_length": Setting(positive_int, "an integer >= 1 (response tokens kept)", 128),
     "validation_size": Setting(size, "a fraction in (0, 1) or a whole count", 0.1),
@@ -183,7 +184,8 @@ def preference_accuracy(model: nn.Module, examples: list[Example], chosen: list[
     if not pairs:
         return float("nan")
     encoded = tokenize([examples[i] for i in pairs], tokenizer, config, [examples[i].extra["rejected"] for i in pairs])
-    rejected = target_logprobs(model, list(encoded), tokenizer.pad_token_id, device, config["eval_tokens"])
+    rejected = target_logprobs(model, list(encoded), tokenizer.pad_token_id, device, config["eval_tokens"],
+                               config.get("draws", 0), config.get("seed", 0))
     wins = [chosen[i][0] / max(chosen[i][1], 1) > r[0] / max(r[1], 1) for i, r in zip(pairs, rejected)]
     return sum(wins) / len(wins)
 
@@ -201,11 +203,15 @@ def gsm8k_exact_match(model: nn.Module, examples: list[Example], tokenizer, conf
 
 def evaluate(model: nn.Module, examples: list[Example], encoded: Dataset, tokenizer, config: dict, task: Task,
              device: str, generate: bool, progress: str | None = None) -> dict[str, float]:
-    """Target NLL and perplexity, plus the task's own metrics: preference accuracy (HH-RLHF) and, with `generate`,
-    exact match of the extracted answer (GSM8K), its decoding's progress shown as `progress` says."""
-    logprobs = target_logprobs(model, list(encoded), tokenizer.pad_token_id, device, config["eval_tokens"])
+    """Target NLL and perplexity, and in the same pass the token-level ECE of the top-1 next-token probability
+    (llmm_tune.train.calibration), with the mean adapter or the predictive of `draws` adapter samples; plus the
+    task's own metrics: preference accuracy (HH-RLHF) and, with `generate`, exact match of the extracted answer
+    (GSM8K, decoded with the mean adapter), its decoding's progress shown as `progress` says."""
+    bins = ReliabilityBins()
+    logprobs = target_logprobs(model, list(encoded), tokenizer.pad_token_id, device, config["eval_tokens"],
+                               config.get("draws", 0), config.get("seed", 0), bins)
     nll = mean_nll(logprobs)
-    scores = {"nll": nll, "perplexity": math.exp(min(nll, 50.0))}
+    scores = {"nll": nll, "perplexity": math.exp(min(nll, 50.0)), "ece": bins.ece()}
     if "preference_accuracy" in task.metrics:
         scores["preference_accuracy"] = preference_accuracy(model, examples, logprobs, tokenizer, config, device)
     if "exact_match_flexible" in task.metrics and generate:

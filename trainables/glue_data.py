@@ -17,7 +17,7 @@ from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 from llmm_tune.errors import UsageError
 from llmm_tune.settings import is_number
 from llmm_tune.train.data import BadRows
-from llmm_tune.train.dataset import load_rows
+from llmm_tune.train.dataset import SUFFIXES, content_hash, load_rows, portable, raw_splits, read_file
 from llmm_tune.tune.family import Task
 
 HUB_DATASET = "nyu-mll/glue"
@@ -128,13 +128,24 @@ def load_splits(task: GlueTask, source: str, on_bad_row: str = "error") -> tuple
         return tuple(Dataset.from_dict(_user_columns(task, rows, bad_rows, split))
                      for split, rows in zip(("train", "test"), load_rows(task.dataset, on_bad_row)))
     if source == "hub":
-        glue = load_dataset(HUB_DATASET, task.name)
-        names = dict(zip(task.hub_columns, ["text_a", "text_b"]))
-        return tuple(glue[s].rename_columns(names).select_columns([*names.values(), "label"])
-                     for s in ("train", task.hub_dev))
+        return tuple(_hub_split(task, split) for split in ("train", task.hub_dev))
     folder = Path(source) / "glue" / task.local.folder
     return tuple(Dataset.from_dict(read_local(task, folder / name, BadRows(on_bad_row)))
                  for name in (task.local.train, task.local.dev))
+
+
+def load_dev(task: GlueTask, source: str, on_bad_row: str = "error") -> Dataset:
+    """A shipped task's dev split alone (a shift set: QNLI's train is not in the shared data)."""
+    if source == "hub":
+        return _hub_split(task, task.hub_dev)
+    return Dataset.from_dict(read_local(task, Path(source) / "glue" / task.local.folder / task.local.dev,
+                                        BadRows(on_bad_row)))
+
+
+def _hub_split(task: GlueTask, split: str) -> Dataset:
+    names = dict(zip(task.hub_columns, ["text_a", "text_b"]))
+    return load_dataset(HUB_DATASET, task.name, split=split).rename_columns(names).select_columns(
+        [*names.values(), "label"])
 
 
 def read_local(task: GlueTask, path: Path, bad_rows: BadRows) -> dict[str, list]:
@@ -172,20 +183,36 @@ def read_local(task: GlueTask, path: Path, bad_rows: BadRows) -> dict[str, list]
 
 def _user_columns(task: GlueTask, rows: list[tuple[str, dict]], bad_rows: BadRows, split: str) -> dict[str, list]:
     """A user's rows as columns text_a, [text_b,] label (the label's index in the recorded label set)."""
-    names = ["text_a", "text_b"][:len(task.hub_columns)]
+    index = None if task.label_names is None else label_index(task)
+    return _columns(task.hub_columns, index, rows, bad_rows, split)
+
+
+def label_index(task: GlueTask) -> dict:
+    """A classifier's label as rows give it -> its index: the recorded label set's values (the user's data), else
+    the label names and the indices themselves."""
+    if task.dataset is not None:
+        return {label: i for i, label in enumerate(task.dataset["labels"])}
+    return {**{name: i for i, name in enumerate(task.label_names)}, **{i: i for i in range(task.num_labels)}}
+
+
+def _columns(texts: tuple[str, ...], index: dict | None, rows: list[tuple[str, object]], bad_rows: BadRows,
+             split: str) -> dict[str, list]:
+    """Rows holding the columns `texts` and label as columns text_a, [text_b,] label: the label's index in `index`,
+    or a number (None: a regression)."""
+    names = ["text_a", "text_b"][:len(texts)]
     columns: dict[str, list] = {name: [] for name in [*names, "label"]}
-    index = None if task.label_names is None else {label: i for i, label in enumerate(task.dataset["labels"])}
     for at, row in rows:
-        texts = [row.get(c) for c in task.hub_columns]
+        row = row if isinstance(row, dict) else {}  # a line that is no JSON object lacks every column
+        texts_found = [row.get(c) for c in texts]
         label = row.get("label")
-        if not all(isinstance(t, str) and t for t in texts):
-            bad_rows.add(f"{at}: expected text in {list(task.hub_columns)}")
+        if not all(isinstance(t, str) and t for t in texts_found):
+            bad_rows.add(f"{at}: expected text in {list(texts)}")
         elif index is not None and label not in index:
-            bad_rows.add(f"{at}: label {label!r} is not one of train's {list(index)}")
+            bad_rows.add(f"{at}: label {label!r} is not one of the task's {list(index)}")
         elif index is None and not is_number(label):
             bad_rows.add(f"{at}: label {label!r} is not a number (a regression task)")
         else:
-            for name, value in zip(names, texts):
+            for name, value in zip(names, texts_found):
                 columns[name].append(value)
             columns["label"].append(float(label) if index is None else index[label])
     bad_rows.done(split)
@@ -239,3 +266,45 @@ def _label(task: GlueTask, value) -> int | float | None:
         return label if 0 <= label < task.num_labels else None
     except (KeyError, ValueError, TypeError):
         return None
+
+
+def _shift_texts(task: GlueTask) -> tuple[str, ...]:
+    """The text columns of a shift file: the user's format's, or `text` and `text_pair` for a shipped task."""
+    return task.hub_columns if task.dataset is not None else FORMATS["single" if len(task.hub_columns) == 1
+                                                                      else "pair"][:-1]
+
+
+def resolve_shift(entry: dict, trained: Task, where: str) -> dict:
+    """A space's `shift:` entry checked against the trained task: `task`, a shipped GLUE task whose dev set has the
+    trained task's label set, or `files`, a data file with columns text, [text_pair,] label (a label by name or
+    index), named portably with its content hash; a UsageError naming the fix otherwise."""
+    glue = trained.details
+    if glue.num_labels == 1:
+        raise UsageError(f"{where}: {trained.name} is a regression; shift sets are scored for classifiers only")
+    if "task" in entry:
+        other = TASKS.get(entry["task"])
+        if other is None or glue.dataset is not None:
+            raise UsageError(f"{where}.task: {entry['task']!r} is not a shipped GLUE task ({', '.join(TASKS)})"
+                             + ("; a space on your own data names its shift sets by files:" if other else ""))
+        if other.details.label_names != glue.label_names:
+            raise UsageError(f"{where}.task: {other.name}'s labels {list(other.details.label_names or ['(scores)'])} "
+                             f"are not {trained.name}'s {list(glue.label_names)}; a shift set needs the same labels")
+        return dict(entry)
+    if "hash" in entry:  # resolved already (a record's)
+        return dict(entry)
+    path = Path(str(entry["files"])).expanduser()
+    if not path.is_file() or not path.name.endswith(SUFFIXES):
+        raise UsageError(f"{where}.files: {entry['files']} is not a data file ({', '.join(SUFFIXES)}); name one "
+                         "with columns text, [text_pair,] label")
+    _columns(_shift_texts(glue), label_index(glue), list(read_file(path)), BadRows("error"), str(path))
+    return {"name": entry["name"], "files": portable(path), "hash": content_hash(path)}
+
+
+def load_shift(task: GlueTask, entry: dict, source: str, on_bad_row: str = "error") -> Dataset:
+    """A resolved shift entry's rows as columns text_a, [text_b,] label (labels as the trained task's indices)."""
+    if "task" in entry:
+        return load_dev(TASKS[entry["task"]].details, source, on_bad_row)
+    rows = raw_splits({"path": entry["files"], "files": {"test": entry["files"]},
+                       "hashes": {"test": entry["hash"]}})["test"]
+    return Dataset.from_dict(_columns(_shift_texts(task), label_index(task), rows, BadRows(on_bad_row),
+                                      entry["files"]))

@@ -4,8 +4,10 @@ itself), save and load adapters, merge, predict, measure."""
 from __future__ import annotations
 
 import json
+import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -184,17 +186,52 @@ def _unwrap(model: nn.Module, linear_of: Callable[[LlmmLinear], nn.Module]) -> n
     return model
 
 
+@contextmanager
+def adapter_noise(model: nn.Module, seed: int | None = None) -> Iterator[None]:
+    """Inside it every Llmm layer draws its factors in eval mode too, as in training (`LlmmLinear.sample_in_eval`).
+    With `seed`, the draws come from the global generators (CPU and the model's GPU) seeded with it, and their
+    state is restored after: the same samples at every entry, and a training run's random stream undisturbed."""
+    layers = llmm_layers(model).values()
+    parameter = next(model.parameters(), None)
+    gpu = [parameter.device.index or 0] if parameter is not None and parameter.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=gpu, enabled=seed is not None):
+        if seed is not None:
+            torch.random.default_generator.manual_seed(seed)
+            for index in gpu:
+                torch.cuda.default_generators[index].manual_seed(seed)
+        for layer in layers:
+            layer.sample_in_eval = True
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.sample_in_eval = False
+
+
+def mean_over_draws(model: nn.Module, draws: int, forward: Callable[[], Tensor], seed: int | None = None,
+                    log_space: bool = False) -> Tensor:
+    """The mean of `forward()` over `draws` samples of every adapter (`adapter_noise(model, seed)`). With
+    `log_space`, `forward()` returns log-probabilities and the result is the log of the mean of their
+    probabilities (summed by log-sum-exp: no probability underflows): the Monte-Carlo predictive distribution."""
+    if draws < 1:
+        raise ValueError(f"draws must be >= 1, got {draws}")
+    with adapter_noise(model, seed):
+        total = forward()
+        for _ in range(draws - 1):
+            total = torch.logaddexp(total, forward()) if log_space else total + forward()
+    return total - math.log(draws) if log_space else total / draws
+
+
+def draws_needed(model: nn.Module, draws: int) -> int:
+    """`draws`, or 0 where no adapter has moment directions (K = 0: every sample is the mean adapter)."""
+    return draws if any(layer.A_moments.shape[0] for layer in llmm_layers(model).values()) else 0
+
+
 @torch.no_grad()
 def predict_mc(model: nn.Module, draws: int, **inputs) -> Tensor:
-    """Monte-Carlo prediction: the mean of the logits over `draws` samples of every adapter."""
-    layers = llmm_layers(model).values()
-    for layer in layers:
-        layer.sample_in_eval = True
-    try:
-        return torch.stack([model(**inputs).logits for _ in range(draws)]).mean(dim=0)
-    finally:
-        for layer in layers:
-            layer.sample_in_eval = False
+    """Monte-Carlo prediction: the mean of the logits over `draws` samples of every adapter (from the global random
+    stream; `mean_over_draws` with `log_space` averages probabilities instead)."""
+    return mean_over_draws(model, draws, lambda: model(**inputs).logits)
 
 
 def bytes_per_base_parameter(model: nn.Module) -> float:

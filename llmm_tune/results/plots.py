@@ -156,3 +156,39 @@ def asha_rungs(stopping: dict, budget: float) -> list[float]:
         rungs.append(milestone)
         milestone *= stopping["reduction_factor"]
     return rungs
+
+
+def reliability_plot(held_out: dict, split: str, out: Path) -> list[str]:
+    """reliability.png for a classifier's best configuration (its held-out scores carry `reliability` bins): the
+    held-out split's and each shift set's accuracy against confidence per bin, and the bins' counts; [] otherwise."""
+    if "reliability" not in held_out:
+        return []
+    from matplotlib import pyplot
+
+    sets = {split: held_out["reliability"], **{f"{name} (shift)": found["reliability"] for name, found in
+                                               held_out.get("shift", {}).items()}}
+    with pyplot.style.context("default"):
+        figure = reliability_figure(sets)
+        with atomic_path(out / "reliability.png") as tmp:
+            figure.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+        pyplot.close(figure)
+    return ["reliability.png"]
+
+
+def reliability_figure(sets: dict[str, dict]) -> Figure:
+    """Top: each set's accuracy against its mean confidence per bin (a calibrated model lies on the diagonal);
+    bottom: the predictions per bin (llmm_tune.train.calibration's equal-width bins)."""
+    from matplotlib import pyplot
+
+    figure, (top, bottom) = pyplot.subplots(2, 1, figsize=(6.4, 6), sharex=True, height_ratios=(2, 1))
+    top.plot([0, 1], [0, 1], color="grey", linestyle=":", label="calibrated")
+    width = 1 / len(next(iter(sets.values()))["upper"]) / len(sets)
+    for i, (name, bins) in enumerate(sets.items()):
+        filled = [(c, a) for c, a in zip(bins["confidence"], bins["accuracy"]) if c is not None]
+        top.plot([c for c, _ in filled], [a for _, a in filled], marker="o", label=name)
+        edges = [upper - 1 / len(bins["upper"]) + i * width for upper in bins["upper"]]
+        bottom.bar(edges, bins["count"], width=width, align="edge", label=name)
+    top.set(ylabel="accuracy", xlim=(0, 1), ylim=(0, 1), title="Reliability (top-label confidence, 15 bins)")
+    top.legend(fontsize="small")
+    bottom.set(xlabel="confidence", ylabel="predictions")
+    return figure

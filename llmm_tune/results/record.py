@@ -30,7 +30,7 @@ class ExportRecord:
     config: dict  # the trial's settings
     validation: dict  # metric, mode, value and how the split was carved
     held_out: dict  # split and scores
-    data: dict  # source, validation_seed and the user's resolved dataset block, if any
+    data: dict  # source, validation_seed, the user's resolved dataset block and the shift sets, if any
     seed: int
     trust_remote_code: bool
     git_commit: str
@@ -45,6 +45,7 @@ class ExportRecord:
         config = trial_config(trial, meta)
         split = load_family(meta.family).HELD_OUT
         dataset = TrialContext.dataset_in(meta.space_yaml)  # the user's data, files named portably with hashes
+        shift = TrialContext.dataset_in(meta.space_yaml, "shift")  # extra held-out sets the export scored
         layout = meta.resources or {}
         threads = None if layout.get("gpus_per_trial", 0) else max(1, int(layout.get("cpus_per_trial") or 1))
         return cls(
@@ -54,7 +55,8 @@ class ExportRecord:
                         "split": f"{config['validation_size']} of train, seed {meta.seed}, nothing of {split}"},
             held_out={"split": split, "scores": held_out},
             data={"source": meta.data, "validation_seed": meta.seed,
-                  **({} if dataset is None else {"dataset": json.loads(dataset)})},
+                  **({} if dataset is None else {"dataset": json.loads(dataset)}),
+                  **({} if shift is None else {"shift": json.loads(shift)})},
             seed=config["seed"], trust_remote_code=meta.trust_remote_code, git_commit=meta.git_commit,
             versions=meta.versions, search_command=meta.command, threads=threads,
             reproduce=f"python -m llmm_tune.reproduce {relative_to_cwd(path)} --seeds {config['seed']}")
@@ -87,9 +89,10 @@ class ExportRecord:
     def context(self, trust_remote_code: bool | None = None) -> TrialContext:
         """The context the trial ran in (`trust_remote_code`: as given here, else the record's)."""
         trust = self.trust_remote_code if trust_remote_code is None else trust_remote_code
-        dataset = self.data.get("dataset")
+        dataset, shift = self.data.get("dataset"), self.data.get("shift")
         return TrialContext.of(self.family, self.task, self.validation["metric"], trust,
-                               dataset=None if dataset is None else json.dumps(dataset, sort_keys=True))
+                               dataset=None if dataset is None else json.dumps(dataset, sort_keys=True),
+                               shift=None if shift is None else json.dumps(shift, sort_keys=True))
 
     def prepare_data(self, context: TrialContext, data_dir: str | None) -> tuple[object, str]:
         """(the trial's train and validation data, its source) found on this machine, as the search split them."""

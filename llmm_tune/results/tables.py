@@ -13,7 +13,7 @@ import pandas as pd
 from llmm_tune.errors import UsageError
 from llmm_tune.files import atomic_path, write_text
 from llmm_tune.results.collect import VERSION_KEYS, Collected, collect, plain, score_held_out, trial_config
-from llmm_tune.results.plots import plots
+from llmm_tune.results.plots import plots, reliability_plot
 from llmm_tune.results.record import ExportRecord
 from llmm_tune.train.progress import Progress
 from llmm_tune.tune import storage
@@ -57,7 +57,8 @@ def export(experiments: list[str], results: Path) -> Path:
     chosen = table_rows(experiments, collected)
     shown, records = write_records(chosen, out)
     write_tables(shown, records, chosen[0], out, "".join(budget_text(found) for found in collected))
-    written = plots(trials, collected[0], out)
+    split = load_family(chosen[0].meta.family).HELD_OUT
+    written = plots(trials, collected[0], out) + reliability_plot(chosen[0].held_out, split, out)
     print(f"exported {len(trials)} trials of {len(experiments)} experiment(s) to {out}: trials.csv, table.md, "
           f"table.tex, best.yaml, configs/, {', '.join(written)}")
     print(shown.drop(columns=["reproduce", "commit"]).to_string(index=False))
@@ -129,9 +130,8 @@ def write_tables(shown: pd.DataFrame, records: list[ExportRecord], first: Chosen
     best, meta, held_out = first
     family = load_family(meta.family)
     task, split = meta.task, family.HELD_OUT
-    details = getattr(family, "held_out_details", None)
-    best_details = f"\n\n## The best configuration ({best['trial']}) on {split}\n\n{details(held_out)}" \
-        if details else ""
+    details = getattr(family, "held_out_details", lambda scores: "")(held_out)  # "": nothing to add
+    best_details = f"\n\n## The best configuration ({best['trial']}) on {split}\n\n{details}" if details else ""
     write_text(out / "table.md", f"# {task}: best configuration per method, quantiser and rank\n\n"
                f"Selected on validation ({validation_key(meta.metric)}, {records[0].direction.word} is better, carved "
                f"from train); {split} scored once, here.\n\n" + shown.to_markdown(index=False) + best_details

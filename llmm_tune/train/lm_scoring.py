@@ -13,6 +13,8 @@ from torch import Tensor, nn
 from transformers import BatchEncoding, DynamicCache, PreTrainedTokenizerBase
 
 from llmm_tune.errors import UsageError
+from llmm_tune.method.model import draws_needed, mean_over_draws
+from llmm_tune.train.calibration import ReliabilityBins
 from llmm_tune.train.progress import Progress
 
 IGNORE = -100  # label of a position that carries no loss
@@ -101,16 +103,37 @@ def response_loss(model: nn.Module, batch: BatchEncoding) -> Tensor:
     return F.cross_entropy(logits, targets)
 
 
+def target_log_probs(model: nn.Module, batch: BatchEncoding, draws: int = 0, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """(log-probabilities of the vocabulary, token ids) at every target token of a padded batch: the mean adapter's
+    (`draws` 0), else the log of the mean of `draws` adapter samples' probabilities, drawn seeded with `seed`."""
+    if not draws:
+        logits, targets = target_logits(model, batch)
+        return logits.log_softmax(dim=-1), targets
+    found = {}
+
+    def forward() -> Tensor:
+        logits, found["targets"] = target_logits(model, batch)
+        return logits.log_softmax(dim=-1)
+
+    return mean_over_draws(model, draws, forward, seed, log_space=True), found["targets"]
+
+
 @torch.inference_mode()
-def target_logprobs(model: nn.Module, features: Sequence[dict], pad_id: int, device: str,
-                    max_tokens: int = 4096) -> list[tuple[float, int]]:
-    """(sum of log p(target token), number of target tokens) per example, teacher-forced, in eval mode."""
+def target_logprobs(model: nn.Module, features: Sequence[dict], pad_id: int, device: str, max_tokens: int = 4096,
+                    draws: int = 0, seed: int = 0, bins: ReliabilityBins | None = None) -> list[tuple[float, int]]:
+    """(sum of log p(target token), number of target tokens) per example, teacher-forced, in eval mode, with the
+    mean adapter or the predictive of `draws` adapter samples (`target_log_probs`); with `bins`, each target
+    token's top-1 probability and whether it is the target go into them in the same pass (token-level ECE)."""
     model.eval()
+    draws = draws_needed(model, draws)
     results: list[tuple[float, int]] = [(0.0, 0)] * len(features)
     for indices in token_batches([len(f["input_ids"]) for f in features], max_tokens):
         batch = pad([features[i] for i in indices], pad_id).to(device)
-        logits, targets = target_logits(model, batch)
-        picked = logits.log_softmax(dim=-1).gather(1, targets[:, None])[:, 0]
+        log_probs, targets = target_log_probs(model, batch, draws, seed)
+        picked = log_probs.gather(1, targets[:, None])[:, 0]
+        if bins is not None:
+            top, guess = log_probs.max(dim=-1)
+            bins.add(top.double().exp().cpu().numpy(), (guess == targets).cpu().numpy())
         rows = (batch["labels"][:, 1:] != IGNORE).nonzero()[:, 0]
         sums = torch.zeros(len(indices), dtype=torch.float64, device=picked.device).index_add_(0, rows, picked.double())
         counts = (batch["labels"][:, 1:] != IGNORE).sum(dim=1)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from llmm_tune.errors import UsageError
+from llmm_tune.errors import Interrupted, UsageError
 from llmm_tune.train.pretrained import CACHE_DIR
 from llmm_tune.tune.cluster import MAX_TRIALS_PER_GPU, LayoutRequest, machine, plan_layout, trials_per_gpu
 from llmm_tune.tune.probe import ACTOR_START_S, RAY_START_S, Prediction, predict, probe, trial_config
@@ -254,3 +254,41 @@ def probed_figures(spec: SearchSpec, source: str, threads: int) -> dict:
     cached.write_text(json.dumps(figures, indent=2))
     return figures
 
+
+def profile_budget(profile: str, spec: SearchSpec) -> str | None:
+    """The gpu profile's budget when none is given (for the families a budget sizes)."""
+    if profile != "gpu" or not sizable(spec):
+        return None
+    print(f"budget: {GPU_PROFILE_BUDGET} (the gpu profile's; set it with --budget)")
+    return GPU_PROFILE_BUDGET
+
+
+def paper_cost(spec: SearchSpec, request: LayoutRequest, source: str) -> str:
+    """The published recipe's predicted hours and GPU-hours here, from a probe of one trial (cached as --budget's)."""
+    if not sizable(spec):
+        return f"paper: {spec.num_samples} trials of the published recipe (plan cannot time family {spec.family})"
+    layout = plan_layout(request, machine(), "this machine")
+    figures = probed_figures(spec, source, max(1, int(layout.cpus)))
+    predicted = predict(figures, spec, trial_config(spec), figures["train_examples"],
+                        min(layout.concurrent, spec.num_samples), layout.workers, spec.stops_early())
+    hours = predicted.wall_s / 3600
+    return (f"paper: {spec.num_samples} trials of the published recipe, about {hours:.1f} h here "
+            f"({hours * machine()['GPU']:.1f} GPU-hours) predicted; --profile gpu --budget 1h sizes one to an hour")
+
+
+def packed_request(request: LayoutRequest, budget: dict) -> LayoutRequest:
+    """The command line's trial shape, with the GPU fraction a budget (a record's) packed by the probe's memory."""
+    packed = budget.get("gpus_per_trial")
+    return dataclasses.replace(request, gpus_per_trial=packed) if packed else request
+
+
+def budget_outcome(stopped: dict, ended: int, trials: int, resume: str) -> str:
+    """What a search stopped at its budget did; an error when no trial reported by then (nothing to export)."""
+    minutes = stopped["after_s"] / 60
+    if not stopped.get("reported", 1):
+        raise Interrupted(f"budget reached {minutes:.1f} min into the trials before any trial reported an evaluation: "
+                          "nothing to export (the trials ran slower than the probe predicted); run again with a "
+                          f"longer --budget, or give this search another budget's time with: {resume}", code=1)
+    cut = len(stopped["cut"])
+    return (f"budget reached {minutes:.1f} min into the trials: {ended - cut} trial(s) ended, {cut} cut at their "
+            f"latest evaluation, {trials - ended} never started")

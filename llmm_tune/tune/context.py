@@ -31,16 +31,17 @@ class TrialContext:
     trust_remote_code: bool = False
     loftq_cache: str | None = None  # a folder or URI every trial of the search shares; None: memory only
     dataset: str | None = None  # the space's resolved `dataset:` block as JSON (the user's data), else None
+    shift: str | None = None  # the space's resolved `shift:` entries as JSON (extra held-out sets), else None
 
     @classmethod
     def of(cls, family: str, task: str, metric: str | None = None, trust_remote_code: bool = False,
-           loftq_cache: str | None = None, dataset: str | None = None) -> TrialContext:
+           loftq_cache: str | None = None, dataset: str | None = None, shift: str | None = None) -> TrialContext:
         """The context of `task` of `family` selecting on `metric` (default: the task's); the direction and which
         report stands are the task's."""
         definition = task_definition(family, task, dataset)
         metric = metric or definition.metric
         return cls(family, task, metric, definition.metrics[metric], definition.selects, trust_remote_code,
-                   loftq_cache, dataset)
+                   loftq_cache, dataset, shift)
 
     @property
     def recipe(self) -> ModuleType:
@@ -65,9 +66,10 @@ class TrialContext:
         return validation_key(self.metric)
 
     @staticmethod
-    def dataset_in(space_yaml: str) -> str | None:
-        """The resolved `dataset:` block of a search space's YAML, as the context carries it."""
-        block = (yaml.safe_load(space_yaml) or {}).get("dataset")
+    def dataset_in(space_yaml: str, key: str = "dataset") -> str | None:
+        """The resolved `dataset:` block (or `shift:` entries, `key`) of a search space's YAML, as the context
+        carries it."""
+        block = (yaml.safe_load(space_yaml) or {}).get(key)
         return None if block is None else json.dumps(block, sort_keys=True)
 
     def checkpoint_ranking(self) -> dict:

@@ -128,8 +128,9 @@ class ExperimentRecord:
         """The context of this experiment's trials, its LoftQ initialisations kept in `experiment` (None: in memory
         only, as a retraining elsewhere keeps them)."""
         cache = None if experiment is None else storage.join(str(experiment), LOFTQ_CACHE)
+        space = self.space_yaml
         return TrialContext.of(self.family, self.task, self.metric, self.trust_remote_code, cache,
-                               TrialContext.dataset_in(self.space_yaml))
+                               TrialContext.dataset_in(space), TrialContext.dataset_in(space, "shift"))
 
     @property
     def direction(self) -> Direction:

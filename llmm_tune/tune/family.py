@@ -55,7 +55,11 @@ class Family(Protocol):
     `resolve_dataset(block, where) -> dict` and `dataset_task(name, block) -> Task`, in a family that takes the
     user's data from a space's `dataset:` block (`llmm_tune.train.dataset`): the block checked against its data
     and completed, once, where the search starts; the task it defines, a pure function of the resolved block.
-    `held_out_details(scores) -> str`: Markdown for what `score` returns beside numbers (the export adds it).
+    `held_out_details(scores) -> str`: Markdown for what `score` returns beside numbers (the export adds it; ""
+    adds nothing).
+    `resolve_shift(entry, task, where) -> dict`: a space's `shift:` entry (`{name, task}` or `{name, files}`, an
+    extra held-out set scored at export) checked against the trained `Task` and resolved; `score` finds the
+    resolved entries as JSON in `context.shift`. A family without it takes no `shift:`.
     `GPU_MODEL`: the model of `--profile gpu` where a space gives no gpu profile (the paper profile's settings with
     this model, one that needs no gated login).
     """

@@ -27,7 +27,8 @@ PROFILES = ("paper", "gpu", "cpu")
 METHOD_CHOICES = tuple(BASELINES)  # --method
 SAMPLERS = ("loguniform", "uniform", "int", "choice")
 TOP_KEYS = {"extends", "family", "task", "metric", "space", "fixed", "early_stopping", "profiles", "warm_start",
-            "dataset"}
+            "dataset", "shift"}
+SHIFT_KEYS = {"name", "task", "files", "hash"}  # a shift entry's (hash: written when its file is resolved)
 PROFILE_KEYS = {"space", "fixed", "num_samples", "warm_start", "metric", "early_stopping"}  # a profile's replaces
 # the top-level one (space and fixed: key by key)
 EARLY_STOPPING = {"metric": None, "mode": None, "grace_period": 1, "reduction_factor": 2}  # None: the selection's
@@ -51,6 +52,7 @@ class SearchSpec:
     adjustments: list[str]  # how warm-start points were moved into this space
     dataset: str | None = None  # the resolved `dataset:` block as JSON (TrialContext.dataset), else None
     early_stopping_on: bool | None = None  # whether ASHA runs: as the command line asked, None: by the trial count
+    shift: str | None = None  # the resolved `shift:` entries as JSON (TrialContext.shift), else None
 
     def stops_early(self, trials: int | None = None) -> bool:
         """Whether ASHA stops this search's trials (of `trials`, else its own count)."""
@@ -67,7 +69,7 @@ class SearchSpec:
 
     def context(self) -> TrialContext:
         """The trials' context, as far as the space decides it (no LoftQ cache, no remote code)."""
-        return TrialContext.of(self.family, self.task, self.metric, dataset=self.dataset)
+        return TrialContext.of(self.family, self.task, self.metric, dataset=self.dataset, shift=self.shift)
 
 
 def space_path(task_or_path: str) -> Path:
@@ -187,6 +189,9 @@ def load_spec(task_or_path: str, profile: str, method: str, num_samples: int | N
     else:
         _fail(path, "task", f"{raw.get('task')!r} is not a task of family {raw['family']}; choose one of "
                             f"{', '.join(recipe.TASKS)}, the family that has it, or give a dataset: block")
+    if "shift" in raw:
+        raw["shift"] = _shift(path, raw["shift"], recipe, task)
+        text = yaml.safe_dump(raw, sort_keys=False)
     profiles = _mapping(path, "profiles", raw.get("profiles"), set(PROFILES))
     if profile == "gpu" and "gpu" not in profiles and "paper" in profiles:
         profiles["gpu"] = gpu_profile(_mapping(path, "profiles.paper", profiles["paper"], PROFILE_KEYS), recipe)
@@ -205,8 +210,9 @@ def load_spec(task_or_path: str, profile: str, method: str, num_samples: int | N
         _fail(path, f"profiles.{profile}.num_samples", f"must be an integer >= 1, got {samples!r}")
     warm, adjustments = _warm_start(path, recipe.SETTINGS, chosen.get("warm_start", raw.get("warm_start")), space)
     dataset = json.dumps(raw["dataset"], sort_keys=True) if "dataset" in raw else None
+    shift = json.dumps(raw["shift"], sort_keys=True) if "shift" in raw else None
     return SearchSpec(path, text, raw["family"], task.name, metric, task.metrics[metric], space, fixed, stopping,
-                      samples, warm, adjustments, dataset)
+                      samples, warm, adjustments, dataset, shift=shift)
 
 
 def gpu_profile(paper: dict, recipe: ModuleType) -> dict:
@@ -214,6 +220,26 @@ def gpu_profile(paper: dict, recipe: ModuleType) -> dict:
     that needs no gated login (`GPU_MODEL`), for `--budget` to size (trials, epochs, rows, trials per GPU)."""
     model = getattr(recipe, "GPU_MODEL", None)
     return {**paper, "fixed": {**(paper.get("fixed") or {}), **({"model": model} if model else {})}}
+
+
+def _shift(path: Path, entries, recipe: ModuleType, task: Task) -> list[dict]:
+    """The space's extra held-out sets (`shift:`), each {name, task} or {name, files}, names unique; the family
+    checks each against the trained task (same label set) and resolves it (`resolve_shift`)."""
+    if not isinstance(entries, list) or not entries:
+        _fail(path, "shift", "must be a list of {name: NAME, task: TASK} or {name: NAME, files: FILE}")
+    if not hasattr(recipe, "resolve_shift"):
+        _fail(path, "shift", f"the family of {task.name} scores no shift sets; drop shift: (glue classifiers take it)")
+    resolved = []
+    for i, entry in enumerate(entries):
+        at = f"shift[{i}]"
+        entry = _mapping(path, at, entry, SHIFT_KEYS)
+        name = entry.get("name")
+        if not (isinstance(name, str) and name.isidentifier()) or name in [e["name"] for e in resolved]:
+            _fail(path, f"{at}.name", f"needs a name of its own, one word (letters, digits, _), got {name!r}")
+        if ("task" in entry) == ("files" in entry):
+            _fail(path, at, "needs exactly one of task: (a task of the family) or files: (a data file)")
+        resolved.append(recipe.resolve_shift(entry, task, f"{path}: {at}"))
+    return resolved
 
 
 def _resolved_dataset(path: Path, raw: dict, recipe: ModuleType, options: dict) -> dict:
