@@ -75,6 +75,11 @@ def search_parser(description: str | None = None) -> argparse.ArgumentParser:
                              "found best; docs/search.md)")
     parser.add_argument("--no-early-stopping", action="store_true",
                         help="run every trial to its end (no ASHA; a given --sampler keeps ASHA unless this is set)")
+    parser.add_argument("--objectives", metavar="METRIC:MODE,...",
+                        help="optimise several reported validation metrics at once, e.g. mcc:max,ece:min: the first "
+                             "(a metric of the task, in its direction) selects trials in place of the space's metric "
+                             "and is the one ASHA stops on; the export adds the Pareto front (default: the space's "
+                             "metric alone)")
     parser.add_argument("--name", help="experiment name (default: <task>-<method>-<profile>, numbered if taken)")
     parser.add_argument("--resume", action="store_true", help="continue the experiment --name")
     parser.add_argument("--seed", type=int, help="seed of the searcher and of every trial (default: the space's)")
@@ -183,6 +188,12 @@ def parse_search_args(argv: list[str], description: str | None = None) -> argpar
                          "--storage")
     check_counts(args)
     check_budget(args)
+    if args.objectives is not None:
+        if args.resume:
+            raise UsageError("a resumed search keeps the objectives it was started with; drop --objectives")
+        from llmm_tune.tune.objectives import parse_objectives
+
+        parse_objectives(args.objectives)  # the form here; the metrics against the task once the space is read
     return args
 
 

@@ -3,7 +3,8 @@
 Runs the trial's recipe without Tune for each seed (same validation split as the search), scores
 the best-validation checkpoint once on the held-out split, and reports mean and standard deviation.
 The data is found as the record names it (relative to the project, `$LLMM_DATA_DIR`, or the hub),
-or where --data-dir / LLMM_DATA_DIR point.
+or where --data-dir / LLMM_DATA_DIR point. `--trial ID` trains a trial of a multi-objective search's Pareto
+front instead (pareto.md lists them; the export keeps each one's record as configs/trial-ID.yaml).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from llmm_tune.cli import command_parser
 from llmm_tune.cli import main as run_command
 from llmm_tune.errors import UsageError
 from llmm_tune.files import write_text
-from llmm_tune.results.record import ExportRecord, relative_to_cwd
+from llmm_tune.results.record import ExportRecord, relative_to_cwd, trial_record
 from llmm_tune.train.data import portable_source
 from llmm_tune.tune.experiment import command_line, git_commit, package_versions
 from llmm_tune.tune.runner import train_and_score
@@ -92,12 +93,16 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "which match it exactly; else torch's)")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="needed when the search used it: the model's repository runs its own code")
+    parser.add_argument("--trial", metavar="ID",
+                        help="train this trial of the record's search instead: a trial on the Pareto front of a search "
+                             "with --objectives (pareto.md), whose record the export wrote to configs/trial-ID.yaml")
     return parser
 
 
 def run(argv: list[str]) -> dict:
     args = build_parser().parse_args(argv)
-    return reproduce(args.config, args.seeds, args.data_dir, args.threads, args.trust_remote_code)
+    config = args.config if args.trial is None else trial_record(args.config, args.trial)
+    return reproduce(config, args.seeds, args.data_dir, args.threads, args.trust_remote_code)
 
 
 def main() -> None:

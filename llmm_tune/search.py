@@ -55,6 +55,7 @@ from llmm_tune.tune.experiment import (
     read_record,
 )
 from llmm_tune.tune.launch import build_tuner, run_trials, search_log
+from llmm_tune.tune.objectives import as_record, objectives_text, selecting
 from llmm_tune.tune.spaces import SearchSpec, load_spec, space_name
 from llmm_tune.tune.strategy import default_strategy, strategy_text
 from llmm_tune.tune.termination import interrupted_code, stop_on_sigterm
@@ -86,6 +87,7 @@ def new_experiment(args: argparse.Namespace, argv: list[str], storage_dir: str) 
     overrides = space_overrides(options)
     spec = load_spec(args.task, profile, args.method, args.num_samples, dataset=dataset_options(options),
                      overrides=overrides)
+    spec, objectives = selecting(spec, args.objectives, profile, args.method, overrides)  # the first selects
     spec = dataclasses.replace(spec, early_stopping_on=False if args.no_early_stopping else
                                None if args.sampler == "auto" else True)
     if spec.fixed.get("fsdp") and "fsdp" not in spec.recipe.SETTINGS:
@@ -109,7 +111,8 @@ def new_experiment(args: argparse.Namespace, argv: list[str], storage_dir: str) 
         print(paper_cost(spec, layout_request(args), data_source(spec, args)))
     sampler = default_strategy(spec.num_samples)[0] if args.sampler == "auto" else args.sampler
     print(f"searcher: {strategy_text(sampler, spec.stops_early())} after the space's warm starts"
-          + (f" (the default at {spec.num_samples} trials; --sampler sets it)" if args.sampler == "auto" else ""))
+          + (f" (the default at {spec.num_samples} trials; --sampler sets it)" if args.sampler == "auto" else "")
+          + (f"\n{objectives_text(objectives, spec.stops_early())}" if objectives else ""))
     record = ExperimentRecord(
         name=name, family=spec.family, task=spec.task, space=space_name(spec.path), space_yaml=spec.text,
         profile=profile, method=args.method, metric=spec.metric, mode=spec.mode, seed=spec.fixed["seed"],
@@ -117,7 +120,8 @@ def new_experiment(args: argparse.Namespace, argv: list[str], storage_dir: str) 
         command=command_line("llmm_tune.search", [*argv, *([] if args.name else ["--name", name])]),
         git_commit=git_commit(), versions=package_versions(), started=time.strftime("%Y-%m-%d %H:%M:%S"),
         trust_remote_code=args.trust_remote_code, sampler=sampler, early_stopping=spec.stops_early(),
-        warm_starts=warm_starts, budget=dataclasses.asdict(sizing) if sizing else {})
+        warm_starts=warm_starts, budget=dataclasses.asdict(sizing) if sizing else {},
+        objectives=as_record(objectives))
     return spec, storage.join(storage_dir, name), record
 
 

@@ -16,6 +16,7 @@ from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
 from llmm_tune.errors import UsageError
 from llmm_tune.settings import is_number
+from llmm_tune.train.calibration import SCORES as CALIBRATION
 from llmm_tune.train.data import BadRows
 from llmm_tune.train.dataset import SUFFIXES, content_hash, load_rows, portable, raw_splits, read_file
 from llmm_tune.tune.family import Task
@@ -67,8 +68,9 @@ class GlueTask:
 
 
 def _task(glue: GlueTask, *metrics: str) -> Task:
-    """Every GLUE metric is better higher; the validation loss lower."""
-    return Task(glue.name, {**{m: "max" for m in metrics}, "loss": "min"}, metrics[0], glue)
+    """Every GLUE metric is better higher; the validation loss lower; a classifier also reports its calibration."""
+    return Task(glue.name, {**{m: "max" for m in metrics}, "loss": "min"}, metrics[0], glue,
+                reported=dict(CALIBRATION) if glue.num_labels > 1 else {})
 
 
 # A user's classification data: one text or a pair, and a label (integers, strings, or real numbers: regression).

@@ -14,7 +14,7 @@ import pyarrow.fs as pafs
 from llmm_tune.errors import UsageError
 from llmm_tune.train.data import locate_source
 from llmm_tune.tune import storage
-from llmm_tune.tune.context import TrialContext
+from llmm_tune.tune.context import TrialContext, validation_key
 from llmm_tune.tune.experiment import ExperimentRecord, read_budget_stop, read_record
 from llmm_tune.tune.family import load_family
 from llmm_tune.tune.spaces import SearchSpec
@@ -73,6 +73,9 @@ def trial_row(trial, meta: ExperimentRecord, spec: SearchSpec, context: TrialCon
             # the best of every report (a trial that failed after it reported keeps its score), or the
             # last for a task sequence
             context.value_key: trial.metric_analysis.get(context.value_key, {}).get(kept),
+            # each other objective (--objectives) at the report that stands, as the searcher was last told it
+            **{key: trial.metric_analysis.get(f"best_{key}", {}).get("last")
+               for key in map(validation_key, context.objectives)},
             "failure": last.get("failure"), "seconds": last.get("time_total_s"),
             # ended by ASHA before the end of its budget (as the console says it)
             "stopped_early": trial.status == "TERMINATED" and last.get("failure") is None

@@ -51,9 +51,7 @@ def plots(trials: pd.DataFrame, found: Collected, out: Path) -> list[str]:
                 except (ValueError, RuntimeError) as error:  # e.g. importances need 2+ varied trials
                     print(f"skipped {name}: {error}")
                     continue
-                with atomic_path(out / name) as tmp:
-                    figure.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-            pyplot.close(figure)
+                save_figure(figure, out / name)
             written.append(name + (caution if name == "importance.png" else ""))
     return written
 
@@ -168,11 +166,17 @@ def reliability_plot(held_out: dict, split: str, out: Path) -> list[str]:
     sets = {split: held_out["reliability"], **{f"{name} (shift)": found["reliability"] for name, found in
                                                held_out.get("shift", {}).items()}}
     with pyplot.style.context("default"):
-        figure = reliability_figure(sets)
-        with atomic_path(out / "reliability.png") as tmp:
-            figure.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-        pyplot.close(figure)
+        save_figure(reliability_figure(sets), out / "reliability.png")
     return ["reliability.png"]
+
+
+def save_figure(figure: Figure, path: Path) -> None:
+    """`figure` as a PNG at `path`, written crash-safe, then closed."""
+    from matplotlib import pyplot
+
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    pyplot.close(figure)
 
 
 def reliability_figure(sets: dict[str, dict]) -> Figure:

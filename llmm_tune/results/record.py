@@ -102,6 +102,19 @@ class ExportRecord:
         return context.recipe.prepare(config, context, source), source
 
 
+TRIAL_RECORD = "configs/trial-{}.yaml"  # beside best.yaml: the record of a trial of a multi-objective search's front
+
+
+def trial_record(path: Path, trial: str) -> Path:
+    """The record the export wrote of `trial` (a trial of pareto.md's front) beside the export record `path`."""
+    folder = path.parent.parent if path.parent.name == "configs" else path.parent
+    found = folder / TRIAL_RECORD.format(trial)
+    if not found.is_file():
+        raise UsageError(f"--trial {trial}: no {found}; the export writes a record of each trial on a multi-objective "
+                         f"search's Pareto front: pass a trial that {folder / 'pareto.md'} marks as on the front")
+    return found
+
+
 def relative_to_cwd(path: Path) -> Path:
     """`path` relative to the working directory when it lies below it, as a user would type it."""
     try:

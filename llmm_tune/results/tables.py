@@ -1,7 +1,8 @@
 """Searches exported as reproducible tables under `results/<task>/`: every trial (trials.csv); per (method,
 quantiser, rank) the trial best on validation, scored once on the held-out split by its family (table.md,
-table.tex, configs/<row>.yaml); the best of those (best.yaml); the first experiment's plots. Several experiments
-of one task (say --method llmm and --method loftq) share one table."""
+table.tex, configs/<row>.yaml); the best of those (best.yaml); the first experiment's plots; for a search with
+several objectives, its Pareto front (pareto.md, pareto.png) and best.yaml by the pick rule (results/pareto.py).
+Several experiments of one task (say --method llmm and --method loftq) share one table."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pandas as pd
 from llmm_tune.errors import UsageError
 from llmm_tune.files import atomic_path, write_text
 from llmm_tune.results.collect import VERSION_KEYS, Collected, collect, plain, score_held_out, trial_config
+from llmm_tune.results.pareto import export_pareto
 from llmm_tune.results.plots import plots, reliability_plot
 from llmm_tune.results.record import ExportRecord
 from llmm_tune.train.progress import Progress
@@ -22,6 +24,7 @@ from llmm_tune.tune.experiment import ExperimentRecord
 from llmm_tune.tune.family import load_family
 
 TABLE_KEYS = ("method", "quant_method", "bits", "rank", "task", "lr", "scale", "K")
+CONSOLE_LEAVES_OUT = (" brier", " nll", " temperature", "_ts")  # held-out columns the console does not print
 
 
 class Provenance(NamedTuple):
@@ -40,6 +43,7 @@ class Chosen(NamedTuple):
     held_out: dict
 
 
+
 def export(experiments: list[str], results: Path) -> Path:
     """Write `results/<task>/` for `experiments` (finished or running); returns that folder."""
     from llmm_tune.tune.console import quiet_logs
@@ -47,9 +51,11 @@ def export(experiments: list[str], results: Path) -> Path:
     quiet_logs()
     experiments = [storage.resolve(e) for e in experiments]
     collected = [collect(e) for e in experiments]
-    tasks = {(found.meta.family, found.meta.task, found.meta.metric) for found in collected}
+    tasks = {(found.meta.family, found.meta.task, found.meta.metric, str(found.meta.objectives))
+             for found in collected}
     if len(tasks) != 1:
-        raise UsageError(f"experiments mix tasks or selection metrics {sorted(tasks)}; export one at a time")
+        raise UsageError(f"experiments mix tasks, selection metrics or objectives {sorted(tasks)}; export one at a "
+                         "time")
     out = results / collected[0].meta.task
     trials = pd.concat([found.trials for found in collected], ignore_index=True)
     with atomic_path(out / "trials.csv") as tmp:
@@ -59,9 +65,13 @@ def export(experiments: list[str], results: Path) -> Path:
     write_tables(shown, records, chosen[0], out, "".join(budget_text(found) for found in collected))
     split = load_family(chosen[0].meta.family).HELD_OUT
     written = plots(trials, collected[0], out) + reliability_plot(chosen[0].held_out, split, out)
+    front = export_pareto(trials, collected, experiments,
+                          {(row.meta.name, row.trial["trial"]): row.held_out for row in chosen}, out)
     print(f"exported {len(trials)} trials of {len(experiments)} experiment(s) to {out}: trials.csv, table.md, "
-          f"table.tex, best.yaml, configs/, {', '.join(written)}")
-    print(shown.drop(columns=["reproduce", "commit"]).to_string(index=False))
+          f"table.tex, best.yaml, configs/, {', '.join(written)}{front}")
+    # the console's table stays readable: table.md has the brier, nll and temperature-scaled columns too
+    print(shown.drop(columns=["reproduce", "commit", *(c for c in shown if c.endswith(CONSOLE_LEAVES_OUT))])
+          .to_string(index=False))
     return out
 
 

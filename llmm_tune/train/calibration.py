@@ -21,6 +21,7 @@ from scipy.special import log_softmax
 from llmm_tune.settings import Setting, non_negative_int
 
 BINS = 15
+SCORES = {"ece": "min", "brier": "min", "nll": "min"}  # what `calibration` returns, each better lower
 TEMPERATURES = (0.05, 20.0)  # the bounds of the search over log T
 EVAL_SETTINGS: dict[str, Setting] = {
     "draws": Setting(non_negative_int, "an integer >= 0 (adapter samples whose probabilities evaluation averages; "

@@ -32,16 +32,19 @@ class TrialContext:
     loftq_cache: str | None = None  # a folder or URI every trial of the search shares; None: memory only
     dataset: str | None = None  # the space's resolved `dataset:` block as JSON (the user's data), else None
     shift: str | None = None  # the space's resolved `shift:` entries as JSON (extra held-out sets), else None
+    objectives: tuple[str, ...] = ()  # the search's other objectives (--objectives), whose values at the report
+    # that stands go out beside the selection metric's (`best_val_<metric>`)
 
     @classmethod
     def of(cls, family: str, task: str, metric: str | None = None, trust_remote_code: bool = False,
-           loftq_cache: str | None = None, dataset: str | None = None, shift: str | None = None) -> TrialContext:
+           loftq_cache: str | None = None, dataset: str | None = None, shift: str | None = None,
+           objectives: tuple[str, ...] = ()) -> TrialContext:
         """The context of `task` of `family` selecting on `metric` (default: the task's); the direction and which
         report stands are the task's."""
         definition = task_definition(family, task, dataset)
         metric = metric or definition.metric
         return cls(family, task, metric, definition.metrics[metric], definition.selects, trust_remote_code,
-                   loftq_cache, dataset, shift)
+                   loftq_cache, dataset, shift, objectives)
 
     @property
     def recipe(self) -> ModuleType:

@@ -15,6 +15,7 @@ from llmm_tune.project import CHECKOUT
 from llmm_tune.tune import storage
 from llmm_tune.tune.context import TrialContext
 from llmm_tune.tune.direction import Direction
+from llmm_tune.tune.objectives import Objective
 from llmm_tune.tune.spaces import SearchSpec, load_spec
 
 METADATA_FILE = "llmm_experiment.json"
@@ -97,6 +98,8 @@ class ExperimentRecord:
     trackers: dict = field(default_factory=dict)  # per tracker, the search's own run (llmm_tune.tune.trackers)
     warm_starts: list = field(default_factory=list)  # each enqueued point and its origin (llmm_tune.tune.transfer)
     budget: dict = field(default_factory=dict)  # --budget's sizing (llmm_tune.tune.budget.Sizing), else empty
+    objectives: list = field(default_factory=list)  # --objectives' [{metric, mode}, ...], the first `metric`; else
+    # empty (one objective, `metric`)
 
     @classmethod
     def from_dict(cls, values: dict) -> ExperimentRecord:
@@ -117,7 +120,12 @@ class ExperimentRecord:
         """The search space as the experiment resolved it, with the command line's fixed settings: its trials'
         settings are these fixed ones and their own searched ones."""
         return load_spec(self.space, self.profile, self.method, self.num_samples, text=self.space_yaml,
-                         overrides=self.overrides)
+                         overrides=self.overrides, metric=self.metric if self.objectives else None)
+
+    @property
+    def objective_list(self) -> list[Objective]:
+        """The search's objectives ([]: it selects on `metric` alone)."""
+        return [Objective(**objective) for objective in self.objectives]
 
     def warm_start_origin(self, config: dict) -> str | None:
         """Where the warm start a trial ran came from (None: the searcher proposed it)."""
@@ -130,7 +138,8 @@ class ExperimentRecord:
         cache = None if experiment is None else storage.join(str(experiment), LOFTQ_CACHE)
         space = self.space_yaml
         return TrialContext.of(self.family, self.task, self.metric, self.trust_remote_code, cache,
-                               TrialContext.dataset_in(space), TrialContext.dataset_in(space, "shift"))
+                               TrialContext.dataset_in(space), TrialContext.dataset_in(space, "shift"),
+                               tuple(objective["metric"] for objective in self.objectives[1:]))
 
     @property
     def direction(self) -> Direction:

@@ -34,9 +34,12 @@ class Task:
     details: object = field(default=None, compare=False)  # what only the family reads
     selects: str = "best"  # a trial's value: its best report ("best": epochs of one fit) or its last ("last":
     # a task sequence, judged where it ends)
+    reported: dict[str, str] = field(default_factory=dict)  # metrics its trials report beside `metrics`, each with
+    # its better direction, that never select (a classifier's calibration); `search --objectives` may name them
 
     def __post_init__(self) -> None:
         assert self.metric in self.metrics and set(self.metrics.values()) <= set(MODES), self
+        assert set(self.reported.values()) <= set(MODES), self
         assert self.selects in ("best", "last"), self
 
 

@@ -15,6 +15,7 @@ from llmm_tune.tune import storage, trackers
 from llmm_tune.tune.cluster import Layout
 from llmm_tune.tune.context import TrialContext
 from llmm_tune.tune.experiment import ExperimentRecord
+from llmm_tune.tune.objectives import searcher_targets
 from llmm_tune.tune.spaces import SearchSpec
 
 # What a multi-worker trial itself holds while its Ray Train workers run: a little memory, no CPU, so the
@@ -48,9 +49,10 @@ def build_tuner(spec: SearchSpec, record: ExperimentRecord, context: TrialContex
                                                          layout=record.resources, fixed=spec.fixed), own)
     if resume:
         return tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True)
-    searcher = make_searcher(spec.distributions(), f"best_{context.value_key}", spec.mode, spec.warm_start,
-                             spec.num_samples, spec.fixed["seed"], study_storage(experiment, optuna_storage),
-                             record.name, record.sampler)
+    metric, mode = searcher_targets(record.objective_list, context.value_key, spec.mode)
+    searcher = make_searcher(spec.distributions(), metric, mode, spec.warm_start, spec.num_samples,
+                             spec.fixed["seed"], study_storage(experiment, optuna_storage), record.name,
+                             record.sampler)
     clock = spec.recipe.clock(spec.fixed, context)
     stop = budget_stop(record, experiment)
     parent, name = experiment.rstrip("/").rsplit("/", 1) if storage.is_uri(experiment) else \

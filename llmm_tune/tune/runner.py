@@ -15,19 +15,21 @@ from pathlib import Path
 
 import torch
 
-from llmm_tune.tune.context import TrialContext
+from llmm_tune.tune.context import TrialContext, validation_key
 from llmm_tune.tune.family import replaces
 
-BEST_FILE = "llmm_best.json"  # in every checkpoint: the selection value that stands up to it
+BEST_FILE = "llmm_best.json"  # in every checkpoint: the selection value that stands up to it ("value") and, with
+# --objectives, the other objectives' values at that report ("others"; older files lack it)
 Sender = Callable[[dict, str, bool], None]  # (metrics, checkpoint directory, whether this report stands)
 
 
 def run_recipe(context: TrialContext, config: dict, data, send: Sender, resume: str | None = None) -> None:
     """Train `config` with the context's recipe, from the checkpoint directory `resume` when given. Each report
     goes out through `send` with `best_val_<metric>`, the trial's value so far (the value of the report that
-    stands), and a flag saying whether this report now stands for the trial."""
-    key = context.value_key
-    standing: dict[str, float | None] = {"value": None}
+    stands), the same of each other objective (`best_val_<objective>`: its value at that report), and a flag
+    saying whether this report now stands for the trial."""
+    key, others = context.value_key, [validation_key(metric) for metric in context.objectives]
+    standing: dict = {"value": None, "others": {}}
     if resume is not None:
         standing.update(json.loads((Path(resume) / BEST_FILE).read_text()))
 
@@ -35,8 +37,10 @@ def run_recipe(context: TrialContext, config: dict, data, send: Sender, resume: 
         stands = replaces(context.definition, context.direction, metrics[key], standing["value"])
         if stands:
             standing["value"] = metrics[key]
+            standing["others"] = {other: metrics.get(other) for other in others}
         (Path(directory) / BEST_FILE).write_text(json.dumps(standing))
-        send({**metrics, f"best_{key}": standing["value"]}, directory, stands)
+        send({**metrics, f"best_{key}": standing["value"],
+              **{f"best_{other}": standing["others"].get(other) for other in others}}, directory, stands)
 
     context.recipe.train(config, context, data, report, resume=resume)
 

@@ -10,6 +10,8 @@ never picks it.
 The study reads as trials.csv does: it names its metric (`val_<metric>`, the trial's standing value, which
 the searcher is told as `best_val_<metric>`), and each Optuna trial carries Ray's trial id and Tune's number
 for it (user attrs `ray_trial_id` and `number`), so optuna-dashboard and trials.csv name the same trials.
+With several objectives (`search --objectives`, lists of metrics and modes) the study is multi-objective, names
+each, and a failed trial is infeasible with the worst value of every objective.
 """
 
 from __future__ import annotations
@@ -37,11 +39,19 @@ class FailureAwareOptunaSearch(OptunaSearch):
     def study(self):
         return self._ot_study
 
-    def _setup_study(self, mode: str) -> None:
+    @property
+    def objectives(self) -> list[tuple[str, str]]:
+        """(metric, mode) of each objective: one, or several (lists of metrics and modes)."""
+        if isinstance(self._metric, list):
+            return list(zip(self._metric, self._mode))
+        return [(self._metric, self._mode)]
+
+    def _setup_study(self, mode: str | list[str]) -> None:
         super()._setup_study(mode)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ExperimentalWarning)  # set_metric_names: the API since Optuna 3.2
-            self._ot_study.set_metric_names([self._metric.removeprefix("best_")])  # run_recipe's prefix
+            # run_recipe's prefix off
+            self._ot_study.set_metric_names([metric.removeprefix("best_") for metric, _ in self.objectives])
 
     def suggest(self, trial_id: str) -> dict | None:
         """Optuna's proposal, its trial named by Ray's id and Tune's number: Tune numbers the trials 1, 2, ... in
@@ -65,8 +75,10 @@ class FailureAwareOptunaSearch(OptunaSearch):
         ot_trial = self._ot_trials[trial_id]
         ot_trial.set_user_attr(FAILURE_KEY, failure)
         ot_trial.set_constraint(FAILURE_KEY, 1.0)
-        # infeasible trials are ranked by their violation, never by value: report the worst value
-        self._ot_study.tell(ot_trial, Direction(self._mode).worst(), state=TrialState.COMPLETE)
+        # infeasible trials are ranked by their violation, never by value: report the worst value of each objective
+        worst = [Direction(mode).worst() for _, mode in self.objectives]
+        self._ot_study.tell(ot_trial, worst if isinstance(self._metric, list) else worst[0],
+                            state=TrialState.COMPLETE)
         self._completed_trials.add(trial_id)
 
 
@@ -91,11 +103,12 @@ def startup_trials(num_samples: int) -> int:
     return min(10, max(2, num_samples // 3))
 
 
-def make_searcher(distributions: dict, metric: str, mode: str, warm_start: list[dict], num_samples: int,
-                  seed: int, study: BaseStorage | None = None, name: str | None = None,
+def make_searcher(distributions: dict, metric: str | list[str], mode: str | list[str], warm_start: list[dict],
+                  num_samples: int, seed: int, study: BaseStorage | None = None, name: str | None = None,
                   sampler_name: str = "tpe") -> FailureAwareOptunaSearch:
     """The warm-start points first, then `sampler_name`'s: multivariate TPE (random start-up for a third of the
-    budget), uniformly random points, or a Sobol sequence (QMC: an even cover of the space)."""
+    budget), uniformly random points, or a Sobol sequence (QMC: an even cover of the space). Lists of metrics and
+    modes make the study multi-objective (each sampler samples for all of them)."""
     if sampler_name == "qmc":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ExperimentalWarning)  # QMCSampler: experimental since Optuna 3.0

@@ -171,10 +171,12 @@ def _overlay(base: dict, own: dict) -> dict:
 
 
 def load_spec(task_or_path: str, profile: str, method: str, num_samples: int | None = None,
-              text: str | None = None, dataset: dict | None = None, overrides: dict | None = None) -> SearchSpec:
+              text: str | None = None, dataset: dict | None = None, overrides: dict | None = None,
+              metric: str | None = None) -> SearchSpec:
     """Parse and validate a search-space file (or its recorded `text`) and resolve it for `profile` and
     `method`, against the settings and tasks of the family it names; the command line's data options
-    (`dataset`) are laid over the space's `dataset:` block, its fixed settings (`overrides`) over the profile's."""
+    (`dataset`) are laid over the space's `dataset:` block, its fixed settings (`overrides`) over the profile's,
+    and `metric` (--objectives' first) selects instead of the space's."""
     path = Path(task_or_path) if text is not None else space_path(task_or_path)
     raw, text = _parse(path, text)
     if not isinstance(raw.get("family"), str):
@@ -201,7 +203,7 @@ def load_spec(task_or_path: str, profile: str, method: str, num_samples: int | N
     chosen = _mapping(path, f"profiles.{profile}", profiles[profile], PROFILE_KEYS)
     space, fixed = _settings(path, raw, chosen, profile, recipe, method)
     fixed.update(overrides or {})
-    metric = chosen.get("metric", raw.get("metric", task.metric))
+    metric = metric or chosen.get("metric", raw.get("metric", task.metric))
     if metric not in task.metrics:
         _fail(path, "metric", f"{metric!r} is not reported by {task.name}; choose one of {', '.join(task.metrics)}")
     stopping = _early_stopping(path, raw, chosen, profile, task, metric)
