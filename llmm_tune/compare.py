@@ -213,16 +213,13 @@ def retrain(jobs: list[Retraining], runs: dict, runs_path: Path, cluster: str | 
 def search_budget(args: argparse.Namespace, options: list[str], profile: str, searches: int, jobs: int) -> str:
     """Each search's --budget, from compare's: what leaves time for the `jobs` retrainings after the searches,
     sized on a probe of one trial of the first method here (the baselines' trials are taken to cost the same)."""
-    from llmm_tune.tune.budget import gpu_packed, parse_duration, probed_figures, search_share, seconds_since_start
-    from llmm_tune.tune.cluster import machine, plan_layout
+    from llmm_tune.tune.budget import parse_duration, probed_layout, search_share, seconds_since_start
 
     search_args = parse_search_args([args.task, *options])
     spec = load_spec(args.task, profile, args.methods[0], dataset=dataset_options(vars(search_args)),
                      overrides=space_overrides(vars(search_args)))
-    request = layout_request(search_args)
-    threads = max(1, int(plan_layout(request, machine(), "this machine").cpus))
-    figures = probed_figures(spec, spec.context().source(resolve_data_dir(search_args.data_dir)), threads)
-    layout = plan_layout(gpu_packed(request, figures), machine(), "this machine")
+    source = spec.context().source(resolve_data_dir(search_args.data_dir))
+    figures, _, layout = probed_layout(spec, layout_request(search_args), source)
     seconds = parse_duration(args.budget) - seconds_since_start()
     each = search_share(figures, spec, layout.concurrent, layout.workers, seconds, searches, jobs)
     print(f"compare budget {args.budget}: {searches} search(es) of {each / 60:.1f} min each, then {jobs} "

@@ -21,7 +21,7 @@ import torch
 
 from llmm_tune.errors import Interrupted, UsageError
 from llmm_tune.train.pretrained import CACHE_DIR
-from llmm_tune.tune.cluster import MAX_TRIALS_PER_GPU, LayoutRequest, machine, plan_layout, trials_per_gpu
+from llmm_tune.tune.cluster import MAX_TRIALS_PER_GPU, Layout, LayoutRequest, machine, plan_layout, trials_per_gpu
 from llmm_tune.tune.probe import ACTOR_START_S, RAY_START_S, Prediction, predict, probe, trial_config
 from llmm_tune.tune.spaces import SearchSpec
 
@@ -184,18 +184,24 @@ def search_share(figures: dict, spec: SearchSpec, concurrent: int, workers: int,
 def sized(spec: SearchSpec, budget: str, request: LayoutRequest, source: str) -> tuple[Sizing, dict]:
     """`spec`'s search sized to `budget` (as --budget gives it) from a probe of one trial here, before Ray starts,
     with trials packed on this machine's GPUs by their measured memory; and the probe's figures."""
+    figures, packed, layout = probed_layout(spec, request, source)
+    sizing = size(figures, spec, layout.concurrent, layout.workers, parse_duration(budget), seconds_since_start())
+    if packed is not request:
+        sizing = dataclasses.replace(sizing, gpus_per_trial=packed.gpus_per_trial)
+    print(sizing.line())
+    return sizing, figures
+
+
+def probed_layout(spec: SearchSpec, request: LayoutRequest, source: str) -> tuple[dict, LayoutRequest, Layout]:
+    """For a budget: the probe's figures for a trial of `spec` here (on a trial's CPUs), the trial shape with trials
+    packed on this machine's GPUs by the probed memory, and the layout it gives."""
     if not sizable(spec):
         raise UsageError(f"--budget sizes trials of the shared fit loop (epochs, rows); family {spec.family} trains "
                          "otherwise: give --num-samples instead")
     threads = max(1, int(plan_layout(request, machine(), "this machine").cpus))
     figures = probed_figures(spec, source, threads)
     packed = gpu_packed(request, figures)
-    layout = plan_layout(packed, machine(), "this machine")
-    sizing = size(figures, spec, layout.concurrent, layout.workers, parse_duration(budget), seconds_since_start())
-    if packed is not request:
-        sizing = dataclasses.replace(sizing, gpus_per_trial=packed.gpus_per_trial)
-    print(sizing.line())
-    return sizing, figures
+    return figures, packed, plan_layout(packed, machine(), "this machine")
 
 
 def sizable(spec: SearchSpec) -> bool:
