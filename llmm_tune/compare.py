@@ -61,6 +61,7 @@ from llmm_tune.tune.family import load_family
 from llmm_tune.tune.spaces import load_spec, space_path
 
 RUNS_FILE = "runs.json"
+CALIBRATION_TITLES = {"ece": "ECE", "brier": "Brier", "nll": "NLL"}  # paired.md's columns of the calibration scores
 
 
 def paired_interval(values: list[float], reference: list[float], level: float = 0.95) -> tuple[float, float, float]:
@@ -134,8 +135,10 @@ def retrain_seed(context: TrialContext, config: dict, seed: int, data_seed: int,
     started = time.time()
     with tempfile.TemporaryDirectory() as work:
         scores = train_and_score(context, {**config, "seed": seed}, data, source, Path(work))
+    shift = {f"shift_{name}_{k}": v for name, found in scores.pop(f"{context.recipe.HELD_OUT}_shift", {}).items()
+             for k, v in found.items()}
     return {"seconds": time.time() - started, "threads": threads, "git_commit": git_commit(),
-            **{k: v for k, v in scores.items() if isinstance(v, (int, float))}}
+            **{k: v for k, v in {**scores, **shift}.items() if isinstance(v, (int, float))}}
 
 
 @dataclass(frozen=True)
@@ -150,18 +153,26 @@ class Retraining:
     config: dict
 
 
-def retrainings(chosen: dict, methods: list[str], seeds: list[int], paired: bool) -> list[Retraining]:
+def retrainings(chosen: dict, methods: list[str], seeds: list[int], paired: bool,
+                draws: tuple[int, ...] = ()) -> list[Retraining]:
     """Each searched method's (`chosen`) own best configuration with every seed; with `paired`, every other of
     `methods` also at the first method's best configuration with only its own settings changed (BASELINES: loftq
     sets K = 0, qlora its zero init and NF4, lora full precision), so a difference is the method's alone, not its
-    search's luck."""
+    search's luck, and the first method again with each of `draws` (its predictive the mean of that many adapter
+    samples' probabilities, in validation and scoring alike)."""
     runs = [Retraining(f"{m}/{s}", m, s, meta, best["trial"], trial_config(best, meta))
             for m, (meta, best, _) in chosen.items() for s in seeds]
     if paired:
         reference, (meta, best, _) = next(iter(chosen.items()))
         runs += [Retraining(f"{m}@{reference}/{s}", m, s, meta, best["trial"],
                             {**trial_config(best, meta), **BASELINES[m]}) for m in methods[1:] for s in seeds]
+        runs += [Retraining(f"{draws_label(reference, d)}/{s}", reference, s, meta, best["trial"],
+                            {**trial_config(best, meta), "draws": d}) for d in draws for s in seeds]
     return runs
+
+
+def draws_label(method: str, draws: int) -> str:
+    return f"{method} draws {draws}"
 
 
 def retrain(jobs: list[Retraining], runs: dict, runs_path: Path, cluster: str | None) -> None:
@@ -244,6 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--paired", action="store_true",
                         help="also retrain every other method at the first method's (llmm's) best configuration with "
                              "only its own settings changed, seed by seed: the method's effect without the search's")
+    parser.add_argument("--draws", nargs="+", type=int, default=[], metavar="N",
+                        help="with --paired: llmm also retrained at its best configuration predicting with the mean "
+                             "of N adapter samples' probabilities (in validation and scoring), a run per seed and N")
     parser.add_argument("--paired-only", action="store_true",
                         help="the paired runs alone, at a fraction of the compute: search the first method only, "
                              "retrain it and the others at its best configuration; writes paired.md, not table.md")
@@ -275,20 +289,24 @@ def run(argv: list[str]) -> Path:
     if paired and (args.methods[0] != "llmm" or len(args.methods) < 2):
         raise UsageError("--paired retrains the other methods at llmm's configuration (its K and scale have no "
                          "value in theirs): pass --methods llmm and at least one baseline, llmm first")
+    if args.draws and (not paired or min(args.draws) < 1 or len(set(args.draws)) != len(args.draws)):
+        raise UsageError("--draws N scores llmm's paired runs with N adapter samples: pass it with --paired or "
+                         "--paired-only, each N a different integer >= 1")
     if args.budget:  # checked as a search checks it: a duration, no --num-samples, no cluster
         parse_search_args([args.task, *options, "--budget", args.budget])
     profile = choose_profile(args.profile)
     load_spec(args.task, profile, args.methods[0])  # a bad space stops here, before any search
     storage_dir = storage.writable(args.storage, "--storage")
     searched = args.methods[:1] if args.paired_only else args.methods
-    jobs = len(args.seeds) * (len(searched) + (len(args.methods) - 1 if paired else 0))
+    jobs = len(args.seeds) * (len(searched) + (len(args.methods) - 1 + len(args.draws) if paired else 0))
     if args.budget:
         options = [*options, "--budget", search_budget(args, options, profile, len(searched), jobs)]
     chosen = {m: searched_best(run_search(args.task, m, profile, storage_dir, options)) for m in searched}
     out = Path(args.results) / "compare" / chosen[args.methods[0]][0].task
     runs_path = out / RUNS_FILE
     runs = json.loads(runs_path.read_text()) if runs_path.is_file() else {}
-    retrain(retrainings(chosen, args.methods, args.seeds, paired), runs, runs_path, cluster_address(options))
+    to_train = retrainings(chosen, args.methods, args.seeds, paired, tuple(args.draws))
+    retrain(to_train, runs, runs_path, cluster_address(options))
     if paired:
         write_paired(args, chosen, runs, out, argv)
     return out if args.paired_only else write_tables(args, chosen, runs, out, argv, space_path(args.task).stem)
@@ -313,37 +331,73 @@ def provenance(argv: list[str], chosen: dict, made: list[dict], space: str) -> t
 
 
 def write_paired(args, chosen: dict, runs: dict, out: Path, argv: list[str]) -> None:
-    """paired.md and paired.csv: every other method at the reference's best configuration, each seed's held-out
-    score minus the reference's own with that seed, with a 95% paired interval."""
+    """paired.md and paired.csv: every other method (and llmm at each --draws) at the reference's best
+    configuration, each seed's held-out score minus the reference's own with that seed, with a 95% paired interval;
+    for a classifier, the calibration of each held-out set (the split, then each shift set) alike."""
     reference, (meta, best, _) = next(iter(chosen.items()))
     split = load_family(meta.family).HELD_OUT
     score = f"{split}_{meta.metric}"
     config = trial_config(best, meta)
-    own_runs = [runs[f"{reference}/{s}"] for s in args.seeds]
-    own = [run[score] for run in own_runs]
-    rows, made = [], [{**run, "paired_with": ""} for run in own_runs]
-    for method in args.methods[1:]:
-        paired = [runs[f"{method}@{reference}/{s}"] for s in args.seeds]
-        made += [{**run, "paired_with": reference} for run in paired]
-        difference, low, high = paired_interval([run[score] for run in paired], own)
-        rows.append({"method": method, "changed": changed_settings(method, config),
-                     f"{split} {meta.metric} mean": f"{statistics.fmean(run[score] for run in paired):.4f}",
-                     f"{reference} mean": f"{statistics.fmean(own):.4f}",
-                     f"difference to {reference}": f"{difference:+.4f}",
-                     "95% interval": f"[{low:+.4f}, {high:+.4f}]"})
-    table = pd.DataFrame(rows)
+    own = [runs[f"{reference}/{s}"] for s in args.seeds]
+    variants = {draws_label(reference, d): ([runs[f"{draws_label(reference, d)}/{s}"] for s in args.seeds],
+                                            f"draws {config.get('draws', 0)} -> {d}") for d in args.draws}
+    variants |= {m: ([runs[f"{m}@{reference}/{s}"] for s in args.seeds], changed_settings(m, config))
+                 for m in args.methods[1:]}
+    rows, made = [], [{**run, "paired_with": ""} for run in own]
+    for label, (paired, changed) in variants.items():
+        made += [{**run, "method": label, "paired_with": reference} for run in paired]
+        difference, low, high = paired_interval([run[score] for run in paired], [run[score] for run in own])
+        rows.append({"method": label, "changed": changed,
+                     f"{split} {meta.metric} mean": f"{mean_of(paired, score):.4f}",
+                     f"{reference} mean": f"{mean_of(own, score):.4f}",
+                     f"difference to {reference}": f"{difference:+.4f}", "95% interval": f"[{low:+.4f}, {high:+.4f}]"})
     setting = ", ".join(f"{k} {setting_text(best[k])}" for k in ("quant_method", "bits", "rank", "lr", "scale", "K"))
     direction = meta.direction.word
     header = (f"# {meta.task}: every method at {reference}'s best configuration (trial {best['trial']}: {setting}), "
               f"only its own settings changed, seeds {args.seeds}, scored once on {split}\n\nThe difference is the "
               f"method's {split} {meta.metric} minus {reference}'s with the same seed ({direction} is better); its 95% "
               "interval is a paired t-test over seeds. Each method's own tuned result: table.md.\n\n")
+    sets = [split, *sorted(key[len("shift_"):-len("_ece")] for key in own[0]
+                           if key.startswith("shift_") and key.endswith("_ece"))]
+    calibration = "".join(calibration_section(reference, own, variants, name, meta.metric, split) for name in sets)
     footer, _ = provenance(argv, chosen, made, space_path(args.task).stem)
-    write_text(out / "paired.md", header + table.to_markdown(index=False, disable_numparse=True) + footer)
+    table = pd.DataFrame(rows)
+    write_text(out / "paired.md", header + table.to_markdown(index=False, disable_numparse=True) + calibration
+               + footer)
     with atomic_path(out / "paired.csv") as tmp:
         pd.DataFrame(made).drop(columns=["config"]).to_csv(tmp, index=False)
     print(f"wrote {out}: paired.md, paired.csv (at {reference}'s configuration)")
     print(table.to_string(index=False))
+
+
+def mean_of(runs: list[dict], key: str) -> float:
+    return statistics.fmean(run[key] for run in runs)
+
+
+def calibration_section(reference: str, own: list[dict], variants: dict, name: str, metric: str, split: str) -> str:
+    """A held-out set's calibration table in paired.md ('' where it has none: a regression): per method the means
+    over seeds of the metric, ECE, Brier and NLL before and after temperature scaling (T fitted on the validation
+    split), and the paired difference to the reference in ECE and in temperature-scaled NLL with 95% intervals."""
+    prefix = split if name == split else f"shift_{name}"
+    if f"{prefix}_ece" not in own[0]:
+        return ""
+    rows = []
+    for label, paired in {reference: own, **{k: v for k, (v, _) in variants.items()}}.items():
+        row = {"method": label, metric: f"{mean_of(paired, f'{prefix}_{metric}'):.4f}"}
+        row |= {f"{title}{' (T)' if ts else ''}": f"{mean_of(paired, f'{prefix}_{key}{ts}'):.4f}"
+                for ts in ("", "_ts") for key, title in CALIBRATION_TITLES.items()}
+        for key, title in (("ece", "ECE"), ("nll_ts", "NLL (T)")):
+            difference, low, high = paired_interval([run[f"{prefix}_{key}"] for run in paired],
+                                                    [run[f"{prefix}_{key}"] for run in own])
+            row[f"{title} - {reference} [95%]"] = ("-" if paired is own else
+                                                    f"{difference:+.4f} [{low:+.4f}, {high:+.4f}]")
+        rows.append(row)
+    where = split if name == split else f"{name} (a distribution shift: trained on the task, scored on {name})"
+    return (f"\n\n## Calibration on {where}\n\nMeans over the seeds; lower is better for ECE (15 equal-width bins, "
+            "top label), Brier and NLL. (T): after temperature scaling, one scalar fitted on the run's validation "
+            "logits; it never changes a prediction. The last two columns: the paired difference to "
+            f"{reference} with its 95% interval.\n\n" + pd.DataFrame(rows).to_markdown(index=False,
+                                                                                         disable_numparse=True))
 
 
 def write_tables(args, chosen: dict, runs: dict, out: Path, argv: list[str], space: str) -> Path:

@@ -22,6 +22,7 @@ from llmm_tune.method.model import adapter_noise, llmm_layers
 from llmm_tune.results.plots import reliability_plot
 from llmm_tune.results.record import ExportRecord
 from llmm_tune.train.calibration import ReliabilityBins, calibration, fit_temperature, reliability
+from llmm_tune.train.dataset import portable
 from llmm_tune.train.lm_scoring import pad, target_logits, target_logprobs
 from llmm_tune.tune.context import TrialContext
 from llmm_tune.tune.spaces import load_spec
@@ -163,7 +164,7 @@ def test_a_shift_set_is_checked_where_the_space_is_read(tmp_path):
     rows.write_text('{"text": "a", "text_pair": "b", "label": "entailment"}\n{"text": "c", "text_pair": "d", '
                     '"label": 1}\n')
     (entry,) = json.loads(load_spec(space(f"[{{name: mine, files: {rows}}}]"), "cpu", "llmm").shift)
-    assert entry["files"] == str(rows) and entry["hash"].startswith("sha256:")
+    assert entry["files"] == portable(rows) and entry["hash"].startswith("sha256:")  # named as every data file is
     assert glue.load_shift(glue.TASKS["rte"].details, entry, "unused")["label"] == [0, 1]
     rows.write_text('{"text": "a", "text_pair": "b", "label": "neutral"}\n')
     with pytest.raises(UsageError, match="'neutral' is not one of"):

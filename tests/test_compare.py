@@ -129,23 +129,34 @@ def test_a_compare_of_two_methods_over_seeds_continues_without_redoing_finished_
 
     # continued with another seed, paired: llmm's search reused, its run of seed 0 kept, lora's search not needed
     tables = {name: (out / name).read_text() for name in ("table.md", "scores.csv")}
-    paired = run_module("llmm_tune.compare", *common, "--seeds", "0", "1", "--paired-only", timeout=900)
+    paired = run_module("llmm_tune.compare", *common, "--seeds", "0", "1", "--paired-only", "--draws", "3",
+                        timeout=900)
     assert paired.returncode == 0, paired.stderr[-3000:]
     assert "llmm: search tiny_cola-llmm-cpu-compare finished before, reused" in paired.stdout
     started = [line.split(":")[0] for line in paired.stdout.splitlines() if ": training trial" in line]
-    assert sorted(started) == ["llmm", "lora@llmm", "lora@llmm"]  # the runs done before are kept
+    assert sorted(started) == ["llmm", "llmm draws 3", "llmm draws 3", "lora@llmm", "lora@llmm"]  # the runs done
+    # before are kept
     assert "lora: search" not in paired.stdout and tables == {n: (out / n).read_text() for n in tables}  # llmm's only
     both = json.loads((out / "runs.json").read_text())
     assert {k: both[k] for k in runs} == runs
-    assert sorted(both) == ["llmm/0", "llmm/1", "lora/0", "lora@llmm/0", "lora@llmm/1"]
+    assert sorted(both) == ["llmm draws 3/0", "llmm draws 3/1", "llmm/0", "llmm/1", "lora/0", "lora@llmm/0",
+                            "lora@llmm/1"]
     assert both["lora@llmm/0"]["config"] == {**both["llmm/0"]["config"], **BASELINES["lora"]}
-    row = table_row((out / "paired.md").read_text(), "lora")
+    assert both["llmm draws 3/1"]["config"] == {**both["llmm/1"]["config"], "draws": 3}
+    paired_md = (out / "paired.md").read_text()
+    row = table_row(paired_md.split("## Calibration")[0], "lora")
     differences = [both[f"lora@llmm/{s}"]["dev_mcc"] - both[f"llmm/{s}"]["dev_mcc"] for s in (0, 1)]
     assert row["difference to llmm"] == f"{statistics.fmean(differences):+.4f}" and "bits 4 -> None" in row["changed"]
     assert "--paired-only" in (out / "paired.md").read_text().rsplit("Command: ", 1)[1]  # how to make it again
+    assert table_row(paired_md.split("## Calibration")[0], "llmm draws 3")["changed"] == "draws 0 -> 3"
+    calibration = table_row(paired_md.split("## Calibration on dev")[1], "lora")
+    ece = [both[f"lora@llmm/{s}"]["dev_ece"] - both[f"llmm/{s}"]["dev_ece"] for s in (0, 1)]
+    assert calibration["ECE - llmm [95%]"].startswith(f"{statistics.fmean(ece):+.4f} [")
+    assert calibration["NLL (T)"] == f"{statistics.fmean(both[f'lora@llmm/{s}']['dev_nll_ts'] for s in (0, 1)):.4f}"
     every_run = pd.read_csv(out / "paired.csv", keep_default_na=False)  # the reference's own runs beside the paired
     assert sorted(zip(every_run["method"], every_run["paired_with"], every_run["seed"])) == [
-        ("llmm", "", 0), ("llmm", "", 1), ("lora", "llmm", 0), ("lora", "llmm", 1)]
+        ("llmm", "", 0), ("llmm", "", 1), ("llmm draws 3", "llmm", 0), ("llmm draws 3", "llmm", 1),
+        ("lora", "llmm", 0), ("lora", "llmm", 1)]
 
     more = run_module("llmm_tune.compare", *common[:-1], "2", "--seeds", "0", "1", timeout=900)
     assert more.returncode == 2 and "llmm: searching" not in more.stdout
@@ -185,6 +196,10 @@ def test_paired_runs_put_every_other_method_at_the_references_configuration_with
     alone = retrainings({"llmm": chosen["llmm"]}, ["llmm", "loftq"], [0, 1], paired=True)  # --paired-only
     assert sorted(job.key for job in alone) == ["llmm/0", "llmm/1", "loftq@llmm/0", "loftq@llmm/1"]
     assert {job.trial for job in alone} == {"t-llmm"}
+    draws = {job.key: job for job in retrainings({"llmm": chosen["llmm"]}, ["llmm"], [0], paired=True, draws=(8,))}
+    assert sorted(draws) == ["llmm draws 8/0", "llmm/0"]
+    assert draws["llmm draws 8/0"].config == {**draws["llmm/0"].config, "draws": 8}
+    assert draws["llmm draws 8/0"].method == "llmm" and draws["llmm draws 8/0"].trial == "t-llmm"
 
 
 def test_paired_needs_llmm_first(tmp_path):

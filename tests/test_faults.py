@@ -172,9 +172,10 @@ def test_a_trial_whose_checkpoint_is_gone_at_resume_starts_again_and_the_search_
     experiment = assets["root"] / "runs" / "gone"
 
     def state_names_a_checkpoint() -> bool:
-        """A whole state naming a checkpoint: Tune copies its state into the experiment folder in place, so a kill
-        during the copy would leave a cut file (what this test is not about)."""
-        return any("checkpoint_0" in text and parses(text)
+        """A whole state whose trial's checkpoint manager (pickled, hex-encoded) holds a checkpoint: its last result
+        names one before the manager does (Tune may save its state between the two), and Tune copies its state into
+        the experiment folder in place, so a kill during the copy would leave a cut file (neither is this test's)."""
+        return any(b"checkpoint_0".hex() in text and parses(text)
                    for text in (Path(f).read_text() for f in glob.glob(str(experiment / "experiment_state*"))))
 
     wait_for(state_names_a_checkpoint, process)
