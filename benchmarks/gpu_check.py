@@ -10,7 +10,9 @@ read: the model is a random Llama built here.
 Prints, each line after the device's name:
 1. the 4-bit normal_float base on the device through bitsandbytes: train -> eval -> train, then the merged model's
    and the exported peft adapter's logits against the adapter's own;
-2. a training step of the Llmm adapter against peft's LoRA at the same rank on the same NF4 base (median ms, ratio);
+2. a training step of the Llmm adapter against peft's LoRA at the same rank on the same NF4 base (median ms, ratio):
+   on the random Llama, then on Llama-shaped blocks of width 4096 (benchmarks/bench_layers.py's stack) with bf16
+   compute (autocast, bitsandbytes' compute dtype bf16), eager and with `compile: true`;
 3. LoftQ's initialisation of one 4096 x 4096 layer (NF4, rank 64, 5 iterations);
 4. where Ray is installed: the same 4 trials at --gpus-per-trial 0.25 and at 1, timed, beside the plan's prediction;
    without Ray: 4 Llmm trainings in plain processes at once against one alone (steps per second).
@@ -36,15 +38,17 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.bench_layers import TARGETS, Case, adapted, interleaved, llama_stack, make_step  # noqa: E402
 from llmm_tune import LlmmConfig, apply_llmm, load_llmm, merge_llmm, save_adapter  # noqa: E402
 from llmm_tune.method.loftq import loftq  # noqa: E402
-from llmm_tune.method.model import DEFAULT_TARGETS  # noqa: E402
-from llmm_tune.method.quant import quantized_linear  # noqa: E402
 
+# stack: the Llama-shaped blocks of the bf16 step comparison
 SIZES = {"gpu": dict(vocab_size=4096, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4,
-                     num_attention_heads=16, layer=4096, batch=(8, 256), steps=20),
+                     num_attention_heads=16, layer=4096, batch=(8, 256), steps=20,
+                     stack=dict(width=4096, blocks=2, batch=(4, 512))),
          "cpu": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                     num_attention_heads=4, layer=256, batch=(2, 32), steps=3)}
+                     num_attention_heads=4, layer=256, batch=(2, 32), steps=3,
+                     stack=dict(width=256, blocks=1, batch=(2, 32)))}
 RANK, K = 16, 2
 
 
@@ -52,7 +56,7 @@ def random_llama(size: dict, device: str) -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = {k: v for k, v in size.items() if k not in ("layer", "batch", "steps")}
+    config = {k: v for k, v in size.items() if k not in ("layer", "batch", "steps", "stack")}
     return LlamaForCausalLM(LlamaConfig(**config, max_position_embeddings=512)).to(device)
 
 
@@ -113,32 +117,51 @@ def nf4_cycle(size: dict, device: str, work: Path) -> str:
             f"difference| to the adapter's: merged {merge_error:.2e}, peft export reloaded {peft_error:.2e}")
 
 
-def peft_lora(size: dict, device: str) -> nn.Module:
-    """peft's LoRA at the same rank on the same NF4 base layers Llmm uses."""
-    from peft import LoraConfig, get_peft_model
-
-    model = random_llama(size, device)
-    for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear) and name.rpartition(".")[2] in DEFAULT_TARGETS["llama"]:
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, quantized_linear(module.weight, module.bias, 4, "normal_float"))
-    return get_peft_model(model, LoraConfig(r=RANK, lora_alpha=16, target_modules=list(DEFAULT_TARGETS["llama"])))
-
-
 def step_times(size: dict, device: str) -> str:
-    """Median step time of the Llmm adapter and of peft's LoRA, interleaved so that noise hits both alike."""
+    """Median step times of the Llmm adapter and of peft's LoRA, interleaved so that noise hits both alike: on the
+    random Llama (float32 compute), then on the Llama-shaped blocks with bf16 compute."""
     batch = torch.randint(0, size["vocab_size"], size["batch"], device=device)
-    llmm = apply_llmm(random_llama(size, device), LlmmConfig(rank=RANK, K=K, bits=4, init="zero"))
-    models = {"llmm": llmm, "peft": peft_lora(size, device)}
-    times = {name: [] for name in models}
-    for i in range(size["steps"] + 2):  # the first 2 of each warm up
-        for name, model in models.items():
-            _, seconds = synchronised(device, lambda m=model: train_steps(m, batch, 1))
-            if i >= 2:
-                times[name].append(seconds)
-    llmm_ms, peft_ms = (1e3 * statistics.median(times[name]) for name in ("llmm", "peft"))
-    return (f"training step, rank {RANK}, NF4 base, batch {size['batch'][0]}x{size['batch'][1]}: Llmm (K={K}) "
-            f"{llmm_ms:.1f} ms, peft LoRA {peft_ms:.1f} ms, ratio {llmm_ms / peft_ms:.2f}")
+    case = Case("llama", 4, RANK, K, batch=size["batch"])
+    models = {kind: adapted(kind, random_llama(size, device), case, TARGETS["llama"], [])
+              for kind in ("llmm", "lora")}
+    times = interleaved({kind: lambda m=model: train_steps(m, batch, 1) for kind, model in models.items()},
+                        size["steps"], device)
+    llmm_ms, peft_ms = (1e3 * statistics.median(times[kind]) for kind in ("llmm", "lora"))
+    return (f"training step, rank {RANK}, NF4 base: random {size['num_hidden_layers']}-layer Llama of width "
+            f"{size['hidden_size']}, batch {size['batch'][0]}x{size['batch'][1]}: Llmm (K={K}) {llmm_ms:.1f} ms, "
+            f"peft LoRA {peft_ms:.1f} ms, ratio {llmm_ms / peft_ms:.2f}; {bf16_step_times(size, device)}")
+
+
+def bf16_step_times(size: dict, device: str) -> str:
+    """The step on Llama-shaped blocks in bf16 under autocast, the NF4 bases computing in bf16 (QLoRA's recipe),
+    the adapters in float32: Llmm eager and compiled against peft's LoRA."""
+    stack = size["stack"]
+    case = Case("llama", 4, RANK, K, stack["width"], stack["blocks"], stack["batch"])
+    x = torch.randn(*case.batch, case.width, device=device, dtype=torch.bfloat16, requires_grad=True)
+
+    def loss(model: nn.Module) -> torch.Tensor:
+        with torch.autocast(device, dtype=torch.bfloat16):
+            return model(x).float().pow(2).mean()
+
+    steps = {}
+    for kind in ("llmm", "llmm-compiled", "lora"):
+        model = adapted(kind, llama_stack(case.width, case.intermediate, case.blocks, device, torch.bfloat16),
+                        case, TARGETS["llama"], [])
+        for layer in model.modules():
+            if hasattr(layer, "compute_dtype"):  # bitsandbytes' 4-bit layers
+                layer.compute_dtype = torch.bfloat16
+        steps[kind] = make_step(model, loss)
+    try:  # where torch.compile cannot run here, the eager figures still come
+        steps["llmm-compiled"]()
+    except Exception as error:
+        compiled = f"compiled Llmm failed ({type(error).__name__}: {str(error)[:200]})"
+        del steps["llmm-compiled"]
+    ms = {kind: 1e3 * statistics.median(t) for kind, t in interleaved(steps, size["steps"], device).items()}
+    if "llmm-compiled" in ms:
+        compiled = f"compiled Llmm (K={K}) {ms['llmm-compiled']:.1f} ms, ratio {ms['llmm-compiled'] / ms['lora']:.2f}"
+    return (f"{case.blocks} Llama-shaped blocks of width {case.width}, bf16 compute, batch {case.batch[0]}x"
+            f"{case.batch[1]}: {compiled}; eager Llmm (K={K}) {ms['llmm']:.1f} ms, peft LoRA {ms['lora']:.1f} ms, "
+            f"ratio {ms['llmm'] / ms['lora']:.2f}")
 
 
 def loftq_time(size: dict, device: str) -> str:

@@ -37,6 +37,7 @@ class LlmmConfig:
     target_modules: tuple[str, ...] | None = None  # None: the architecture's defaults
     init: str | None = None  # "loftq" or "zero"; None: loftq when quantised, zero otherwise
     head_modules: tuple[str, ...] = ("classifier", "score", "pooler")  # trained in full
+    compile: bool = False  # the adapter computation (not the quantised base) through torch.compile
 
     def __post_init__(self) -> None:
         """Each field against its rule in METHOD_SETTINGS (what a search space is checked against too), then
@@ -99,6 +100,8 @@ METHOD_SETTINGS: dict[str, Setting] = {
                                    LlmmConfig.quantize_embeddings),
     "dropout": Setting(fraction, "a number in [0, 1)", LlmmConfig.dropout),
     "init": Setting(lambda v: v in (None, *INITS), "loftq, zero or null", LlmmConfig.init),
+    "compile": Setting(lambda v: isinstance(v, bool), "true or false (the adapter computation through torch.compile)",
+                       LlmmConfig.compile),
 }
 
 # What --method fixes, so that each baseline shares the space and budget of the method itself; None marks a
@@ -124,5 +127,6 @@ def llmm_config(config: dict, **overrides) -> LlmmConfig:
         # applies to the 4-bit normal_float trials of a space that also searches other formats
         "double_quant": bool(config.get("double_quant")) and (config["bits"], config["quant_method"])
         == (4, "normal_float"),
+        "compile": bool(config.get("compile")),
     }
     return LlmmConfig(**{**values, **overrides})

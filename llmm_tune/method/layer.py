@@ -5,6 +5,11 @@ draw eps ~ N(0, I_K / s) per factor per forward (shared across the batch) gives
 X = X_mean + sum_k eps_k X_moments[k]; the backward pass returns g to the mean and
 sqrt(s) * eps_k * g to moment k (the scaled gradient). Evaluation uses the mean.
 
+A forward draws both factors' eps in one call, forms each drawn factor in one matrix-vector product and adds
+the adapter's output into the base's in the second factor's matmul (`addmm`, its scaling as the matmul's alpha):
+per layer, the same large kernels as peft's LoRA and none of its passes over the output for the scaling and the
+sum. `compile` runs that adapter computation (not the base) through torch.compile.
+
 Like peft's lora.Linear, the layer owns its life: its initialisation (LoftQ or plain LoRA), its delta
 weight, and its merge into a plain linear layer; the model only finds targets and swaps layers.
 """
@@ -12,7 +17,9 @@ weight, and its merge into a plain linear layer; the model only finds targets an
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -23,27 +30,66 @@ from llmm_tune.method.loftq import LoftQResult
 from llmm_tune.method.quant import dense_weight, quantized_linear
 
 
-class GaussianFactor(torch.autograd.Function):
-    """X = mean + sum_k eps_k moments[k], with the scaled gradient sqrt(s) * eps_k * g for moment k."""
+class GaussianFactors(torch.autograd.Function):
+    """(A, B), each X = X_mean + sum_k eps_k X_moments[k] (A's eps first in `eps`), with the scaled gradient:
+    g to the mean, sqrt(s) * eps_k * g to moment k."""
 
     @staticmethod
-    def forward(ctx, mean: Tensor, moments: Tensor, eps: Tensor, sqrt_scale: float) -> Tensor:
+    def forward(ctx, A_mean: Tensor, A_moments: Tensor, B_mean: Tensor, B_moments: Tensor, eps: Tensor,
+                sqrt_scale: float) -> tuple[Tensor, Tensor]:
         ctx.save_for_backward(eps)
         ctx.sqrt_scale = sqrt_scale
-        return mean + torch.tensordot(eps, moments, dims=1)
+        K = A_moments.shape[0]
+        return drawn(A_mean, A_moments, eps[:K]), drawn(B_mean, B_moments, eps[K:])
 
     @staticmethod
-    def backward(ctx, grad: Tensor):
+    def backward(ctx, grad_A: Tensor, grad_B: Tensor) -> tuple[Tensor | None, ...]:
         (eps,) = ctx.saved_tensors
-        moment_weights = (ctx.sqrt_scale * eps).view(-1, *([1] * grad.dim()))
-        return grad, moment_weights * grad, None, None
+        weights = ctx.sqrt_scale * eps
+        K = eps.shape[0] // 2
+        return grad_A, moment_grads(weights[:K], grad_A), grad_B, moment_grads(weights[K:], grad_B), None, None
+
+
+def drawn(mean: Tensor, moments: Tensor, eps: Tensor) -> Tensor:
+    """mean + sum_k eps_k moments[k], one matrix-vector product."""
+    return torch.addmv(mean.reshape(-1), moments.reshape(eps.shape[0], -1).t(), eps).view(mean.shape)
+
+
+def moment_grads(weights: Tensor, grad: Tensor) -> Tensor:
+    """weights[k] * grad for every k (K x grad's shape), one multiplication."""
+    return (weights.view(-1, 1) * grad.reshape(1, -1)).view(weights.shape[0], *grad.shape)
+
+
+def adapter_inputs(x: Tensor, A_mean: Tensor, A_moments: Tensor, B_mean: Tensor, B_moments: Tensor,
+                   eps: Tensor | None, sqrt_scale: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(x A^T, B^T) in `dtype` for 2-d `x` (N x d_in), A and B drawn with `eps` (None: the means): what the layer
+    adds to the base's output, scaling * (x A^T) B^T, is one matmul of these. The small factors are cast, not x."""
+    if eps is None:
+        A, B = A_mean, B_mean
+    else:
+        A, B = GaussianFactors.apply(A_mean, A_moments, B_mean, B_moments, eps, sqrt_scale)
+    return F.linear(x.to(dtype), A.to(dtype)).to(dtype), B.to(dtype).t()  # the last cast: autocast's output
+
+
+@functools.cache
+def compiled_adapter_inputs() -> Callable[..., tuple[Tensor, Tensor]]:
+    """`adapter_inputs` through torch.compile with every size symbolic, made on first use (importing the compiler
+    takes seconds). It takes the parameters as plain views: torch.compile holds a parameter's sizes fixed, so each
+    shape of layer would be a graph of its own, and a model of many shapes would reach its recompile limit."""
+    compiled = torch.compile(adapter_inputs, dynamic=True)
+
+    def call(x: Tensor, *parameters_and_draw) -> tuple[Tensor, Tensor]:
+        *parameters, eps, sqrt_scale, dtype = parameters_and_draw
+        return compiled(x, *(p.view_as(p) for p in parameters), eps, sqrt_scale, dtype)
+
+    return call
 
 
 class LlmmLinear(nn.Module):
     """y = base(x) + scaling * B (A dropout(x)), with A and B drawn from their Gaussian measures."""
 
     def __init__(self, base: nn.Module, A: Tensor, B: Tensor, K: int, scale: float, scaling: float,
-                 dropout: float):
+                 dropout: float, compile: bool = False):
         super().__init__()
         self.base = base
         # contiguous whatever the initialiser's strides (an SVD slice is not): the float summation order of
@@ -53,7 +99,8 @@ class LlmmLinear(nn.Module):
         self.A_moments = nn.Parameter(A.new_zeros(K, *A.shape, dtype=torch.float32))
         self.B_moments = nn.Parameter(B.new_zeros(K, *B.shape, dtype=torch.float32))
         self.scale, self.scaling = scale, scaling
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else None  # None: no call at all at p = 0
+        self.compile_adapter = compile  # the adapter computation through torch.compile (not nn.Module.compile)
         self.sample_in_eval = False  # Monte-Carlo prediction: draw even in eval mode
 
     @classmethod
@@ -71,19 +118,30 @@ class LlmmLinear(nn.Module):
                                                                        config.quant_method, config.double_quant)
             A = nn.init.kaiming_uniform_(weight.new_empty(config.rank, weight.shape[1]), a=math.sqrt(5))
             B = weight.new_zeros(weight.shape[0], config.rank)
-        return cls(base.requires_grad_(False), A, B, config.K, config.scale, config.scaling, config.dropout)
+        return cls(base.requires_grad_(False), A, B, config.K, config.scale, config.scaling, config.dropout,
+                   config.compile)
 
-    def draw(self, mean: Tensor, moments: Tensor) -> Tensor:
-        if moments.shape[0] == 0 or not (self.training or self.sample_in_eval):
-            return mean
-        eps = torch.randn(moments.shape[0], device=mean.device) / math.sqrt(self.scale)
-        return GaussianFactor.apply(mean, moments, eps, math.sqrt(self.scale))
+    def noise(self) -> Tensor | None:
+        """This forward's eps for A then B (2K values, one call to the global generator), or None: the means."""
+        K = self.A_moments.shape[0]
+        if K == 0 or not (self.training or self.sample_in_eval):
+            return None
+        return torch.randn(2 * K, device=self.A_mean.device) / math.sqrt(self.scale)
 
     def forward(self, x: Tensor) -> Tensor:
-        A = self.draw(self.A_mean, self.A_moments)
-        B = self.draw(self.B_mean, self.B_moments)
-        update = F.linear(F.linear(self.dropout(x).to(A.dtype), A), B)
-        return self.base(x) + (self.scaling * update).to(x.dtype)
+        rows = x.reshape(-1, x.shape[-1])
+        out = self.base(rows)
+        adapted = self.dropout(rows) if self.dropout is not None else rows
+        eps = self.noise()
+        # compiled only where the factors are drawn: the means alone are two matmuls, with nothing to fuse
+        inputs = compiled_adapter_inputs() if self.compile_adapter and eps is not None else adapter_inputs
+        hidden, B_t = inputs(adapted, self.A_mean, self.A_moments, self.B_mean, self.B_moments, eps,
+                             math.sqrt(self.scale), out.dtype)
+        # the sum inside the second matmul, written into the base's fresh output: a linear layer's backward does not
+        # keep its output (autograd would refuse the write if one did); out of place where the base returned a view
+        add = torch.addmm if out._base is not None else Tensor.addmm_
+        out = add(out, hidden, B_t, alpha=self.scaling)
+        return out.reshape(*x.shape[:-1], out.shape[-1])
 
     def delta_weight(self) -> Tensor:
         """What the adapter adds to the base weight in eval mode (the means): scaling * B_mean A_mean."""
@@ -110,7 +168,7 @@ class LlmmLinear(nn.Module):
 
     def extra_repr(self) -> str:
         r, K = self.A_mean.shape[0], self.A_moments.shape[0]
-        return f"rank={r}, K={K}, scale={self.scale}, scaling={self.scaling}"
+        return f"rank={r}, K={K}, scale={self.scale}, scaling={self.scaling}, compile={self.compile_adapter}"
 
 
 class LlmmEmbedding(LlmmLinear):
