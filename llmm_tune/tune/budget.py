@@ -22,6 +22,7 @@ import torch
 from llmm_tune.errors import Interrupted, UsageError
 from llmm_tune.train.pretrained import CACHE_DIR
 from llmm_tune.tune.cluster import MAX_TRIALS_PER_GPU, Layout, LayoutRequest, machine, plan_layout, trials_per_gpu
+from llmm_tune.tune.console import quiet_logs
 from llmm_tune.tune.probe import ACTOR_START_S, RAY_START_S, Prediction, predict, probe, trial_config
 from llmm_tune.tune.spaces import SearchSpec
 
@@ -250,6 +251,7 @@ def probed_figures(spec: SearchSpec, source: str, threads: int) -> dict:
     if cached.is_file():
         print(f"budget: the figures of an earlier probe of this trial here ({cached})")
         return json.loads(cached.read_text())
+    quiet_logs()  # the probe's model loads and data maps print as a trial's do: not at all
     own_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
