@@ -23,7 +23,15 @@ from llmm_tune.errors import Interrupted, UsageError
 from llmm_tune.train.pretrained import CACHE_DIR
 from llmm_tune.tune.cluster import MAX_TRIALS_PER_GPU, Layout, LayoutRequest, machine, plan_layout, trials_per_gpu
 from llmm_tune.tune.console import quiet_logs
-from llmm_tune.tune.probe import ACTOR_START_S, RAY_START_S, Prediction, predict, probe, trial_config
+from llmm_tune.tune.probe import (
+    ACTOR_START_S,
+    RAY_START_S,
+    Prediction,
+    predict,
+    probe,
+    trial_config,
+    with_slowdown,
+)
 from llmm_tune.tune.spaces import SearchSpec
 
 DURATION = re.compile(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?")
@@ -199,8 +207,8 @@ def probed_layout(spec: SearchSpec, request: LayoutRequest, source: str) -> tupl
     if not sizable(spec):
         raise UsageError(f"--budget sizes trials of the shared fit loop (epochs, rows); family {spec.family} trains "
                          "otherwise: give --num-samples instead")
-    threads = max(1, int(plan_layout(request, machine(), "this machine").cpus))
-    figures = probed_figures(spec, source, threads)
+    here = plan_layout(request, machine(), "this machine")
+    figures = probed_figures(spec, source, max(1, int(here.cpus)), here.concurrent)
     packed = gpu_packed(request, figures)
     return figures, packed, plan_layout(packed, machine(), "this machine")
 
@@ -244,23 +252,27 @@ def seconds_since_start() -> float:
     return time.time() - psutil.Process().create_time()
 
 
-def probed_figures(spec: SearchSpec, source: str, threads: int) -> dict:
-    """The probe's figures for a trial of `spec` on all its rows, measured here or cached by an earlier search."""
+def probed_figures(spec: SearchSpec, source: str, threads: int, concurrent: int) -> dict:
+    """The probe's figures for a trial of `spec` on all its rows, with the slowdown of `concurrent` trials at once:
+    measured here or cached by an earlier search."""
     uncapped = dataclasses.replace(spec, fixed={**spec.fixed, "max_train_examples": None})
     cached = CACHE_DIR / "probes" / f"{probe_key(uncapped, source, threads)}.json"
     if cached.is_file():
         print(f"budget: the figures of an earlier probe of this trial here ({cached})")
-        return json.loads(cached.read_text())
-    quiet_logs()  # the probe's model loads and data maps print as a trial's do: not at all
-    own_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        figures = probe(uncapped, source, BUDGET_PROBE_STEPS, score=True)
-    finally:
-        torch.set_num_threads(own_threads)
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    cached.write_text(json.dumps(figures, indent=2))
-    return figures
+        figures = json.loads(cached.read_text())
+    else:
+        quiet_logs()  # the probe's model loads and data maps print as a trial's do: not at all
+        own_threads = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            figures = probe(uncapped, source, BUDGET_PROBE_STEPS, score=True)
+        finally:
+            torch.set_num_threads(own_threads)
+    measured = with_slowdown(figures, concurrent)
+    if measured is not figures or not cached.is_file():
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        cached.write_text(json.dumps(measured, indent=2))
+    return measured
 
 
 def profile_budget(profile: str, spec: SearchSpec) -> str | None:
@@ -276,7 +288,7 @@ def paper_cost(spec: SearchSpec, request: LayoutRequest, source: str) -> str:
     if not sizable(spec):
         return f"paper: {spec.num_samples} trials of the published recipe (plan cannot time family {spec.family})"
     layout = plan_layout(request, machine(), "this machine")
-    figures = probed_figures(spec, source, max(1, int(layout.cpus)))
+    figures = probed_figures(spec, source, max(1, int(layout.cpus)), layout.concurrent)
     predicted = predict(figures, spec, trial_config(spec), figures["train_examples"],
                         min(layout.concurrent, spec.num_samples), layout.workers, spec.stops_early())
     hours = predicted.wall_s / 3600
