@@ -170,11 +170,13 @@ def search_share(figures: dict, spec: SearchSpec, concurrent: int, workers: int,
     total is not strictly monotone, and the bisection's answer is checked."""
 
     def total(each: float) -> float:
-        try:
-            sizing = size(figures, spec, concurrent, workers, each, SEARCH_START_S)
+        try:  # the retrainings are the trials of the search's sizing: the longest it may choose (sized at once)
+            size(figures, spec, concurrent, workers, each, SEARCH_START_S)
+            sizing = size(figures, spec, concurrent, workers, each, 0.0)
         except UsageError:  # too short for one trial
             return math.inf
-        trial = fits(figures, spec, sizing.epochs, sizing.train_rows, 1, 1, workers)
+        at_once = min(concurrent, retrainings)
+        trial = fits(figures, spec, sizing.epochs, sizing.train_rows, at_once, at_once, workers)
         retrain_s = math.ceil(retrainings / concurrent) * (trial.trial_s + figures.get("score_s", 0.0))
         return searches * each + RAY_START_S + ACTOR_START_S + retrain_s
 
