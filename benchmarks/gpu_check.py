@@ -323,6 +323,8 @@ def main() -> None:
         chosen = args.only or list(parts)  # the budgeted search (8 minutes) only when asked, and on a GPU
         if with_ray:
             parts["budget"] = functools.partial(budgeted_search, Path(work), args.data_dir)
+        for key in (key for key in chosen if key not in parts):
+            print(f"[{name}] {key}: skipped, it runs on a GPU with Ray installed", flush=True)
         ok = [report(name, functools.update_wrapper(parts[key], parts[key].func)) for key in chosen if key in parts]
     sys.exit(0 if all(ok) else 1)
 
