@@ -187,7 +187,7 @@ def test_bad_rows_are_skipped_and_counted_when_asked(tmp_path, capsys):
     path = rows_file(tmp_path, "qa.jsonl", [{"prompt": f"q{i}", "completion": "a"} for i in range(30)]
                      + [{"prompt": "q"}, "not an object"])
     block = json.loads(load_spec("sft", "cpu", "llmm", dataset={"path": path}).dataset)
-    task = causal_data.CausalTask("sft", causal_data.prompt_completion, None, dataset=block)
+    task = causal_data.CausalTask("sft", causal_data.prompt_completion, block)
     with pytest.raises(UsageError, match=r"qa.jsonl:32: not a JSON object; .* --on-bad-row skip"):
         causal_data.load(task, "dataset", "error")
     rows = causal_data.load(task, "dataset", "skip")

@@ -30,8 +30,8 @@ from llmm_tune.errors import UsageError
 from llmm_tune.files import atomic_path
 from llmm_tune.method.config import METHOD_SETTINGS, llmm_config
 from llmm_tune.method.model import llmm_layers, matches
-from llmm_tune.settings import COMMON, Setting, fraction, optional, positive, positive_int, size
-from llmm_tune.train.data import BAD_ROW_POLICIES, Example
+from llmm_tune.settings import COMMON, Setting, fraction, positive, positive_int
+from llmm_tune.train.data import SHARED_DATA_NAMES, SHARED_DATA_SETTINGS, Example
 from llmm_tune.train.fit import (
     FIT_SETTINGS,
     Batches,
@@ -89,13 +89,10 @@ SETTINGS: dict[str, Setting] = {
     "lora_modules": Setting(_suffixes, "a list of module-name suffixes (Llama: q_proj, v_proj)", ["q_proj", "v_proj"]),
     "full_rank_modules": Setting(_suffixes, "a list of module-name suffixes (Llama: mlp.gate_proj)", ["mlp.gate_proj"]),
     "max_source_length": Setting(positive_int, "an integer >= 1 (prompt tokens kept, from its end)", 256),
-    "max_train_examples": Setting(optional(positive_int), "an integer >= 1 or null (per task)", None),
-    "validation_size": Setting(size, "a fraction in (0, 1) or a whole count (per task, carved from train)", 32),
-    "test_examples": Setting(optional(positive_int), "an integer >= 1 or null (per task; null: the whole split)", None),
-    "on_bad_row": Setting(lambda v: v in BAD_ROW_POLICIES, f"one of {list(BAD_ROW_POLICIES)}", "error"),
+    **SHARED_DATA_SETTINGS,  # each task's own: its validation carved from its train, its rows capped
+    "validation_size": SHARED_DATA_SETTINGS["validation_size"]._replace(default=32),
 }
-DATA_SETTINGS = ("model", "order", "max_source_length", "max_train_examples", "validation_size", "test_examples",
-                 "seed", "on_bad_row")
+DATA_SETTINGS = (*SHARED_DATA_NAMES, "order", "max_source_length")
 GPU_MODEL = "HuggingFaceTB/SmolLM2-1.7B-Instruct"  # --profile gpu: a Llama needing no gated login
 HELD_OUT = "test"
 TASKS = {name: Task(name, {"aa": "max", "bwt": "max"}, "aa", order, selects="last") for name, order in ORDERS.items()}

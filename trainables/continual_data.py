@@ -9,7 +9,7 @@ from pathlib import Path
 
 from llmm_tune.errors import UsageError
 from llmm_tune.train.data import BadRows, Example, sample, split_off
-from llmm_tune.train.dataset import read_file
+from llmm_tune.train.dataset import TEST_SEED, read_file
 
 BENCHMARK = Path("cl_benchmark") / "O-LoRA"  # under the data folder: CL_Benchmark/<group>/<task>/, configs/
 GROUPS = {"dbpedia": "TC", "amazon": "SC", "yahoo": "TC", "agnews": "TC", "yelp": "SC", "IMDB": "SC", "SST-2": "SC",
@@ -31,7 +31,6 @@ ORDERS = {
 }
 # Offline: order 4 without the five tasks the shared copy lacks splits of (yahoo, dbpedia, yelp, IMDB, MultiRC).
 ORDERS["cl_local"] = tuple(t for t in _LONG if t not in ("yahoo", "dbpedia", "yelp", "IMDB", "MultiRC"))
-TEST_SEED = 42  # which test examples are scored, the same for every trial and seed
 SPLIT_FILES = {"train": "train.json", "test": "test.json"}  # dev.json is a copy of test.json: never used
 TEMPLATE = "Task:{group}\nDataset:{name}\n{instruction}Option: {labels} \n{text}\nAnswer:"
 

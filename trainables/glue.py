@@ -24,9 +24,16 @@ from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 import llmm_tune  # the method (apply_llmm, ...) loads peft at first use; reading the family's settings does not
 from llmm_tune.method.config import METHOD_SETTINGS, llmm_config
 from llmm_tune.method.model import draws_needed, mean_over_draws
-from llmm_tune.settings import COMMON, Setting, optional, positive_int, size
+from llmm_tune.settings import COMMON, Setting, positive_int
 from llmm_tune.train.calibration import EVAL_SETTINGS, calibration, fit_temperature, reliability
-from llmm_tune.train.data import BAD_ROW_POLICIES, by_length, carve_validation, lengths, local_or_hub
+from llmm_tune.train.data import (
+    SHARED_DATA_NAMES,
+    SHARED_DATA_SETTINGS,
+    by_length,
+    carve_validation,
+    lengths,
+    local_or_hub,
+)
 from llmm_tune.train.dataset import load_rows, resolve
 from llmm_tune.train.fit import FIT_SETTINGS, Reporter, default_device, epoch_clock, fit
 from llmm_tune.train.pretrained import load_classifier, load_tokenizer, model_config
@@ -38,14 +45,11 @@ from trainables.glue_data import resolve_shift as resolve_shift  # the family's:
 SETTINGS: dict[str, Setting] = {
     **COMMON, **METHOD_SETTINGS, **FIT_SETTINGS, **EVAL_SETTINGS,
     "max_length": Setting(positive_int, "an integer >= 1"),
-    "validation_size": Setting(size, "a fraction in (0, 1) or a whole count", 0.1),
-    "max_train_examples": Setting(optional(positive_int), "an integer >= 1 or null (all)", None),
-    "test_examples": Setting(optional(positive_int), "an integer >= 1 or null (the whole dev set)", None),
-    "on_bad_row": Setting(lambda v: v in BAD_ROW_POLICIES, f"one of {list(BAD_ROW_POLICIES)}", "error"),
+    **SHARED_DATA_SETTINGS,
 }
 GPU_MODEL = "microsoft/deberta-v3-base"  # --profile gpu's model: the paper's encoder, ungated
 HELD_OUT = "dev"  # the split `score` reads
-DATA_SETTINGS = ("model", "max_length", "validation_size", "max_train_examples", "seed", "on_bad_row")
+DATA_SETTINGS = (*SHARED_DATA_NAMES, "max_length")
 VALIDATION_FILE = "validation_logits.npz"  # in a classifier's checkpoints: what temperature scaling is fitted on
 clock = epoch_clock
 

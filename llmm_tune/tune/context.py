@@ -12,6 +12,7 @@ from types import ModuleType
 import yaml
 
 from llmm_tune.train.data import DATASET_SOURCE
+from llmm_tune.train.dataset import is_shipped
 from llmm_tune.tune.direction import Direction
 from llmm_tune.tune.family import Task, load_family, task_definition
 
@@ -55,9 +56,11 @@ class TrialContext:
         return task_definition(self.family, self.task, self.dataset)
 
     def source(self, data_dir: Path | None) -> str:
-        """Where the task's data comes from: the space's own data block, else the family's check of the data
-        folder or the hub (a UsageError naming the fix)."""
-        return DATASET_SOURCE if self.dataset else self.recipe.check_data(self.task, data_dir)
+        """Where the task's data comes from: the user's data block, else (a shipped task) the family's check of the
+        data folder or the hub (a UsageError naming the fix)."""
+        if self.dataset and not is_shipped(json.loads(self.dataset)):
+            return DATASET_SOURCE
+        return self.recipe.check_data(self.task, data_dir)
 
     @property
     def direction(self) -> Direction:

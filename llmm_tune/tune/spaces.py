@@ -18,6 +18,7 @@ from llmm_tune.errors import UsageError
 from llmm_tune.method.config import BASELINES
 from llmm_tune.project import SPACES_DIR
 from llmm_tune.settings import REQUIRED, positive, positive_int
+from llmm_tune.train.dataset import is_shipped
 from llmm_tune.tune.context import TrialContext, validation_key
 from llmm_tune.tune.direction import MODES
 from llmm_tune.tune.family import Task, load_family
@@ -245,14 +246,15 @@ def _shift(path: Path, entries, recipe: ModuleType, task: Task) -> list[dict]:
 
 
 def _resolved_dataset(path: Path, raw: dict, recipe: ModuleType, options: dict) -> dict:
-    """The space's data block with the command line's options over it, checked against its data (once: a
-    record's block is resolved already)."""
+    """The space's data block with the command line's options over it (over a shipped task's: instead of it),
+    checked against its data (once: a record's block is resolved already)."""
     if not hasattr(recipe, "dataset_task"):
         _fail(path, "dataset", f"family {raw['family']} takes no dataset block; use glue (classification) or "
                                "causal_lm (fine-tuning on text)")
     if not isinstance(raw.get("task"), str) or not raw["task"]:
         _fail(path, "task", "name your task (a word for the results folder), e.g. task: my_tickets")
-    block = {**(_mapping(path, "dataset", raw.get("dataset")) or {}), **options}
+    block = _mapping(path, "dataset", raw.get("dataset")) or {}
+    block = {**({} if options and is_shipped(block) else block), **options}  # the user's data replaces a shipped task's
     if options:  # data named anew: what was resolved for other data does not hold
         block = {k: v for k, v in block.items() if k not in ("files", "hashes", "labels") or k in options}
     return recipe.resolve_dataset(block, f"{path}: dataset")
