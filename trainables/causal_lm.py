@@ -28,8 +28,8 @@ from llmm_tune.errors import UsageError
 from llmm_tune.method.config import METHOD_SETTINGS, llmm_config
 from llmm_tune.settings import COMMON, Setting, optional, positive_int, size
 from llmm_tune.train.calibration import EVAL_SETTINGS, ReliabilityBins
-from llmm_tune.train.data import SHARED_DATA_NAMES, SHARED_DATA_SETTINGS, Example, local_or_hub
-from llmm_tune.train.dataset import check_shipped, is_shipped, local_files, resolve, shipped_blocks
+from llmm_tune.train.data import SHARED_DATA_NAMES, SHARED_DATA_SETTINGS, Example
+from llmm_tune.train.dataset import check_shipped, is_shipped, resolve, shipped_blocks, shipped_source
 from llmm_tune.train.fit import FIT_SETTINGS, Reporter, default_device, epoch_clock, fit
 from llmm_tune.train.lm_scoring import (
     encode,
@@ -107,9 +107,7 @@ TASKS = {name: dataset_task(name, block) for name, block in shipped_blocks("caus
 
 
 def check_data(task: str, data_dir: Path | None) -> str:
-    block = TASKS[task].details.dataset
-    files = [name for names in local_files(block).values() for name in names]
-    return local_or_hub(task, data_dir, Path(block["local"]["folder"]), files, block["path"])
+    return shipped_source(task, TASKS[task].details.dataset, data_dir)
 
 
 @dataclass

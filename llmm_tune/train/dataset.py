@@ -28,7 +28,7 @@ import yaml
 from llmm_tune.errors import UsageError
 from llmm_tune.project import ROOT, SPACES_DIR
 from llmm_tune.settings import count
-from llmm_tune.train.data import BadRows, hub_reachable, split_off
+from llmm_tune.train.data import BadRows, hub_reachable, local_or_hub, split_off
 
 KEYS = {"path", "name", "revision", "splits", "test", "test_size", "format", "columns", "chat_template", "files",
         "hashes", "labels"}
@@ -105,6 +105,13 @@ def local_files(block: dict) -> dict[str, tuple[str, ...]]:
     carved from)."""
     return {split: (names,) if isinstance(names, str) else tuple(names)
             for split, names in block["local"]["files"].items()}
+
+
+def shipped_source(task: str, block: dict, data_dir: Path | None) -> str:
+    """Where a shipped task's data will come from (a family's `check_data`): the data folder when given, else
+    its hub dataset."""
+    files = [name for names in local_files(block).values() for name in names]
+    return local_or_hub(task, data_dir, Path(block["local"]["folder"]), files, block["path"])
 
 
 def shipped_blocks(family: str) -> dict[str, dict]:

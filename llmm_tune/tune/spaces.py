@@ -190,8 +190,7 @@ def load_spec(task_or_path: str, profile: str, method: str, num_samples: int | N
     elif raw.get("task") in recipe.TASKS:
         task = recipe.TASKS[raw["task"]]
     else:
-        _fail(path, "task", f"{raw.get('task')!r} is not a task of family {raw['family']}; choose one of "
-                            f"{', '.join(recipe.TASKS)}, the family that has it, or give a dataset: block")
+        _not_a_task(path, raw, recipe)
     if "shift" in raw:
         raw["shift"] = _shift(path, raw["shift"], recipe, task)
         text = yaml.safe_dump(raw, sort_keys=False)
@@ -245,6 +244,11 @@ def _shift(path: Path, entries, recipe: ModuleType, task: Task) -> list[dict]:
     return resolved
 
 
+def _not_a_task(path: Path, raw: dict, recipe: ModuleType) -> None:
+    _fail(path, "task", f"{raw.get('task')!r} is not a task of family {raw['family']}; choose one of "
+                        f"{', '.join(recipe.TASKS)}, the family that has it, or give a dataset: block")
+
+
 def _resolved_dataset(path: Path, raw: dict, recipe: ModuleType, options: dict) -> dict:
     """The space's data block with the command line's options over it (over a shipped task's: instead of it),
     checked against its data (once: a record's block is resolved already)."""
@@ -257,6 +261,8 @@ def _resolved_dataset(path: Path, raw: dict, recipe: ModuleType, options: dict) 
     block = {**({} if options and is_shipped(block) else block), **options}  # the user's data replaces a shipped task's
     if options:  # data named anew: what was resolved for other data does not hold
         block = {k: v for k, v in block.items() if k not in ("files", "hashes", "labels") or k in options}
+    if is_shipped(block) and raw["task"] not in recipe.TASKS:  # its data is found by the shipped task's name
+        _not_a_task(path, raw, recipe)
     return recipe.resolve_dataset(block, f"{path}: dataset")
 
 
