@@ -4,7 +4,6 @@ metric, resumes from a checkpoint to the same state, and scores the held-out spl
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 
@@ -69,7 +68,7 @@ def test_every_user_data_format_resolves_trains_resumes_and_scores(space, kind, 
         for method in METHOD_CHOICES:
             load_spec(space, profile, method, dataset=dataset)
     spec = load_spec(space, "cpu", "llmm", dataset=dataset)
-    block = json.loads(spec.dataset)
+    block = spec.dataset.fields
     assert block["format"] == ("pair" if kind == "regression" else kind), block  # inferred from the columns
     if space == "classify":  # the label set read from train: real numbers make a regression
         assert (block["labels"] == "regression") == (kind == "regression"), block

@@ -15,11 +15,13 @@ resolved where the search starts: the family reads the data folder or the hub wh
 from __future__ import annotations
 
 import copy
+import functools
 import gzip
 import hashlib
 import json
 import os
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -73,6 +75,28 @@ def check_block(block: object, where: str) -> dict:
     if not isinstance(columns, dict) or not all(isinstance(v, str) for v in columns.values()):
         raise UsageError(f"{where}.columns: must map our column names to yours, e.g. {{prompt: question}}")
     return block
+
+
+@dataclass(frozen=True)
+class DataBlock:
+    """A task's resolved `dataset:` block as it travels from the search space to every trial, record and export:
+    one hashable value (the trial context holds it; a task definition is cached by it), parsed once."""
+
+    text: str  # the block as canonical JSON: two blocks are the same when their texts are
+
+    @classmethod
+    def of(cls, block: dict | None) -> DataBlock | None:
+        return None if block is None else cls(json.dumps(block, sort_keys=True))
+
+    @functools.cached_property
+    def fields(self) -> dict:
+        """The block's keys and values."""
+        return json.loads(self.text)
+
+    @property
+    def users(self) -> bool:
+        """Whether it names the user's data (resolved where the search started), not a shipped task's."""
+        return not is_shipped(self.fields)
 
 
 def is_shipped(block: dict) -> bool:

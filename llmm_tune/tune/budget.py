@@ -224,7 +224,7 @@ def gpu_packed(request: LayoutRequest, figures: dict) -> LayoutRequest:
 def probe_key(spec: SearchSpec, source: str, threads: int) -> str:
     """What a probe's figures depend on: the model, data and settings of a trial, and this machine's hardware."""
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or platform.machine()
-    users = spec.dataset if source == DATASET_SOURCE else None  # a shipped task's block: its family and task name it
+    users = spec.dataset.text if source == DATASET_SOURCE else None  # a shipped task's: its family and task name it
     what = {"family": spec.family, "task": spec.task, "dataset": users, "source": source,
             "config": trial_config(spec), "device": device, "cpu": cpu_model(), "threads": threads,
             "torch": torch.__version__}

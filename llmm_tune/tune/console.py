@@ -4,7 +4,6 @@ and each trial's own log files."""
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -267,4 +266,4 @@ def data_sizes(data) -> str:
 
 def data_named(spec: SearchSpec, source: str) -> str:
     """The data as the console names it: the user's data block's path, else the folder or "hub"."""
-    return json.loads(spec.dataset)["path"] if source == DATASET_SOURCE else source
+    return spec.dataset.fields["path"] if source == DATASET_SOURCE else source

@@ -18,7 +18,7 @@ from llmm_tune.errors import UsageError
 from llmm_tune.method.config import BASELINES
 from llmm_tune.project import SPACES_DIR
 from llmm_tune.settings import REQUIRED, positive, positive_int
-from llmm_tune.train.dataset import is_shipped
+from llmm_tune.train.dataset import DataBlock, is_shipped
 from llmm_tune.tune.context import TrialContext, validation_key
 from llmm_tune.tune.direction import MODES
 from llmm_tune.tune.family import Task, load_family
@@ -51,7 +51,7 @@ class SearchSpec:
     num_samples: int
     warm_start: list[dict]
     adjustments: list[str]  # how warm-start points were moved into this space
-    dataset: str | None = None  # the resolved `dataset:` block as JSON (TrialContext.dataset), else None
+    dataset: DataBlock | None = None  # the resolved `dataset:` block (TrialContext.dataset), else None
     early_stopping_on: bool | None = None  # whether ASHA runs: as the command line asked, None: by the trial count
     shift: str | None = None  # the resolved `shift:` entries as JSON (TrialContext.shift), else None
 
@@ -211,7 +211,7 @@ def load_spec(task_or_path: str, profile: str, method: str, num_samples: int | N
     if not positive_int(samples):
         _fail(path, f"profiles.{profile}.num_samples", f"must be an integer >= 1, got {samples!r}")
     warm, adjustments = _warm_start(path, recipe.SETTINGS, chosen.get("warm_start", raw.get("warm_start")), space)
-    dataset = json.dumps(raw["dataset"], sort_keys=True) if "dataset" in raw else None
+    dataset = DataBlock.of(raw.get("dataset"))
     shift = json.dumps(raw["shift"], sort_keys=True) if "shift" in raw else None
     return SearchSpec(path, text, raw["family"], task.name, metric, task.metrics[metric], space, fixed, stopping,
                       samples, warm, adjustments, dataset, shift=shift)
