@@ -72,7 +72,7 @@ clock = epoch_clock
 REPORTED = {"ece": "min"}  # what every evaluation reports beside a task's metrics: the token-level ECE
 GENERATION = {"exact_match": {"exact_match_flexible": "max", "exact_match_strict": "max"}}  # a block's
 # `generation`: what greedy decoding of the held-out prompts is scored by (GSM8K: the extracted final number)
-FIELDS = {"grouped", "generation"}  # a shipped task's own fields beside llmm_tune.train.dataset.SHIPPED_KEYS
+SHIPPED_FIELDS = {"grouped", "generation"}  # a shipped task's own fields beside train.dataset.SHIPPED_KEYS
 
 
 def causal_task(context: TrialContext) -> CausalTask:
@@ -86,7 +86,7 @@ def resolve_dataset(block: dict, where: str) -> dict:
     if is_shipped(block):
         if "generation" in block and block["generation"] not in GENERATION:
             raise UsageError(f"{where}.generation: {block['generation']!r} is not one of {', '.join(GENERATION)}")
-        return check_shipped(dict(block), SHIPPED_FORMATS, FIELDS, where)
+        return check_shipped(dict(block), SHIPPED_FORMATS, SHIPPED_FIELDS, where)
     template = block.get("chat_template")
     if isinstance(template, str) and Path(template).expanduser().is_file():
         block = {**block, "chat_template": Path(template).expanduser().read_text()}

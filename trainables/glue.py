@@ -50,6 +50,7 @@ SETTINGS: dict[str, Setting] = {
 GPU_MODEL = "microsoft/deberta-v3-base"  # --profile gpu's model: the paper's encoder, ungated
 HELD_OUT = "dev"  # the split `score` reads
 DATA_SETTINGS = (*SHARED_DATA_NAMES, "max_length")
+SHIPPED_FIELDS = {"columns", "labels", "metrics"}  # a shipped task's own fields beside train.dataset.SHIPPED_KEYS
 VALIDATION_FILE = "validation_logits.npz"  # in a classifier's checkpoints: what temperature scaling is fitted on
 clock = epoch_clock
 
@@ -62,10 +63,14 @@ def resolve_dataset(block: dict, where: str) -> dict:
     """A `dataset:` block checked against its data (llmm_tune.train.dataset), with train's label set recorded. A
     shipped task's block is checked alone: its data is found where the trial runs."""
     if is_shipped(block):
-        kind = "regression" if block.get("labels") == "regression" else "classification"
+        labels = block.get("labels")
+        if labels != "regression" and not (isinstance(labels, list) and len(labels) >= 2):
+            raise UsageError(f"{where}.labels: name the task's labels in index order (two or more), or write "
+                             "labels: regression")
+        kind = "regression" if labels == "regression" else "classification"
         if not set(block.get("metrics") or ()) <= set(SCORED[kind]):
             raise UsageError(f"{where}.metrics: a {kind} scores {', '.join(SCORED[kind])}; got {block['metrics']}")
-        return check_shipped(dict(block), FORMATS, {"columns", "labels", "metrics"}, where)
+        return check_shipped(dict(block), FORMATS, SHIPPED_FIELDS, where)
     block = resolve(block, FORMATS, where)
     if "labels" not in block:
         block["labels"] = label_set(load_rows(block, "skip")[0], where)

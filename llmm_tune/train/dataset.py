@@ -115,7 +115,7 @@ def check_shipped(block: dict, formats: Iterable[str], fields: set[str], where: 
     if not isinstance(local, dict) or not isinstance(local.get("folder"), str) or not isinstance(
             local.get("files"), dict):
         raise UsageError(f"{where}.local: needs folder: FOLDER (under the data folder) and files: {{split: FILE or "
-                         "[FILES]}}")
+                         "[FILES]}")
     if not isinstance(block.get("path"), str) or not block["path"]:
         raise UsageError(f"{where}.path: needs the task's hub dataset id (owner/name), read when no data folder is set")
     if block.get("format") not in formats:
