@@ -5,7 +5,7 @@
 
 The GPU machine has torch, transformers, peft and accelerate; bring the rest as wheels made here by
 benchmarks/gpu_wheels.sh (64 MiB a transfer: two transfers, docs/benchmarks.md says how). No model or data is
-read: the model is a random Llama built here.
+read but the shared CoLA data of part 5: the model is a random Llama built here.
 
 Prints, each line after the device's name:
 1. the 4-bit normal_float base on the device through bitsandbytes: train -> eval -> train, then the merged model's
@@ -15,7 +15,10 @@ Prints, each line after the device's name:
    compute (autocast, bitsandbytes' compute dtype bf16), eager and with `compile: true`;
 3. LoftQ's initialisation of one 4096 x 4096 layer (NF4, rank 64, 5 iterations);
 4. where Ray is installed: the same 4 trials at --gpus-per-trial 0.25 and at 1, timed, beside the plan's prediction;
-   without Ray: 4 Llmm trainings in plain processes at once against one alone (steps per second).
+   without Ray: 4 Llmm trainings in plain processes at once against one alone (steps per second);
+5. where Ray is installed: `search glue_cola --profile gpu --model minilm --budget 8m` (trials packed by memory, up
+   to 4 a GPU), its predicted wall time against the measured one and trials per hour (--data-dir: the CoLA data);
+   8 minutes of its own, so it runs only when asked: `--only budget`.
 A part that fails prints its error and lets the others run; `--only PART` runs one.
 """
 
@@ -24,6 +27,7 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib.util
+import re
 import statistics
 import subprocess
 import sys
@@ -217,6 +221,26 @@ def packing(size: dict, work: Path) -> list[str]:
     return lines
 
 
+def budgeted_search(work: Path, data_dir: Path) -> list[str]:
+    """`search glue_cola --profile gpu --budget 8m` with the packaged MiniLM (trials packed by the probe's memory, up to
+    4 a GPU): the sizing line, its predicted wall time against the measured one, and trials per hour."""
+    if not (data_dir / "glue").is_dir():
+        raise RuntimeError(f"no GLUE data under {data_dir}: pass --data-dir (the shared data folder)")
+    results = work / "budget-results"
+    search = [sys.executable, "-m", "llmm_tune.search", "glue_cola", "--profile", "gpu", "--model", "minilm",
+              "--budget", "8m", "--data-dir", str(data_dir), "--storage", str(work / "budget-runs"),
+              "--results", str(results)]
+    run, seconds = synchronised("cpu", lambda: subprocess.run(search, capture_output=True, text=True, cwd=ROOT))
+    if run.returncode:
+        raise RuntimeError(f"the budgeted search failed: {run.stderr.strip()[-300:]}")
+    sized = next(line for line in run.stdout.splitlines() if line.startswith("budget "))
+    predicted = float(re.search(r"about ([\d.]+) min predicted", sized).group(1))
+    trials = len((results / "cola" / "trials.csv").read_text().strip().splitlines()) - 1
+    return [sized, f"budgeted search: {seconds / 60:.1f} min measured against {predicted:.1f} min predicted "
+                   f"({100 * (predicted * 60 - seconds) / seconds:+.0f}%), {trials} trials: "
+                   f"{trials * 3600 / seconds:.0f} trials per hour"]
+
+
 def packed_throughput(device: str, processes: int) -> float:
     """Training steps per second of `processes` Llmm trainings run at once on one device (without Ray): each warms
     up, then all start their timed steps together; all their steps over the span from the first start to the last
@@ -272,7 +296,9 @@ def report(name: str, part) -> bool:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cpu", action="store_true", help="run every part up to the CUDA calls, small, on the CPU")
-    parser.add_argument("--only", action="append", choices=("nf4", "step", "loftq", "packing"),
+    parser.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "data",
+                        help="the shared data folder, for the budgeted CoLA search (default: %(default)s)")
+    parser.add_argument("--only", action="append", choices=("nf4", "step", "loftq", "packing", "budget"),
                         help="run this part alone (repeatable; default: every part)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # one of packing's processes
     args = parser.parse_args()
@@ -294,7 +320,12 @@ def main() -> None:
                  "loftq": functools.partial(loftq_time, size, device),
                  "packing": functools.partial(packing, size, Path(work)) if with_ray
                  else functools.partial(packing_without_ray, size, device)}
-        ok = [report(name, functools.update_wrapper(parts[key], parts[key].func)) for key in args.only or parts]
+        chosen = args.only or list(parts)  # the budgeted search (8 minutes) only when asked, and on a GPU
+        if with_ray:
+            parts["budget"] = functools.partial(budgeted_search, Path(work), args.data_dir)
+        for key in (key for key in chosen if key not in parts):
+            print(f"[{name}] {key}: skipped, it runs on a GPU with Ray installed", flush=True)
+        ok = [report(name, functools.update_wrapper(parts[key], parts[key].func)) for key in chosen if key in parts]
     sys.exit(0 if all(ok) else 1)
 
 

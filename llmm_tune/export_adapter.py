@@ -120,10 +120,24 @@ def run(argv: list[str]) -> dict:
         tokenizer.model_max_length = training["max_length"]
     written = to_peft(model, args.out, base_model_name(record.config["model"]), tokenizer, training)
     write_text(args.out / "README.md", f"# {record.task}: {record.method} adapter\n\nDIR is this folder; "
-               f"trained with {json.dumps(training)}.\n\n```python\n{how_to_load('DIR', written)}```\n")
-    print(f"wrote {args.out}/base and {args.out}/adapter; load with (also in {args.out}/README.md):\n"
-          + how_to_load(str(args.out), written))
+               f"trained with {json.dumps(training)}. {what_the_mean_loses(record.config)}\n\n```python\n"
+               f"{how_to_load('DIR', written)}```\n")
+    print(f"wrote {args.out}/base and {args.out}/adapter; {what_the_mean_loses(record.config)} Load with (also in "
+          f"{args.out}/README.md):\n" + how_to_load(str(args.out), written))
     return written
+
+
+def what_the_mean_loses(config: dict) -> str:
+    """What a peft adapter (each Llmm factor's mean) predicts against what the record was scored with (`draws`)."""
+    draws = config.get("draws", 0)
+    if not config.get("K"):
+        return "The adapter has no moment directions (K = 0): peft predicts exactly as it was scored."
+    if not draws:
+        return ("peft holds each factor's mean, what the record was scored with (draws 0); the moment directions, "
+                "which only sampling uses, are left out.")
+    return (f"The record was scored with the mean of {draws} adapter samples' probabilities (draws {draws}); peft "
+            "holds each factor's mean only and predicts as draws 0 does: its scores may differ from the record's, "
+            "its calibration most (docs/results.md, calibration).")
 
 
 def main() -> None:

@@ -45,7 +45,9 @@ from llmm_tune.tune.probe import (
     TUNE_OVERHEAD_S,
     predict,
     probe,
+    slowdown,
     trial_config,
+    with_slowdown,
 )
 from llmm_tune.tune.spaces import SearchSpec, load_spec
 from llmm_tune.tune.strategy import QMC_FROM_TRIALS
@@ -62,7 +64,7 @@ def measure(args: argparse.Namespace, spec: SearchSpec) -> tuple[dict, str]:
         source = spec.context().source(resolve_data_dir(args.data_dir))
         here = plan_layout(layout_request(args), machine(), "this machine")
         torch.set_num_threads(max(1, int(here.cpus)))
-        figures = probe(spec, source, args.probe_steps, not args.no_score)
+        figures = with_slowdown(probe(spec, source, args.probe_steps, not args.no_score), here.concurrent)
         how = f"measured here ({figures['device']}, {figures['threads']} threads, {args.probe_steps} steps)"
         if args.save_figures:
             Path(args.save_figures).write_text(json.dumps(figures, indent=2))
@@ -131,7 +133,10 @@ def plan(args: argparse.Namespace) -> dict:
         f"trial start: {figures['build_cold_s']:.1f} s with LoftQ computed, {figures['build_warm_s']:.1f} s from the "
         "experiment's LoftQ cache (measured)",
         f"a whole trial: {trial_s / 60:.1f} min = start + {steps} steps x {figures['step_s']:.2f} s + {len(evals)} "
-        f"evaluations x {figures['eval_s']:.1f} s (measured per step and evaluation, counted from the config)",
+        f"evaluations x {figures['eval_s']:.1f} s (measured per step and evaluation, counted from the config)"
+        + (f", x {slowdown(figures, concurrent):.2f} with {concurrent} trials at once (measured here: "
+           f"{figures['slowdown']['factor']:.2f} with {figures['slowdown']['trials']})"
+           if slowdown(figures, concurrent) > 1 else ""),
         (f"ASHA (grace {spec.early_stopping['grace_period']}, reduction {spec.early_stopping['reduction_factor']}, "
          f"{time_attr} up to {epochs:g}): a trial runs {predicted.mean_fraction:.0%} of its budget on average "
          "(simulated with random trial quality)" if spec.stops_early() else

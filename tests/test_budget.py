@@ -197,7 +197,7 @@ def test_the_paper_profile_says_its_gpu_hours_before_it_starts(monkeypatch):
     from llmm_tune.tune.cluster import LayoutRequest
 
     monkeypatch.setattr(budget, "machine", lambda: {"CPU": 16.0, "GPU": 2.0})
-    monkeypatch.setattr(budget, "probed_figures", lambda spec, source, threads: {**FIGURES, "device": "cuda"})
+    monkeypatch.setattr(budget, "probed_figures", lambda *probed: {**FIGURES, "device": "cuda"})
     line = budget.paper_cost(load_spec("glue_cola", "paper", "llmm"), LayoutRequest(), "hub")
     hours, gpu_hours = (float(x) for x in re.fullmatch(
         r"paper: 48 trials of the published recipe, about ([\d.]+) h here \(([\d.]+) GPU-hours\) predicted; .*",
@@ -210,9 +210,10 @@ def test_a_compare_budget_leaves_the_retrainings_their_time(spec):
 
     share = search_share(FIGURES, spec, 2, 1, 3600, searches=2, retrainings=6)
     assert 0 < share < 1800 and search_share(FIGURES, spec, 2, 1, 7200, searches=2, retrainings=6) > share
-    sizing = size(FIGURES, spec, 2, 1, share, SEARCH_START_S)
-    trial = fits(FIGURES, spec, sizing.epochs, sizing.train_rows, 1, 1, 1).trial_s
-    assert 2 * share + 3 * (trial + FIGURES["score_s"]) <= 3600  # two searches, then 6 retrainings 2 at once
+    for spent in (SEARCH_START_S, 0.0):  # however soon a search sizes itself (a cached probe: at once)
+        sizing = size(FIGURES, spec, 2, 1, share, spent)
+        trial = fits(FIGURES, spec, sizing.epochs, sizing.train_rows, 1, 1, 1).trial_s
+        assert 2 * share + 3 * (trial + FIGURES["score_s"]) <= 3600  # two searches, then 6 retrainings 2 at once
     with pytest.raises(UsageError, match=r"too short for 2 search\(es\) and 6 retrainings here; give --budget \d+m"):
         search_share(FIGURES, spec, 2, 1, 20, searches=2, retrainings=6)
 
@@ -229,3 +230,29 @@ def test_a_sizing_predicts_the_early_stopping_of_the_strategy_it_sizes_for(spec)
     assert few.mean_fraction == 1.0 and many.mean_fraction < 1.0  # random search below 24 trials, QMC + ASHA from 24
     asked = dataclasses.replace(spec, early_stopping_on=True)  # --sampler given: ASHA on at any count
     assert fits(FIGURES, asked, 4, 4000, 3, 2, 1).mean_fraction < 1.0
+
+
+def test_trials_at_once_on_a_cpu_take_the_measured_slowdown_in_proportion(spec, monkeypatch):
+    from llmm_tune.tune import probe
+
+    measured = {**FIGURES, "device": "cpu", "threads": 1, "slowdown": {"trials": 4, "factor": 1.6}}
+    assert [probe.slowdown(measured, n) for n in (1, 2, 4, 8)] == pytest.approx([1.0, 1.2, 1.6, 1.6])
+    assert probe.slowdown(FIGURES, 4) == 1.0  # none measured (figures from before, or a GPU's)
+    alone = fits({**FIGURES, "device": "cpu"}, spec, 4, 4000, 2, 2, 1)
+    slowed = fits(measured, spec, 4, 4000, 2, 2, 1)
+    assert slowed.trial_s == pytest.approx(1.2 * alone.trial_s) and slowed.wall_s > alone.wall_s
+    assert fits(measured, spec, 4, 4000, 1, 2, 1).trial_s == pytest.approx(alone.trial_s)  # one trial runs alone
+
+    timed = []
+    monkeypatch.setattr(probe, "concurrency_slowdown", lambda concurrent, threads: timed.append(concurrent) or 1.3)
+    assert probe.with_slowdown({**FIGURES, "device": "cpu", "threads": 1}, 2)["slowdown"] == {"trials": 2,
+                                                                                              "factor": 1.3}
+    assert probe.with_slowdown(measured, 2) is measured and probe.with_slowdown(measured, 1) is measured
+    assert probe.with_slowdown({**FIGURES, "device": "cuda"}, 4)["device"] == "cuda" and timed == [2]
+
+
+def test_the_slowdown_is_timed_in_processes_running_at_once():
+    from llmm_tune.tune.probe import busy_seconds, concurrency_slowdown
+
+    assert busy_seconds(1, steps=2) > 0
+    assert 1.0 <= concurrency_slowdown(2, 1) < 10  # two processes of one thread each, timed against one alone

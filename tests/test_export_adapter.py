@@ -135,3 +135,12 @@ def test_auto_peft_model_loads_an_exported_adapter_on_its_hub_base_and_no_file_n
         assert json.loads((out / "base" / "config.json").read_text())["id2label"] == {"0": "unacceptable",
                                                                                       "1": "acceptable"}
         assert AutoTokenizer.from_pretrained(out / "base").model_max_length == lengths["max_length"]
+
+
+def test_the_export_says_what_the_mean_adapter_loses_against_the_records_draws():
+    from llmm_tune.export_adapter import what_the_mean_loses
+
+    assert "predicts exactly as it was scored" in what_the_mean_loses({"K": 0, "draws": 8})
+    assert "what the record was scored with (draws 0)" in what_the_mean_loses({"K": 2})
+    sampled = what_the_mean_loses({"K": 1, "draws": 8})
+    assert "mean of 8 adapter samples" in sampled and "predicts as draws 0 does" in sampled

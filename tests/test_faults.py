@@ -329,3 +329,36 @@ def test_a_trial_whose_clean_up_outlasts_tunes_default_wait_does_not_fail_the_ne
     assert all(r["failure"] == "" and r["val_mcc"] != "" for r in rows), rows
     processes = {r["pid"] for r in result_lines(assets["root"] / "runs" / "slow-cleanup")}
     assert len(processes) == 1  # Tune reused the first trial's actor for the second, while it was cleaning up
+
+
+def test_a_state_file_cut_by_a_kill_is_put_back_from_rays_staged_copy_for_export_and_resume(assets):
+    space = tiny_space(assets["root"], assets["model"], "cut", epochs=3)
+    process = start_search(*search_args(assets, space, "cut", "--num-samples", "1", "--cpus-per-trial", "2"))
+    experiment = assets["root"] / "runs" / "cut"
+    wait_for(lambda: result_lines(experiment), process)  # a trial reported, and the state that holds it was copied
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    (state,) = experiment.glob("experiment_state-*.json")
+    state.write_bytes(state.read_bytes()[:200])  # what a kill during Tune's in-place copy of its state leaves
+    early = run_module("llmm_tune.export", str(experiment), "--results", str(assets["root"] / "results" / "cut-early"))
+    assert early.returncode == 0 and "was cut by a kill while Tune copied it; put back" in early.stdout, early.stderr
+    assert json.loads(state.read_text())["trial_data"]  # whole again: the driver's staged copy
+    output = finish(start_search(*search_args(assets, space, "cut", "--resume")))
+    (row,) = exported_trials(assets, "cut")
+    assert row["status"] == "TERMINATED" and row["val_mcc"] != "", output[-2000:]
+
+
+def test_a_cut_state_without_a_staged_copy_is_one_clear_error_and_a_whole_one_is_left_alone(tmp_path, monkeypatch):
+    from llmm_tune.errors import UsageError
+    from llmm_tune.tune.storage import mend_cut_state
+
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path / "no-ray"))  # a machine without the driver's session folders
+    experiment = tmp_path / "runs" / "elsewhere"
+    experiment.mkdir(parents=True)
+    (experiment / "experiment_state-2026-01-01_00-00-00.json").write_text('{"trial_data": []}')
+    mend_cut_state(str(experiment))
+    assert json.loads((experiment / "experiment_state-2026-01-01_00-00-00.json").read_text()) == {"trial_data": []}
+    (experiment / "experiment_state-2026-01-02_00-00-00.json").write_text('{"trial_data": [["{\\"a')  # the newest
+    with pytest.raises(UsageError, match=r"experiment_state-2026-01-02_00-00-00.json was cut by a kill while Tune "
+                                         r"copied it, and no whole copy is left"):
+        mend_cut_state(str(experiment))

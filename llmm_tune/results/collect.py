@@ -48,6 +48,7 @@ def collect(experiment: str) -> Collected:
                          "under the search's --storage")
     spec = meta.spec()
     context = meta.context(experiment)
+    storage.mend_cut_state(experiment)
     analysis = ExperimentAnalysis(experiment)
     rows, checkpoints = [], {}
     cut = set((read_budget_stop(experiment) or {}).get("cut", []))

@@ -24,7 +24,15 @@ from llmm_tune.train.data import DATASET_SOURCE
 from llmm_tune.train.pretrained import CACHE_DIR
 from llmm_tune.tune.cluster import MAX_TRIALS_PER_GPU, Layout, LayoutRequest, machine, plan_layout, trials_per_gpu
 from llmm_tune.tune.console import quiet_logs
-from llmm_tune.tune.probe import ACTOR_START_S, RAY_START_S, Prediction, predict, probe, trial_config
+from llmm_tune.tune.probe import (
+    ACTOR_START_S,
+    RAY_START_S,
+    Prediction,
+    predict,
+    probe,
+    trial_config,
+    with_slowdown,
+)
 from llmm_tune.tune.spaces import SearchSpec
 
 DURATION = re.compile(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?")
@@ -163,11 +171,13 @@ def search_share(figures: dict, spec: SearchSpec, concurrent: int, workers: int,
     total is not strictly monotone, and the bisection's answer is checked."""
 
     def total(each: float) -> float:
-        try:
-            sizing = size(figures, spec, concurrent, workers, each, SEARCH_START_S)
+        try:  # the retrainings are the trials of the search's sizing: the longest it may choose (sized at once)
+            size(figures, spec, concurrent, workers, each, SEARCH_START_S)
+            sizing = size(figures, spec, concurrent, workers, each, 0.0)
         except UsageError:  # too short for one trial
             return math.inf
-        trial = fits(figures, spec, sizing.epochs, sizing.train_rows, 1, 1, workers)
+        at_once = min(concurrent, retrainings)
+        trial = fits(figures, spec, sizing.epochs, sizing.train_rows, at_once, at_once, workers)
         retrain_s = math.ceil(retrainings / concurrent) * (trial.trial_s + figures.get("score_s", 0.0))
         return searches * each + RAY_START_S + ACTOR_START_S + retrain_s
 
@@ -200,8 +210,8 @@ def probed_layout(spec: SearchSpec, request: LayoutRequest, source: str) -> tupl
     if not sizable(spec):
         raise UsageError(f"--budget sizes trials of the shared fit loop (epochs, rows); family {spec.family} trains "
                          "otherwise: give --num-samples instead")
-    threads = max(1, int(plan_layout(request, machine(), "this machine").cpus))
-    figures = probed_figures(spec, source, threads)
+    here = plan_layout(request, machine(), "this machine")
+    figures = probed_figures(spec, source, max(1, int(here.cpus)), here.concurrent)
     packed = gpu_packed(request, figures)
     return figures, packed, plan_layout(packed, machine(), "this machine")
 
@@ -246,23 +256,27 @@ def seconds_since_start() -> float:
     return time.time() - psutil.Process().create_time()
 
 
-def probed_figures(spec: SearchSpec, source: str, threads: int) -> dict:
-    """The probe's figures for a trial of `spec` on all its rows, measured here or cached by an earlier search."""
+def probed_figures(spec: SearchSpec, source: str, threads: int, concurrent: int) -> dict:
+    """The probe's figures for a trial of `spec` on all its rows, with the slowdown of `concurrent` trials at once:
+    measured here or cached by an earlier search."""
     uncapped = dataclasses.replace(spec, fixed={**spec.fixed, "max_train_examples": None})
     cached = CACHE_DIR / "probes" / f"{probe_key(uncapped, source, threads)}.json"
     if cached.is_file():
         print(f"budget: the figures of an earlier probe of this trial here ({cached})")
-        return json.loads(cached.read_text())
-    quiet_logs()  # the probe's model loads and data maps print as a trial's do: not at all
-    own_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        figures = probe(uncapped, source, BUDGET_PROBE_STEPS, score=True)
-    finally:
-        torch.set_num_threads(own_threads)
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    cached.write_text(json.dumps(figures, indent=2))
-    return figures
+        figures = json.loads(cached.read_text())
+    else:
+        quiet_logs()  # the probe's model loads and data maps print as a trial's do: not at all
+        own_threads = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            figures = probe(uncapped, source, BUDGET_PROBE_STEPS, score=True)
+        finally:
+            torch.set_num_threads(own_threads)
+    measured = with_slowdown(figures, concurrent)
+    if measured is not figures or not cached.is_file():
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        cached.write_text(json.dumps(measured, indent=2))
+    return measured
 
 
 def profile_budget(profile: str, spec: SearchSpec) -> str | None:
@@ -278,7 +292,7 @@ def paper_cost(spec: SearchSpec, request: LayoutRequest, source: str) -> str:
     if not sizable(spec):
         return f"paper: {spec.num_samples} trials of the published recipe (plan cannot time family {spec.family})"
     layout = plan_layout(request, machine(), "this machine")
-    figures = probed_figures(spec, source, max(1, int(layout.cpus)))
+    figures = probed_figures(spec, source, max(1, int(layout.cpus)), layout.concurrent)
     predicted = predict(figures, spec, trial_config(spec), figures["train_examples"],
                         min(layout.concurrent, spec.num_samples), layout.workers, spec.stops_early())
     hours = predicted.wall_s / 3600

@@ -48,6 +48,7 @@ def build_tuner(spec: SearchSpec, record: ExperimentRecord, context: TrialContex
     trainable = tune.with_resources(tune.with_parameters(trainable, context=context, data=data, experiment=experiment,
                                                          layout=record.resources, fixed=spec.fixed), own)
     if resume:
+        storage.mend_cut_state(experiment)
         return tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True)
     metric, mode = searcher_targets(record.objective_list, context.value_key, spec.mode)
     searcher = make_searcher(spec.distributions(), metric, mode, spec.warm_start, spec.num_samples,

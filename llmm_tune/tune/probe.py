@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import multiprocessing
 import resource
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -93,6 +95,49 @@ def timed_runs(spec: SearchSpec, config: dict, context: TrialContext, data, sour
     return figures
 
 
+def busy_seconds(threads: int, steps: int = 12) -> float:
+    """Seconds of `steps` forward and backward passes of a transformer's feed-forward block (MiniLM's width, a batch
+    of 512 tokens) on `threads` threads, after two to warm up: the kind of work a CPU trial's steps are."""
+    torch.set_num_threads(threads)
+    block = torch.nn.Sequential(torch.nn.Linear(384, 1536), torch.nn.GELU(), torch.nn.Linear(1536, 384))
+    tokens = torch.randn(512, 384)
+    for step in range(steps + 2):
+        if step == 2:
+            began = time.perf_counter()
+        block(tokens).square().mean().backward()
+    return time.perf_counter() - began
+
+
+def concurrency_slowdown(concurrent: int, threads: int) -> float:
+    """How much longer CPU work takes with `concurrent` trials' processes busy at once than with one alone (cores
+    that share a physical core, memory bandwidth, clocks that drop under load): the probe times one trial alone.
+    Measured with `busy_seconds` in separate processes, as Ray runs trials; at least 1."""
+    with multiprocessing.get_context("spawn").Pool(concurrent) as pool:
+        pool.starmap(busy_seconds, [(threads, 1)] * concurrent)  # every process started, its imports done
+        alone = min(pool.apply(busy_seconds, (threads,)) for _ in range(2))
+        together = statistics.median(pool.starmap(busy_seconds, [(threads,)] * concurrent))
+    return max(1.0, together / alone)
+
+
+def with_slowdown(figures: dict, concurrent: int) -> dict:
+    """`figures` with the slowdown of `concurrent` CPU trials at once, measured here unless they hold one for as
+    many or more (a GPU's trials are packed by memory and not measured)."""
+    measured = figures.get("slowdown")
+    if figures["device"] != "cpu" or concurrent < 2 or (measured and measured["trials"] >= concurrent):
+        return figures
+    factor = concurrency_slowdown(concurrent, figures["threads"])
+    return {**figures, "slowdown": {"trials": concurrent, "factor": factor}}
+
+
+def slowdown(figures: dict, concurrent: int) -> float:
+    """The factor a trial's time grows by with `concurrent` trials at once: the measured one (`with_slowdown`),
+    in proportion for fewer trials than it was measured with; 1 where none was measured."""
+    measured = figures.get("slowdown")
+    if not measured or concurrent < 2:
+        return 1.0
+    return 1.0 + (measured["factor"] - 1.0) * min(1.0, (concurrent - 1) / (measured["trials"] - 1))
+
+
 def rungs(spec, budget: float) -> list[float]:
     stopping = spec.early_stopping
     milestones, value = [], stopping["grace_period"]
@@ -159,7 +204,7 @@ def predict(figures: dict, spec: SearchSpec, config: dict, rows: int, concurrent
     steps = schedule.total_steps
     evals = [schedule.epochs_done(step) for step in sorted(schedule.eval_at)]  # the epochs fit reports at
     trial_s = (figures["build_warm_s"] + 2 * figures["first_steps_s"] + (steps - 2) * figures["step_s"]
-               + len(evals) * figures["eval_s"])
+               + len(evals) * figures["eval_s"]) * slowdown(figures, concurrent)
     _, epochs = spec.recipe.clock(config, spec.context())
     asha = simulate(spec, trial_s, epochs, concurrent, evals, early_stopping=early_stopping)
     combos = math.prod(len(d.choices) for n, d in spec.distributions().items()

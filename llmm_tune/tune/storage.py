@@ -6,6 +6,7 @@ LoftQ cache that reach."""
 
 from __future__ import annotations
 
+import json
 import os
 import posixpath
 from dataclasses import dataclass
@@ -90,6 +91,43 @@ def list_names(location: str) -> list[str]:
 def delete(location: str) -> None:
     fs, path = filesystem(location)
     fs.delete_file(path)
+
+
+def mend_cut_state(experiment: str) -> None:
+    """Put back a whole copy of Tune's newest experiment state where a kill cut it. Tune writes its state in the
+    driver's staging folder (in Ray's session folder) and copies it into the experiment in place (pyarrow's copy), so
+    a search killed during the copy leaves a cut file that Tune cannot resume nor ExperimentAnalysis read; the staged
+    copy, written whole before the copy began, stays on the driver's disk. A cut file without one is an error that
+    says so."""
+    states = sorted(name for name in list_names(experiment)
+                    if name.startswith("experiment_state-") and name.endswith(".json"))
+    if not states or _whole_json(read_bytes(join(experiment, states[-1]))):
+        return
+    name = posixpath.basename(experiment.rstrip("/"))
+    staged = [path for path in Path(ray_temp_dir()).glob(f"session_*/artifacts/*/{name}/driver_artifacts/{states[-1]}")
+              if _whole_json(path.read_bytes())]
+    if not staged:
+        raise UsageError(f"{join(experiment, states[-1])} was cut by a kill while Tune copied it, and no whole copy is "
+                         f"left in Ray's session folders ({ray_temp_dir()}) of this machine; run the search from its "
+                         "driver's machine, or start it again under another --name")
+    write_bytes(join(experiment, states[-1]), max(staged, key=lambda path: path.stat().st_mtime).read_bytes())
+    print(f"{states[-1]} of {experiment} was cut by a kill while Tune copied it; put back its whole staged copy")
+
+
+def ray_temp_dir() -> str:
+    """Ray's temporary folder on this machine, where each session stages its files (/tmp/ray unless RAY_TMPDIR or
+    TMPDIR say otherwise): Ray's own default, read without starting Ray."""
+    from ray._common.utils import get_default_ray_temp_dir
+
+    return get_default_ray_temp_dir()
+
+
+def _whole_json(data: bytes) -> bool:
+    try:
+        json.loads(data)
+    except ValueError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)
