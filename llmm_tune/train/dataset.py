@@ -9,7 +9,8 @@ part of the search's YAML, so every record carries it and every trial reads the 
 
 A shipped task's block (`is_shipped`) is the same kind of value: its hub dataset (`path`, `name`, `splits`) and
 its copy under the data folder (`local`), its format and the fields that make the task what it is. It is not
-resolved where the search starts: the family reads the data folder or the hub where the trial runs.
+resolved where the search starts: the family reads the data folder or the hub where the trial runs. A task
+sequence (the continual family's) is a list of such blocks, one a task of a shipped benchmark, in order.
 """
 
 from __future__ import annotations
@@ -85,12 +86,12 @@ class DataBlock:
     text: str  # the block as canonical JSON: two blocks are the same when their texts are
 
     @classmethod
-    def of(cls, block: dict | None) -> DataBlock | None:
+    def of(cls, block: dict | list[dict] | None) -> DataBlock | None:
         return None if block is None else cls(json.dumps(block, sort_keys=True))
 
     @functools.cached_property
-    def fields(self) -> dict:
-        """The block's keys and values."""
+    def fields(self) -> dict | list[dict]:
+        """The block's keys and values (a task sequence's: its tasks' blocks, in order)."""
         return json.loads(self.text)
 
     @property
@@ -99,15 +100,19 @@ class DataBlock:
         return not is_shipped(self.fields)
 
 
-def is_shipped(block: dict) -> bool:
+def is_shipped(block: dict | list[dict]) -> bool:
     """Whether a `dataset:` block describes a shipped task's data (its copy under the data folder, `local`, or its
-    hub dataset), found where the trial runs, rather than the user's data, resolved where the search starts."""
-    return "local" in block
+    hub dataset; a list: a sequence of a shipped benchmark's tasks), found where the trial runs, rather than the
+    user's data, resolved where the search starts."""
+    return isinstance(block, list) or "local" in block
 
 
 def check_shipped(block: dict, formats: Iterable[str], fields: set[str], where: str) -> dict:
     """A shipped task's block with known keys (ours and the family's `fields`), a hub id, its local files and one
     of the family's `formats`; a UsageError naming the key otherwise."""
+    if not isinstance(block, dict):
+        raise UsageError(f"{where}: a list of blocks is a task sequence (the continual family's); give this task's "
+                         "one block, a mapping")
     unknown = sorted(set(block) - SHIPPED_KEYS - fields)
     if unknown:
         raise UsageError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(SHIPPED_KEYS | fields)}")
@@ -138,10 +143,17 @@ def shipped_source(task: str, block: dict, data_dir: Path | None) -> str:
     return local_or_hub(task, data_dir, Path(block["local"]["folder"]), files, block["path"])
 
 
-def shipped_blocks(family: str) -> dict[str, dict]:
+def _shipped_space(path: Path) -> dict:
+    """A shipped space's top-level keys, over those of the space it `extends:` (a shipped one, by file or name)."""
+    raw = yaml.safe_load(path.read_text()) or {}
+    base = raw.pop("extends", None)
+    return raw if base is None else {**_shipped_space(SPACES_DIR / f"{str(base).removesuffix('.yaml')}.yaml"), **raw}
+
+
+def shipped_blocks(family: str) -> dict[str, dict | list[dict]]:
     """Task -> its `dataset:` block, for each space shipped in `search_spaces/` that describes a shipped task of
     `family`: the tasks a family ships are their spaces' blocks (records that name a task alone find it here)."""
-    spaces = (yaml.safe_load(path.read_text()) or {} for path in sorted(SPACES_DIR.glob("*.yaml")))
+    spaces = (_shipped_space(path) for path in sorted(SPACES_DIR.glob("*.yaml")))
     return {raw["task"]: raw["dataset"] for raw in spaces
             if raw.get("family") == family and is_shipped(raw.get("dataset") or {})}
 

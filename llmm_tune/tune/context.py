@@ -31,8 +31,8 @@ class TrialContext:
     selects: str  # the report that stands for a trial: its "best", or its "last" (a task sequence)
     trust_remote_code: bool = False
     loftq_cache: str | None = None  # a folder or URI every trial of the search shares; None: memory only
-    dataset: DataBlock | None = None  # the space's resolved `dataset:` block; None: the task is named alone (a
-    # continual order, a record from before shipped tasks had blocks)
+    dataset: DataBlock | None = None  # the space's resolved `dataset:` block (a continual space's: its list of task
+    # blocks); None: the task is named alone (a record from before shipped tasks had blocks)
     shift: str | None = None  # the space's resolved `shift:` entries as JSON (extra held-out sets), else None
     objectives: tuple[str, ...] = ()  # the search's other objectives (--objectives), whose values at the report
     # that stands go out beside the selection metric's (`best_val_<metric>`)

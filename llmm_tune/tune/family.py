@@ -56,8 +56,9 @@ class Family(Protocol):
     `build_model(config, context, device) -> nn.Module`: the model a checkpoint's adapter loads into
     (`llmm_tune.export_adapter` needs it).
     `resolve_dataset(block, where) -> dict` and `dataset_task(name, block) -> Task`, in a family whose tasks are
-    `dataset:` blocks of its spaces (`llmm_tune.train.dataset`): the block checked (the user's data: against its
-    data, and completed) once, where the search starts; the task it defines, a pure function of the resolved block.
+    `dataset:` blocks of its spaces (`llmm_tune.train.dataset`; a task sequence's: a list of blocks): the block
+    checked (the user's data: against its data, and completed) once, where the search starts; the task it defines,
+    a pure function of the resolved block.
     Its `TASKS` are then the tasks its shipped spaces' blocks define (`shipped_blocks`), for records that name a
     task alone.
     `held_out_details(scores) -> str`: Markdown for what `score` returns beside numbers (the export adds it; ""

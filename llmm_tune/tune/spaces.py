@@ -249,19 +249,27 @@ def _not_a_task(path: Path, raw: dict, recipe: ModuleType) -> None:
                         f"{', '.join(recipe.TASKS)}, the family that has it, or give a dataset: block")
 
 
-def _resolved_dataset(path: Path, raw: dict, recipe: ModuleType, options: dict) -> dict:
+def _resolved_dataset(path: Path, raw: dict, recipe: ModuleType, options: dict) -> dict | list[dict]:
     """The space's data block with the command line's options over it (over a shipped task's: instead of it),
-    checked against its data (once: a record's block is resolved already)."""
+    checked against its data (once: a record's block is resolved already); a task sequence's list of blocks is
+    checked by its family."""
     if not hasattr(recipe, "dataset_task"):
         _fail(path, "dataset", f"family {raw['family']} takes no dataset block; use glue (classification) or "
                                "causal_lm (fine-tuning on text)")
     if not isinstance(raw.get("task"), str) or not raw["task"]:
         _fail(path, "task", "name your task (a word for the results folder), e.g. task: my_tickets")
-    block = _mapping(path, "dataset", raw.get("dataset")) or {}
-    block = {**({} if options and is_shipped(block) else block), **options}  # the user's data replaces a shipped task's
-    if options:  # data named anew: what was resolved for other data does not hold
-        block = {k: v for k, v in block.items() if k not in ("files", "hashes", "labels") or k in options}
-    if is_shipped(block) and raw["task"] not in recipe.TASKS:  # its data is found by the shipped task's name
+    block = raw.get("dataset")
+    if isinstance(block, list):  # a task sequence: a shipped benchmark's tasks, one block each
+        if options:
+            _fail(path, "dataset", "a task sequence reads its benchmark's tasks from the data folder; drop --data "
+                                   "(it names data for glue and causal_lm spaces)")
+    else:
+        block = _mapping(path, "dataset", block) or {}
+        block = {**({} if options and is_shipped(block) else block), **options}  # the user's data replaces a shipped
+        if options:  # data named anew: what was resolved for other data does not hold
+            block = {k: v for k, v in block.items() if k not in ("files", "hashes", "labels") or k in options}
+    if isinstance(block, dict) and is_shipped(block) and raw["task"] not in recipe.TASKS:  # its data is found by
+        # the shipped task's name (a sequence's by its tasks' names: a new order is a new task)
         _not_a_task(path, raw, recipe)
     return recipe.resolve_dataset(block, f"{path}: dataset")
 
