@@ -28,7 +28,7 @@ from llmm_tune.train.pretrained import load_causal_lm  # noqa: E402
 from llmm_tune.tune.console import quiet_logs  # noqa: E402
 from llmm_tune.tune.spaces import load_spec  # noqa: E402
 from trainables import causal_lm  # noqa: E402
-from trainables.causal_data import TASKS, exact_match, splits  # noqa: E402
+from trainables.causal_data import exact_match, splits  # noqa: E402
 
 
 def generated_tokens(texts: list[str], tokenizer) -> int:
@@ -54,7 +54,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     source = str(resolve_data_dir(args.data_dir or str(Path(__file__).resolve().parent.parent.parent / "shared/data")))
     config = {**load_spec("gsm8k", "cpu", "llmm").fixed, "test_examples": args.problems}
-    _, validation, test = splits(TASKS["gsm8k"], source, config)
+    _, validation, test = splits(causal_lm.TASKS["gsm8k"].details, source, config)
     tokenizer = causal_lm.tokenizer_for(config["model"], trust_remote_code=False)
     model = load_causal_lm("smollm2").eval()
 

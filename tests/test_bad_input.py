@@ -82,9 +82,11 @@ def causal_space(tmp_path: Path, **fixed) -> str:
     return str(path)
 
 
-def continual_space(tmp_path: Path, order: list[str]) -> str:
+def continual_space(tmp_path: Path, order: list[str], also: tuple[dict, ...] = ()) -> str:
+    """cl_local with the cpu profile's `order`, and the tasks `also` added to its dataset: list."""
     raw = yaml.safe_load((SPACES_DIR / "cl_local.yaml").read_text())
     raw["profiles"]["cpu"]["fixed"].update(order=order, on_bad_row="error")
+    raw["dataset"].extend(also)
     path = tmp_path / "cl_space.yaml"
     path.write_text(yaml.safe_dump(raw))
     return str(path)
@@ -143,6 +145,10 @@ BAD_INPUTS = [
     ("no data, hub unreachable", lambda t, data: ["glue_cola"], ["hub is unreachable", "--data-dir"]),
     ("task of another family", lambda t, data: [space_file(t, lambda s: s.update(task="gsm8k"))],
      ["'gsm8k' is not a task of family glue", "the family that has it"]),
+    ("shipped block, unknown key", lambda t, data: [space_file(t, lambda s: s["dataset"].update(colour="red"))],
+     ["dataset: unknown key(s) ['colour']"]),
+    ("shipped block, no labels", lambda t, data: [space_file(t, lambda s: s["dataset"].pop("labels"))],
+     ["dataset.labels: name the task's labels"]),
     ("family unknown", lambda t, data: [space_file(t, lambda s: s.update(family="no_such_family"))],
      ["unknown family 'no_such_family'"]),
     ("model not found", lambda t, data: ["glue_cola", "--data-dir", str(data()), "--model", str(t / "nowhere")],
@@ -153,8 +159,14 @@ BAD_INPUTS = [
      ["gsm8k/train.jsonl:3: expected 'question' and 'answer'", "--on-bad-row skip"]),
     ("unknown task in an order",
      lambda t, data: [continual_space(t, ["MNLI", "no_such_task"]), "--data-dir", str(data())],
-     ["cl_space.yaml: profiles.cpu.fixed: order must be a list of distinct tasks from", "'no_such_task'"]),
-    ("task without its splits", lambda t, data: [continual_space(t, ["SST-2", "yelp"]), "--data-dir", str(data())],
+     ["order (fixed.order): no_such_task not in the dataset: list of cl_local", "pick tasks from that list"]),
+    ("order not a list of tasks", lambda t, data: [continual_space(t, ["MNLI", "MNLI"]), "--data-dir", str(data())],
+     ["cl_space.yaml: profiles.cpu.fixed: order must be a list of distinct tasks from the space's dataset: list"]),
+    ("task listed twice", lambda t, data: [continual_space(t, ["MNLI"], ({"name": "CB", "group": "NLI"},))],
+     ["cl_space.yaml: dataset: a task is listed twice", "list each task once"]),
+    ("task without its splits",
+     lambda t, data: [continual_space(t, ["SST-2", "yelp"], ({"name": "yelp", "group": "SC"},)), "--data-dir",
+                      str(data())],
      ["SC/yelp/test.json not found", "take yelp out of the order"]),
     ("label outside the task's labels",
      lambda t, data: [continual_space(t, ["SST-2"]), "--data-dir", continual_with_bad_label(t, data())],

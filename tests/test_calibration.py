@@ -202,4 +202,4 @@ def test_the_shift_set_is_scored_recorded_and_drawn(tmp_path, data_dir):
     record = ExportRecord("glue", "rte", "llmm", "e", "t", config, {"metric": "accuracy", "mode": "max"},
                           {"split": "dev", "scores": scores}, {"source": "x", "shift": json.loads(spec.shift)}, 0,
                           False, "c", {}, "s", "r")
-    assert record.context().shift == spec.shift == TrialContext.dataset_in(spec.text, "shift")
+    assert record.context().shift == spec.shift == TrialContext.shift_in(spec.text)

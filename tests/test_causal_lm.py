@@ -17,7 +17,8 @@ from llmm_tune.tune.context import TrialContext
 from llmm_tune.tune.spaces import load_spec
 from tests.helpers.search_fixtures import tiny_causal_lm
 from trainables import causal_lm
-from trainables.causal_data import TASKS, exact_match, extract_answer, gsm8k, hh_rlhf, splits
+from trainables.causal_data import exact_match, extract_answer, gsm8k, hh_rlhf, splits
+from trainables.causal_lm import TASKS
 
 
 @pytest.fixture(scope="module")
@@ -170,18 +171,18 @@ def test_hh_rlhf_keys_are_the_first_human_turn():
 
 def test_splits_keep_held_out_keys_apart_and_are_seeded(data_dir):
     config = load_spec("hh_rlhf", "cpu", "llmm").fixed
-    train, validation, test = splits(TASKS["hh_rlhf"], str(data_dir), config)
+    train, validation, test = splits(TASKS["hh_rlhf"].details, str(data_dir), config)
     keys = [{e.key for e in split} for split in (train, validation, test)]
     assert not keys[0] & keys[2] and not keys[1] & keys[2] and not keys[0] & keys[1]  # grouped by first turn
     assert len(test) == config["test_size"] and len(validation) >= config["validation_size"]
     assert len(train) == config["max_train_examples"]
     assert len({e.prompt[:40] for e in test}) > 1  # a sample across the four subsets, not the first file's rows
-    again = splits(TASKS["hh_rlhf"], str(data_dir), config)
+    again = splits(TASKS["hh_rlhf"].details, str(data_dir), config)
     assert [e.key for e in again[1]] == [e.key for e in validation]
-    other = splits(TASKS["hh_rlhf"], str(data_dir), {**config, "seed": 1})
+    other = splits(TASKS["hh_rlhf"].details, str(data_dir), {**config, "seed": 1})
     assert [e.key for e in other[2]] == [e.key for e in test]  # the test split never depends on the trial seed
     assert [e.key for e in other[1]] != [e.key for e in validation]
-    gsm = splits(TASKS["gsm8k"], str(data_dir), load_spec("gsm8k", "cpu", "llmm").fixed)
+    gsm = splits(TASKS["gsm8k"].details, str(data_dir), load_spec("gsm8k", "cpu", "llmm").fixed)
     assert not {e.key for e in gsm[1]} & {e.key for e in gsm[2]}  # no question shared with test
 
 
@@ -200,8 +201,8 @@ def test_a_bad_row_names_its_file_and_line_or_is_skipped_and_counted(tmp_path, c
               "test_examples": None, "seed": 0}
     data = bad_gsm8k(tmp_path)
     with pytest.raises(UsageError, match=r"gsm8k/train.jsonl:3: expected 'question' and 'answer'.*--on-bad-row skip"):
-        splits(TASKS["gsm8k"], str(data), config)
-    train, validation, test = splits(TASKS["gsm8k"], str(data), {**config, "on_bad_row": "skip"})
+        splits(TASKS["gsm8k"].details, str(data), config)
+    train, validation, test = splits(TASKS["gsm8k"].details, str(data), {**config, "on_bad_row": "skip"})
     assert len(train) + len(validation) == 40 and len(validation) == 4  # only the bad row skipped
     assert not {e.key for e in validation} & {e.key for e in test}  # test questions never select a trial
     assert "skipped 1 bad row(s)" in capsys.readouterr().out

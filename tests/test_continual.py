@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import trainables.continual as continual
+from llmm_tune.errors import UsageError
 from llmm_tune.train.fit import Schedule, train_steps
 from llmm_tune.tune.context import TrialContext
 from llmm_tune.tune.spaces import SPACES_DIR, load_spec
@@ -64,6 +65,20 @@ def test_a_later_task_adds_only_what_the_basis_does_not_capture():
     assert basis.grow(summary_of(torch.cat([directions[:, :1] * 4.0, directions[:, 1:2]], dim=1)), 0.99) == 1
     assert torch.allclose(basis.U.T @ basis.U, torch.eye(2), atol=1e-5)
     assert abs(float(basis.U[:, 1] @ directions[:, 1])) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_a_new_order_is_a_space_listing_its_tasks_and_the_order_setting_picks_from_that_list(tmp_path):
+    """A sequence is its space's dataset: list (no table of orders in the code): a space of its own lists a new
+    order, and `order` picks and orders tasks of that list alone."""
+    path = tmp_path / "my_order.yaml"
+    path.write_text("extends: cl_local\ntask: my_order\n"
+                    "dataset: [{name: SST-2, group: SC}, {name: COPA, group: COPA}]\n")
+    spec = load_spec(str(path), "paper", "llmm")
+    listed = continual.trial_order(spec.fixed, spec.context())
+    assert [(t.name, t.group) for t in listed] == [("SST-2", "SC"), ("COPA", "COPA")]
+    assert [t.name for t in continual.trial_order({"order": ["COPA"]}, spec.context())] == ["COPA"]
+    with pytest.raises(UsageError, match="MNLI not in the dataset: list of my_order"):
+        continual.trial_order({"order": ["MNLI", "COPA"]}, spec.context())
 
 
 def test_aa_and_bwt_of_a_hand_made_accuracy_matrix():

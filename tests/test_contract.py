@@ -4,12 +4,12 @@ metric, resumes from a checkpoint to the same state, and scores the held-out spl
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from llmm_tune.errors import UsageError
@@ -17,7 +17,8 @@ from llmm_tune.tune.spaces import METHOD_CHOICES, PROFILES, SPACES_DIR, load_spe
 from tests.helpers.search_fixtures import tiny_bert, tiny_causal_lm
 from tests.helpers.shared_data import IN_CI
 from tests.helpers.user_data import CAUSAL_FORMATS, CLASSIFICATION_FORMATS, build
-from trainables.continual_data import order_of
+from trainables.continual import trial_order
+from trainables.continual_data import check_files
 
 DATASET_SPACES = {"sft": CAUSAL_FORMATS, "classify": CLASSIFICATION_FORMATS}  # spaces that take the user's data
 SPACES = [p for p in sorted(SPACES_DIR.glob("*.yaml")) if p.stem not in DATASET_SPACES]
@@ -52,12 +53,29 @@ def test_every_search_space_resolves_trains_resumes_and_scores(path, tiny_models
     spec = load_spec(path.stem, "cpu", "llmm")
     try:
         source = spec.recipe.check_data(spec.task, data_dir)
+        if spec.family == "continual":  # a trial's order picks from the space's list: prepare checks its files
+            check_files(data_dir, spec.context().definition.details, spec.task)
     except UsageError as error:
         reason = f"no complete offline data for {spec.task} in {data_dir}: {error}"
         if IN_CI and path.stem not in INCOMPLETE_IN_SHARED_DATA:
             pytest.fail(f"{reason} (in CI, only the tasks the shared data lacks may skip)")
         pytest.skip(reason)
     trains_resumes_and_scores(spec, source, tiny_models, tmp_path)
+
+
+@pytest.mark.parametrize("path", SPACES, ids=[p.stem for p in SPACES])
+def test_a_shipped_tasks_data_is_its_spaces_block_and_a_record_naming_the_task_alone_finds_it(path):
+    """Records made before shipped tasks had blocks carry the space without one: they define the same task (a
+    continual space's: the same tasks, groups and order)."""
+    spec = load_spec(path.stem, "cpu", "llmm")
+    assert spec.dataset is not None and not spec.dataset.users
+    alone = {key: value for key, value in yaml.safe_load(spec.text).items() if key != "dataset"}
+    record = load_spec(path.stem, "cpu", "llmm", text=yaml.safe_dump(alone))
+    assert record.dataset is None
+    assert record.context().definition == spec.context().definition
+    if spec.family == "continual":  # its details are the sequence itself (a classifier's hold functions)
+        assert record.context().definition.details == spec.context().definition.details
+    assert list(record.context().definition.metrics) == list(spec.context().definition.metrics)
 
 
 @pytest.mark.parametrize("space, kind", USER_CASES, ids=[f"{space}-{kind}" for space, kind in USER_CASES])
@@ -69,7 +87,7 @@ def test_every_user_data_format_resolves_trains_resumes_and_scores(space, kind, 
         for method in METHOD_CHOICES:
             load_spec(space, profile, method, dataset=dataset)
     spec = load_spec(space, "cpu", "llmm", dataset=dataset)
-    block = json.loads(spec.dataset)
+    block = spec.dataset.fields
     assert block["format"] == ("pair" if kind == "regression" else kind), block  # inferred from the columns
     if space == "classify":  # the label set read from train: real numbers make a regression
         assert (block["labels"] == "regression") == (kind == "regression"), block
@@ -87,7 +105,7 @@ def trains_resumes_and_scores(spec, source: str, tiny_models: dict, tmp_path) ->
     config = {**spec.fixed, **point, "model": str(tiny_models[spec.family]),
               **{k: v for k, v in TINY.items() if k in recipe.SETTINGS}}
     if "order" in recipe.SETTINGS:  # a task sequence: its first two tasks, one report after each
-        config["order"] = list(order_of(config, spec.task))[:2]
+        config["order"] = [task.name for task in trial_order(config, context)][:2]
     data = recipe.prepare(config, context, source)
     time_attr, _ = recipe.clock(config, context)
 

@@ -4,7 +4,6 @@ search over it exports tables and records that `reproduce` checks against the da
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import shutil
@@ -88,7 +87,7 @@ PC, PAIR = {"prompt": PROMPT, "completion": ASSISTANT}, {"chosen": PROMPT + ASSI
         "turn-without-content"])
 def test_a_malformed_conversational_row_is_refused_naming_its_line_and_the_fix(good, bad, problem, tmp_path):
     path = rows_file(tmp_path, "conv.jsonl", [good] * 20 + [bad])
-    block = json.loads(load_spec("sft", "cpu", "llmm", dataset={"path": path}).dataset)
+    block = load_spec("sft", "cpu", "llmm", dataset={"path": path}).dataset.fields
     task = causal_lm.dataset_task("sft", block).details
     with pytest.raises(UsageError, match=re.escape(f"conv.jsonl:21: {problem}") + r".*--on-bad-row skip"):
         causal_data.load(task, "dataset", "error")
@@ -96,7 +95,7 @@ def test_a_malformed_conversational_row_is_refused_naming_its_line_and_the_fix(g
 
 def test_a_chat_template_whose_prompt_is_no_prefix_of_the_whole_is_refused_naming_the_row(tmp_path):
     path = rows_file(tmp_path, "conv.jsonl", [PC] * 20)
-    block = json.loads(load_spec("sft", "cpu", "llmm", dataset={"path": path}).dataset)
+    block = load_spec("sft", "cpu", "llmm", dataset={"path": path}).dataset.fields
     examples = causal_data.load(causal_lm.dataset_task("sft", block).details, "dataset", "error")["train"]
     template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
                 "{% if add_generation_prompt %}assistant says:{% endif %}")  # the whole renders "assistant: a"
@@ -143,7 +142,7 @@ def test_a_conversational_file_is_inferred_trained_on_its_completions_and_scored
     template adds after the prompt with its generation prompt, a validation report, and test scores (preference
     accuracy from the rejected conversations)."""
     spec = load_spec("sft", "cpu", "llmm", dataset={"path": str(conversational_file(data_dir, kind, tmp_path))})
-    assert json.loads(spec.dataset)["format"] == kind
+    assert spec.dataset.fields["format"] == kind
     config = {**spec.fixed, **spec.warm_start[0], "model": str(tiny_llm), "max_train_examples": 16, "rank": 4,
               "validation_size": 8, "test_examples": 4, "evals_per_epoch": 1, "grad_accum": 1, "loftq_iters": 1}
     context, source = spec.context(), spec.context().source(None)
@@ -176,8 +175,8 @@ def test_a_conversational_file_is_inferred_trained_on_its_completions_and_scored
 def test_a_label_set_is_read_from_train_recorded_and_maps_every_row(labels, names, indices, tmp_path):
     path = rows_file(tmp_path, "rows.jsonl", [{"text": f"t{i}", "label": v} for i, v in enumerate(labels * 5)])
     block = load_spec("classify", "cpu", "llmm", dataset={"path": path, "test_size": 4}).dataset
-    task = glue_data.dataset_task("classify", json.loads(block)).details
-    assert json.loads(block)["labels"] == names and task.label_names == tuple(str(n) for n in names)
+    task = glue_data.dataset_task("classify", block.fields).details
+    assert block.fields["labels"] == names and task.label_names == tuple(str(n) for n in names)
     train, test = glue_data.load_splits(task, "dataset")
     rows = {text: label for split in (train, test) for text, label in zip(split["text_a"], split["label"])}
     assert [rows[f"t{i}"] for i in range(len(labels))] == indices
@@ -186,8 +185,8 @@ def test_a_label_set_is_read_from_train_recorded_and_maps_every_row(labels, name
 def test_bad_rows_are_skipped_and_counted_when_asked(tmp_path, capsys):
     path = rows_file(tmp_path, "qa.jsonl", [{"prompt": f"q{i}", "completion": "a"} for i in range(30)]
                      + [{"prompt": "q"}, "not an object"])
-    block = json.loads(load_spec("sft", "cpu", "llmm", dataset={"path": path}).dataset)
-    task = causal_data.CausalTask("sft", causal_data.prompt_completion, None, dataset=block)
+    block = load_spec("sft", "cpu", "llmm", dataset={"path": path}).dataset.fields
+    task = causal_data.CausalTask("sft", causal_data.prompt_completion, block)
     with pytest.raises(UsageError, match=r"qa.jsonl:32: not a JSON object; .* --on-bad-row skip"):
         causal_data.load(task, "dataset", "error")
     rows = causal_data.load(task, "dataset", "skip")
@@ -255,7 +254,7 @@ def test_a_users_space_extends_a_shipped_one_by_name_and_names_its_data_in_yaml(
                                                                                 "completion": "answer"}}}))
     spec = load_spec(str(space), "cpu", "llmm")
     assert (spec.task, spec.family, spec.fixed["seed"], spec.fixed["model"]) == ("tickets", "causal_lm", 3, "smollm2")
-    assert json.loads(spec.dataset)["format"] == "prompt_completion"
+    assert spec.dataset.fields["format"] == "prompt_completion"
     assert load_spec(str(space), "cpu", "llmm", text=spec.text).dataset == spec.dataset  # as a record resumes it
 
 

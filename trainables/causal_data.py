@@ -1,5 +1,6 @@
-"""Generative tasks as prompt/target examples (GENERATIVE.md): GSM8K, Alpaca and HH-RLHF, read from a data
-folder or the hub, split so that nothing of the held-out side leaks into training or selection."""
+"""Generative tasks as prompt/target examples (GENERATIVE.md): each data format once (GSM8K's, Alpaca's,
+HH-RLHF's and TRL's), a task's rows read as its `dataset:` block says (the user's files, or a shipped task's data
+folder or hub dataset), split so that nothing of the held-out side leaks into training or selection."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import numpy as np
 
 from llmm_tune.errors import UsageError
 from llmm_tune.train.data import BadRows, Example, sample, split_off
-from llmm_tune.train.dataset import load_rows, read_file
+from llmm_tune.train.dataset import HUB_SPLITS, TEST_SEED, is_shipped, load_rows, local_files, read_file
 
 GSM8K_SUFFIX = "\nAnswer the above question. First think step by step and then answer the final number.\n"
 FINAL = "The final answer is: "
@@ -158,41 +159,27 @@ def messages(row: dict) -> Example | str:
 
 
 @dataclass(frozen=True)
-class Source:
-    """Where a task's rows come from: its files under the data folder, or its hub dataset."""
-
-    folder: str
-    files: dict[str, tuple[str, ...]]  # split -> file names ("all": one pool the test split is carved from)
-    hub: tuple[str, str | None]  # (dataset, config)
-    hub_splits: dict[str, str]  # our split -> the hub's
-
-
-@dataclass(frozen=True)
 class CausalTask:
+    """A fine-tuning task: its name, how its rows become examples (its format's), and its `dataset:` block (a
+    shipped task's or the user's), whose fields say the rest."""
+
     name: str
     parse: Callable[[dict], Example | str]
-    source: Source | None  # None: the rows come from `dataset`
-    test_seed: int = 42  # the published carve of Alpaca's evaluation set
-    grouped: bool = False  # examples sharing a key (HH-RLHF: a first Human turn) stay on one side of a split
-    dataset: dict | None = field(default=None, compare=False)  # the user's data (llmm_tune.train.dataset)
+    dataset: dict = field(compare=False)
+
+    @property
+    def test_seed(self) -> int:
+        return self.dataset.get("test_seed", TEST_SEED)
+
+    @property
+    def grouped(self) -> bool:
+        """Whether examples sharing a key (HH-RLHF: a first Human turn) stay on one side of a split."""
+        return self.dataset.get("grouped", False)
 
 
-SOURCES = {
-    "gsm8k": Source("gsm8k", {"train": ("train.jsonl",), "test": ("test.jsonl",)}, ("openai/gsm8k", "main"),
-                    {"train": "train", "test": "test"}),
-    "alpaca": Source("alpaca", {"all": ("alpaca_5000_subset_pr152.json",)}, ("tatsu-lab/alpaca", None),
-                     {"all": "train"}),
-    "hh_rlhf": Source("hh-rlhf", {"all": tuple(f"{s}/test.jsonl.gz" for s in (
-        "harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled"))},
-        ("Anthropic/hh-rlhf", None), {"train": "train", "test": "test"}),
-}
-TASKS = {"gsm8k": CausalTask("gsm8k", gsm8k, SOURCES["gsm8k"]),
-         "alpaca": CausalTask("alpaca", alpaca, SOURCES["alpaca"]),
-         "hh_rlhf": CausalTask("hh_rlhf", hh_rlhf, SOURCES["hh_rlhf"], grouped=True)}
-
-
-# A user's data format: the columns it needs and how a row becomes an example. prompt_completion and preference
-# take text or TRL's conversational form (message lists), row by row: the columns alone cannot tell them apart.
+# A data format: the columns it needs and how a row becomes an example. prompt_completion and preference take text
+# or TRL's conversational form (message lists), row by row: the columns alone cannot tell them apart. The user's
+# data has its format inferred from its columns among FORMATS; a shipped task names its own (SHIPPED_FORMATS too).
 FORMATS: dict[str, tuple[tuple[str, ...], Callable[[dict], Example | str]]] = {
     "text": (("text",), text),
     "prompt_completion": (("prompt", "completion"), prompt_completion),
@@ -200,6 +187,8 @@ FORMATS: dict[str, tuple[tuple[str, ...], Callable[[dict], Example | str]]] = {
     "alpaca": (("instruction", "output"), alpaca),
     "preference": (("chosen", "rejected"), preference),
 }
+SHIPPED_FORMATS = {**FORMATS, "gsm8k": (("question", "answer"), gsm8k), "hh_rlhf": (("chosen", "rejected"), hh_rlhf)}
+PAIRED = ("preference", "hh_rlhf")  # formats whose examples keep a rejected reply: preference accuracy is scored
 
 
 def _examples(task: CausalTask, rows: Iterator[tuple[str, object]], bad_rows: BadRows, where: str) -> list[Example]:
@@ -219,20 +208,20 @@ def _examples(task: CausalTask, rows: Iterator[tuple[str, object]], bad_rows: Ba
 def load(task: CausalTask, source: str, on_bad_row: str) -> dict[str, list[Example]]:
     """The task's rows by split: "train" and "test", or "all" when the test split must be carved."""
     bad_rows = BadRows(on_bad_row)
-    if task.dataset is not None:
-        train, test = load_rows(task.dataset, on_bad_row)
+    block = task.dataset
+    if not is_shipped(block):
+        train, test = load_rows(block, on_bad_row)
         return {"train": _examples(task, train, bad_rows, "train"), "test": _examples(task, test, bad_rows, "test")}
     if source == "hub":
         from datasets import load_dataset
 
-        name, config = task.source.hub
-        splits = load_dataset(name, config)
-        return {ours: _examples(task, ((f"{name} {theirs} row {i}", dict(r)) for i, r in enumerate(splits[theirs])),
-                                bad_rows, f"{name} {theirs}")
-                for ours, theirs in task.source.hub_splits.items()}
-    folder = Path(source) / task.source.folder
+        splits = load_dataset(block["path"], block.get("name"))
+        return {ours: _examples(task, ((f"{block['path']} {theirs} row {i}", dict(r))
+                                       for i, r in enumerate(splits[theirs])), bad_rows, f"{block['path']} {theirs}")
+                for ours, theirs in block.get("splits", HUB_SPLITS).items()}
+    folder = Path(source) / block["local"]["folder"]
     return {split: [e for name in names for e in _examples(task, read_file(folder / name), bad_rows, folder / name)]
-            for split, names in task.source.files.items()}
+            for split, names in local_files(block).items()}
 
 
 def splits(task: CausalTask, source: str, config: dict) -> tuple[list[Example], list[Example], list[Example]]:

@@ -28,8 +28,8 @@ from llmm_tune.errors import UsageError
 from llmm_tune.method.config import METHOD_SETTINGS, llmm_config
 from llmm_tune.settings import COMMON, Setting, optional, positive_int, size
 from llmm_tune.train.calibration import EVAL_SETTINGS, ReliabilityBins
-from llmm_tune.train.data import BAD_ROW_POLICIES, Example, local_or_hub
-from llmm_tune.train.dataset import resolve
+from llmm_tune.train.data import SHARED_DATA_NAMES, SHARED_DATA_SETTINGS, Example
+from llmm_tune.train.dataset import check_shipped, is_shipped, resolve, shipped_blocks, shipped_source
 from llmm_tune.train.fit import FIT_SETTINGS, Reporter, default_device, epoch_clock, fit
 from llmm_tune.train.lm_scoring import (
     encode,
@@ -46,40 +46,33 @@ from llmm_tune.tune.context import TrialContext
 from llmm_tune.tune.family import Task
 from trainables.causal_data import (
     FORMATS,
+    PAIRED,
+    SHIPPED_FORMATS,
     CausalTask,
     exact_match,
     splits,
     test_split,
 )
-from trainables.causal_data import TASKS as SHIPPED
 
 SETTINGS: dict[str, Setting] = {
     **COMMON, **METHOD_SETTINGS, **FIT_SETTINGS, **EVAL_SETTINGS,
     "max_source_length": Setting(positive_int, "an integer >= 1 (prompt tokens kept, from its end)", 384),
     "max_target_length": Setting(positive_int, "an integer >= 1 (response tokens kept)", 128),
-    "validation_size": Setting(size, "a fraction in (0, 1) or a whole count", 0.1),
+    **SHARED_DATA_SETTINGS,
     "test_size": Setting(optional(size), "a fraction or a count (tasks shipped without a test split)", None),
-    "max_train_examples": Setting(optional(positive_int), "an integer >= 1 or null (all)", None),
-    "test_examples": Setting(optional(positive_int), "an integer >= 1 or null (the whole test split)", None),
     "max_new_tokens": Setting(positive_int, "an integer >= 1 (greedy decoding budget)", 256),
     "eval_tokens": Setting(positive_int, "an integer >= 1 (tokens per scoring batch)", 4096),
     "gradient_checkpointing": Setting(lambda v: isinstance(v, bool), "true or false (recompute activations in the "
                                       "backward pass: less memory, about a third more time)", False),
-    "on_bad_row": Setting(lambda v: v in BAD_ROW_POLICIES, f"one of {list(BAD_ROW_POLICIES)}", "error"),
 }
-DATA_SETTINGS = ("model", "max_source_length", "max_target_length", "validation_size", "test_size",
-                 "max_train_examples", "test_examples", "seed", "on_bad_row")
+DATA_SETTINGS = (*SHARED_DATA_NAMES, "max_source_length", "max_target_length", "test_size")
 GPU_MODEL = "HuggingFaceTB/SmolLM2-1.7B-Instruct"  # --profile gpu: a Llama needing no gated login
 HELD_OUT = "test"
 clock = epoch_clock
 REPORTED = {"ece": "min"}  # what every evaluation reports beside a task's metrics: the token-level ECE
-TASKS = {
-    "gsm8k": Task("gsm8k", {"nll": "min", "perplexity": "min", "exact_match_flexible": "max",
-                            "exact_match_strict": "max"}, "nll", SHIPPED["gsm8k"], reported=REPORTED),
-    "alpaca": Task("alpaca", {"perplexity": "min", "nll": "min"}, "perplexity", SHIPPED["alpaca"], reported=REPORTED),
-    "hh_rlhf": Task("hh_rlhf", {"perplexity": "min", "nll": "min", "preference_accuracy": "max"}, "perplexity",
-                    SHIPPED["hh_rlhf"], reported=REPORTED),
-}
+GENERATION = {"exact_match": {"exact_match_flexible": "max", "exact_match_strict": "max"}}  # a block's
+# `generation`: what greedy decoding of the held-out prompts is scored by (GSM8K: the extracted final number)
+SHIPPED_FIELDS = {"grouped", "generation"}  # a shipped task's own fields beside train.dataset.SHIPPED_KEYS
 
 
 def causal_task(context: TrialContext) -> CausalTask:
@@ -88,7 +81,12 @@ def causal_task(context: TrialContext) -> CausalTask:
 
 def resolve_dataset(block: dict, where: str) -> dict:
     """A `dataset:` block checked against its data (llmm_tune.train.dataset); a chat template given as a file
-    is read into it, so records carry the template itself."""
+    is read into it, so records carry the template itself. A shipped task's block is checked alone: its data is
+    found where the trial runs."""
+    if is_shipped(block):
+        if "generation" in block and block["generation"] not in GENERATION:
+            raise UsageError(f"{where}.generation: {block['generation']!r} is not one of {', '.join(GENERATION)}")
+        return check_shipped(dict(block), SHIPPED_FORMATS, SHIPPED_FIELDS, where)
     template = block.get("chat_template")
     if isinstance(template, str) and Path(template).expanduser().is_file():
         block = {**block, "chat_template": Path(template).expanduser().read_text()}
@@ -96,19 +94,20 @@ def resolve_dataset(block: dict, where: str) -> dict:
 
 
 def dataset_task(name: str, block: dict) -> Task:
-    """The user's fine-tuning task: selected on validation NLL; preference data also reports how often the
-    chosen reply is the likelier one."""
-    metrics = {"nll": "min", "perplexity": "min"}
-    if block["format"] == "preference":
+    """The task a `dataset:` block defines (a shipped task's or the user's): selected on validation NLL unless the
+    space says otherwise; preference data also reports how often the chosen reply is the likelier one, and a
+    block's `generation` the scores of greedy decoding."""
+    metrics = {"nll": "min", "perplexity": "min", **GENERATION.get(block.get("generation"), {})}
+    if block["format"] in PAIRED:
         metrics["preference_accuracy"] = "max"
-    return Task(name, metrics, "nll", CausalTask(name, FORMATS[block["format"]][1], None, dataset=block),
-                reported=REPORTED)
+    return Task(name, metrics, "nll", CausalTask(name, SHIPPED_FORMATS[block["format"]][1], block), reported=REPORTED)
+
+
+TASKS = {name: dataset_task(name, block) for name, block in shipped_blocks("causal_lm").items()}
 
 
 def check_data(task: str, data_dir: Path | None) -> str:
-    source = TASKS[task].details.source
-    files = [name for names in source.files.values() for name in names]
-    return local_or_hub(task, data_dir, Path(source.folder), files, source.hub[0])
+    return shipped_source(task, TASKS[task].details.dataset, data_dir)
 
 
 @dataclass
@@ -123,7 +122,7 @@ class CausalData:
 
 def task_tokenizer(config: dict, context: TrialContext) -> PreTrainedTokenizerBase:
     """The model's tokenizer, with the chat template the user's data block names (if any)."""
-    dataset = causal_task(context).dataset or {}
+    dataset = causal_task(context).dataset
     return tokenizer_for(config["model"], context.trust_remote_code, dataset.get("chat_template"))
 
 

@@ -30,8 +30,9 @@ from llmm_tune.errors import UsageError
 from llmm_tune.files import atomic_path
 from llmm_tune.method.config import METHOD_SETTINGS, llmm_config
 from llmm_tune.method.model import llmm_layers, matches
-from llmm_tune.settings import COMMON, Setting, fraction, optional, positive, positive_int, size
-from llmm_tune.train.data import BAD_ROW_POLICIES, Example
+from llmm_tune.settings import COMMON, Setting, fraction, positive, positive_int
+from llmm_tune.train.data import SHARED_DATA_NAMES, SHARED_DATA_SETTINGS, Example
+from llmm_tune.train.dataset import shipped_blocks
 from llmm_tune.train.fit import (
     FIT_SETTINGS,
     Batches,
@@ -46,12 +47,13 @@ from llmm_tune.train.pretrained import load_causal_lm, tokenizer_for
 from llmm_tune.tune.context import TrialContext
 from llmm_tune.tune.family import Task
 from trainables.continual_data import (
-    GROUPS,
-    ORDERS,
+    BenchmarkTask,
     check_files,
+    check_sequence,
     exact_match,
     is_order,
     order_of,
+    sequence,
     test_split,
     train_and_validation,
 )
@@ -76,8 +78,8 @@ SETTINGS: dict[str, Setting] = {
                                     "max_grad_norm")},
     "init": Setting(lambda v: v in (None, "zero"), "zero or null (each task's pair starts as LoRA's does; LoftQ "
                     "initialises one pair, not a sequence of them)", None),
-    "order": Setting(is_order, f"a list of distinct tasks from {', '.join(GROUPS)}, or null (the task's "
-                     "published order)", None),
+    "order": Setting(is_order, "a list of distinct tasks from the space's dataset: list, or null (the whole "
+                     "list, in its order)", None),
     "galore_lr": Setting(positive, "a number > 0 (the full-rank weights' learning rate)"),
     "galore_rank": Setting(positive_int, "an integer >= 1 (rank of the projected Adam)"),
     "galore_scale": Setting(positive, "a number > 0 (scales the projected update)"),
@@ -89,30 +91,45 @@ SETTINGS: dict[str, Setting] = {
     "lora_modules": Setting(_suffixes, "a list of module-name suffixes (Llama: q_proj, v_proj)", ["q_proj", "v_proj"]),
     "full_rank_modules": Setting(_suffixes, "a list of module-name suffixes (Llama: mlp.gate_proj)", ["mlp.gate_proj"]),
     "max_source_length": Setting(positive_int, "an integer >= 1 (prompt tokens kept, from its end)", 256),
-    "max_train_examples": Setting(optional(positive_int), "an integer >= 1 or null (per task)", None),
-    "validation_size": Setting(size, "a fraction in (0, 1) or a whole count (per task, carved from train)", 32),
-    "test_examples": Setting(optional(positive_int), "an integer >= 1 or null (per task; null: the whole split)", None),
-    "on_bad_row": Setting(lambda v: v in BAD_ROW_POLICIES, f"one of {list(BAD_ROW_POLICIES)}", "error"),
+    **SHARED_DATA_SETTINGS,  # each task's own: its validation carved from its train, its rows capped
+    "validation_size": SHARED_DATA_SETTINGS["validation_size"]._replace(default=32),
 }
-DATA_SETTINGS = ("model", "order", "max_source_length", "max_train_examples", "validation_size", "test_examples",
-                 "seed", "on_bad_row")
+DATA_SETTINGS = (*SHARED_DATA_NAMES, "order", "max_source_length")
 GPU_MODEL = "HuggingFaceTB/SmolLM2-1.7B-Instruct"  # --profile gpu: a Llama needing no gated login
 HELD_OUT = "test"
-TASKS = {name: Task(name, {"aa": "max", "bwt": "max"}, "aa", order, selects="last") for name, order in ORDERS.items()}
 LABEL_TOKENS = 32  # a label longer than this is cut in training (the longest here, "Educational Institution", is 4)
 STATE_FILE = "continual_state.safetensors"
 
 
+def resolve_dataset(block: object, where: str) -> list[dict]:
+    """A continual space's `dataset:` list checked: one {name, group} block a task of the benchmark, in sequence
+    order (its data is found under the data folder where the trial runs)."""
+    return check_sequence(block, where)
+
+
+def dataset_task(name: str, blocks: list[dict]) -> Task:
+    """The sequence a `dataset:` list defines, judged where it ends: AA (selects) and BWT over its tasks."""
+    return Task(name, {"aa": "max", "bwt": "max"}, "aa", sequence(blocks), selects="last")
+
+
+TASKS = {name: dataset_task(name, blocks) for name, blocks in shipped_blocks("continual").items()}
+
+
+def trial_order(config: dict, context: TrialContext) -> tuple[BenchmarkTask, ...]:
+    """The trial's tasks in order: those the `order` setting picks from the space's list, else the whole list."""
+    return order_of(config, context.definition.details, context.task)
+
+
 def clock(config: dict, context: TrialContext) -> tuple[str, float]:
-    return "task", float(len(order_of(config, context.task)))
+    return "task", float(len(trial_order(config, context)))
 
 
 def check_data(task: str, data_dir: Path | None) -> str:
+    """The data folder; a UsageError naming the fix. The files of the tasks a trial runs (the `order` picks them
+    from the space's list) are checked by `prepare`, before any trial starts."""
     if data_dir is None:
         raise UsageError("the continual benchmark is read from a data folder: pass --data-dir DIR (holding "
                          "cl_benchmark/, e.g. ../shared/data) or set LLMM_DATA_DIR")
-    if task != "cl_local":  # the local order is the default only: the search space's order is checked by prepare
-        check_files(data_dir, ORDERS[task], f"{task}")
     return str(data_dir)
 
 
@@ -140,16 +157,16 @@ class ContinualData:
 
 
 def prepare(config: dict, context: TrialContext, source: str) -> ContinualData:
-    order = order_of(config, context.task)
+    order = trial_order(config, context)
     root = Path(source)
     check_files(root, order, "the order" if config.get("order") else context.task)
     tokenizer = tokenizer_for(config["model"], context.trust_remote_code)
     tasks = []
-    for name in order:
-        train, validation = train_and_validation(root, name, config)
+    for task in order:
+        train, validation = train_and_validation(root, task, config)
         encoded = Dataset.from_list([encode(tokenizer, e.prompt, e.target, config["max_source_length"], LABEL_TOKENS)
                                      for e in train])
-        tasks.append(TaskData(name, encoded, [len(ids) for ids in encoded["input_ids"]], validation))
+        tasks.append(TaskData(task.name, encoded, [len(ids) for ids in encoded["input_ids"]], validation))
     return ContinualData(tasks, answer_tokens(tokenizer, [e for task in tasks for e in task.validation]))
 
 
@@ -346,8 +363,9 @@ def score(config: dict, context: TrialContext, checkpoint: str, source: str) -> 
     tokenizer = tokenizer_for(config["model"], context.trust_remote_code)
     done = sequence.load(checkpoint)
     pairs = {name: (layer.base.A, layer.base.B) for name, layer in sequence.layers.items()}
-    order = order_of(config, context.task)
-    tests = [test_split(Path(source), name, config) for name in order]
+    tasks = trial_order(config, context)
+    order = tuple(task.name for task in tasks)
+    tests = [test_split(Path(source), task, config) for task in tasks]
     new_tokens = answer_tokens(tokenizer, [e for t in tests for e in t])
 
     def row(tasks: int, width: int) -> list[float]:

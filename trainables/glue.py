@@ -22,30 +22,35 @@ from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
 import llmm_tune  # the method (apply_llmm, ...) loads peft at first use; reading the family's settings does not
+from llmm_tune.errors import UsageError
 from llmm_tune.method.config import METHOD_SETTINGS, llmm_config
 from llmm_tune.method.model import draws_needed, mean_over_draws
-from llmm_tune.settings import COMMON, Setting, optional, positive_int, size
+from llmm_tune.settings import COMMON, Setting, positive_int
 from llmm_tune.train.calibration import EVAL_SETTINGS, calibration, fit_temperature, reliability
-from llmm_tune.train.data import BAD_ROW_POLICIES, by_length, carve_validation, lengths, local_or_hub
-from llmm_tune.train.dataset import load_rows, resolve
+from llmm_tune.train.data import (
+    SHARED_DATA_NAMES,
+    SHARED_DATA_SETTINGS,
+    by_length,
+    carve_validation,
+    lengths,
+)
+from llmm_tune.train.dataset import check_shipped, is_shipped, load_rows, resolve, shipped_source
 from llmm_tune.train.fit import FIT_SETTINGS, Reporter, default_device, epoch_clock, fit
 from llmm_tune.train.pretrained import load_classifier, load_tokenizer, model_config
 from llmm_tune.tune.context import TrialContext
-from trainables.glue_data import FORMATS, HUB_DATASET, TASKS, GlueTask, label_set, load_shift, load_splits
+from trainables.glue_data import FORMATS, SCORED, TASKS, GlueTask, label_set, load_shift, load_splits
 from trainables.glue_data import dataset_task as dataset_task  # the family's: a task from the user's data
 from trainables.glue_data import resolve_shift as resolve_shift  # the family's: a space's shift set checked
 
 SETTINGS: dict[str, Setting] = {
     **COMMON, **METHOD_SETTINGS, **FIT_SETTINGS, **EVAL_SETTINGS,
     "max_length": Setting(positive_int, "an integer >= 1"),
-    "validation_size": Setting(size, "a fraction in (0, 1) or a whole count", 0.1),
-    "max_train_examples": Setting(optional(positive_int), "an integer >= 1 or null (all)", None),
-    "test_examples": Setting(optional(positive_int), "an integer >= 1 or null (the whole dev set)", None),
-    "on_bad_row": Setting(lambda v: v in BAD_ROW_POLICIES, f"one of {list(BAD_ROW_POLICIES)}", "error"),
+    **SHARED_DATA_SETTINGS,
 }
 GPU_MODEL = "microsoft/deberta-v3-base"  # --profile gpu's model: the paper's encoder, ungated
 HELD_OUT = "dev"  # the split `score` reads
-DATA_SETTINGS = ("model", "max_length", "validation_size", "max_train_examples", "seed", "on_bad_row")
+DATA_SETTINGS = (*SHARED_DATA_NAMES, "max_length")
+SHIPPED_FIELDS = {"columns", "labels", "metrics"}  # a shipped task's own fields beside train.dataset.SHIPPED_KEYS
 VALIDATION_FILE = "validation_logits.npz"  # in a classifier's checkpoints: what temperature scaling is fitted on
 clock = epoch_clock
 
@@ -55,7 +60,17 @@ def glue_task(context: TrialContext) -> GlueTask:
 
 
 def resolve_dataset(block: dict, where: str) -> dict:
-    """A `dataset:` block checked against its data (llmm_tune.train.dataset), with train's label set recorded."""
+    """A `dataset:` block checked against its data (llmm_tune.train.dataset), with train's label set recorded. A
+    shipped task's block is checked alone: its data is found where the trial runs."""
+    if is_shipped(block):
+        labels = block.get("labels")
+        if labels != "regression" and not (isinstance(labels, list) and len(labels) >= 2):
+            raise UsageError(f"{where}.labels: name the task's labels in index order (two or more), or write "
+                             "labels: regression")
+        kind = "regression" if labels == "regression" else "classification"
+        if not set(block.get("metrics") or ()) <= set(SCORED[kind]):
+            raise UsageError(f"{where}.metrics: a {kind} scores {', '.join(SCORED[kind])}; got {block['metrics']}")
+        return check_shipped(dict(block), FORMATS, SHIPPED_FIELDS, where)
     block = resolve(block, FORMATS, where)
     if "labels" not in block:
         block["labels"] = label_set(load_rows(block, "skip")[0], where)
@@ -63,8 +78,7 @@ def resolve_dataset(block: dict, where: str) -> dict:
 
 
 def check_data(task: str, data_dir: Path | None) -> str:
-    local = TASKS[task].details.local
-    return local_or_hub(task, data_dir, Path("glue", local.folder), (local.train, local.dev), HUB_DATASET)
+    return shipped_source(task, TASKS[task].details.dataset, data_dir)
 
 
 @dataclass
@@ -209,7 +223,7 @@ def score(config: dict, context: TrialContext, checkpoint: str, source: str) -> 
                                  config, device, fitted_temperature(checkpoint))
     dev = first_rows(dev, config["test_examples"])
     scores = held_out(dev)
-    if task.dataset is not None and task.label_names is not None:  # the user's classes: the bar to clear
+    if task.own_data and task.label_names is not None:  # the user's classes: the bar to clear
         scores["majority_accuracy"] = majority_accuracy(train["label"], dev["label"])
     shift = {entry["name"]: held_out(first_rows(load_shift(task, entry, source, config["on_bad_row"]),
                                                 config["test_examples"])) for entry in shift_sets(context)}

@@ -1,5 +1,6 @@
-"""GLUE tasks: where their data lives (hub and the GLUE folder layout), how rows are read and checked,
-and how predictions are scored."""
+"""Classification and regression tasks as their `dataset:` blocks define them (a shipped GLUE task's: its hub
+dataset, its files in the GLUE folder layout, label names and metrics; or the user's data): how rows are read and
+checked, and how predictions are scored."""
 
 from __future__ import annotations
 
@@ -18,10 +19,17 @@ from llmm_tune.errors import UsageError
 from llmm_tune.settings import is_number
 from llmm_tune.train.calibration import SCORES as CALIBRATION
 from llmm_tune.train.data import BadRows
-from llmm_tune.train.dataset import SUFFIXES, content_hash, load_rows, portable, raw_splits, read_file
+from llmm_tune.train.dataset import (
+    SUFFIXES,
+    content_hash,
+    is_shipped,
+    load_rows,
+    portable,
+    raw_splits,
+    read_file,
+    shipped_blocks,
+)
 from llmm_tune.tune.family import Task
-
-HUB_DATASET = "nyu-mll/glue"
 
 
 # Scored with scikit-learn and SciPy, the functions the `evaluate` library's GLUE metric calls,
@@ -43,28 +51,21 @@ def _regression(labels: np.ndarray, logits: np.ndarray) -> dict[str, float]:
 
 
 @dataclass(frozen=True)
-class LocalFiles:
-    """A task's files in the GLUE folder layout (`<data-dir>/glue/<folder>/`)."""
-
-    folder: str
-    train: str
-    dev: str
-    columns: tuple[str | int, ...]  # text_a, [text_b,] label: header names, or indices without header
-    fields: int | None = None  # fields per row when there is no header
-    encoding: str = "utf-8"
-    label_map: dict[str, int] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
 class GlueTask:
+    """A task as its `dataset:` block defines it: its text columns (the hub's, for a shipped task; ours, for the
+    user's data), its label count (1: regression), how predictions are scored and its label names."""
+
     name: str
-    hub_columns: tuple[str, ...]  # text columns of nyu-mll/glue
+    text_columns: tuple[str, ...]
     num_labels: int  # 1: regression
     score: Callable[[np.ndarray, np.ndarray], dict[str, float]]
-    local: LocalFiles | None  # None: the rows come from `dataset`
-    hub_dev: str = "validation"
+    dataset: dict = field(compare=False)
     label_names: tuple[str, ...] | None = None  # label i's name (None: regression)
-    dataset: dict | None = field(default=None, compare=False)  # the user's data (llmm_tune.train.dataset)
+
+    @property
+    def own_data(self) -> bool:
+        """Whether the rows are the user's (resolved where the search started), not a shipped task's."""
+        return not is_shipped(self.dataset)
 
 
 def _task(glue: GlueTask, *metrics: str) -> Task:
@@ -77,98 +78,70 @@ def _task(glue: GlueTask, *metrics: str) -> Task:
 FORMATS = {"single": ("text", "label"), "pair": ("text", "text_pair", "label")}
 
 
+SCORED = {"classification": ("mcc", "accuracy", "f1"), "regression": ("pearson", "spearman")}  # a block's `metrics`
+
+
 def dataset_task(name: str, block: dict) -> Task:
-    """The user's classification (or regression) task: the label set read from train, as the block records it."""
+    """The task a `dataset:` block defines: a shipped task's (its label names and metrics given) or the user's
+    classification or regression (the label set read from train, as the block records it); the first metric
+    selects unless the space says otherwise."""
     labels = block["labels"]
     columns = FORMATS[block["format"]][:-1]
+    if is_shipped(block):  # the hub's column names
+        columns = tuple((block.get("columns") or {}).get(ours, ours) for ours in columns)
     if labels == "regression":
-        return _task(GlueTask(name, columns, 1, _regression, None, dataset=block), "pearson", "spearman")
+        metrics = block.get("metrics") or SCORED["regression"]
+        return _task(GlueTask(name, columns, 1, _regression, block), *metrics)
     names = tuple(str(label) for label in labels)
-    metrics = ("accuracy", "f1", "mcc") if len(labels) == 2 else ("accuracy", "mcc")
-    return _task(GlueTask(name, columns, len(labels), _classification(*metrics), None, label_names=names,
-                          dataset=block), *metrics)
+    metrics = block.get("metrics") or (("accuracy", "f1", "mcc") if len(labels) == 2 else ("accuracy", "mcc"))
+    return _task(GlueTask(name, columns, len(labels), _classification(*metrics), block, label_names=names),
+                 *metrics)
 
 
-_NLI = {"entailment": 0, "not_entailment": 1}
-TASKS = {t.name: t for t in [
-    _task(GlueTask("cola", ("sentence",), 2, _classification("mcc"),
-                   LocalFiles("CoLA", "train.tsv", "dev.tsv", (3, 1), fields=4),
-                   label_names=("unacceptable", "acceptable")), "mcc"),
-    _task(GlueTask("mrpc", ("sentence1", "sentence2"), 2, _classification("accuracy", "f1"),
-                   LocalFiles("MRPC", "train.tsv", "dev.tsv", ("#1 String", "#2 String", "Quality"),
-                              encoding="utf-8-sig"), label_names=("not_equivalent", "equivalent")),
-          "accuracy", "f1"),
-    _task(GlueTask("stsb", ("sentence1", "sentence2"), 1, _regression,
-                   LocalFiles("STS-B", "train.tsv", "dev.tsv", ("sentence1", "sentence2", "score"))),
-          "pearson", "spearman"),
-    _task(GlueTask("sst2", ("sentence",), 2, _classification("accuracy"),
-                   LocalFiles("SST-2", "train.tsv", "dev.tsv", ("sentence", "label")),
-                   label_names=("negative", "positive")), "accuracy"),
-    _task(GlueTask("rte", ("sentence1", "sentence2"), 2, _classification("accuracy"),
-                   LocalFiles("RTE", "train.parquet", "validation.parquet", ("sentence1", "sentence2", "label")),
-                   label_names=tuple(_NLI)),
-          "accuracy"),
-    _task(GlueTask("qnli", ("question", "sentence"), 2, _classification("accuracy"),
-                   LocalFiles("QNLI", "train.tsv", "dev.tsv", ("question", "sentence", "label"), label_map=_NLI),
-                   label_names=tuple(_NLI)),
-          "accuracy"),
-    _task(GlueTask("mnli", ("premise", "hypothesis"), 3, _classification("accuracy"),
-                   LocalFiles("MNLI", "train.tsv", "dev_matched.tsv", ("sentence1", "sentence2", "gold_label"),
-                              label_map={"entailment": 0, "neutral": 1, "contradiction": 2}),
-                   hub_dev="validation_matched", label_names=("entailment", "neutral", "contradiction")), "accuracy"),
-    _task(GlueTask("qqp", ("question1", "question2"), 2, _classification("accuracy", "f1"),
-                   LocalFiles("QQP", "train.tsv", "dev.tsv", ("question1", "question2", "is_duplicate")),
-                   label_names=("not_duplicate", "duplicate")),
-          "accuracy", "f1"),
-]}
+TASKS = {name: dataset_task(name, block) for name, block in shipped_blocks("glue").items()}
 
 
 def load_splits(task: GlueTask, source: str, on_bad_row: str = "error") -> tuple[Dataset, Dataset]:
     """(train, dev) with columns text_a, [text_b,] label."""
-    if task.dataset is not None:
+    if task.own_data:
         bad_rows = BadRows(on_bad_row)
         return tuple(Dataset.from_dict(_user_columns(task, rows, bad_rows, split))
                      for split, rows in zip(("train", "test"), load_rows(task.dataset, on_bad_row)))
-    if source == "hub":
-        return tuple(_hub_split(task, split) for split in ("train", task.hub_dev))
-    folder = Path(source) / "glue" / task.local.folder
-    return tuple(Dataset.from_dict(read_local(task, folder / name, BadRows(on_bad_row)))
-                 for name in (task.local.train, task.local.dev))
+    return tuple(load_shipped(task, split, source, on_bad_row) for split in ("train", "test"))
 
 
-def load_dev(task: GlueTask, source: str, on_bad_row: str = "error") -> Dataset:
-    """A shipped task's dev split alone (a shift set: QNLI's train is not in the shared data)."""
-    if source == "hub":
-        return _hub_split(task, task.hub_dev)
-    return Dataset.from_dict(read_local(task, Path(source) / "glue" / task.local.folder / task.local.dev,
+def load_shipped(task: GlueTask, split: str, source: str, on_bad_row: str = "error") -> Dataset:
+    """A shipped task's split ("train", or "test": its dev set) from the hub or its file under the data folder."""
+    if source == "hub":  # the block's splits: ours -> the hub's
+        names = dict(zip(task.text_columns, ["text_a", "text_b"]))
+        return load_dataset(task.dataset["path"], task.dataset.get("name"), split=task.dataset["splits"][split]
+                            ).rename_columns(names).select_columns([*names.values(), "label"])
+    local = task.dataset["local"]
+    return Dataset.from_dict(read_local(task, Path(source) / local["folder"] / local["files"][split],
                                         BadRows(on_bad_row)))
-
-
-def _hub_split(task: GlueTask, split: str) -> Dataset:
-    names = dict(zip(task.hub_columns, ["text_a", "text_b"]))
-    return load_dataset(HUB_DATASET, task.name, split=split).rename_columns(names).select_columns(
-        [*names.values(), "label"])
 
 
 def read_local(task: GlueTask, path: Path, bad_rows: BadRows) -> dict[str, list]:
     """Rows of a GLUE file as columns text_a, [text_b,] label; bad rows name their file and line."""
-    spec = task.local
+    spec = task.dataset["local"]  # folder, files, the file's columns (text_a, [text_b,] label: header names, or
+    # indices without header), fields per row without header, encoding
+    columns = spec["columns"]
     if not path.is_file():
         raise UsageError(f"data file {path} not found; point --data-dir (or LLMM_DATA_DIR) at a folder "
-                         f"holding glue/{spec.folder}/{path.name}")
+                         f"holding {spec['folder']}/{path.name}")
     if path.suffix == ".parquet":
         try:
             table = pd.read_parquet(path)
         except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError
             raise UsageError(f"cannot read {path}: {error}; check the file and its permissions") from None
-        missing = [c for c in spec.columns if c not in table.columns]
+        missing = [c for c in columns if c not in table.columns]
         if missing:
-            raise UsageError(f"{path}: columns {missing} missing; expected {list(spec.columns)}")
-        rows = [(i + 2, list(row)) for i, row in enumerate(table[list(spec.columns)].itertuples(index=False))]
-        index = list(range(len(spec.columns)))
+            raise UsageError(f"{path}: columns {missing} missing; expected {list(columns)}")
+        rows = [(i + 2, list(row)) for i, row in enumerate(table[list(columns)].itertuples(index=False))]
+        index = list(range(len(columns)))
     else:
         rows, index = _read_tsv(path, spec, bad_rows)
-    names = ["text_a", "label"] if len(spec.columns) == 2 else ["text_a", "text_b", "label"]
+    names = ["text_a", "label"] if len(columns) == 2 else ["text_a", "text_b", "label"]
     columns: dict[str, list] = {name: [] for name in names}
     for line, row in rows:
         values = [row[i] for i in index]
@@ -186,13 +159,13 @@ def read_local(task: GlueTask, path: Path, bad_rows: BadRows) -> dict[str, list]
 def _user_columns(task: GlueTask, rows: list[tuple[str, dict]], bad_rows: BadRows, split: str) -> dict[str, list]:
     """A user's rows as columns text_a, [text_b,] label (the label's index in the recorded label set)."""
     index = None if task.label_names is None else label_index(task)
-    return _columns(task.hub_columns, index, rows, bad_rows, split)
+    return _columns(task.text_columns, index, rows, bad_rows, split)
 
 
 def label_index(task: GlueTask) -> dict:
     """A classifier's label as rows give it -> its index: the recorded label set's values (the user's data), else
     the label names and the indices themselves."""
-    if task.dataset is not None:
+    if task.own_data:
         return {label: i for i, label in enumerate(task.dataset["labels"])}
     return {**{name: i for i, name in enumerate(task.label_names)}, **{i: i for i in range(task.num_labels)}}
 
@@ -235,20 +208,20 @@ def label_set(rows: list[tuple[str, dict]], where: str) -> list | str:
     return distinct
 
 
-def _read_tsv(path: Path, spec: LocalFiles, bad_rows: BadRows) -> tuple[list[tuple[int, list[str]]], list[int]]:
+def _read_tsv(path: Path, spec: dict, bad_rows: BadRows) -> tuple[list[tuple[int, list[str]]], list[int]]:
     try:
-        with open(path, encoding=spec.encoding, newline="") as f:
+        with open(path, encoding=spec.get("encoding", "utf-8"), newline="") as f:
             lines = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
     except (OSError, UnicodeDecodeError) as error:
         raise UsageError(f"cannot read {path}: {error}; check the file and its permissions") from None
-    if spec.fields is not None:
-        width, index, first = spec.fields, list(spec.columns), 1
+    if spec.get("fields") is not None:
+        width, index, first = spec["fields"], list(spec["columns"]), 1
     else:
         header = lines[0] if lines else []
-        missing = [c for c in spec.columns if c not in header]
+        missing = [c for c in spec["columns"] if c not in header]
         if missing:
-            raise UsageError(f"{path}:1: header lacks columns {missing}; expected {list(spec.columns)}")
-        width, index, first = len(header), [header.index(c) for c in spec.columns], 2
+            raise UsageError(f"{path}:1: header lacks columns {missing}; expected {list(spec['columns'])}")
+        width, index, first = len(header), [header.index(c) for c in spec["columns"]], 2
         lines = lines[1:]
     rows = []
     for line, row in enumerate(lines, start=first):
@@ -260,11 +233,13 @@ def _read_tsv(path: Path, spec: LocalFiles, bad_rows: BadRows) -> tuple[list[tup
 
 
 def _label(task: GlueTask, value) -> int | float | None:
-    """The label as the model needs it, or None when it is not one of the task's."""
+    """The label as the model needs it (a label name's index, or the index itself), or None when it is not one of
+    the task's."""
     try:
         if task.num_labels == 1:
             return float(value)
-        label = task.local.label_map[value] if task.local.label_map else int(value)
+        names = {name: i for i, name in enumerate(task.label_names)}
+        label = names[value] if value in names else int(value)
         return label if 0 <= label < task.num_labels else None
     except (KeyError, ValueError, TypeError):
         return None
@@ -272,8 +247,7 @@ def _label(task: GlueTask, value) -> int | float | None:
 
 def _shift_texts(task: GlueTask) -> tuple[str, ...]:
     """The text columns of a shift file: the user's format's, or `text` and `text_pair` for a shipped task."""
-    return task.hub_columns if task.dataset is not None else FORMATS["single" if len(task.hub_columns) == 1
-                                                                      else "pair"][:-1]
+    return task.text_columns if task.own_data else FORMATS[task.dataset["format"]][:-1]
 
 
 def resolve_shift(entry: dict, trained: Task, where: str) -> dict:
@@ -285,7 +259,7 @@ def resolve_shift(entry: dict, trained: Task, where: str) -> dict:
         raise UsageError(f"{where}: {trained.name} is a regression; shift sets are scored for classifiers only")
     if "task" in entry:
         other = TASKS.get(entry["task"])
-        if other is None or glue.dataset is not None:
+        if other is None or glue.own_data:
             raise UsageError(f"{where}.task: {entry['task']!r} is not a shipped GLUE task ({', '.join(TASKS)})"
                              + ("; a space on your own data names its shift sets by files:" if other else ""))
         if other.details.label_names != glue.label_names:
@@ -305,7 +279,7 @@ def resolve_shift(entry: dict, trained: Task, where: str) -> dict:
 def load_shift(task: GlueTask, entry: dict, source: str, on_bad_row: str = "error") -> Dataset:
     """A resolved shift entry's rows as columns text_a, [text_b,] label (labels as the trained task's indices)."""
     if "task" in entry:
-        return load_dev(TASKS[entry["task"]].details, source, on_bad_row)
+        return load_shipped(TASKS[entry["task"]].details, "test", source, on_bad_row)
     rows = raw_splits({"path": entry["files"], "files": {"test": entry["files"]},
                        "hashes": {"test": entry["hash"]}})["test"]
     return Dataset.from_dict(_columns(_shift_texts(task), label_index(task), rows, BadRows(on_bad_row),

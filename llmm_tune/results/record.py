@@ -14,6 +14,7 @@ from llmm_tune.errors import UsageError
 from llmm_tune.files import write_text
 from llmm_tune.results.collect import plain, trial_config
 from llmm_tune.train.data import DATASET_SOURCE, locate_source
+from llmm_tune.train.dataset import DataBlock
 from llmm_tune.tune.context import TrialContext, validation_key
 from llmm_tune.tune.direction import Direction
 from llmm_tune.tune.experiment import ExperimentRecord
@@ -44,8 +45,8 @@ class ExportRecord:
         """The record of `trial` of `meta`'s search with its held-out scores, as it will be written to `path`."""
         config = trial_config(trial, meta)
         split = load_family(meta.family).HELD_OUT
-        dataset = TrialContext.dataset_in(meta.space_yaml)  # the user's data, files named portably with hashes
-        shift = TrialContext.dataset_in(meta.space_yaml, "shift")  # extra held-out sets the export scored
+        dataset = TrialContext.dataset_in(meta.space_yaml)  # the task's data (the user's: files named portably, hashed)
+        shift = TrialContext.shift_in(meta.space_yaml)  # extra held-out sets the export scored
         layout = meta.resources or {}
         threads = None if layout.get("gpus_per_trial", 0) else max(1, int(layout.get("cpus_per_trial") or 1))
         return cls(
@@ -55,7 +56,7 @@ class ExportRecord:
                         "split": f"{config['validation_size']} of train, seed {meta.seed}, nothing of {split}"},
             held_out={"split": split, "scores": held_out},
             data={"source": meta.data, "validation_seed": meta.seed,
-                  **({} if dataset is None else {"dataset": json.loads(dataset)}),
+                  **({} if dataset is None else {"dataset": dataset.fields}),
                   **({} if shift is None else {"shift": json.loads(shift)})},
             seed=config["seed"], trust_remote_code=meta.trust_remote_code, git_commit=meta.git_commit,
             versions=meta.versions, search_command=meta.command, threads=threads,
@@ -91,7 +92,7 @@ class ExportRecord:
         trust = self.trust_remote_code if trust_remote_code is None else trust_remote_code
         dataset, shift = self.data.get("dataset"), self.data.get("shift")
         return TrialContext.of(self.family, self.task, self.validation["metric"], trust,
-                               dataset=None if dataset is None else json.dumps(dataset, sort_keys=True),
+                               dataset=DataBlock.of(dataset),
                                shift=None if shift is None else json.dumps(shift, sort_keys=True))
 
     def prepare_data(self, context: TrialContext, data_dir: str | None) -> tuple[object, str]:

@@ -14,12 +14,21 @@ from datasets import Dataset
 
 from llmm_tune.errors import UsageError
 from llmm_tune.project import ROOT
-from llmm_tune.settings import count
+from llmm_tune.settings import Setting, count, optional, positive_int, size
 
 DATA_DIR_ENV = "LLMM_DATA_DIR"
 
 BAD_ROW_POLICIES = ("error", "skip")
 DATASET_SOURCE = "dataset"  # a task whose search space names its data (`dataset:`): no data folder, no hub task
+# The data settings every family has: how validation is carved from train, how much of train and of the held-out
+# split is read, what a bad row does. A family adds its own (a tokenizer's lengths, a sequence's order).
+SHARED_DATA_SETTINGS: dict[str, Setting] = {
+    "validation_size": Setting(size, "a fraction in (0, 1) or a whole count (carved from train)", 0.1),
+    "max_train_examples": Setting(optional(positive_int), "an integer >= 1 or null (all)", None),
+    "test_examples": Setting(optional(positive_int), "an integer >= 1 or null (the whole held-out split)", None),
+    "on_bad_row": Setting(lambda v: v in BAD_ROW_POLICIES, f"one of {list(BAD_ROW_POLICIES)}", "error"),
+}
+SHARED_DATA_NAMES = ("model", "seed", *SHARED_DATA_SETTINGS)  # what shapes a family's prepared data: never searched
 
 
 def resolve_data_dir(option: str | None) -> Path | None:

@@ -6,29 +6,39 @@ differ. Where the search starts, `resolve` checks it against the data once and w
 format (inferred from the columns when unambiguous, as TRL infers dataset types), the files named portably
 with a content hash each, and what a family reads from train (a classifier's label set). The resolved block is
 part of the search's YAML, so every record carries it and every trial reads the same rows from it.
+
+A shipped task's block (`is_shipped`) is the same kind of value: its hub dataset (`path`, `name`, `splits`) and
+its copy under the data folder (`local`), its format and the fields that make the task what it is. It is not
+resolved where the search starts: the family reads the data folder or the hub where the trial runs. A task
+sequence (the continual family's) is a list of such blocks, one a task of a shipped benchmark, in order.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import gzip
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+import yaml
 
 from llmm_tune.errors import UsageError
-from llmm_tune.project import ROOT
+from llmm_tune.project import ROOT, SPACES_DIR
 from llmm_tune.settings import count
-from llmm_tune.train.data import BadRows, hub_reachable, split_off
+from llmm_tune.train.data import BadRows, hub_reachable, local_or_hub, split_off
 
 KEYS = {"path", "name", "revision", "splits", "test", "test_size", "format", "columns", "chat_template", "files",
         "hashes", "labels"}
 SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".jsonl.gz", ".json.gz", ".csv.gz", ".tsv.gz")
-TEST_SEED = 42  # the seeded carve of a test split from data shipped as one pool: the same for every trial
+SHIPPED_KEYS = {"path", "name", "splits", "local", "format", "test_seed"}  # a shipped task's block; a family adds
+# its own fields (`check_shipped`)
+TEST_SEED = 42  # the seeded carve and draw of the test examples: the same for every trial, every family's
 DEFAULT_TEST_SIZE = 0.1
 INVALID_JSON = object()  # the row read from a line that is not JSON (a bad row)
 HUB_SPLITS = {"train": "train", "test": "test"}  # ours -> the hub dataset's, unless `splits` says otherwise
@@ -66,6 +76,86 @@ def check_block(block: object, where: str) -> dict:
     if not isinstance(columns, dict) or not all(isinstance(v, str) for v in columns.values()):
         raise UsageError(f"{where}.columns: must map our column names to yours, e.g. {{prompt: question}}")
     return block
+
+
+@dataclass(frozen=True)
+class DataBlock:
+    """A task's resolved `dataset:` block as it travels from the search space to every trial, record and export:
+    one hashable value (the trial context holds it; a task definition is cached by it), parsed once."""
+
+    text: str  # the block as canonical JSON: two blocks are the same when their texts are
+
+    @classmethod
+    def of(cls, block: dict | list[dict] | None) -> DataBlock | None:
+        return None if block is None else cls(json.dumps(block, sort_keys=True))
+
+    @functools.cached_property
+    def fields(self) -> dict | list[dict]:
+        """The block's keys and values (a task sequence's: its tasks' blocks, in order)."""
+        return json.loads(self.text)
+
+    @property
+    def users(self) -> bool:
+        """Whether it names the user's data (resolved where the search started), not a shipped task's."""
+        return not is_shipped(self.fields)
+
+
+def is_shipped(block: dict | list[dict]) -> bool:
+    """Whether a `dataset:` block describes a shipped task's data (its copy under the data folder, `local`, or its
+    hub dataset; a list: a sequence of a shipped benchmark's tasks), found where the trial runs, rather than the
+    user's data, resolved where the search starts."""
+    return isinstance(block, list) or "local" in block
+
+
+def check_shipped(block: dict, formats: Iterable[str], fields: set[str], where: str) -> dict:
+    """A shipped task's block with known keys (ours and the family's `fields`), a hub id, its local files and one
+    of the family's `formats`; a UsageError naming the key otherwise."""
+    if not isinstance(block, dict):
+        raise UsageError(f"{where}: a list of blocks is a task sequence (the continual family's); give this task's "
+                         "one block, a mapping")
+    unknown = sorted(set(block) - SHIPPED_KEYS - fields)
+    if unknown:
+        raise UsageError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(SHIPPED_KEYS | fields)}")
+    local = block["local"]
+    if not isinstance(local, dict) or not isinstance(local.get("folder"), str) or not isinstance(
+            local.get("files"), dict):
+        raise UsageError(f"{where}.local: needs folder: FOLDER (under the data folder) and files: {{split: FILE or "
+                         "[FILES]}")
+    if not isinstance(block.get("path"), str) or not block["path"]:
+        raise UsageError(f"{where}.path: needs the task's hub dataset id (owner/name), read when no data folder is set")
+    if block.get("format") not in formats:
+        raise UsageError(f"{where}.format: {block.get('format')!r} is not a format of this family; choose one of "
+                         f"{', '.join(formats)}")
+    return block
+
+
+def local_files(block: dict) -> dict[str, tuple[str, ...]]:
+    """Our split -> a shipped task's files in its folder under the data folder ("all": one pool the test split is
+    carved from)."""
+    return {split: (names,) if isinstance(names, str) else tuple(names)
+            for split, names in block["local"]["files"].items()}
+
+
+def shipped_source(task: str, block: dict, data_dir: Path | None) -> str:
+    """Where a shipped task's data will come from (a family's `check_data`): the data folder when given, else
+    its hub dataset."""
+    files = [name for names in local_files(block).values() for name in names]
+    return local_or_hub(task, data_dir, Path(block["local"]["folder"]), files, block["path"])
+
+
+def _shipped_space(path: Path) -> dict:
+    """A shipped space's top-level keys, over those of the space it `extends:` (a shipped one, by file or name)."""
+    raw = yaml.safe_load(path.read_text()) or {}
+    base = raw.pop("extends", None)
+    return raw if base is None else {**_shipped_space(SPACES_DIR / f"{str(base).removesuffix('.yaml')}.yaml"), **raw}
+
+
+def shipped_blocks(family: str) -> dict[str, dict | list[dict]]:
+    """Task -> its `dataset:` block, for each space shipped in `search_spaces/` that describes a shipped task of
+    `family`: the tasks a family ships are their spaces' blocks (records that name a task alone find it here)."""
+    spaces = (_shipped_space(path) for path in sorted(SPACES_DIR.glob("*.yaml")))
+    return {raw["task"]: raw["dataset"] for raw in spaces
+            if raw.get("family") == family and is_shipped(raw.get("dataset") or {})}
 
 
 def split_files(block: dict) -> dict[str, Path]:

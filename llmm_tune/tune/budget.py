@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from llmm_tune.errors import Interrupted, UsageError
+from llmm_tune.train.data import DATASET_SOURCE
 from llmm_tune.train.pretrained import CACHE_DIR
 from llmm_tune.tune.cluster import MAX_TRIALS_PER_GPU, Layout, LayoutRequest, machine, plan_layout, trials_per_gpu
 from llmm_tune.tune.console import quiet_logs
@@ -233,7 +234,8 @@ def gpu_packed(request: LayoutRequest, figures: dict) -> LayoutRequest:
 def probe_key(spec: SearchSpec, source: str, threads: int) -> str:
     """What a probe's figures depend on: the model, data and settings of a trial, and this machine's hardware."""
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or platform.machine()
-    what = {"family": spec.family, "task": spec.task, "dataset": spec.dataset, "source": source,
+    users = spec.dataset.text if source == DATASET_SOURCE else None  # a shipped task's: its family and task name it
+    what = {"family": spec.family, "task": spec.task, "dataset": users, "source": source,
             "config": trial_config(spec), "device": device, "cpu": cpu_model(), "threads": threads,
             "torch": torch.__version__}
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -4,7 +4,6 @@ and each trial's own log files."""
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -18,6 +17,7 @@ from ray.tune import Callback
 from ray.tune.experiment import Trial
 
 from llmm_tune.errors import FAILURE_KEY, STARTED_AGAIN_KEY
+from llmm_tune.train.data import DATASET_SOURCE
 from llmm_tune.tune.direction import Direction
 
 if TYPE_CHECKING:
@@ -265,5 +265,5 @@ def data_sizes(data) -> str:
 
 
 def data_named(spec: SearchSpec, source: str) -> str:
-    """The data as the console names it: the space's own data block's path, else the folder or "hub"."""
-    return json.loads(spec.dataset)["path"] if spec.dataset else source
+    """The data as the console names it: the user's data block's path, else the folder or "hub"."""
+    return spec.dataset.fields["path"] if source == DATASET_SOURCE else source

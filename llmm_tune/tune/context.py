@@ -12,6 +12,7 @@ from types import ModuleType
 import yaml
 
 from llmm_tune.train.data import DATASET_SOURCE
+from llmm_tune.train.dataset import DataBlock
 from llmm_tune.tune.direction import Direction
 from llmm_tune.tune.family import Task, load_family, task_definition
 
@@ -30,14 +31,15 @@ class TrialContext:
     selects: str  # the report that stands for a trial: its "best", or its "last" (a task sequence)
     trust_remote_code: bool = False
     loftq_cache: str | None = None  # a folder or URI every trial of the search shares; None: memory only
-    dataset: str | None = None  # the space's resolved `dataset:` block as JSON (the user's data), else None
+    dataset: DataBlock | None = None  # the space's resolved `dataset:` block (a continual space's: its list of task
+    # blocks); None: the task is named alone (a record from before shipped tasks had blocks)
     shift: str | None = None  # the space's resolved `shift:` entries as JSON (extra held-out sets), else None
     objectives: tuple[str, ...] = ()  # the search's other objectives (--objectives), whose values at the report
     # that stands go out beside the selection metric's (`best_val_<metric>`)
 
     @classmethod
     def of(cls, family: str, task: str, metric: str | None = None, trust_remote_code: bool = False,
-           loftq_cache: str | None = None, dataset: str | None = None, shift: str | None = None,
+           loftq_cache: str | None = None, dataset: DataBlock | None = None, shift: str | None = None,
            objectives: tuple[str, ...] = ()) -> TrialContext:
         """The context of `task` of `family` selecting on `metric` (default: the task's); the direction and which
         report stands are the task's."""
@@ -55,9 +57,11 @@ class TrialContext:
         return task_definition(self.family, self.task, self.dataset)
 
     def source(self, data_dir: Path | None) -> str:
-        """Where the task's data comes from: the space's own data block, else the family's check of the data
-        folder or the hub (a UsageError naming the fix)."""
-        return DATASET_SOURCE if self.dataset else self.recipe.check_data(self.task, data_dir)
+        """Where the task's data comes from: the user's data block, else (a shipped task) the family's check of the
+        data folder or the hub (a UsageError naming the fix)."""
+        if self.dataset and self.dataset.users:
+            return DATASET_SOURCE
+        return self.recipe.check_data(self.task, data_dir)
 
     @property
     def direction(self) -> Direction:
@@ -69,11 +73,15 @@ class TrialContext:
         return validation_key(self.metric)
 
     @staticmethod
-    def dataset_in(space_yaml: str, key: str = "dataset") -> str | None:
-        """The resolved `dataset:` block (or `shift:` entries, `key`) of a search space's YAML, as the context
-        carries it."""
-        block = (yaml.safe_load(space_yaml) or {}).get(key)
-        return None if block is None else json.dumps(block, sort_keys=True)
+    def dataset_in(space_yaml: str) -> DataBlock | None:
+        """The resolved `dataset:` block of a search space's YAML, as the context carries it."""
+        return DataBlock.of((yaml.safe_load(space_yaml) or {}).get("dataset"))
+
+    @staticmethod
+    def shift_in(space_yaml: str) -> str | None:
+        """The resolved `shift:` entries of a search space's YAML, as JSON (as the context carries them)."""
+        entries = (yaml.safe_load(space_yaml) or {}).get("shift")
+        return None if entries is None else json.dumps(entries, sort_keys=True)
 
     def checkpoint_ranking(self) -> dict:
         """How Ray ranks a trial's checkpoints to keep the one that stands (keyword arguments of its

@@ -138,7 +138,7 @@ class ExperimentRecord:
         cache = None if experiment is None else storage.join(str(experiment), LOFTQ_CACHE)
         space = self.space_yaml
         return TrialContext.of(self.family, self.task, self.metric, self.trust_remote_code, cache,
-                               TrialContext.dataset_in(space), TrialContext.dataset_in(space, "shift"),
+                               TrialContext.dataset_in(space), TrialContext.shift_in(space),
                                tuple(objective["metric"] for objective in self.objectives[1:]))
 
     @property

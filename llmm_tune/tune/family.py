@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +16,7 @@ from llmm_tune.tune.direction import MODES, Direction
 
 if TYPE_CHECKING:
     from llmm_tune.settings import Setting
+    from llmm_tune.train.dataset import DataBlock
     from llmm_tune.train.fit import Reporter
 
 BUILT_IN = ("glue", "causal_lm", "continual")
@@ -55,9 +55,12 @@ class Family(Protocol):
     Optional, read where a family defines them:
     `build_model(config, context, device) -> nn.Module`: the model a checkpoint's adapter loads into
     (`llmm_tune.export_adapter` needs it).
-    `resolve_dataset(block, where) -> dict` and `dataset_task(name, block) -> Task`, in a family that takes the
-    user's data from a space's `dataset:` block (`llmm_tune.train.dataset`): the block checked against its data
-    and completed, once, where the search starts; the task it defines, a pure function of the resolved block.
+    `resolve_dataset(block, where) -> dict` and `dataset_task(name, block) -> Task`, in a family whose tasks are
+    `dataset:` blocks of its spaces (`llmm_tune.train.dataset`; a task sequence's: a list of blocks): the block
+    checked (the user's data: against its data, and completed) once, where the search starts; the task it defines,
+    a pure function of the resolved block.
+    Its `TASKS` are then the tasks its shipped spaces' blocks define (`shipped_blocks`), for records that name a
+    task alone.
     `held_out_details(scores) -> str`: Markdown for what `score` returns beside numbers (the export adds it; ""
     adds nothing).
     `resolve_shift(entry, task, where) -> dict`: a space's `shift:` entry (`{name, task}` or `{name, files}`, an
@@ -113,12 +116,13 @@ def load_family(name: str) -> ModuleType:
 
 
 @functools.cache
-def _dataset_task(family: str, name: str, dataset: str) -> Task:
-    return load_family(family).dataset_task(name, json.loads(dataset))
+def _dataset_task(family: str, name: str, dataset: DataBlock) -> Task:
+    return load_family(family).dataset_task(name, dataset.fields)
 
 
-def task_definition(family: str, name: str, dataset: str | None) -> Task:
-    """The task `name` of `family`: one it ships, or the one a resolved `dataset:` block (as JSON) defines."""
+def task_definition(family: str, name: str, dataset: DataBlock | None) -> Task:
+    """The task `name` of `family`: the one its resolved `dataset:` block defines, else (a record that names its
+    task alone) the one of that name the family ships."""
     return load_family(family).TASKS[name] if dataset is None else _dataset_task(family, name, dataset)
 
 

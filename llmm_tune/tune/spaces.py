@@ -18,6 +18,7 @@ from llmm_tune.errors import UsageError
 from llmm_tune.method.config import BASELINES
 from llmm_tune.project import SPACES_DIR
 from llmm_tune.settings import REQUIRED, positive, positive_int
+from llmm_tune.train.dataset import DataBlock, is_shipped
 from llmm_tune.tune.context import TrialContext, validation_key
 from llmm_tune.tune.direction import MODES
 from llmm_tune.tune.family import Task, load_family
@@ -50,7 +51,7 @@ class SearchSpec:
     num_samples: int
     warm_start: list[dict]
     adjustments: list[str]  # how warm-start points were moved into this space
-    dataset: str | None = None  # the resolved `dataset:` block as JSON (TrialContext.dataset), else None
+    dataset: DataBlock | None = None  # the resolved `dataset:` block (TrialContext.dataset), else None
     early_stopping_on: bool | None = None  # whether ASHA runs: as the command line asked, None: by the trial count
     shift: str | None = None  # the resolved `shift:` entries as JSON (TrialContext.shift), else None
 
@@ -189,8 +190,7 @@ def load_spec(task_or_path: str, profile: str, method: str, num_samples: int | N
     elif raw.get("task") in recipe.TASKS:
         task = recipe.TASKS[raw["task"]]
     else:
-        _fail(path, "task", f"{raw.get('task')!r} is not a task of family {raw['family']}; choose one of "
-                            f"{', '.join(recipe.TASKS)}, the family that has it, or give a dataset: block")
+        _not_a_task(path, raw, recipe)
     if "shift" in raw:
         raw["shift"] = _shift(path, raw["shift"], recipe, task)
         text = yaml.safe_dump(raw, sort_keys=False)
@@ -211,7 +211,7 @@ def load_spec(task_or_path: str, profile: str, method: str, num_samples: int | N
     if not positive_int(samples):
         _fail(path, f"profiles.{profile}.num_samples", f"must be an integer >= 1, got {samples!r}")
     warm, adjustments = _warm_start(path, recipe.SETTINGS, chosen.get("warm_start", raw.get("warm_start")), space)
-    dataset = json.dumps(raw["dataset"], sort_keys=True) if "dataset" in raw else None
+    dataset = DataBlock.of(raw.get("dataset"))
     shift = json.dumps(raw["shift"], sort_keys=True) if "shift" in raw else None
     return SearchSpec(path, text, raw["family"], task.name, metric, task.metrics[metric], space, fixed, stopping,
                       samples, warm, adjustments, dataset, shift=shift)
@@ -244,17 +244,33 @@ def _shift(path: Path, entries, recipe: ModuleType, task: Task) -> list[dict]:
     return resolved
 
 
-def _resolved_dataset(path: Path, raw: dict, recipe: ModuleType, options: dict) -> dict:
-    """The space's data block with the command line's options over it, checked against its data (once: a
-    record's block is resolved already)."""
+def _not_a_task(path: Path, raw: dict, recipe: ModuleType) -> None:
+    _fail(path, "task", f"{raw.get('task')!r} is not a task of family {raw['family']}; choose one of "
+                        f"{', '.join(recipe.TASKS)}, the family that has it, or give a dataset: block")
+
+
+def _resolved_dataset(path: Path, raw: dict, recipe: ModuleType, options: dict) -> dict | list[dict]:
+    """The space's data block with the command line's options over it (over a shipped task's: instead of it),
+    checked against its data (once: a record's block is resolved already); a task sequence's list of blocks is
+    checked by its family."""
     if not hasattr(recipe, "dataset_task"):
         _fail(path, "dataset", f"family {raw['family']} takes no dataset block; use glue (classification) or "
                                "causal_lm (fine-tuning on text)")
     if not isinstance(raw.get("task"), str) or not raw["task"]:
         _fail(path, "task", "name your task (a word for the results folder), e.g. task: my_tickets")
-    block = {**(_mapping(path, "dataset", raw.get("dataset")) or {}), **options}
-    if options:  # data named anew: what was resolved for other data does not hold
-        block = {k: v for k, v in block.items() if k not in ("files", "hashes", "labels") or k in options}
+    block = raw.get("dataset")
+    if isinstance(block, list):  # a task sequence: a shipped benchmark's tasks, one block each
+        if options:
+            _fail(path, "dataset", "a task sequence reads its benchmark's tasks from the data folder; drop --data "
+                                   "(it names data for glue and causal_lm spaces)")
+    else:
+        block = _mapping(path, "dataset", block) or {}
+        block = {**({} if options and is_shipped(block) else block), **options}  # the user's data replaces a shipped
+        if options:  # data named anew: what was resolved for other data does not hold
+            block = {k: v for k, v in block.items() if k not in ("files", "hashes", "labels") or k in options}
+    if isinstance(block, dict) and is_shipped(block) and raw["task"] not in recipe.TASKS:  # its data is found by
+        # the shipped task's name (a sequence's by its tasks' names: a new order is a new task)
+        _not_a_task(path, raw, recipe)
     return recipe.resolve_dataset(block, f"{path}: dataset")
 
 
