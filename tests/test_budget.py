@@ -256,3 +256,23 @@ def test_the_slowdown_is_timed_in_processes_running_at_once():
 
     assert busy_seconds(1, steps=2) > 0
     assert 1.0 <= concurrency_slowdown(2, 1) < 10  # two processes of one thread each, timed against one alone
+
+
+def test_a_compare_budget_is_split_where_only_a_middle_range_of_search_budgets_fits():
+    """MRPC's probe on the 2-core Xeon: a short search sizes no trial at all, a long one trials too long for 25
+    retrainings; the split lies between (an earlier bisection from 0 took the first for the second and refused 19
+    minutes, naming 11 as enough)."""
+    from llmm_tune.tune.budget import SEARCH_START_S, search_share, smallest_budget
+
+    figures = {"device": "cpu", "threads": 1, "prepare_s": 0.7, "train_examples": 3301, "build_cold_s": 9.7,
+               "build_warm_s": 0.67, "eval_s": 4.8, "step_s": 0.99, "first_steps_s": 1.9, "score_s": 5.8,
+               "peak_memory_gib": 2.05, "slowdown": {"trials": 2, "factor": 1.38}}
+    spec = load_spec("glue_mrpc", "cpu", "llmm")
+    share = search_share(figures, spec, 2, 1, 19 * 60, searches=1, retrainings=25)
+    assert share > smallest_budget(figures, spec, 2, 1, SEARCH_START_S)
+    sizing = size(figures, spec, 2, 1, share, 0.0)  # the longest trials the search may size
+    trial = fits(figures, spec, sizing.epochs, sizing.train_rows, 2, 2, 1).trial_s
+    assert share + 13 * (trial + figures["score_s"]) <= 19 * 60
+    with pytest.raises(UsageError, match=r"give --budget (\d+)m or more") as refused:
+        search_share(figures, spec, 2, 1, 4 * 60, searches=1, retrainings=25)
+    assert int(re.search(r"--budget (\d+)m or more", str(refused.value)).group(1)) > 4

@@ -167,8 +167,8 @@ def search_share(figures: dict, spec: SearchSpec, concurrent: int, workers: int,
                  retrainings: int) -> float:
     """compare --budget: each search's budget, so that `searches` searches one after another, then `retrainings`
     whole trials of the configuration they are sized to (`concurrent` at once, each scored on the held-out split),
-    end within `seconds`. Bisected: a longer search budget may size longer trials (more epochs or rows), so the
-    total is not strictly monotone, and the bisection's answer is checked."""
+    end within `seconds`. Bisected from the shortest search that sizes a trial: a longer search budget may size longer
+    trials (more epochs or rows), so the total grows by steps."""
 
     def total(each: float) -> float:
         try:  # the retrainings are the trials of the search's sizing: the longest it may choose (sized at once)
@@ -181,15 +181,16 @@ def search_share(figures: dict, spec: SearchSpec, concurrent: int, workers: int,
         retrain_s = math.ceil(retrainings / concurrent) * (trial.trial_s + figures.get("score_s", 0.0))
         return searches * each + RAY_START_S + ACTOR_START_S + retrain_s
 
-    low, high = 0.0, seconds / searches
+    # from the shortest search that sizes one trial (below it nothing fits, and the bisection would take that for
+    # too long): total grows with the search's budget from there, a step where the sizing takes more epochs or rows
+    low, high = smallest_budget(figures, spec, concurrent, workers, SEARCH_START_S) + 1, seconds / searches
+    if total(low) > seconds:
+        raise UsageError(f"--budget {duration_text(seconds)} is too short for {searches} search(es) and "
+                         f"{retrainings} retrainings here; give --budget {minutes_up(total(low))}m or more, or fewer "
+                         "--seeds or --methods, or --paired-only")
     while high - low > 10:
         middle = (low + high) / 2
         low, high = (middle, high) if total(middle) <= seconds else (low, middle)
-    if total(low) > seconds:
-        smallest = total(smallest_budget(figures, spec, concurrent, workers, SEARCH_START_S) + 1)
-        raise UsageError(f"--budget {duration_text(seconds)} is too short for {searches} search(es) and "
-                         f"{retrainings} retrainings here; give --budget {minutes_up(smallest)}m or more, or fewer "
-                         "--seeds or --methods, or --paired-only")
     return low
 
 
