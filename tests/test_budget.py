@@ -78,7 +78,7 @@ def test_a_budgeted_search_stops_at_its_budget_exports_and_marks_the_trials_it_c
                        evals_per_epoch=4)
     run = run_module("llmm_tune.search", str(space), "--profile", "cpu", "--budget", "60s", "--cpus-per-trial",
                      "1", "--storage", str(tmp_path / "runs"), "--results", str(tmp_path / "results"),
-                     env={"TIMED_FAMILY_SLOWER": "3", "LLMM_CACHE_DIR": str(tmp_path / "cache")})
+                     env={"TIMED_FAMILY_SLOWER": "5", "LLMM_CACHE_DIR": str(tmp_path / "cache")})
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     (sized,) = [line for line in run.stdout.splitlines() if line.startswith("budget 1.0 min: ")]
     assert "trials x up to" in sized and "2 at once" in sized
