@@ -115,6 +115,8 @@ def test_a_budgeted_search_s_eta_ends_at_its_deadline_at_the_latest_and_names_th
     assert 235 <= left <= 240 and end in ends  # the deadline's 4 minutes, not the rate's 39
     left, end, ends = eta(SearchProgress("mcc", "max", 10, ("epoch", 4.0), deadline=300.0), [])
     assert 295 <= left <= 300 and end in ends  # before any work: the deadline
+    left, end, ends = eta(SearchProgress("mcc", "max", 10, ("epoch", 4.0), deadline=300.0, planned=200.0), [])
+    assert 195 <= left <= 200 and end in ends  # before any work, with the budget's plan of the trials: the plan
 
 
 def test_the_eta_counts_the_work_left_at_the_rate_done_so_far_with_ashas_stops_from_the_ended_trials():
@@ -125,6 +127,18 @@ def test_the_eta_counts_the_work_left_at_the_rate_done_so_far_with_ashas_stops_f
     # two ended, at a quarter and at the end: a waiting trial is expected to run 0.625; the one at 0.5 to the end
     assert eta_seconds(100.0, 3, [0.25, 1.0], [0.5]) == pytest.approx((3 * 0.625 + 0.5) * 100 / 1.75)
     assert eta_seconds(100.0, 0, [1.0], [0.25]) == pytest.approx(0.75 * 100 / 1.25)  # only the running one is left
+
+
+def test_a_budgeted_search_s_eta_starts_from_its_plan_and_moves_to_the_measured_rate_as_the_work_is_done():
+    from llmm_tune.tune.console import eta_seconds
+
+    assert eta_seconds(60.0, 2, [], [], planned=300.0) == pytest.approx(240.0)  # before any report: the plan's rest
+    assert eta_seconds(400.0, 2, [], [], planned=300.0) is None  # past its plan with nothing reported: unknown
+    # a quarter of the work done (0.5 of 2 trials): the rate says 180 s left, the plan 3/4 of its 300 s; weighted by
+    # the work done and left
+    assert eta_seconds(60.0, 0, [], [0.25, 0.25], planned=300.0) == pytest.approx(0.25 * 180 + 0.75 * 225)
+    # near the end the rate decides: 0.1 of 2 trials left at 10 s by the rate, 15 s by the plan
+    assert eta_seconds(190.0, 0, [1.0], [0.9], planned=300.0) == pytest.approx(0.95 * 10 + 0.05 * 15)
 
 
 def test_a_searchs_status_line_is_kept_by_tunes_callbacks_after_its_first_pass_over_the_trials():

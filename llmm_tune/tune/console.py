@@ -115,11 +115,12 @@ class Progress(Callback):
     selects = "best"  # a trial's value: its best report, or its last (`Task.selects`)
     counted: Tally | None = None  # a class default too: a search started before Tally resumes with its old callback
     deadline: float | None = None  # --budget's: seconds from the start at which the trials are stopped
+    planned: float | None = None  # --budget's plan: seconds from the start at which the trials are predicted to end
 
     def __init__(self, metric: str, mode: str, num_samples: int, clock: tuple[str, float], selects: str = "best",
-                 deadline: float | None = None):
+                 deadline: float | None = None, planned: float | None = None):
         self.metric, self.mode, self.num_samples, self.selects = metric, mode, num_samples, selects
-        self.deadline = deadline
+        self.deadline, self.planned = deadline, planned
         self.time_attr, self.budget = clock
         self.started = time.time()
         self.printed = 0.0
@@ -149,7 +150,7 @@ class Progress(Callback):
         best_text = (f"best val {self.metric} {tally.best[0]:.4f} (trial {tally.best[1]})" if tally.best
                      else "no result yet")
         waiting = self.num_samples - len(tally.ended_shares) - len(tally.running)
-        left = eta_seconds(elapsed, waiting, tally.ended_shares, list(tally.running.values()))
+        left = eta_seconds(elapsed, waiting, tally.ended_shares, list(tally.running.values()), self.planned)
         if self.deadline is not None:  # a budgeted search ends at its deadline at the latest
             left = max(0.0, min(math.inf if left is None else left, self.deadline - elapsed))
         eta = "ETA unknown" if left is None else eta_text(left)
@@ -215,21 +216,30 @@ class Progress(Callback):
         self.trial_ended(trials, trial)
 
 
-def eta_seconds(elapsed: float, waiting: int, ended: list[float], running: list[float]) -> float | None:
+def eta_seconds(elapsed: float, waiting: int, ended: list[float], running: list[float],
+                planned: float | None = None) -> float | None:
     """Seconds until the trials end, predicted: the work left (in shares of a trial's budget) at the rate work was
     done so far. A trial yet to start runs what the ended ones ran on average (ASHA stops many early; before any
     ended, its whole budget); a running one at share d runs on as far as the ended trials that got past d did on
-    average (to its budget's end when none did). None before any work is done."""
+    average (to its budget's end when none did). With `planned` (a --budget plan's seconds for the trials, from the
+    line's start), the plan refines it: alone before any work is reported (the rate is then unknown), then weighted
+    by the share of the work left (an early rate also counts Ray's start and the first LoftQ). Else None before any
+    work is done."""
     work = sum(ended) + sum(running)
-    if not work:
-        return None
     expected = sum(ended) / len(ended) if ended else 1.0
 
     def rest(done: float) -> float:
         further = [share - done for share in ended if share > done]
         return sum(further) / len(further) if further else 1.0 - done
 
-    return (waiting * expected + sum(rest(done) for done in running)) * elapsed / work
+    left = waiting * expected + sum(rest(done) for done in running)
+    if not work:
+        return None if planned is None or planned <= elapsed else planned - elapsed
+    measured = left * elapsed / work
+    if planned is None:
+        return measured
+    share_left = left / (work + left)
+    return (1 - share_left) * measured + share_left * planned * share_left
 
 
 def eta_text(left: float) -> str:

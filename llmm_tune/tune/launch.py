@@ -66,7 +66,7 @@ def build_tuner(spec: SearchSpec, record: ExperimentRecord, context: TrialContex
         run_config=tune.RunConfig(
             name=name, storage_path=parent, verbose=0, log_to_file=True, stop=stop,
             callbacks=[Progress(spec.metric, spec.mode, spec.num_samples, clock, context.selects,
-                                deadline=stop.seconds if stop else None),
+                                deadline=stop.seconds if stop else None, planned=planned_trials(record)),
                        ForgetFinishedTrialsMetricWindows(), ReturnFreedHeap(), DeleteSupersededCheckpoints(),
                        *trackers.callbacks(record.tracker_names, record), *([stop] if stop else [])],
             # Tune keeps every checkpoint it is told of; DeleteSupersededCheckpoints keeps each trial's latest and best
@@ -85,6 +85,15 @@ def budget_stop(record: ExperimentRecord, experiment: str):
     from llmm_tune.tune.driver import BudgetStop
 
     return BudgetStop(Sizing(**record.budget).trials_seconds(seconds_since_start()), experiment)
+
+
+def planned_trials(record: ExperimentRecord) -> float | None:
+    """A --budget search's plan: the seconds its trials are predicted to take from now (None without a budget)."""
+    if not record.budget:
+        return None
+    from llmm_tune.tune.budget import Sizing, seconds_since_start
+
+    return Sizing(**record.budget).trials_left_s(seconds_since_start())
 
 
 def scheduler(spec: SearchSpec, record: ExperimentRecord, clock: tuple[str, float]):
