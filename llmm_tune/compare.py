@@ -314,8 +314,14 @@ def run(argv: list[str]) -> Path:
 
 def changed_settings(method: str, config: dict) -> str:
     """What `method` changes of the reference's configuration (its BASELINES entry), as `K 2 -> 0, ...`."""
-    changes = [f"{k} {config.get(k)} -> {v}" for k, v in BASELINES[method].items() if config.get(k) != v]
+    changes = [f"{k} {value_text(config.get(k))} -> {value_text(v)}" for k, v in BASELINES[method].items()
+               if config.get(k) != v]
     return ", ".join(changes) or "nothing"
+
+
+def value_text(value) -> str:
+    """A setting in paired.md: a searched float to 4 significant digits (scale 1347, not 1346.9427...)."""
+    return setting_text(value, "{:.4g}") if isinstance(value, float) else setting_text(value)
 
 
 def provenance(argv: list[str], chosen: dict, made: list[dict], space: str) -> tuple[str, Provenance]:
@@ -351,7 +357,7 @@ def write_paired(args, chosen: dict, runs: dict, out: Path, argv: list[str]) -> 
                      f"{split} {meta.metric} mean": f"{mean_of(paired, score):.4f}",
                      f"{reference} mean": f"{mean_of(own, score):.4f}",
                      f"difference to {reference}": f"{difference:+.4f}", "95% interval": f"[{low:+.4f}, {high:+.4f}]"})
-    setting = ", ".join(f"{k} {setting_text(best[k])}" for k in ("quant_method", "bits", "rank", "lr", "scale", "K"))
+    setting = ", ".join(f"{k} {value_text(best[k])}" for k in ("quant_method", "bits", "rank", "lr", "scale", "K"))
     direction = meta.direction.word
     header = (f"# {meta.task}: every method at {reference}'s best configuration (trial {best['trial']}: {setting}), "
               f"only its own settings changed, seeds {args.seeds}, scored once on {split}\n\nThe difference is the "

@@ -86,6 +86,20 @@ def test_a_budgeted_search_s_status_line_starts_from_its_plan_of_the_trials(spec
     assert planned_trials(SimpleNamespace(budget={})) is None
 
 
+def test_the_probe_cache_knows_a_users_data_file_by_its_content_not_its_place(tmp_path):
+    from llmm_tune.train.data import DATASET_SOURCE
+    from llmm_tune.tune.budget import probe_key
+
+    def key(folder: str, answer: str) -> str:
+        path = tmp_path / folder / "rows.jsonl"
+        path.parent.mkdir(exist_ok=True)
+        path.write_text("".join(f'{{"prompt": "q{i}", "completion": "{answer}{i}"}}\n' for i in range(40)))
+        return probe_key(load_spec("sft", "cpu", "llmm", dataset={"path": str(path)}), DATASET_SOURCE, 1)
+
+    assert key("here", "a") == key("elsewhere", "a")  # the same rows elsewhere: the cached figures serve
+    assert key("here", "a") != key("here", "b")  # other rows: probed again
+
+
 def test_a_sizing_keeps_what_resumes_and_exports_need_in_the_record(spec):
     sizing = size(FIGURES, spec, 2, 1, budget_s=8 * 60, spent_s=30)
     assert sizing.overrides() == {"epochs": sizing.epochs, "max_train_examples": sizing.train_rows}

@@ -202,6 +202,15 @@ def test_paired_runs_put_every_other_method_at_the_references_configuration_with
     assert draws["llmm draws 8/0"].method == "llmm" and draws["llmm draws 8/0"].trial == "t-llmm"
 
 
+def test_paired_md_names_each_changed_setting_with_a_searched_float_kept_short():
+    from llmm_tune.compare import changed_settings
+
+    searched = {"K": 2, "scale": 1346.942713, "bits": 8.0, "quant_method": "uniform", "init": None}
+    assert changed_settings("loftq", searched) == "K 2 -> 0, scale 1347 -> -"
+    assert changed_settings("qlora", searched) == ("K 2 -> 0, scale 1347 -> -, init - -> zero, bits 8 -> 4, "
+                                                   "quant_method uniform -> normal_float")
+
+
 def test_paired_needs_llmm_first(tmp_path):
     from llmm_tune import compare
 

@@ -246,11 +246,19 @@ def gpu_packed(request: LayoutRequest, figures: dict) -> LayoutRequest:
 def probe_key(spec: SearchSpec, source: str, threads: int) -> str:
     """What a probe's figures depend on: the model, data and settings of a trial, and this machine's hardware."""
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or platform.machine()
-    users = spec.dataset.text if source == DATASET_SOURCE else None  # a shipped task's: its family and task name it
+    users = data_identity(spec.dataset.fields) if source == DATASET_SOURCE else None  # a shipped task's: its name
     what = {"family": spec.family, "task": spec.task, "dataset": users, "source": source,
             "config": trial_config(spec), "device": device, "cpu": cpu_model(), "threads": threads,
             "torch": torch.__version__}
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def data_identity(block: dict) -> dict:
+    """A user's data block as the probe's cache knows it: its files by their content hashes, wherever they lie (a
+    copy elsewhere, or a benchmark's file rebuilt in a fresh folder, probes no more); a hub dataset by its id."""
+    if not block.get("hashes"):
+        return block
+    return {key: value for key, value in block.items() if key not in ("path", "files", "test")}
 
 
 def cpu_model() -> str:
