@@ -15,7 +15,6 @@ from llmm_tune.results.transfer import DEFAULT_TOP
 from llmm_tune.train.data import BAD_ROW_POLICIES
 from llmm_tune.tune import storage
 from llmm_tune.tune.cluster import LayoutRequest, address
-from llmm_tune.tune.objectives import FRONT_TRIALS
 from llmm_tune.tune.spaces import PROFILES
 from llmm_tune.tune.strategy import QMC_FROM_TRIALS, SAMPLERS
 
@@ -76,7 +75,11 @@ def search_parser(description: str | None = None) -> argparse.ArgumentParser:
                              "found best; docs/search.md)")
     parser.add_argument("--no-early-stopping", action="store_true",
                         help="run every trial to its end (no ASHA; a given --sampler keeps ASHA unless this is set)")
-    add_objectives_option(parser)
+    parser.add_argument("--objectives", metavar="METRIC:MODE,...",
+                        help="optimise several reported validation metrics at once, e.g. mcc:max,ece:min: the first "
+                             "(a metric of the task, in its direction) selects trials in place of the space's metric "
+                             "and is the one ASHA stops on; the export adds the Pareto front (default: the space's "
+                             "metric alone)")
     parser.add_argument("--name", help="experiment name (default: <task>-<method>-<profile>, numbered if taken)")
     parser.add_argument("--resume", action="store_true", help="continue the experiment --name")
     parser.add_argument("--seed", type=int, help="seed of the searcher and of every trial (default: the space's)")
@@ -139,15 +142,6 @@ def space_overrides(options: dict) -> dict:
     given = {"seed": options["seed"], "model": options["model"], "on_bad_row": options["on_bad_row"],
              "fsdp": options["fsdp"] or None}
     return {name: value for name, value in given.items() if value is not None}
-
-
-def add_objectives_option(parser: argparse.ArgumentParser) -> None:
-    """--objectives, for search and plan (a budget sizes a multi-objective search to more trials)."""
-    parser.add_argument("--objectives", metavar="METRIC:MODE,...",
-                        help="optimise several reported validation metrics at once, e.g. mcc:max,ece:min: the first "
-                             "(a metric of the task, in its direction) selects trials in place of the space's metric "
-                             "and is the one ASHA stops on; the export adds the Pareto front; --budget sizes such a "
-                             f"search to {FRONT_TRIALS} trials or more (default: the space's metric alone)")
 
 
 def add_budget_option(parser: argparse.ArgumentParser) -> None:

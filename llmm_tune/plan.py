@@ -23,7 +23,6 @@ from llmm_tune.cli import (
     add_budget_option,
     add_data_options,
     add_model_option,
-    add_objectives_option,
     add_profile_option,
     add_trial_shape_options,
     check_budget,
@@ -38,7 +37,6 @@ from llmm_tune.errors import UsageError
 from llmm_tune.method.config import BASELINES
 from llmm_tune.train.data import resolve_data_dir
 from llmm_tune.tune.cluster import MAX_TRIALS_PER_GPU, machine, plan_layout, trials_per_gpu
-from llmm_tune.tune.objectives import parse_objectives
 from llmm_tune.tune.probe import (
     ACTOR_START_S,
     EXPORT_OVERHEAD_S,
@@ -78,7 +76,7 @@ def budgeted(args: argparse.Namespace, spec: SearchSpec) -> tuple[SearchSpec, di
     from llmm_tune.tune.budget import sized
 
     source = spec.context().source(resolve_data_dir(args.data_dir))
-    sizing, figures = sized(spec, args.budget, layout_request(args), source, len(parse_objectives(args.objectives)))
+    sizing, figures = sized(spec, args.budget, layout_request(args), source)
     figures = {**figures, "train_examples": sizing.train_rows}
     return sizing.applied(spec), figures, f"of --budget's probe ({figures['device']}, {figures['threads']} threads)"
 
@@ -171,7 +169,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_option(parser)
     parser.add_argument("--num-samples", type=int, help="trials (default: the profile's)")
     add_budget_option(parser)
-    add_objectives_option(parser)
     parser.add_argument("--gpus", type=float, help="GPUs of the machine or cluster to plan for (default: this "
                                                     "machine's)")
     parser.add_argument("--gpu-memory", type=float, help="GiB per GPU, for fractional packing (default: this "

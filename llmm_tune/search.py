@@ -104,7 +104,7 @@ def new_experiment(args: argparse.Namespace, argv: list[str], storage_dir: str) 
 
     sizing, budget = None, args.budget or profile_budget(profile, spec)
     if budget:  # the search sized to the budget by a probe of one trial here, after every cheaper check
-        sizing, _ = sized(spec, budget, layout_request(args), data_source(spec, args), max(1, len(objectives)))
+        sizing, _ = sized(spec, budget, layout_request(args), data_source(spec, args))
         overrides |= sizing.overrides()
         spec = sizing.applied(spec)
     elif profile == "paper" and machine()["GPU"]:

@@ -13,7 +13,6 @@ import pytest
 
 from llmm_tune.errors import UsageError
 from llmm_tune.tune.budget import fits, parse_duration, size
-from llmm_tune.tune.objectives import FRONT_TRIALS
 from llmm_tune.tune.spaces import load_spec
 from tests.helpers.search_fixtures import run_module, tiny_space
 
@@ -65,14 +64,6 @@ def test_a_budget_too_short_for_one_trial_names_the_smallest_that_fits(spec):
         size(FIGURES, spec, 2, 1, budget_s=30, spent_s=20)
     smallest = size(FIGURES, spec, 2, 1, budget_s=10 * 60, spent_s=20)
     assert smallest.num_samples >= 1
-
-
-def test_a_budget_keeps_trials_for_a_front_of_several_objectives_giving_up_epochs_first(spec):
-    alone = size(FIGURES, spec, 2, 1, budget_s=5 * 60, spent_s=30)
-    front = size(FIGURES, spec, 2, 1, budget_s=5 * 60, spent_s=30, objectives=2)
-    assert alone.num_samples < FRONT_TRIALS <= front.num_samples
-    assert front.epochs < alone.epochs and front.train_rows == alone.train_rows
-    assert front.spent_s + front.predicted_s <= front.budget_s
 
 
 def test_a_budgeted_search_s_status_line_starts_from_its_plan_of_the_trials(spec, monkeypatch):

@@ -24,7 +24,6 @@ from llmm_tune.train.data import DATASET_SOURCE
 from llmm_tune.train.pretrained import CACHE_DIR
 from llmm_tune.tune.cluster import MAX_TRIALS_PER_GPU, Layout, LayoutRequest, machine, plan_layout, trials_per_gpu
 from llmm_tune.tune.console import quiet_logs
-from llmm_tune.tune.objectives import FRONT_TRIALS
 from llmm_tune.tune.probe import (
     ACTOR_START_S,
     RAY_START_S,
@@ -128,17 +127,14 @@ def most_trials(figures: dict, spec: SearchSpec, epochs: int, rows: int, concurr
     return low
 
 
-def size(figures: dict, spec: SearchSpec, concurrent: int, workers: int, budget_s: float, spent_s: float,
-         objectives: int = 1) -> Sizing:
+def size(figures: dict, spec: SearchSpec, concurrent: int, workers: int, budget_s: float, spent_s: float) -> Sizing:
     """The search that fits the budget: every row, the profile's epochs and as many trials as fit (at least two, or
-    as many as run at once up to four, or FRONT_TRIALS with several `objectives`; at most 4x the profile's); where
-    that many do not fit, fewer epochs, then fewer rows (halved, down to 256), then a single trial; else a refusal
-    naming the smallest budget that fits one trial."""
+    as many as run at once up to four; at most 4x the profile's); where that many do not fit, fewer epochs, then
+    fewer rows (halved, down to 256), then a single trial; else a refusal naming the smallest budget that fits
+    one trial. Several --objectives are sized alike: a front of short trials is no front (docs/search.md)."""
     seconds = budget_s - spent_s
     available = int(figures["train_examples"])
     fewest, most = min(max(2, concurrent), 4), MAX_TRIALS_PER_PROFILE_TRIAL * spec.num_samples
-    if objectives > 1:
-        fewest, most = FRONT_TRIALS, max(most, FRONT_TRIALS)
     rows_options = row_options(available)
     for rows in rows_options:
         for epochs in range(int(spec.fixed["epochs"]), 0, -1):
@@ -202,14 +198,11 @@ def search_share(figures: dict, spec: SearchSpec, concurrent: int, workers: int,
     return low
 
 
-def sized(spec: SearchSpec, budget: str, request: LayoutRequest, source: str,
-          objectives: int = 1) -> tuple[Sizing, dict]:
-    """`spec`'s search of that many `objectives` sized to `budget` (as --budget gives it) from a probe of one trial
-    here, before Ray starts, with trials packed on this machine's GPUs by their measured memory; and the probe's
-    figures."""
+def sized(spec: SearchSpec, budget: str, request: LayoutRequest, source: str) -> tuple[Sizing, dict]:
+    """`spec`'s search sized to `budget` (as --budget gives it) from a probe of one trial here, before Ray starts,
+    with trials packed on this machine's GPUs by their measured memory; and the probe's figures."""
     figures, packed, layout = probed_layout(spec, request, source)
-    sizing = size(figures, spec, layout.concurrent, layout.workers, parse_duration(budget), seconds_since_start(),
-                  objectives)
+    sizing = size(figures, spec, layout.concurrent, layout.workers, parse_duration(budget), seconds_since_start())
     if packed is not request:
         sizing = dataclasses.replace(sizing, gpus_per_trial=packed.gpus_per_trial)
     print(sizing.line())

@@ -15,9 +15,6 @@ from llmm_tune.tune.family import Task
 from llmm_tune.tune.spaces import SearchSpec, load_spec
 
 EXAMPLE = "--objectives mcc:max,ece:min"
-# --budget with several objectives: a front needs trials to trade off (n random points in 2 objectives leave about
-# 1 + 1/2 + ... + 1/n of them on it: 2.5 of 6), so epochs and rows are given up before trials go below this
-FRONT_TRIALS = 6
 
 
 @dataclass(frozen=True)
