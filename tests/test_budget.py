@@ -68,13 +68,14 @@ def test_a_budget_too_short_for_one_trial_names_the_smallest_that_fits(spec):
 
 def test_a_budgeted_search_s_status_line_starts_from_its_plan_of_the_trials(spec, monkeypatch):
     from llmm_tune.tune import budget
-    from llmm_tune.tune.launch import planned_trials
+    from llmm_tune.tune.launch import budget_stop
 
     sizing = size(FIGURES, spec, 2, 1, budget_s=8 * 60, spent_s=30)
     monkeypatch.setattr(budget, "seconds_since_start", lambda: 50.0)  # 20 s of data and Ray since the sizing
-    left = planned_trials(SimpleNamespace(budget=dataclasses.asdict(sizing)))
+    stop, left = budget_stop(SimpleNamespace(budget=dataclasses.asdict(sizing)), "experiment")
     assert left == pytest.approx(sizing.predicted_s - sizing.export_s - 20)
-    assert planned_trials(SimpleNamespace(budget={})) is None
+    assert stop.seconds == pytest.approx(sizing.trials_seconds(50.0))  # the same moment for both
+    assert budget_stop(SimpleNamespace(budget={}), "experiment") == (None, None)
 
 
 def test_the_probe_cache_knows_a_users_data_file_by_its_content_not_its_place(tmp_path):

@@ -131,7 +131,7 @@ def size(figures: dict, spec: SearchSpec, concurrent: int, workers: int, budget_
     """The search that fits the budget: every row, the profile's epochs and as many trials as fit (at least two, or
     as many as run at once up to four; at most 4x the profile's); where that many do not fit, fewer epochs, then
     fewer rows (halved, down to 256), then a single trial; else a refusal naming the smallest budget that fits
-    one trial. Several --objectives are sized alike: a front of short trials is no front (docs/search.md)."""
+    one trial."""
     seconds = budget_s - spent_s
     available = int(figures["train_examples"])
     fewest, most = min(max(2, concurrent), 4), MAX_TRIALS_PER_PROFILE_TRIAL * spec.num_samples

@@ -232,14 +232,15 @@ def eta_seconds(elapsed: float, waiting: int, ended: list[float], running: list[
         further = [share - done for share in ended if share > done]
         return sum(further) / len(further) if further else 1.0 - done
 
-    left = waiting * expected + sum(rest(done) for done in running)
+    work_left = waiting * expected + sum(rest(done) for done in running)
     if not work:
         return None if planned is None or planned <= elapsed else planned - elapsed
-    measured = left * elapsed / work
+    measured = work_left * elapsed / work
     if planned is None:
         return measured
-    share_left = left / (work + left)
-    return (1 - share_left) * measured + share_left * planned * share_left
+    share_left = work_left / (work + work_left)
+    planned_left = planned * share_left  # the plan's time for the work left
+    return (1 - share_left) * measured + share_left * planned_left
 
 
 def eta_text(left: float) -> str:

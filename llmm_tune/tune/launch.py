@@ -55,7 +55,7 @@ def build_tuner(spec: SearchSpec, record: ExperimentRecord, context: TrialContex
                              spec.fixed["seed"], study_storage(experiment, optuna_storage), record.name,
                              record.sampler)
     clock = spec.recipe.clock(spec.fixed, context)
-    stop = budget_stop(record, experiment)
+    stop, planned = budget_stop(record, experiment)
     parent, name = experiment.rstrip("/").rsplit("/", 1) if storage.is_uri(experiment) else \
         (str(Path(experiment).parent), Path(experiment).name)
     return tune.Tuner(
@@ -66,7 +66,7 @@ def build_tuner(spec: SearchSpec, record: ExperimentRecord, context: TrialContex
         run_config=tune.RunConfig(
             name=name, storage_path=parent, verbose=0, log_to_file=True, stop=stop,
             callbacks=[Progress(spec.metric, spec.mode, spec.num_samples, clock, context.selects,
-                                deadline=stop.seconds if stop else None, planned=planned_trials(record)),
+                                deadline=stop.seconds if stop else None, planned=planned),
                        ForgetFinishedTrialsMetricWindows(), ReturnFreedHeap(), DeleteSupersededCheckpoints(),
                        *trackers.callbacks(record.tracker_names, record), *([stop] if stop else [])],
             # Tune keeps every checkpoint it is told of; DeleteSupersededCheckpoints keeps each trial's latest and best
@@ -77,23 +77,16 @@ def build_tuner(spec: SearchSpec, record: ExperimentRecord, context: TrialContex
 
 
 def budget_stop(record: ExperimentRecord, experiment: str):
-    """The stop at a --budget search's deadline (the budget less what the command has spent and the export's
-    time), also a callback that knows the running trials; None without a budget."""
+    """A --budget search's stop at its deadline (the budget less what the command has spent and the export's time),
+    also a callback that knows the running trials, and the plan's seconds for the trials from now (the status line's
+    first ETA); (None, None) without a budget."""
     if not record.budget:
-        return None
+        return None, None
     from llmm_tune.tune.budget import Sizing, seconds_since_start
     from llmm_tune.tune.driver import BudgetStop
 
-    return BudgetStop(Sizing(**record.budget).trials_seconds(seconds_since_start()), experiment)
-
-
-def planned_trials(record: ExperimentRecord) -> float | None:
-    """A --budget search's plan: the seconds its trials are predicted to take from now (None without a budget)."""
-    if not record.budget:
-        return None
-    from llmm_tune.tune.budget import Sizing, seconds_since_start
-
-    return Sizing(**record.budget).trials_left_s(seconds_since_start())
+    sizing, spent = Sizing(**record.budget), seconds_since_start()
+    return BudgetStop(sizing.trials_seconds(spent), experiment), sizing.trials_left_s(spent)
 
 
 def scheduler(spec: SearchSpec, record: ExperimentRecord, clock: tuple[str, float]):
