@@ -279,11 +279,13 @@ def test_trials_at_once_on_a_cpu_take_the_measured_slowdown_in_proportion(spec, 
     assert probe.with_slowdown({**FIGURES, "device": "cuda"}, 4)["device"] == "cuda" and timed == [2]
 
 
-def test_the_slowdown_is_timed_in_processes_running_at_once():
+def test_the_slowdown_is_the_work_of_processes_running_at_once_against_one_alone(tmp_path, monkeypatch):
     from llmm_tune.tune.probe import busy_seconds, concurrency_slowdown
+    from tests.helpers.overlap import processes_at_once
 
     assert busy_seconds(1, steps=2) > 0
-    assert 1.0 <= concurrency_slowdown(2, 1) < 10  # two processes of one thread each, timed against one alone
+    monkeypatch.setenv("OVERLAP_DIR", str(tmp_path))  # the work counts the processes in it: 1 alone, 2 together
+    assert concurrency_slowdown(2, 1, processes_at_once) == 2.0
 
 
 def test_a_compare_budget_is_split_where_only_a_middle_range_of_search_budgets_fits():

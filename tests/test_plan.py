@@ -4,13 +4,16 @@ recorded figures end to end on the tiny model."""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import pytest
+from datasets import Dataset
 
 from llmm_tune import plan
 from llmm_tune.plan import planned_gpus
-from llmm_tune.tune.probe import TUNE_OVERHEAD_S, simulate
+from llmm_tune.train.fit import Batches, Schedule
+from llmm_tune.tune.probe import TUNE_OVERHEAD_S, simulate, typical_rows
 from tests.helpers.search_fixtures import run_module, subset_glue, tiny_bert, tiny_space
 
 
@@ -30,6 +33,25 @@ def test_asha_stops_trials_at_its_rungs_and_concurrency_shortens_the_search():
     assert 0.25 < one["mean_fraction"] < 0.75
     four = simulate(space(16, grace=1), trial_s=100, budget=4, concurrent=4, evals=[0.5 * k for k in range(1, 9)])
     assert four["makespan_s"] < one["makespan_s"] / 2
+
+
+@dataclass(frozen=True)
+class TokenisedSplits:
+    train: Dataset
+    train_lengths: list[int]
+
+
+def test_the_probe_trains_on_rows_of_an_epochs_mean_padded_width_not_its_longest_batches_that_come_first():
+    lengths = [30] * 80 + [8] * 120  # one 50-batch run of batches of 4: 20 of width 30, then 30 of width 8
+    data = TokenisedSplits(Dataset.from_dict({"input_ids": [[1] * n for n in lengths]}), lengths)
+    config = {"seed": 0, "batch_size": 4, "grad_accum": 1, "epochs": 1, "warmup_ratio": 0.0}
+    first = Batches(data.train, lengths, None, "cpu", 0).widths(0, Schedule.of(config, len(lengths)))[:6]
+    assert first == [30] * 6  # what the probe's steps would time on all rows
+    probed = typical_rows(data, config, steps=2)  # the mean width is 16.8: the rows of 8 tokens are nearest
+    assert probed.train_lengths == [8] * 20 == [len(ids) for ids in probed.train["input_ids"]]
+    # room for 2 + 2 steps with no evaluation before their end, at two evaluations an epoch too
+    assert len(typical_rows(data, {**config, "evals_per_epoch": 2}, steps=2).train_lengths) == 40
+    assert typical_rows(SimpleNamespace(train=data.train), config, steps=2).train is data.train  # no lengths: whole
 
 
 def test_without_gpu_options_the_plan_is_for_this_machines_gpus_and_their_memory(monkeypatch):

@@ -40,6 +40,7 @@ from llmm_tune.train.fit import (
     Reporter,
     Schedule,
     default_device,
+    order_seed,
     train_steps,
 )
 from llmm_tune.train.lm_scoring import encode, greedy_generate, pad, response_loss
@@ -312,7 +313,7 @@ def train_task(sequence: Sequence, task: TaskData, index: int, config: dict, col
     def diverged(value: float, _: int) -> str:
         return f"diverged: training loss {value} in task {task.name}; lower lr or galore_lr"
 
-    data = Batches(task.train, task.lengths, collate, device, config["seed"] * 1_000_003 + index * 1_009)
+    data = Batches(task.train, task.lengths, collate, device, order_seed(config) + index * 1_009)
     losses = []
     sequence.model.train()
     for step in train_steps(schedule, data, sequence.model, response_loss, optimizer, schedule.lr_schedule(optimizer),

@@ -106,6 +106,11 @@ class Schedule:
         return get_linear_schedule_with_warmup(optimizer, self.warmup_steps, self.total_steps)
 
 
+def order_seed(config: dict) -> int:
+    """The seed of a fit's batch order (epoch e draws with this + e)."""
+    return config["seed"] * 1_000_003
+
+
 @dataclass(frozen=True)
 class Batches:
     """A training split as the loop draws it: each epoch's length-grouped order comes from `seed + epoch` alone
@@ -128,6 +133,10 @@ class Batches:
         indices = list(LengthGroupedSampler(size, lengths=self.lengths, generator=order))
         batches = [indices[i:i + size] for i in range(0, len(indices), size)][self.rank::self.world]
         return batches[:schedule.batches_per_epoch]
+
+    def widths(self, epoch: int, schedule: Schedule) -> list[int]:
+        """The padded width (longest example) of each of this worker's batches of `epoch`: a batch's cost."""
+        return [max(self.lengths[i] for i in batch) for batch in self.of_epoch(epoch, schedule)]
 
 
 def _no_hook() -> None:
@@ -212,7 +221,7 @@ def fit(config: dict, model: nn.Module, train: Dataset, lengths: list[int], coll
     progress = {"step": 0, "loss_sum": 0.0, "loss_count": 0}
     if resume is not None:
         progress = load_training_state(resume, model, optimizer, scheduler, rank)
-    data = Batches(train, lengths, collate, device, config["seed"] * 1_000_003, rank, world)
+    data = Batches(train, lengths, collate, device, order_seed(config), rank, world)
     model.train()
     started = time.time()
     for step in train_steps(schedule, data, trained, loss, optimizer, scheduler, config["max_grad_norm"],

@@ -26,6 +26,7 @@ from llmm_tune.tune.cluster import MAX_TRIALS_PER_GPU, Layout, LayoutRequest, ma
 from llmm_tune.tune.console import quiet_logs
 from llmm_tune.tune.probe import (
     ACTOR_START_S,
+    PROBE_METHOD,
     RAY_START_S,
     Prediction,
     predict,
@@ -175,11 +176,9 @@ def search_share(figures: dict, spec: SearchSpec, concurrent: int, workers: int,
     trials (more epochs or rows), so the total grows by steps."""
 
     def total(each: float) -> float:
-        try:  # the retrainings are the trials of the search's sizing: the longest it may choose (sized at once)
-            size(figures, spec, concurrent, workers, each, SEARCH_START_S)
-            sizing = size(figures, spec, concurrent, workers, each, 0.0)
-        except UsageError:  # too short for one trial
-            return math.inf
+        # the retrainings are the trials of the search's sizing: the longest it may choose (with none of its
+        # budget spent on start-up); `each` sizes a trial, as the bisection starts where one fits
+        sizing = size(figures, spec, concurrent, workers, each, 0.0)
         at_once = min(concurrent, retrainings)
         trial = fits(figures, spec, sizing.epochs, sizing.train_rows, at_once, at_once, workers)
         retrain_s = math.ceil(retrainings / concurrent) * (trial.trial_s + figures.get("score_s", 0.0))
@@ -237,12 +236,13 @@ def gpu_packed(request: LayoutRequest, figures: dict) -> LayoutRequest:
 
 
 def probe_key(spec: SearchSpec, source: str, threads: int) -> str:
-    """What a probe's figures depend on: the model, data and settings of a trial, and this machine's hardware."""
+    """What a probe's figures depend on: the model, data and settings of a trial, this machine's hardware and how the
+    probe measures."""
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or platform.machine()
     users = data_identity(spec.dataset.fields) if source == DATASET_SOURCE else None  # a shipped task's: its name
     what = {"family": spec.family, "task": spec.task, "dataset": users, "source": source,
             "config": trial_config(spec), "device": device, "cpu": cpu_model(), "threads": threads,
-            "torch": torch.__version__}
+            "torch": torch.__version__, "probe": PROBE_METHOD}
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -12,17 +12,21 @@ import shutil
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from llmm_tune.train.fit import Schedule
+from llmm_tune.train.fit import Batches, Schedule, order_seed
 from llmm_tune.train.progress import Progress
 from llmm_tune.tune.context import TrialContext
 from llmm_tune.tune.spaces import SearchSpec
 
 PROBE_STEPS = 16
+# how the probe measures, in the key of its cache (--budget's): figures measured otherwise are measured again
+# (2: steps timed on rows of an epoch's mean padded width, not its longest batches)
+PROBE_METHOD = 2
 TUNE_OVERHEAD_S = 3.0  # per trial: worker start, object store, reports (benchmarks/bench_search.py)
 RAY_START_S = 5.0  # ray.init of a private instance (benchmarks/bench_search.py: 4.2 s)
 # the first trials' processes: Python, Ray's worker and the family's imports (glue on the 2-core Xeon: 6 to 10 s)
@@ -59,14 +63,31 @@ def probe(spec: SearchSpec, source: str, steps: int, score: bool) -> dict:
         figures = {"device": "cuda" if torch.cuda.is_available() else "cpu", "threads": torch.get_num_threads(),
                    "prepare_s": time.perf_counter() - started, "train_examples": len(data.train)}
         with tempfile.TemporaryDirectory() as work:
-            return figures | timed_runs(spec, config, context, data, source, steps, score, Path(work), progress)
+            return figures | timed_runs(spec, config, context, typical_rows(data, config, steps), source, steps,
+                                        score, Path(work), progress)
+
+
+def typical_rows(data, config: dict, steps: int):
+    """`data` with its training split cut to the rows whose token count is nearest the mean padded width of an
+    epoch's batches, enough for the probe's runs with no evaluation before their end: the probe's few steps then
+    cost what an average step does. On all rows they would be an epoch's costliest, as length grouping puts each
+    50-batch run's longest batches first (CoLA's MiniLM: 0.38 s a probed step, 0.26 s on average). Data without
+    token lengths (a family that trains without `fit`) is kept whole."""
+    lengths = getattr(data, "train_lengths", None)
+    if not lengths:
+        return data
+    schedule = Schedule.of(config, len(lengths))
+    width = statistics.fmean(Batches(data.train, lengths, None, "cpu", order_seed(config)).widths(0, schedule))
+    rows = (3 + steps) * config.get("evals_per_epoch", 1) * schedule.batch_size * schedule.accum
+    nearest = np.argsort(np.abs(np.asarray(lengths) - width), kind="stable")[:rows].tolist()
+    return dataclasses.replace(data, train=data.train.select(nearest), train_lengths=[lengths[i] for i in nearest])
 
 
 def timed_runs(spec: SearchSpec, config: dict, context: TrialContext, data, source: str, steps: int, score: bool,
                work: Path, progress: Progress) -> dict:
     """Two runs on the same LoftQ cache: the first (2 steps) computes LoftQ, the second (2 + steps) reads it.
-    Their difference is the time of `steps` ordinary steps: the first batches of an epoch are its longest
-    (length grouping puts them first) and carry the warm-up of the kernels. Then the held-out scoring."""
+    Their difference is the time of `steps` ordinary steps: the first two carry the warm-up of the kernels. Then the
+    held-out scoring."""
     recipe = spec.recipe
     reports: list[tuple[float, dict, str]] = []
 
@@ -108,14 +129,14 @@ def busy_seconds(threads: int, steps: int = 12) -> float:
     return time.perf_counter() - began
 
 
-def concurrency_slowdown(concurrent: int, threads: int) -> float:
+def concurrency_slowdown(concurrent: int, threads: int, work: Callable[..., float] = busy_seconds) -> float:
     """How much longer CPU work takes with `concurrent` trials' processes busy at once than with one alone (cores
     that share a physical core, memory bandwidth, clocks that drop under load): the probe times one trial alone.
-    Measured with `busy_seconds` in separate processes, as Ray runs trials; at least 1."""
+    Measured with `work(threads, steps=...)`'s seconds in separate processes, as Ray runs trials; at least 1."""
     with multiprocessing.get_context("spawn").Pool(concurrent) as pool:
-        pool.starmap(busy_seconds, [(threads, 1)] * concurrent)  # every process started, its imports done
-        alone = min(pool.apply(busy_seconds, (threads,)) for _ in range(2))
-        together = statistics.median(pool.starmap(busy_seconds, [(threads,)] * concurrent))
+        pool.starmap(work, [(threads, 1)] * concurrent)  # every process started, its imports done
+        alone = min(pool.apply(work, (threads,)) for _ in range(2))
+        together = statistics.median(pool.starmap(work, [(threads,)] * concurrent))
     return max(1.0, together / alone)
 
 
