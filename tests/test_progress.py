@@ -141,6 +141,25 @@ def test_a_budgeted_search_s_eta_starts_from_its_plan_and_moves_to_the_measured_
     assert eta_seconds(190.0, 0, [1.0], [0.9], planned=300.0) == pytest.approx(0.95 * 10 + 0.05 * 15)
 
 
+def test_the_eta_s_rate_and_plan_count_from_the_first_report_leaving_out_the_start():
+    from llmm_tune.tune.console import Tally, eta_seconds
+
+    # the main job's shape: 2 trials, planned to end at 402 s, the first report (0.125 of a trial) at 55 s; at 120 s
+    # half a trial each: the rate since the first report (0.375 in 65 s) and the plan's 347 s after it, in
+    # proportion to the work left (1.5 of the 1.875 after the first report), weighted by the work done and left
+    first = (55.0, 0.125)
+    at_120 = eta_seconds(120.0, 0, [], [0.25, 0.25], planned=402.0, first=first)
+    assert at_120 == pytest.approx(0.25 * 1.5 * 65 / 0.375 + 0.75 * 347 * 1.5 / 1.875)
+    assert eta_seconds(60.0, 0, [], [0.125, 0.0], planned=402.0, first=first) == pytest.approx(347)  # no rate yet
+    assert eta_seconds(60.0, 0, [], [0.125, 0.0], first=first) == pytest.approx(1.875 * 60 / 0.125)  # no plan
+    tally = Tally("max", "best_val_mcc", "epoch", 4.0)
+    tally.reported("a", {})  # started, nothing done: no first report yet
+    assert tally.first_report is None
+    tally.reported("a", {"epoch": 1.0})
+    tally.reported("b", {"epoch": 2.0})
+    assert tally.first_report is not None and tally.first_report[1] == 0.25  # kept from the first work reported
+
+
 def test_a_searchs_status_line_is_kept_by_tunes_callbacks_after_its_first_pass_over_the_trials():
     """After the first line, the counts follow Tune's callbacks: the line no longer passes over every trial (here
     given none), which in a search of 10,000 trials took a quarter of the driver's time."""

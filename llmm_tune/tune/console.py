@@ -82,12 +82,19 @@ class Tally:
     running: dict[str, float] = field(default_factory=dict)  # trial id -> the share of its budget done
     best: tuple[float, str] | None = None  # (value, trial id)
     ended_shares: list[float] = field(default_factory=list)  # of their budgets, what the ended trials ran
+    first_report: tuple[float, float] | None = None  # (time, work done) when work was first reported here
 
     def share(self, result: dict) -> float:
         return min(1.0, result.get(self.time_attr, 0) / self.budget)
 
+    def work(self) -> float:
+        """Of the trials' budgets, the shares done: ended and running."""
+        return sum(self.ended_shares) + sum(self.running.values())
+
     def reported(self, trial_id: str, result: dict) -> None:
         self.running[trial_id] = self.share(result)
+        if self.first_report is None and self.work():
+            self.first_report = (time.time(), self.work())
         self.note(trial_id, result)
 
     def ended(self, trial: Trial) -> None:
@@ -150,7 +157,8 @@ class Progress(Callback):
         best_text = (f"best val {self.metric} {tally.best[0]:.4f} (trial {tally.best[1]})" if tally.best
                      else "no result yet")
         waiting = self.num_samples - len(tally.ended_shares) - len(tally.running)
-        left = eta_seconds(elapsed, waiting, tally.ended_shares, list(tally.running.values()), self.planned)
+        first = tally.first_report and (tally.first_report[0] - self.started, tally.first_report[1])
+        left = eta_seconds(elapsed, waiting, tally.ended_shares, list(tally.running.values()), self.planned, first)
         if self.deadline is not None:  # a budgeted search ends at its deadline at the latest
             left = max(0.0, min(math.inf if left is None else left, self.deadline - elapsed))
         eta = "ETA unknown" if left is None else eta_text(left)
@@ -216,15 +224,16 @@ class Progress(Callback):
         self.trial_ended(trials, trial)
 
 
-def eta_seconds(elapsed: float, waiting: int, ended: list[float], running: list[float],
-                planned: float | None = None) -> float | None:
+def eta_seconds(elapsed: float, waiting: int, ended: list[float], running: list[float], planned: float | None = None,
+                first: tuple[float, float] | None = None) -> float | None:
     """Seconds until the trials end, predicted: the work left (in shares of a trial's budget) at the rate work was
-    done so far. A trial yet to start runs what the ended ones ran on average (ASHA stops many early; before any
-    ended, its whole budget); a running one at share d runs on as far as the ended trials that got past d did on
-    average (to its budget's end when none did). With `planned` (a --budget plan's seconds for the trials, from the
-    line's start), the plan refines it: alone before any work is reported (the rate is then unknown), then weighted
-    by the share of the work left (an early rate also counts Ray's start and the first LoftQ). Else None before any
-    work is done."""
+    done since `first` (the seconds and the work done at the first report: a rate from the start would count Ray's
+    start, the trials' and the first LoftQ; with one report so far, the rate from the start). A trial yet to start
+    runs what the ended ones ran on average (ASHA stops many early; before any ended, its whole budget); a running
+    one at share d runs on as far as the ended trials that got past d did on average (to its budget's end when none
+    did). With `planned` (a --budget plan's seconds for the trials, from the line's start), the plan refines it:
+    alone until a rate is measured, then weighted by the share of the work left; the plan's time for the work left
+    is its time after the first report, in proportion. Else None before any work is done."""
     work = sum(ended) + sum(running)
     expected = sum(ended) / len(ended) if ended else 1.0
 
@@ -235,11 +244,20 @@ def eta_seconds(elapsed: float, waiting: int, ended: list[float], running: list[
     work_left = waiting * expected + sum(rest(done) for done in running)
     if not work:
         return None if planned is None or planned <= elapsed else planned - elapsed
-    measured = work_left * elapsed / work
-    if planned is None:
+    if not work_left:
+        return 0.0
+    first_s, first_work = first or (0.0, 0.0)
+    planned_left = None if planned is None else max(0.0, planned - first_s) * work_left / (
+        work + work_left - first_work)
+    if work > first_work:
+        measured = work_left * (elapsed - first_s) / (work - first_work)
+    elif planned_left is None:
+        measured = work_left * elapsed / work
+    else:
+        return planned_left
+    if planned_left is None:
         return measured
     share_left = work_left / (work + work_left)
-    planned_left = planned * share_left  # the plan's time for the work left
     return (1 - share_left) * measured + share_left * planned_left
 
 
