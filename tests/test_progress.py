@@ -142,22 +142,36 @@ def test_a_budgeted_search_s_eta_starts_from_its_plan_and_moves_to_the_measured_
 
 
 def test_the_eta_s_rate_and_plan_count_from_the_first_report_leaving_out_the_start():
-    from llmm_tune.tune.console import Tally, eta_seconds
+    from llmm_tune.tune.console import eta_seconds
 
     # the main job's shape: 2 trials, planned to end at 402 s, the first report (0.125 of a trial) at 55 s; at 120 s
-    # half a trial each: the rate since the first report (0.375 in 65 s) and the plan's 347 s after it, in
-    # proportion to the work left (1.5 of the 1.875 after the first report), weighted by the work done and left
+    # half a trial each: the rate since (0.375 in 65 s) and the plan's 347 s after the first report, in proportion to
+    # the work left (1.5 of the 1.875 after it), weighted by the work done and left
     first = (55.0, 0.125)
     at_120 = eta_seconds(120.0, 0, [], [0.25, 0.25], planned=402.0, first=first)
     assert at_120 == pytest.approx(0.25 * 1.5 * 65 / 0.375 + 0.75 * 347 * 1.5 / 1.875)
-    assert eta_seconds(60.0, 0, [], [0.125, 0.0], planned=402.0, first=first) == pytest.approx(347)  # no rate yet
-    assert eta_seconds(60.0, 0, [], [0.125, 0.0], first=first) == pytest.approx(1.875 * 60 / 0.125)  # no plan
+    # no work since the first report (Tally.since_first gives the work now until the rate is ready): the plan's
+    # share alone; without a plan, or with one already past at the first report, the rate from the start
+    no_rate = (55.0, 0.25)
+    assert eta_seconds(64.0, 0, [], [0.125, 0.125], planned=402.0, first=no_rate) == pytest.approx(347)
+    assert eta_seconds(64.0, 0, [], [0.125, 0.125], first=no_rate) == pytest.approx(1.75 * 64 / 0.25)
+    assert eta_seconds(64.0, 0, [], [0.125, 0.125], planned=50.0, first=no_rate) == pytest.approx(1.75 * 64 / 0.25)
+
+
+def test_the_rate_counts_from_the_first_report_once_as_many_reports_followed_as_trials_run():
+    from llmm_tune.tune.console import Tally
+
     tally = Tally("max", "best_val_mcc", "epoch", 4.0)
-    tally.reported("a", {})  # started, nothing done: no first report yet
-    assert tally.first_report is None
+    tally.reported("a", {})  # started, nothing done: no report of work yet
+    assert tally.since_first(0.0) is None
     tally.reported("a", {"epoch": 1.0})
-    tally.reported("b", {"epoch": 2.0})
-    assert tally.first_report is not None and tally.first_report[1] == 0.25  # kept from the first work reported
+    tally.reported("b", {"epoch": 1.0})  # the other trial's first report: its start-up in it, no rate yet
+    assert tally.since_first(0.0)[1] == tally.work() == 0.5
+    tally.reported("a", {"epoch": 2.0})
+    seconds, first_work = tally.since_first(0.0)
+    assert first_work == 0.25 and tally.work() == 0.75 and seconds > 0  # the rate: 0.5 of work since the first
+    tally.restart_rate()  # a resumed search's rebuilt counts: their work took no time here
+    assert tally.since_first(0.0)[1] == tally.work() == 0.75
 
 
 def test_a_searchs_status_line_is_kept_by_tunes_callbacks_after_its_first_pass_over_the_trials():

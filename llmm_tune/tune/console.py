@@ -82,7 +82,8 @@ class Tally:
     running: dict[str, float] = field(default_factory=dict)  # trial id -> the share of its budget done
     best: tuple[float, str] | None = None  # (value, trial id)
     ended_shares: list[float] = field(default_factory=list)  # of their budgets, what the ended trials ran
-    first_report: tuple[float, float] | None = None  # (time, work done) when work was first reported here
+    first_report: tuple[float, float] | None = None  # (time.time(), the work done) at the first report seen here
+    reports_after_first: int = 0
 
     def share(self, result: dict) -> float:
         return min(1.0, result.get(self.time_attr, 0) / self.budget)
@@ -91,10 +92,29 @@ class Tally:
         """Of the trials' budgets, the shares done: ended and running."""
         return sum(self.ended_shares) + sum(self.running.values())
 
+    def since_first(self, started: float) -> tuple[float, float] | None:
+        """For the ETA's rate: (seconds from `started` to the first report, the work done then), once work was
+        reported. Until as many reports followed it as trials run, the work done now: the other trials' first
+        reports (their start-up in them) would count as progress made in seconds."""
+        if self.first_report is None:
+            return None
+        at, work = self.first_report
+        return at - started, work if self.reports_after_first >= len(self.running) else self.work()
+
+    def restart_rate(self) -> None:
+        """The ETA's rate from now on: after a resumed search's counts are rebuilt, its work before counts for no
+        time."""
+        self.first_report = (time.time(), self.work()) if self.work() else None
+        self.reports_after_first = 0
+
     def reported(self, trial_id: str, result: dict) -> None:
-        self.running[trial_id] = self.share(result)
-        if self.first_report is None and self.work():
+        share = self.share(result)
+        progressed = share > self.running.get(trial_id, 0.0)
+        self.running[trial_id] = share
+        if progressed and self.first_report is None:
             self.first_report = (time.time(), self.work())
+        elif progressed:
+            self.reports_after_first += 1
         self.note(trial_id, result)
 
     def ended(self, trial: Trial) -> None:
@@ -150,6 +170,7 @@ class Progress(Callback):
                     self.counted.reported(trial.trial_id, trial.last_result or {})
                 else:
                     self.counted.note(trial.trial_id, trial.last_result or {})
+            self.counted.restart_rate()
         return self.counted
 
     def status(self, trials: list[Trial]) -> str:
@@ -157,8 +178,8 @@ class Progress(Callback):
         best_text = (f"best val {self.metric} {tally.best[0]:.4f} (trial {tally.best[1]})" if tally.best
                      else "no result yet")
         waiting = self.num_samples - len(tally.ended_shares) - len(tally.running)
-        first = tally.first_report and (tally.first_report[0] - self.started, tally.first_report[1])
-        left = eta_seconds(elapsed, waiting, tally.ended_shares, list(tally.running.values()), self.planned, first)
+        left = eta_seconds(elapsed, waiting, tally.ended_shares, list(tally.running.values()), self.planned,
+                           tally.since_first(self.started))
         if self.deadline is not None:  # a budgeted search ends at its deadline at the latest
             left = max(0.0, min(math.inf if left is None else left, self.deadline - elapsed))
         eta = "ETA unknown" if left is None else eta_text(left)
@@ -227,13 +248,14 @@ class Progress(Callback):
 def eta_seconds(elapsed: float, waiting: int, ended: list[float], running: list[float], planned: float | None = None,
                 first: tuple[float, float] | None = None) -> float | None:
     """Seconds until the trials end, predicted: the work left (in shares of a trial's budget) at the rate work was
-    done since `first` (the seconds and the work done at the first report: a rate from the start would count Ray's
-    start, the trials' and the first LoftQ; with one report so far, the rate from the start). A trial yet to start
+    done since `first` (the seconds to the first report and the work done then: a rate from the start would count
+    Ray's start, the trials' and the first LoftQ; with no work since, the rate from the start). A trial yet to start
     runs what the ended ones ran on average (ASHA stops many early; before any ended, its whole budget); a running
     one at share d runs on as far as the ended trials that got past d did on average (to its budget's end when none
     did). With `planned` (a --budget plan's seconds for the trials, from the line's start), the plan refines it:
     alone until a rate is measured, then weighted by the share of the work left; the plan's time for the work left
-    is its time after the first report, in proportion. Else None before any work is done."""
+    is its time after the first report, in proportion (none once the plan ran out). Else None before any work is
+    done."""
     work = sum(ended) + sum(running)
     expected = sum(ended) / len(ended) if ended else 1.0
 
@@ -247,7 +269,7 @@ def eta_seconds(elapsed: float, waiting: int, ended: list[float], running: list[
     if not work_left:
         return 0.0
     first_s, first_work = first or (0.0, 0.0)
-    planned_left = None if planned is None else max(0.0, planned - first_s) * work_left / (
+    planned_left = None if planned is None or planned <= first_s else (planned - first_s) * work_left / (
         work + work_left - first_work)
     if work > first_work:
         measured = work_left * (elapsed - first_s) / (work - first_work)
