@@ -4,6 +4,7 @@ recorded figures end to end on the tiny model."""
 from __future__ import annotations
 
 import json
+import statistics
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -41,16 +42,24 @@ class TokenisedSplits:
     train_lengths: list[int]
 
 
-def test_the_probe_trains_on_rows_of_an_epochs_mean_padded_width_not_its_longest_batches_that_come_first():
-    lengths = [30] * 80 + [8] * 120  # one 50-batch run of batches of 4: 20 of width 30, then 30 of width 8
+def widths(data: TokenisedSplits, config: dict) -> list[int]:
+    """The padded widths of the fit's batches of the first epoch, in the order it draws them."""
+    batches = Batches(data.train, data.train_lengths, None, "cpu", 0).of_epoch(0, Schedule.of(config,
+                                                                                              len(data.train)))
+    return [max(data.train_lengths[i] for i in batch) for batch in batches]
+
+
+def test_the_probe_trains_on_rows_of_an_epochs_mean_padded_width_not_its_widest_batches_that_come_first():
+    lengths = [n for n in range(5, 41) for _ in range(8)]  # 288 rows, 5 to 40 tokens
     data = TokenisedSplits(Dataset.from_dict({"input_ids": [[1] * n for n in lengths]}), lengths)
     config = {"seed": 0, "batch_size": 4, "grad_accum": 1, "epochs": 1, "warmup_ratio": 0.0}
-    first = Batches(data.train, lengths, None, "cpu", 0).widths(0, Schedule.of(config, len(lengths)))[:6]
-    assert first == [30] * 6  # what the probe's steps would time on all rows
-    probed = typical_rows(data, config, steps=2)  # the mean width is 16.8: the rows of 8 tokens are nearest
-    assert probed.train_lengths == [8] * 20 == [len(ids) for ids in probed.train["input_ids"]]
-    # room for 2 + 2 steps with no evaluation before their end, at two evaluations an epoch too
-    assert len(typical_rows(data, {**config, "evals_per_epoch": 2}, steps=2).train_lengths) == 40
+    epoch = widths(data, config)
+    mean = statistics.fmean(epoch)
+    assert statistics.fmean(epoch[2:6]) > mean + 5  # the steps the probe would time on all rows: the widest
+    probed = typical_rows(data, config, steps=2)
+    assert probed.train_lengths == [len(ids) for ids in probed.train["input_ids"]]
+    assert len(probed.train_lengths) == (3 + 2) * 4 and all(abs(n - mean) <= 1.5 for n in probed.train_lengths)
+    assert len(typical_rows(data, {**config, "grad_accum": 2}, steps=2).train_lengths) == (3 + 2) * 4 * 2
     assert typical_rows(SimpleNamespace(train=data.train), config, steps=2).train is data.train  # no lengths: whole
 
 

@@ -134,10 +134,6 @@ class Batches:
         batches = [indices[i:i + size] for i in range(0, len(indices), size)][self.rank::self.world]
         return batches[:schedule.batches_per_epoch]
 
-    def widths(self, epoch: int, schedule: Schedule) -> list[int]:
-        """The padded width (longest example) of each of this worker's batches of `epoch`: a batch's cost."""
-        return [max(self.lengths[i] for i in batch) for batch in self.of_epoch(epoch, schedule)]
-
 
 def _no_hook() -> None:
     """The loop's default between backward and the step: nothing."""

@@ -25,7 +25,7 @@ from llmm_tune.tune.spaces import SearchSpec
 
 PROBE_STEPS = 16
 # how the probe measures, in the key of its cache (--budget's): figures measured otherwise are measured again
-# (2: steps timed on rows of an epoch's mean padded width, not its longest batches)
+# (2: steps timed on rows of an epoch's mean padded width, not its widest batches)
 PROBE_METHOD = 2
 TUNE_OVERHEAD_S = 3.0  # per trial: worker start, object store, reports (benchmarks/bench_search.py)
 RAY_START_S = 5.0  # ray.init of a private instance (benchmarks/bench_search.py: 4.2 s)
@@ -69,16 +69,18 @@ def probe(spec: SearchSpec, source: str, steps: int, score: bool) -> dict:
 
 def typical_rows(data, config: dict, steps: int):
     """`data` with its training split cut to the rows whose token count is nearest the mean padded width of an
-    epoch's batches, enough for the probe's runs with no evaluation before their end: the probe's few steps then
-    cost what an average step does. On all rows they would be an epoch's costliest, as length grouping puts each
-    50-batch run's longest batches first (CoLA's MiniLM: 0.38 s a probed step, 0.26 s on average). Data without
-    token lengths (a family that trains without `fit`) is kept whole."""
+    epoch's batches, enough for the probe's runs (they evaluate once, at their end): the timed steps then cost what
+    an epoch's steps do on average, a step's cost growing with its padded width (about linearly; text's token counts
+    spread wide enough that such rows exist). On all rows they were among an epoch's widest, as length grouping
+    puts each run of up to 50 batches widest first (CoLA's MiniLM: 0.38 s a probed step, 0.26 s on average). Data
+    without token lengths (a family that trains without `fit`) is kept whole."""
     lengths = getattr(data, "train_lengths", None)
     if not lengths:
         return data
     schedule = Schedule.of(config, len(lengths))
-    width = statistics.fmean(Batches(data.train, lengths, None, "cpu", order_seed(config)).widths(0, schedule))
-    rows = (3 + steps) * config.get("evals_per_epoch", 1) * schedule.batch_size * schedule.accum
+    batches = Batches(data.train, lengths, None, "cpu", order_seed(config)).of_epoch(0, schedule)
+    width = statistics.fmean(max(lengths[i] for i in batch) for batch in batches)
+    rows = (3 + steps) * schedule.batch_size * schedule.accum
     nearest = np.argsort(np.abs(np.asarray(lengths) - width), kind="stable")[:rows].tolist()
     return dataclasses.replace(data, train=data.train.select(nearest), train_lengths=[lengths[i] for i in nearest])
 
@@ -95,12 +97,13 @@ def timed_runs(spec: SearchSpec, config: dict, context: TrialContext, data, sour
         reports.append((time.perf_counter(), metrics, shutil.copytree(directory, work / str(len(reports)))))
 
     cached = dataclasses.replace(context, loftq_cache=str(work / "loftq"))
+    once_an_epoch = {"evals_per_epoch": 1} if "evals_per_epoch" in config else {}  # no evaluation before a run's end
     runs = []
     for max_steps in (2, 2 + steps):
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         began = time.perf_counter()
-        recipe.train({**config, "max_steps": max_steps}, cached, data, keep)
+        recipe.train({**config, "max_steps": max_steps, **once_an_epoch}, cached, data, keep)
         ended, metrics, _ = reports[-1]
         runs.append({"build_s": ended - began - metrics["seconds"], "eval_s": metrics["eval_seconds"],
                      "train_s": metrics["seconds"] - metrics["eval_seconds"]})
@@ -129,12 +132,18 @@ def busy_seconds(threads: int, steps: int = 12) -> float:
     return time.perf_counter() - began
 
 
+def wait_at(barrier) -> None:
+    barrier.wait()
+
+
 def concurrency_slowdown(concurrent: int, threads: int, work: Callable[..., float] = busy_seconds) -> float:
     """How much longer CPU work takes with `concurrent` trials' processes busy at once than with one alone (cores
     that share a physical core, memory bandwidth, clocks that drop under load): the probe times one trial alone.
     Measured with `work(threads, steps=...)`'s seconds in separate processes, as Ray runs trials; at least 1."""
-    with multiprocessing.get_context("spawn").Pool(concurrent) as pool:
-        pool.starmap(work, [(threads, 1)] * concurrent)  # every process started, its imports done
+    spawn = multiprocessing.get_context("spawn")
+    # no work before every process is up: one started early would take the tasks meant to run at once
+    with spawn.Pool(concurrent, initializer=wait_at, initargs=(spawn.Barrier(concurrent),)) as pool:
+        pool.starmap(work, [(threads, 1)] * concurrent)  # the work's imports and first kernels
         alone = min(pool.apply(work, (threads,)) for _ in range(2))
         together = statistics.median(pool.starmap(work, [(threads,)] * concurrent))
     return max(1.0, together / alone)
