@@ -1,7 +1,7 @@
 """How well a budgeted search predicts its own end: the plan before Ray starts and the status line's ETA along the
 run, against when the search really ended, for the README's main job and one `search sft --data` search.
 
-    python benchmarks/bench_eta.py [--budget 10m] [--data-dir ../shared/data] [--only main|sft]
+    python benchmarks/bench_eta.py [--budget 11m] [--data-dir ../shared/data] [--only main|sft]
 
 Each search runs as a user runs it (its own process, a fresh storage and results folder, the probe cache kept in
 `$LLMM_CACHE_DIR`: empty it to count the probe). Printed per search: the sizing line's predicted wall time against
@@ -73,7 +73,7 @@ def measure(name: str, command: list[str]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--budget", default="10m", help="each search's --budget (default: %(default)s)")
+    parser.add_argument("--budget", default="11m", help="each search's --budget (default: %(default)s)")
     parser.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "data")
     parser.add_argument("--only", choices=("main", "sft"), help="one of the two searches")
     args = parser.parse_args()
