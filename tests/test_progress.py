@@ -150,10 +150,10 @@ def test_the_eta_s_rate_and_plan_count_from_the_first_report_leaving_out_the_sta
     first = (55.0, 0.125)
     at_120 = eta_seconds(120.0, 0, [], [0.25, 0.25], planned=402.0, first=first)
     assert at_120 == pytest.approx(0.25 * 1.5 * 65 / 0.375 + 0.75 * 347 * 1.5 / 1.875)
-    # no work since the first report (Tally.since_first gives the work now until the rate is ready): the plan's
-    # share alone; without a plan, or with one already past at the first report, the rate from the start
+    # no work since the first report (Tally.since_first gives the work now until the rate is ready): the plan's end
+    # stands; without a plan, or with one already past, the rate from the start
     no_rate = (55.0, 0.25)
-    assert eta_seconds(64.0, 0, [], [0.125, 0.125], planned=402.0, first=no_rate) == pytest.approx(347)
+    assert eta_seconds(64.0, 0, [], [0.125, 0.125], planned=402.0, first=no_rate) == pytest.approx(402 - 64)
     assert eta_seconds(64.0, 0, [], [0.125, 0.125], first=no_rate) == pytest.approx(1.75 * 64 / 0.25)
     assert eta_seconds(64.0, 0, [], [0.125, 0.125], planned=50.0, first=no_rate) == pytest.approx(1.75 * 64 / 0.25)
 

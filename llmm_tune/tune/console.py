@@ -252,10 +252,9 @@ def eta_seconds(elapsed: float, waiting: int, ended: list[float], running: list[
     Ray's start, the trials' and the first LoftQ; with no work since, the rate from the start). A trial yet to start
     runs what the ended ones ran on average (ASHA stops many early; before any ended, its whole budget); a running
     one at share d runs on as far as the ended trials that got past d did on average (to its budget's end when none
-    did). With `planned` (a --budget plan's seconds for the trials, from the line's start), the plan refines it:
-    alone until a rate is measured, then weighted by the share of the work left; the plan's time for the work left
-    is its time after the first report, in proportion (none once the plan ran out). Else None before any work is
-    done."""
+    did). With `planned` (a --budget plan's seconds for the trials, from the line's start), the plan refines it: its
+    end stands until a rate is measured, then its time after the first report, in proportion to the work left, is
+    weighted by the share of the work left (a plan already past is left out). Else None before any work is done."""
     work = sum(ended) + sum(running)
     expected = sum(ended) / len(ended) if ended else 1.0
 
@@ -269,16 +268,12 @@ def eta_seconds(elapsed: float, waiting: int, ended: list[float], running: list[
     if not work_left:
         return 0.0
     first_s, first_work = first or (0.0, 0.0)
-    planned_left = None if planned is None or planned <= first_s else (planned - first_s) * work_left / (
-        work + work_left - first_work)
-    if work > first_work:
-        measured = work_left * (elapsed - first_s) / (work - first_work)
-    elif planned_left is None:
-        measured = work_left * elapsed / work
-    else:
-        return planned_left
-    if planned_left is None:
+    if work <= first_work:  # no work since the first report: no rate yet
+        return planned - elapsed if planned is not None and planned > elapsed else work_left * elapsed / work
+    measured = work_left * (elapsed - first_s) / (work - first_work)
+    if planned is None or planned <= first_s:
         return measured
+    planned_left = (planned - first_s) * work_left / (work + work_left - first_work)
     share_left = work_left / (work + work_left)
     return (1 - share_left) * measured + share_left * planned_left
 
