@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from llmm_tune.cli import main
-from llmm_tune.results.pareto import PICK_WITHIN, non_dominated, pick, pick_rule
+from llmm_tune.results.pareto import PICK_WITHIN, non_dominated, pareto_figure, pick, pick_rule
 from llmm_tune.tune.objectives import Objective, parse_objectives, searcher_targets
 from tests.helpers.search_fixtures import run_module, tiny_space
 
@@ -96,6 +96,17 @@ def test_the_pick_is_the_best_second_objective_within_the_window_of_the_best_fir
     tied = pd.concat([table, pd.DataFrame({"val_mcc": [0.493], "val_loss": [0.20]}, index=["E"])])
     assert pick(tied, objectives) == "E"  # C's loss, better mcc
     assert pick(table.assign(val_mcc=float("nan")), objectives) is None
+
+
+def test_trials_drawn_at_one_place_share_one_label_on_the_plot():
+    """Two untrained classifiers tie at mcc 0 with the same ECE: the plot names both in one label, where two labels
+    would overprint; a trial apart keeps its own."""
+    trials = pd.DataFrame({"trial": ["a1", "b2", "c3"], "val_mcc": [0.0, 0.0, 0.33],
+                           "val_ece": [0.0234, 0.0238, 0.098]})
+    objectives = [Objective("mcc", "max"), Objective("ece", "min")]
+    front = non_dominated(trials, objectives)
+    figure = pareto_figure(trials, objectives, front, trials.iloc[2])
+    assert sorted(text.get_text() for text in figure.axes[0].texts) == ["a1, b2", "c3"]
 
 
 def test_a_multi_objective_search_exports_a_front_of_non_dominated_trials(tmp_path):

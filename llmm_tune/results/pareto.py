@@ -107,6 +107,19 @@ def pareto_markdown(trials: pd.DataFrame, objectives: list[Objective], front: pd
             + shown.to_markdown(index=False) + "\n")
 
 
+def point_labels(drawn: pd.DataFrame, x: str, y: str) -> dict[tuple[float, float], str]:
+    """One label per place on the plot, naming every trial drawn there: a trial within a hundredth of the axes'
+    spans of a labelled one (untrained classifiers often tie) joins its label, where its own would overprint."""
+    spans = [max(float(drawn[key].max() - drawn[key].min()), 1e-12) for key in (x, y)]
+    labels: dict[tuple[float, float], list[str]] = {}
+    for _, row in drawn.iterrows():
+        place = (float(row[x]), float(row[y]))
+        near = next((at for at in labels if all(abs(a - b) <= span / 100 for a, b, span in zip(at, place, spans))),
+                    place)
+        labels.setdefault(near, []).append(str(row["trial"]))
+    return {place: ", ".join(trials) for place, trials in labels.items()}
+
+
 def pareto_figure(trials: pd.DataFrame, objectives: list[Objective], front: pd.Series, picked: pd.Series) -> Figure:
     """The first two objectives of every trial that has them, the front highlighted, each point labelled by its
     trial id and best.yaml's ringed."""
@@ -122,9 +135,9 @@ def pareto_figure(trials: pd.DataFrame, objectives: list[Objective], front: pd.S
         axes.scatter(drawn[x.key][on], drawn[y.key][on], color="tab:red", zorder=3, label=f"Pareto front{over}")
         axes.scatter([picked[x.key]], [picked[y.key]], s=180, facecolors="none", edgecolors="black", zorder=4,
                      label="best.yaml (the pick rule)")
-        for _, row in drawn.iterrows():
-            axes.annotate(str(row["trial"]), (row[x.key], row[y.key]), xytext=(4, 4), textcoords="offset points",
-                          fontsize="x-small")
+        for (at_x, at_y), label in point_labels(drawn, x.key, y.key).items():
+            axes.annotate(label, (at_x, at_y), xytext=(4, 4), textcoords="offset points", fontsize="x-small")
+        axes.margins(0.08)  # room for the labels of the points at the edges
         axes.set(xlabel=x.words, ylabel=y.words, title="Trials and their Pareto front")
         axes.legend(fontsize="small")
     return figure
