@@ -110,7 +110,7 @@ def test_a_budgeted_search_stops_at_its_budget_exports_and_marks_the_trials_it_c
     (sized,) = [line for line in run.stdout.splitlines() if line.startswith("budget 1.5 min: ")]
     assert "trials x up to" in sized and "2 at once" in sized
     (stopped,) = [line for line in run.stdout.splitlines() if line.startswith("budget reached ")]
-    trials = pd.read_csv(tmp_path / "results" / "cola" / "trials.csv")
+    trials = pd.read_csv(tmp_path / "results" / "cola" / "trials.csv", dtype={"trial": str})
     cut = trials[trials["cut_by_budget"]]
     assert len(cut) >= 1 and f"{len(cut)} cut at their latest evaluation" in stopped, stopped
     assert not cut["stopped_early"].any()  # ended by the budget, not by ASHA
@@ -119,6 +119,8 @@ def test_a_budgeted_search_stops_at_its_budget_exports_and_marks_the_trials_it_c
     table = (tmp_path / "results" / "cola" / "table.md").read_text()  # the plan beside what it measured
     assert "timed-llmm-cpu: sized to --budget 1.5 min, " in table
     assert " min (the first start to the last report)" in table
+    cut_line = f"Cut by the budget at their latest evaluation, so scored short of their epochs: {', '.join(cut.trial)}."
+    assert cut_line in table  # a cut trial's row is read as what it is
 
 
 def test_every_cap_on_rows_is_said_with_what_lifts_it():

@@ -128,11 +128,14 @@ def budget_text(found: Collected) -> str:
     ran = (max(h["timestamp"].max() for h in spans) - min((h["timestamp"] - h["time_total_s"]).min() for h in spans)
            if spans else 0.0)
     predicted, trials = sizing["spent_s"] + sizing["predicted_s"], sizing["predicted_s"] - sizing["export_s"]
+    cut = found.trials.loc[found.trials["cut_by_budget"], "trial"].tolist()
+    cut_text = (f" Cut by the budget at their latest evaluation, so scored short of their epochs: {', '.join(cut)}."
+                if cut else "")
     return (f"\n\n{found.meta.name}: sized to --budget {sizing['budget_s'] / 60:g} min, {sizing['num_samples']} "
-            f"trials x up to {sizing['epochs']} epochs on {sizing['train_rows']:,} of {sizing['available_rows']:,} "
+            f"trials x up to {sizing['epochs']:g} epochs on {sizing['train_rows']:,} of {sizing['available_rows']:,} "
             f"rows, {sizing['concurrent']} at once; predicted {predicted / 60:.1f} min in all, of which the trials "
             f"{trials / 60:.1f} min with Ray's start; the trials ran {ran / 60:.1f} min (the first start to the last "
-            "report).")
+            f"report).{cut_text}")
 
 
 def write_tables(shown: pd.DataFrame, records: list[ExportRecord], first: Chosen, out: Path, notes: str = "") -> None:
