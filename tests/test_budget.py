@@ -59,6 +59,22 @@ def test_a_search_is_sized_to_its_budget_trials_first_then_epochs_then_rows(spec
     assert all(s.available_rows == 4000 for s in sizings)
 
 
+def test_a_budget_between_whole_epochs_sizes_trials_that_end_at_an_evaluation_inside_the_last(tmp_path):
+    """Two evaluations an epoch: a budget too short for whole epochs is used to within half of one."""
+    path = tiny_space(tmp_path, tmp_path / "no-model", "timed", family="tests.doubles.timed_family", epochs=4,
+                      evals_per_epoch=2)
+    spec = load_spec(str(path), "cpu", "llmm")
+    sizings = [size(FIGURES, spec, 2, 1, seconds, 30) for seconds in range(150, 600, 10)]
+    halves = [s for s in sizings if s.epochs != int(s.epochs)]
+    assert {s.epochs for s in halves} == {1.5, 2.5, 3.5}, {s.epochs for s in sizings}
+    for sizing in halves:
+        assert sizing.num_samples >= 2 and sizing.train_rows == 4000
+        longer = fits(FIGURES, spec, sizing.epochs + 0.5, sizing.train_rows, 2, 2, 1).wall_s
+        assert sizing.spent_s + sizing.predicted_s <= sizing.budget_s < sizing.spent_s + longer  # half more: over
+    whole = fits(FIGURES, spec, 2, 4000, 2, 2, 1).trial_s
+    assert whole < fits(FIGURES, spec, 2.5, 4000, 2, 2, 1).trial_s < fits(FIGURES, spec, 3, 4000, 2, 2, 1).trial_s
+
+
 def test_a_budget_too_short_for_one_trial_names_the_smallest_that_fits(spec):
     with pytest.raises(UsageError, match=r"--budget 0.5 min is too short for one trial here .* give --budget (\d+)m"):
         size(FIGURES, spec, 2, 1, budget_s=30, spent_s=20)

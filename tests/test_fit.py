@@ -34,10 +34,14 @@ def toy() -> tuple[nn.Module, Batches]:
     return model, Batches(train, [1] * EXAMPLES, collate, "cpu", seed=0)
 
 
-def test_the_plan_counts_the_steps_and_evaluations_that_fit_runs(tmp_path, monkeypatch):
-    """Epochs that end inside an accumulation, evaluations between whole steps, and max_steps mid-epoch:
-    plan predicts the optimizer steps fit takes and the epochs at which it reports."""
-    space = tiny_space(tmp_path, tmp_path / "unused", batch_size=4, grad_accum=3, evals_per_epoch=3, max_steps=7)
+@pytest.mark.parametrize(("length", "evaluations"), [
+    ({"max_steps": 7}, [0.4, 0.6, 1.0, 1.4]),  # cut short mid-epoch: the clock says where it stopped
+    ({"epochs": 1.5}, [0.4, 0.6, 1.0, 1.5]),  # a fraction ends on a whole step (7 at 5 an epoch), reported as set
+])
+def test_the_plan_counts_the_steps_and_evaluations_that_fit_runs(tmp_path, monkeypatch, length, evaluations):
+    """Epochs that end inside an accumulation, evaluations between whole steps, and max_steps or a fraction of an
+    epoch ending mid-epoch: plan predicts the optimizer steps fit takes and the epochs at which it reports."""
+    space = tiny_space(tmp_path, tmp_path / "unused", batch_size=4, grad_accum=3, evals_per_epoch=3, **length)
     figures = tmp_path / "figures.json"
     figures.write_text(json.dumps({"device": "cpu", "threads": 1, "prepare_s": 1.0, "train_examples": EXAMPLES,
                                    "build_cold_s": 2.0, "build_warm_s": 1.0, "first_steps_s": 0.2, "step_s": 0.1,
@@ -56,7 +60,8 @@ def test_the_plan_counts_the_steps_and_evaluations_that_fit_runs(tmp_path, monke
     fit(trial_config(load_spec(str(space), "cpu", "llmm")), model, data.train, data.lengths, data.collate,
         lambda: {"loss": 0.0}, lambda metrics, directory: reports.append(metrics), loss=squared)
     assert planned["steps"] == len(steps) == reports[-1]["step"] == 7
-    assert planned["evaluations"] == [r["epoch"] for r in reports] == [0.4, 0.6, 1.0, 1.4]
+    assert planned["evaluations"] == [r["epoch"] for r in reports] == evaluations
+    assert reports[-1]["lr"] == 0.0  # the schedule decays to zero where the fit ends
 
 
 def test_the_hook_runs_once_per_step_with_the_steps_accumulated_gradient():

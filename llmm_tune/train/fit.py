@@ -34,7 +34,7 @@ Loss = Callable[[nn.Module, object], torch.Tensor]  # (model, batch) -> the batc
 
 FIT_SETTINGS: dict[str, Setting] = {
     "lr": Setting(positive, "a number > 0"),
-    "epochs": Setting(positive_int, "an integer >= 1"),
+    "epochs": Setting(positive, "a number > 0 (a fraction ends inside the last epoch: 2.5)"),
     "batch_size": Setting(positive_int, "an integer >= 1"),
     "grad_accum": Setting(positive_int, "an integer >= 1", 1),
     "evals_per_epoch": Setting(positive_int, "an integer >= 1", 1),
@@ -71,9 +71,10 @@ class Schedule:
     accum: int
     batches_per_epoch: int  # per worker: the epoch's last `batches % world` are left out so every worker steps alike
     steps_per_epoch: int
-    total_steps: int  # whole epochs, or `max_steps` when fewer
+    total_steps: int  # the epochs' steps, or `max_steps` when fewer
     warmup_steps: int
     eval_at: frozenset[int]  # the steps after which `fit` evaluates (`evals_per_epoch` per epoch, and at the end)
+    epochs: float | None = None  # the `epochs` setting where the fit runs all of it (not cut short by `max_steps`)
 
     @classmethod
     def of(cls, config: dict, examples: int, world: int = 1) -> Schedule:
@@ -82,21 +83,25 @@ class Schedule:
         batch_size, accum, epochs = config["batch_size"], config["grad_accum"], config["epochs"]
         batches_per_epoch = math.ceil(examples / batch_size) // world
         steps_per_epoch = math.ceil(batches_per_epoch / accum)
-        total_steps = steps_per_epoch * epochs
-        if config.get("max_steps"):
-            total_steps = min(total_steps, config["max_steps"])
+        whole = math.floor(epochs)  # a fraction of an epoch rounds to steps as an evaluation within one does
+        epoch_steps = max(1, whole * steps_per_epoch + round((epochs - whole) * steps_per_epoch))
+        total_steps = min(epoch_steps, config.get("max_steps") or epoch_steps)
         evals = config.get("evals_per_epoch", 1)
         eval_at = {min(e * steps_per_epoch + round(k * steps_per_epoch / evals), total_steps)
-                   for e in range(epochs) for k in range(1, evals + 1)}
+                   for e in range(math.ceil(epochs)) for k in range(1, evals + 1)}
         return cls(batch_size, accum, batches_per_epoch, steps_per_epoch, total_steps,
-                   round(config["warmup_ratio"] * total_steps), frozenset(eval_at - {0}))
+                   round(config["warmup_ratio"] * total_steps), frozenset(eval_at - {0}),
+                   epochs if total_steps == epoch_steps else None)
 
     def epoch(self, step: int) -> int:
         """The epoch in which the step after `step` steps falls."""
         return step // self.steps_per_epoch
 
     def epochs_done(self, step: int) -> float:
-        """Training progress after `step` steps in epochs, as `fit` reports it (ASHA's clock)."""
+        """Training progress after `step` steps in epochs, as `fit` reports it (ASHA's clock): at the end of a fit
+        that runs its `epochs`, that setting (a fraction of an epoch ends on a whole step)."""
+        if step == self.total_steps and self.epochs is not None:
+            return float(self.epochs)
         return step / self.steps_per_epoch
 
     def lr_schedule(self, optimizer: torch.optim.Optimizer) -> LambdaLR:

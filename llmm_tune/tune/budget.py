@@ -15,6 +15,7 @@ import math
 import platform
 import re
 import time
+from fractions import Fraction
 from pathlib import Path
 
 import torch
@@ -69,7 +70,7 @@ class Sizing:
 
     budget_s: float
     num_samples: int
-    epochs: int
+    epochs: float  # whole, or ending at an evaluation inside the last epoch
     train_rows: int  # the rows each trial trains on
     available_rows: int  # the training rows the data holds (after the validation split)
     concurrent: int
@@ -100,13 +101,13 @@ class Sizing:
     def line(self) -> str:
         rows = (f"all {self.train_rows:,} rows" if self.train_rows == self.available_rows
                 else f"{self.train_rows:,} of {self.available_rows:,} rows")
-        return (f"budget {duration_text(self.budget_s)}: {self.num_samples} trials x up to {self.epochs} epoch(s) on "
+        return (f"budget {duration_text(self.budget_s)}: {self.num_samples} trials x up to {self.epochs:g} epoch(s) on "
                 f"{rows}, {self.concurrent} at once{self.packing()}: about "
                 f"{duration_text(self.spent_s + self.predicted_s)} predicted ({self.spent_s:.0f} s of start-up and "
                 "probe included); at the budget, running trials end at their latest evaluation and the export runs")
 
 
-def fits(figures: dict, spec: SearchSpec, epochs: int, rows: int, trials: int, concurrent: int,
+def fits(figures: dict, spec: SearchSpec, epochs: float, rows: int, trials: int, concurrent: int,
          workers: int) -> Prediction:
     """The prediction for `trials` trials of `epochs` epochs on `rows` rows (with the early stopping of a search of
     that many trials)."""
@@ -115,7 +116,7 @@ def fits(figures: dict, spec: SearchSpec, epochs: int, rows: int, trials: int, c
                    early_stopping=sized.stops_early())
 
 
-def most_trials(figures: dict, spec: SearchSpec, epochs: int, rows: int, concurrent: int, workers: int,
+def most_trials(figures: dict, spec: SearchSpec, epochs: float, rows: int, concurrent: int, workers: int,
                 seconds: float, most: int) -> int:
     """The most trials (up to `most`, at least 0) of `epochs` epochs on `rows` rows predicted within `seconds`."""
     low, high = 0, most
@@ -130,24 +131,39 @@ def most_trials(figures: dict, spec: SearchSpec, epochs: int, rows: int, concurr
 
 def size(figures: dict, spec: SearchSpec, concurrent: int, workers: int, budget_s: float, spent_s: float) -> Sizing:
     """The search that fits the budget: every row, the profile's epochs and as many trials as fit (at least two, or
-    as many as run at once up to four; at most 4x the profile's); where that many do not fit, fewer epochs, then
-    fewer rows (halved, down to 256), then a single trial; else a refusal naming the smallest budget that fits
-    one trial."""
+    as many as run at once up to four; at most 4x the profile's); where that many do not fit, fewer epochs (down by
+    an evaluation's share of one), then fewer rows (halved, down to 256), then a single trial; else a refusal
+    naming the smallest budget that fits one trial."""
     seconds = budget_s - spent_s
     available = int(figures["train_examples"])
     fewest, most = min(max(2, concurrent), 4), MAX_TRIALS_PER_PROFILE_TRIAL * spec.num_samples
-    rows_options = row_options(available)
+    rows_options, shortest = row_options(available), epoch_options(spec)[-1]
     for rows in rows_options:
-        for epochs in range(int(spec.fixed["epochs"]), 0, -1):
+        for epochs in epoch_options(spec):
             trials = most_trials(figures, spec, epochs, rows, concurrent, workers, seconds, most)
-            if trials >= fewest or (rows, epochs) == (rows_options[-1], 1) and trials >= 1:
+            if trials >= fewest or (rows, epochs) == (rows_options[-1], shortest) and trials >= 1:
                 predicted = fits(figures, spec, epochs, rows, trials, concurrent, workers)
                 return Sizing(budget_s, trials, epochs, rows, available, min(concurrent, trials), spent_s,
                               predicted.wall_s, predicted.export_s or 0.0)
     smallest = smallest_budget(figures, spec, concurrent, workers, spent_s)
-    raise UsageError(f"--budget {duration_text(budget_s)} is too short for one trial here (1 epoch on "
+    raise UsageError(f"--budget {duration_text(budget_s)} is too short for one trial here ({shortest:g} epoch(s) on "
                      f"{rows_options[-1]:,} rows needs about {duration_text(smallest)} with the probe); give "
                      f"--budget {minutes_up(smallest)}m or more")
+
+
+def epoch_options(spec: SearchSpec) -> list[float]:
+    """The profile's epochs, then down by an evaluation's share of an epoch to one (or the profile's, when less):
+    the trial lengths a sizing tries, longest first. A trial then ends at an evaluation, and a budget that does not
+    fit whole epochs is used to within one evaluation's time, not one epoch's."""
+    longest = Fraction(spec.fixed["epochs"]).limit_denominator(1000)
+    share = Fraction(1, spec.fixed.get("evals_per_epoch", 1))
+    shorter = max(0, math.floor((longest - 1) / share))
+    return [spec.fixed["epochs"]] + [whole_or_fraction(longest - k * share) for k in range(1, shorter + 1)]
+
+
+def whole_or_fraction(epochs: Fraction) -> float:
+    """`epochs` as a setting: an int when whole (as a profile writes it), else a float rounded to steps by `fit`."""
+    return int(epochs) if epochs.denominator == 1 else float(epochs)
 
 
 def row_options(available: int) -> list[int]:
@@ -159,9 +175,9 @@ def row_options(available: int) -> list[int]:
 
 
 def smallest_budget(figures: dict, spec: SearchSpec, concurrent: int, workers: int, spent_s: float) -> float:
-    """The budget of one trial of one epoch on the fewest rows a sizing tries."""
+    """The budget of one trial of the fewest epochs and rows a sizing tries."""
     rows = row_options(int(figures["train_examples"]))[-1]
-    return spent_s + fits(figures, spec, 1, rows, 1, concurrent, workers).wall_s
+    return spent_s + fits(figures, spec, epoch_options(spec)[-1], rows, 1, concurrent, workers).wall_s
 
 
 def minutes_up(seconds: float) -> int:
