@@ -306,6 +306,16 @@ def test_the_slowdown_is_the_work_of_processes_running_at_once_against_one_alone
     assert concurrency_slowdown(2, 1, processes_at_once) == 2.0
 
 
+def test_a_slowdown_disturbed_for_a_moment_is_not_what_the_probe_keeps(tmp_path, monkeypatch):
+    from llmm_tune.tune.probe import concurrency_slowdown
+    from tests.helpers.overlap import disturbed_at_first
+
+    (tmp_path / "at_once").mkdir()
+    monkeypatch.setenv("OVERLAP_DIR", str(tmp_path / "at_once"))
+    assert concurrency_slowdown(2, 1, disturbed_at_first) == 2.0  # the first round read 10: another program's
+    assert len((tmp_path / "rounds").read_text().splitlines()) > 2  # it was read, and more rounds after it
+
+
 def test_a_compare_budget_is_split_where_only_a_middle_range_of_search_budgets_fits():
     """MRPC's probe on the 2-core Xeon: a short search sizes no trial at all, a long one trials too long for 25
     retrainings; the split lies between (an earlier bisection from 0 took the first for the second and refused 19

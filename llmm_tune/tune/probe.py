@@ -25,8 +25,9 @@ from llmm_tune.tune.spaces import SearchSpec
 
 PROBE_STEPS = 16
 # how the probe measures, in the key of its cache (--budget's): figures measured otherwise are measured again
-# (2: steps timed on rows of an epoch's mean padded width, not its widest batches)
-PROBE_METHOD = 2
+# (2: steps timed on rows of an epoch's mean padded width, not its widest batches; 3: the slowdown of trials at
+# once, the least disturbed of three rounds)
+PROBE_METHOD = 3
 TUNE_OVERHEAD_S = 3.0  # per trial: worker start, object store, reports (benchmarks/bench_search.py)
 RAY_START_S = 5.0  # ray.init of a private instance (benchmarks/bench_search.py: 4.2 s)
 # the first trials' processes: Python, Ray's worker and the family's imports (glue on the 2-core Xeon: 6 to 10 s)
@@ -145,7 +146,9 @@ def concurrency_slowdown(concurrent: int, threads: int, work: Callable[..., floa
     with spawn.Pool(concurrent, initializer=wait_at, initargs=(spawn.Barrier(concurrent),)) as pool:
         pool.starmap(work, [(threads, 1)] * concurrent)  # the work's imports and first kernels
         alone = min(pool.apply(work, (threads,)) for _ in range(2))
-        together = statistics.median(pool.starmap(work, [(threads,)] * concurrent))
+        # the least disturbed of three rounds, as `alone` is: another program busy for a moment would otherwise be
+        # cached with the probe's figures and shrink every later search sized here (a few seconds of it: 1.61, not 1.05)
+        together = min(statistics.median(pool.starmap(work, [(threads,)] * concurrent)) for _ in range(3))
     return max(1.0, together / alone)
 
 
