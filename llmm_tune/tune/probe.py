@@ -147,7 +147,7 @@ def concurrency_slowdown(concurrent: int, threads: int, work: Callable[..., floa
         pool.starmap(work, [(threads, 1)] * concurrent)  # the work's imports and first kernels
         alone = min(pool.apply(work, (threads,)) for _ in range(2))
         # the least disturbed of three rounds, as `alone` is: another program busy for a moment would otherwise be
-        # cached with the probe's figures and shrink every later search sized here (a few seconds of it: 1.61, not 1.05)
+        # cached with the probe's figures and shrink every later search sized here (a few seconds of it: 1.61, not 1.04)
         together = min(statistics.median(pool.starmap(work, [(threads,)] * concurrent)) for _ in range(3))
     return max(1.0, together / alone)
 
