@@ -11,10 +11,22 @@
 set -euo pipefail
 [ $# -ge 2 ] || { echo "usage: bash benchmarks/slower_cpu.sh FACTOR COMMAND [ARG ...]" >&2; exit 2; }
 factor=$1; shift
+quota=$(python3 -c "import sys; f = float(sys.argv[1]); print(int(100000 / f) if f >= 1 else '')" "$factor" \
+  2>/dev/null) || quota=
+[ -n "$quota" ] || { echo "slower_cpu.sh: FACTOR $factor is not a number >= 1; give e.g. 2 or 1.5" >&2; exit 2; }
+[ -w /sys/fs/cgroup/cpu ] || { echo "slower_cpu.sh: /sys/fs/cgroup/cpu is not writable; run it as root on a Linux" \
+  "with cgroup v1's cpu controller" >&2; exit 2; }
 root=/sys/fs/cgroup/cpu/llmm_slower_cpu
-quota=$(python3 -c "print(int(100000 / float('$factor')))")
 mkdir -p "$root"
 running=$(mktemp)
+watcher=
+
+clean_up() {  # the watcher and the cgroups end with the command, also when it is interrupted
+  rm -f "$running"
+  [ -z "$watcher" ] || wait "$watcher" || true
+  for group in "$root"/p* "$root"; do rmdir "$group" 2>/dev/null || true; done
+}
+trap clean_up EXIT
 
 own_cgroup() {  # $1: a process id; a cgroup of its own, capped
   mkdir -p "$root/p$1" && echo 100000 > "$root/p$1/cpu.cfs_period_us" && echo "$quota" > "$root/p$1/cpu.cfs_quota_us"
@@ -36,6 +48,4 @@ watch() {  # every process not alone in its own cgroup is moved to one
 watch & watcher=$!
 status=0
 (echo "$BASHPID" > "$root/cgroup.procs" && exec "$@") || status=$?
-rm -f "$running"; wait "$watcher" || true
-for group in "$root"/p*; do rmdir "$group" 2>/dev/null || true; done
 exit "$status"

@@ -137,9 +137,10 @@ def size(figures: dict, spec: SearchSpec, concurrent: int, workers: int, budget_
     seconds = budget_s - spent_s
     available = int(figures["train_examples"])
     fewest, most = min(max(2, concurrent), 4), MAX_TRIALS_PER_PROFILE_TRIAL * spec.num_samples
-    rows_options, shortest = row_options(available), epoch_options(spec)[-1]
+    rows_options, epochs_options = row_options(available), epoch_options(spec)
+    shortest = epochs_options[-1]
     for rows in rows_options:
-        for epochs in epoch_options(spec):
+        for epochs in epochs_options:
             trials = most_trials(figures, spec, epochs, rows, concurrent, workers, seconds, most)
             if trials >= fewest or (rows, epochs) == (rows_options[-1], shortest) and trials >= 1:
                 predicted = fits(figures, spec, epochs, rows, trials, concurrent, workers)
