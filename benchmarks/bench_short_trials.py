@@ -22,7 +22,9 @@ from pathlib import Path
 
 import yaml
 
+from llmm_tune.errors import UsageError
 from llmm_tune.train.data import resolve_data_dir
+from llmm_tune.tune.direction import Direction
 from llmm_tune.tune.spaces import load_spec
 
 
@@ -46,7 +48,9 @@ def trained_and_scored(task: str, profile: str, point: dict, epochs: float, seed
 
 
 def point_name(point: dict) -> str:
-    return f"{point['quant_method']}-{point['bits']} lr {point['lr']:g}"
+    """A warm start as the table's header names it: its quantiser, bits and lr (those it sets)."""
+    quantiser = "-".join(str(point[key]) for key in ("quant_method", "bits") if key in point)
+    return " ".join(filter(None, [quantiser, f"lr {point['lr']:g}" if "lr" in point else ""])) or str(point)
 
 
 def report(spec, runs: dict, epochs: list[float], seeds: list[int], floor: float, settings: dict) -> None:
@@ -56,15 +60,32 @@ def report(spec, runs: dict, epochs: list[float], seeds: list[int], floor: float
     print(f"{spec.task}, profile's fixed settings{f' with {settings}' if settings else ''}:")
     print(f"| epochs | seed | {' | '.join(f'{name}: val / {held_out}' for name in names)} | picked: {held_out} |")
     print("|---|---|" + "---|" * (len(names) + 1))
+    direction = Direction(spec.mode)
     for each in epochs:
         cleared = 0
         for seed in seeds:
             scores = [runs[index, each, seed] for index in range(len(names))]
-            picked = max(scores, key=lambda scored: scored[metric] * (1 if spec.mode == "max" else -1))
-            cleared += picked[held_out] >= floor
+            picked = min(scores, key=lambda scored: direction.rank_key(scored[metric]))
+            cleared += direction.at_least_as_good(picked[held_out], floor)
             cells = " | ".join(f"{scored[metric]:.4f} / {scored[held_out]:.4f}" for scored in scores)
             print(f"| {each:g} | {seed} | {cells} | {picked[held_out]:.4f} |")
         print(f"{each:g} epochs: {cleared} of {len(seeds)} picks at {held_out} >= {floor}")
+
+
+def checked_settings(items: list[str], epochs: list[float], known: dict) -> dict:
+    """--set's KEY=VALUE items as settings, each (and each of --epochs) valid for the family, or a UsageError: a
+    misspelt key would otherwise be ignored by the trials, and the table would measure the recipe it meant to change."""
+    if any("=" not in item for item in items):
+        raise UsageError(f"--set takes KEY=VALUE, got {' '.join(items)}")
+    settings = {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in items)}
+    unknown = sorted(set(settings) - set(known))
+    if unknown:
+        raise UsageError(f"--set: unknown setting(s) {unknown}; the family's: {sorted(known)}")
+    checks = [*settings.items(), *(("epochs", each) for each in epochs)]
+    for name, value in checks:
+        if not known[name].test(value):
+            raise UsageError(f"{name} must be {known[name].need}, got {value!r}")
+    return settings
 
 
 def main() -> None:
@@ -79,10 +100,11 @@ def main() -> None:
                         help="settings laid over every warm start (a YAML value each), to try another recipe")
     parser.add_argument("--data-dir", help="data folder (default: $LLMM_DATA_DIR)")
     args = parser.parse_args()
-    spec = load_spec(args.task, args.profile, "llmm")
-    if any("=" not in item for item in args.set):
-        parser.error(f"--set takes KEY=VALUE, got {' '.join(args.set)}")
-    settings = {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in args.set)}
+    try:
+        spec = load_spec(args.task, args.profile, "llmm")
+        settings = checked_settings(args.set, args.epochs, spec.recipe.SETTINGS)
+    except UsageError as error:
+        parser.error(str(error))
     if not spec.warm_start:
         parser.error(f"{args.task} --profile {args.profile} has no warm starts to train")
     jobs = list(itertools.product(range(len(spec.warm_start)), args.epochs, args.seeds))
