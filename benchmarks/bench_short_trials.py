@@ -72,12 +72,22 @@ def report(spec, runs: dict, epochs: list[float], seeds: list[int], floor: float
         print(f"{each:g} epochs: {cleared} of {len(seeds)} picks at {held_out} >= {floor}")
 
 
+def setting_value(text: str):
+    """A --set value: a number as Python reads it (PyYAML's YAML 1.1 reads 3e-4 as text), else YAML's (true, null)."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return yaml.safe_load(text)
+
+
 def checked_settings(items: list[str], epochs: list[float], known: dict) -> dict:
     """--set's KEY=VALUE items as settings, each (and each of --epochs) valid for the family, or a UsageError: a
     misspelt key would otherwise be ignored by the trials, and the table would measure the recipe it meant to change."""
     if any("=" not in item for item in items):
         raise UsageError(f"--set takes KEY=VALUE, got {' '.join(items)}")
-    settings = {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in items)}
+    settings = {key: setting_value(value) for key, value in (item.split("=", 1) for item in items)}
     unknown = sorted(set(settings) - set(known))
     if unknown:
         raise UsageError(f"--set: unknown setting(s) {unknown}; the family's: {sorted(known)}")
